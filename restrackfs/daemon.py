@@ -1,0 +1,190 @@
+"""The `restrackfs` command: mount the filesystem and serve it until told to stop."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from restrackfs.fs import RestrackOperations
+from tracker.engine import open_engine
+
+log = logging.getLogger("restrackfs")
+
+STATE_DIR = Path("/run/restrackfs")
+_MNT_DETACH = 2
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="restrackfs",
+        description="Mount the per-process resource tracking filesystem.",
+    )
+    parser.add_argument("mountpoint", type=Path, help="directory to mount on, e.g. /restrack")
+    parser.add_argument(
+        "-f", "--foreground", action="store_true", help="stay attached to the terminal"
+    )
+    parser.add_argument(
+        "--interval",
+        type=int,
+        default=100,
+        metavar="MS",
+        help="quota check period in milliseconds (default 100)",
+    )
+    parser.add_argument("--state", type=Path, metavar="FILE", help="state file to persist to")
+    parser.add_argument(
+        "--hidepid", action="store_true", help="non-root callers see only their own processes"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (default info)",
+    )
+    args = parser.parse_args(argv)
+    if args.interval < 1:
+        parser.error("--interval must be at least 1 ms")
+    args.mountpoint = args.mountpoint.absolute()
+    if args.state is None:
+        args.state = default_state_path(args.mountpoint)
+    return args
+
+
+def default_state_path(mountpoint: Path) -> Path:
+    """One state file per mount point: /restrack -> /run/restrackfs/restrack.json."""
+    name = str(mountpoint).strip("/").replace("-", "--").replace("/", "-") or "root"
+    return STATE_DIR / f"{name}.json"
+
+
+def clear_stale_mount(mountpoint: Path) -> None:
+    """Detach a mount left by a killed daemon ("Transport endpoint is not connected")."""
+    try:
+        os.stat(mountpoint)
+        return
+    except OSError as error:
+        if error.errno != errno.ENOTCONN:
+            return
+    log.warning("%s: stale mount of a dead daemon, detaching it", mountpoint)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(mountpoint), _MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot detach stale mount {mountpoint}: {os.strerror(err)}")
+
+
+def mount_options() -> set[str]:
+    options = {"fsname=restrackfs", "subtype=restrackfs", "noatime"}
+    if os.geteuid() == 0:
+        options.add("allow_other")  # the daemon checks every caller itself (SPEC §5)
+    return options
+
+
+def raise_fd_limit() -> None:
+    """One pidfd per tracked process: take all the descriptors we may."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def notify_systemd(message: str) -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message.encode(), address)
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def serve(args: argparse.Namespace, on_ready: Callable[[], None]) -> None:
+    async with open_engine(state_path=args.state, interval=args.interval / 1000) as engine:
+        ops = RestrackOperations(engine, hidepid=args.hidepid)
+        pyfuse3.init(ops, str(args.mountpoint), mount_options())
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_terminate_on_signal)
+                log.info("mounted on %s (state %s)", args.mountpoint, args.state)
+                on_ready()
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", args.mountpoint)
+
+
+def _daemonize() -> Callable[[int], None]:
+    """Fork into the background; the parent exits once the child reports.
+
+    Returns the function the child calls with 0 (mounted) or an exit code.
+    """
+    read_end, write_end = os.pipe()
+    if os.fork() > 0:
+        os.close(write_end)
+        status = os.read(read_end, 1)
+        sys.exit(status[0] if status else 1)
+    os.close(read_end)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.chdir("/")
+
+    def report(code: int) -> None:
+        nonlocal write_end
+        if write_end >= 0:
+            os.write(write_end, bytes([code]))
+            os.close(write_end)
+            write_end = -1
+            if code == 0:
+                os.dup2(devnull, 1)
+                os.dup2(devnull, 2)
+
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    report: Callable[[int], None] = lambda code: None  # noqa: E731
+    if not args.foreground:
+        report = _daemonize()
+    try:
+        clear_stale_mount(args.mountpoint)
+        if not args.mountpoint.is_dir():
+            raise OSError(errno.ENOTDIR, f"{args.mountpoint}: not a directory")
+        if os.path.ismount(args.mountpoint):
+            raise OSError(errno.EBUSY, f"{args.mountpoint}: already mounted")
+        raise_fd_limit()
+
+        def ready() -> None:
+            report(0)
+            notify_systemd("READY=1")
+
+        trio.run(serve, args, ready)
+    except OSError as error:
+        log.error("%s", error)
+        report(1)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+    report(0)

@@ -1,0 +1,136 @@
+"""The file table: every file of the mount, its mode, and how it reads and writes.
+
+A new per-process file is one entry in `PROCESS_FILES`. Read functions return
+the file's whole text; write functions get one whole written value (already
+decoded) and raise the engine's errors, which carry the errno to answer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from restrackfs import metrics
+from tracker.access import may_see
+from tracker.engine import Engine, Entry, Measurement
+from tracker.errors import InvalidArgument, NoSuchProcess
+from tracker.quota import parse_quota
+
+MAX_WRITE = 4096
+_DECIMAL = re.compile(r"[0-9]+", re.ASCII)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    uid: int
+    hidepid: bool
+
+
+Reader = Callable[[Engine, Entry | None, Caller], str]
+Writer = Callable[[Engine, Entry | None, str, Caller], None]
+
+
+@dataclass(frozen=True, slots=True)
+class FileSpec:
+    name: str
+    mode: int  # permission bits shown by ls; the daemon checks callers itself
+    read: Reader | None = None
+    write: Writer | None = None
+
+
+def parse_pid(text: str) -> int:
+    """A decimal pid >= 1; trailing whitespace allowed (what `echo` writes)."""
+    value = text.rstrip()
+    if not _DECIMAL.fullmatch(value) or int(value) < 1:
+        raise InvalidArgument(f"{value!r} is not a pid")
+    return int(value)
+
+
+def parse_reset(text: str) -> tuple[bool, bool]:
+    """`1`/`all`, `quota` or `usage` -> (clear quota, restart usage)."""
+    kinds = {"1": (True, True), "all": (True, True), "quota": (True, False), "usage": (False, True)}
+    try:
+        return kinds[text.rstrip()]
+    except KeyError:
+        raise InvalidArgument(
+            f"reset: want 1, all, quota or usage, not {text.rstrip()!r}"
+        ) from None
+
+
+def _limit(value: int | None) -> str:
+    return "max" if value is None else str(value)
+
+
+def _measure(engine: Engine, entry: Entry | None) -> Measurement:
+    assert entry is not None
+    return engine.measure(entry)
+
+
+def read_stat(engine: Engine, entry: Entry | None, caller: Caller) -> str:
+    m = _measure(engine, entry)
+    fields = {
+        "pid": m.pid,
+        "comm": m.comm,
+        "heapsize": m.heapsize,
+        "openfile_count": m.openfile_count,
+        "heap_quota": _limit(m.quota.heap),
+        "file_quota": _limit(m.quota.files),
+        "action": m.quota.action,
+        "heap_total": m.heap_total,
+        "openfile_total": m.openfile_total,
+        "registered": int(m.registered),
+    }
+    return "".join(f"{key} {value}\n" for key, value in fields.items())
+
+
+def read_metrics(engine: Engine, entry: Entry | None, caller: Caller) -> str:
+    measurements = []
+    for tracked in list(engine.entries()):
+        if not may_see(caller.uid, tracked.owner_uid, caller.hidepid):
+            continue
+        try:
+            measurements.append(engine.measure(tracked))
+        except NoSuchProcess:
+            continue  # exited while we were reading the others
+    return metrics.render(measurements, engine.enforcements)
+
+
+def write_register(engine: Engine, entry: Entry | None, text: str, caller: Caller) -> None:
+    engine.register(parse_pid(text), caller.uid)
+
+
+def write_deregister(engine: Engine, entry: Entry | None, text: str, caller: Caller) -> None:
+    engine.deregister(parse_pid(text), caller.uid)
+
+
+def write_quota(engine: Engine, entry: Entry | None, text: str, caller: Caller) -> None:
+    assert entry is not None
+    engine.set_quota(entry, parse_quota(text), caller.uid)
+
+
+def write_reset(engine: Engine, entry: Entry | None, text: str, caller: Caller) -> None:
+    assert entry is not None
+    quota, usage = parse_reset(text)
+    engine.reset(entry, quota=quota, usage=usage, caller_uid=caller.uid)
+
+
+def read_quota(engine: Engine, entry: Entry | None, caller: Caller) -> str:
+    assert entry is not None
+    engine.check_current(entry)
+    return entry.effective_quota.format() + "\n"
+
+
+TOP_FILES = (
+    FileSpec("register", 0o222, write=write_register),
+    FileSpec("deregister", 0o222, write=write_deregister),
+    FileSpec("metrics", 0o444, read=read_metrics),
+)
+
+PROCESS_FILES = (
+    FileSpec("heapsize", 0o444, read=lambda e, x, c: f"{_measure(e, x).heapsize}\n"),
+    FileSpec("openfile_count", 0o444, read=lambda e, x, c: f"{_measure(e, x).openfile_count}\n"),
+    FileSpec("quota", 0o644, read=read_quota, write=write_quota),
+    FileSpec("reset", 0o200, write=write_reset),
+    FileSpec("stat", 0o444, read=read_stat),
+)

@@ -1,0 +1,353 @@
+"""The pyfuse3 `Operations`: translate FUSE requests into engine calls.
+
+No policy lives here. The inode table is arithmetic, kept in `Inodes`: the root,
+the top-level files, then one block of inodes per registration (its `serial`),
+so a pid registered again gets new inode numbers and stale kernel caches can
+never show the old entry as the new one.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from restrackfs.files import MAX_WRITE, PROCESS_FILES, TOP_FILES, Caller, FileSpec, parse_pid
+from tracker.access import may_see
+from tracker.engine import Engine, Entry
+from tracker.errors import AccessDenied, InvalidArgument, NoSuchProcess, TrackerError
+
+log = logging.getLogger("restrackfs.fs")
+
+ROOT = pyfuse3.ROOT_INODE
+FIRST_TOP = ROOT + 1
+STRIDE = 8  # inodes per registration: the directory, then its files
+FIRST_DIR = 1024
+assert len(PROCESS_FILES) < STRIDE
+# Names that never change meaning can be cached by the kernel for long; a
+# process directory is invalidated explicitly when it goes away.
+STABLE_TIMEOUT = 300.0
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def boundary(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Answer every failure with an errno: no request may take the daemon down."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except (TrackerError, NoSuchProcess, AccessDenied) as error:
+            raise pyfuse3.FUSEError(error.errno) from None
+        except Exception:
+            log.exception("unexpected error in %s", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """What an inode names: the root, a top file, a process dir or one of its files."""
+
+    inode: int
+    spec: FileSpec | None = None  # None for directories
+    entry: Entry | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.spec is None
+
+
+@dataclass
+class Handle:
+    node: Node
+    caller: Caller
+    content: bytes | None = None
+
+
+@dataclass
+class Inodes:
+    """The one place that maps inode numbers to nodes and back."""
+
+    by_serial: dict[int, Entry] = field(default_factory=dict)
+
+    @staticmethod
+    def dir_inode(entry: Entry) -> int:
+        return FIRST_DIR + entry.serial * STRIDE
+
+    def remember(self, entry: Entry) -> Node:
+        self.by_serial[entry.serial] = entry
+        return Node(self.dir_inode(entry), entry=entry)
+
+    def forget(self, entry: Entry) -> None:
+        self.by_serial.pop(entry.serial, None)
+
+    def top_file(self, name: str) -> Node | None:
+        for index, spec in enumerate(TOP_FILES):
+            if spec.name == name:
+                return Node(FIRST_TOP + index, spec)
+        return None
+
+    def process_file(self, entry: Entry, name: str) -> Node | None:
+        for index, spec in enumerate(PROCESS_FILES):
+            if spec.name == name:
+                return Node(self.dir_inode(entry) + 1 + index, spec, entry)
+        return None
+
+    def node(self, inode: int) -> Node:
+        if inode == ROOT:
+            return Node(ROOT)
+        if FIRST_TOP <= inode < FIRST_TOP + len(TOP_FILES):
+            return Node(inode, TOP_FILES[inode - FIRST_TOP])
+        serial, offset = divmod(inode - FIRST_DIR, STRIDE)
+        entry = self.by_serial.get(serial)
+        if entry is None or offset > len(PROCESS_FILES):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        spec = PROCESS_FILES[offset - 1] if offset else None
+        return Node(inode, spec, entry)
+
+
+class RestrackOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, engine: Engine, *, hidepid: bool = False) -> None:
+        super().__init__()
+        self.engine = engine
+        self.hidepid = hidepid
+        self.inodes = Inodes()
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._mounted_at = time.time_ns()
+        # With hidepid the kernel's shared dentry cache would show one user's
+        # lookups to another, so process directories are not cached at all.
+        self._dir_timeout = 0.0 if hidepid else STABLE_TIMEOUT
+        engine.on_removal(self._entry_removed)
+
+    # ----- helpers -------------------------------------------------------
+
+    def _entry_removed(self, entry: Entry) -> None:
+        self.inodes.forget(entry)
+        try:
+            pyfuse3.invalidate_entry_async(ROOT, str(entry.pid).encode(), ignore_enoent=True)
+        except Exception:  # not mounted (engine-only use) or session closing
+            log.debug("no invalidation for %d", entry.pid, exc_info=True)
+
+    def _visible(self, entry: Entry, uid: int) -> bool:
+        return may_see(uid, entry.owner_uid, self.hidepid)
+
+    def _checked_node(self, inode: int, uid: int) -> Node:
+        node = self.inodes.node(inode)
+        if node.entry is not None and not self._visible(node.entry, uid):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.inode
+        attr.generation = 0
+        attr.st_nlink = 2 if node.is_dir else 1
+        if node.spec is None:
+            attr.st_mode = stat.S_IFDIR | 0o555
+        else:
+            attr.st_mode = stat.S_IFREG | node.spec.mode
+        if node.inode == ROOT:
+            attr.st_mode = stat.S_IFDIR | 0o755
+        timestamp = self._mounted_at
+        if node.entry is not None:
+            attr.st_uid, attr.st_gid = node.entry.owner_uid, node.entry.owner_gid
+            timestamp = int(node.entry.registered * 1e9)
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = timestamp
+        attr.st_size = 0
+        attr.st_blksize = 4096
+        attr.st_blocks = 0
+        is_process_dir = node.entry is not None and node.is_dir
+        attr.entry_timeout = self._dir_timeout if is_process_dir else STABLE_TIMEOUT
+        attr.attr_timeout = self._dir_timeout if node.entry is not None else STABLE_TIMEOUT
+        return attr
+
+    # ----- lookups -------------------------------------------------------
+
+    @boundary
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._checked_node(parent_inode, ctx.uid)
+        text = name.decode(errors="replace")
+        node: Node | None
+        if parent.inode == ROOT:
+            node = self.inodes.top_file(text) or self._process_dir(text, ctx.uid)
+        elif parent.entry is not None and parent.is_dir:
+            node = self.inodes.process_file(parent.entry, text)
+        else:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attributes(node)
+
+    def _process_dir(self, name: str, uid: int) -> Node | None:
+        try:
+            entry = self.engine.get(parse_pid(name))
+        except InvalidArgument:
+            return None
+        if entry is None or not self._visible(entry, uid):
+            return None
+        return self.inodes.remember(entry)
+
+    @boundary
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attributes(self._checked_node(inode, ctx.uid))
+
+    @boundary
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._checked_node(inode, ctx.uid)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if fields.update_size and (node.spec is None or node.spec.write is None):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        # Truncation (shell `>`) of a writable file and time updates are accepted
+        # and change nothing, as in sysfs.
+        return self._attributes(node)
+
+    # ----- directories ---------------------------------------------------
+
+    @boundary
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._checked_node(inode, ctx.uid)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return self._new_handle(Handle(node, Caller(ctx.uid, self.hidepid)))
+
+    @boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self.handles[fh]
+        node = handle.node
+        children: list[tuple[str, Node]]
+        if node.inode == ROOT:
+            children = [(spec.name, self.inodes.top_file(spec.name)) for spec in TOP_FILES]  # type: ignore[misc]
+            children += [
+                (str(entry.pid), self.inodes.remember(entry))
+                for entry in list(self.engine.entries())
+                if self._visible(entry, handle.caller.uid)
+            ]
+        else:
+            assert node.entry is not None
+            if node.entry.ended is not None:
+                return
+            children = [
+                (spec.name, self.inodes.process_file(node.entry, spec.name))  # type: ignore[misc]
+                for spec in PROCESS_FILES
+            ]
+        # Offsets are inode numbers, so entries coming and going between two
+        # readdir calls never make one listing skip or repeat a name.
+        for name, child in sorted(children, key=lambda pair: pair[1].inode):
+            if child.inode <= start_id:
+                continue
+            if not pyfuse3.readdir_reply(
+                token, name.encode(), self._attributes(child), child.inode
+            ):
+                return
+
+    @boundary
+    async def releasedir(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    @boundary
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if parent_inode != ROOT:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        entry = self.engine.register(parse_pid(name.decode(errors="replace")), ctx.uid)
+        return self._attributes(self.inodes.remember(entry))
+
+    @boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if parent_inode != ROOT:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        pid = parse_pid(name.decode(errors="replace"))
+        entry = self.engine.get(pid)
+        if entry is None or not self._visible(entry, ctx.uid):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        self.engine.deregister(pid, ctx.uid)
+
+    # ----- files ---------------------------------------------------------
+
+    def _new_handle(self, handle: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = handle
+        return fh
+
+    @boundary
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._checked_node(inode, ctx.uid)
+        if node.spec is None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        access_mode = flags & os.O_ACCMODE
+        wants_read = access_mode in (os.O_RDONLY, os.O_RDWR)
+        wants_write = access_mode in (os.O_WRONLY, os.O_RDWR)
+        if (wants_read and node.spec.read is None) or (wants_write and node.spec.write is None):
+            raise pyfuse3.FUSEError(errno.EACCES)
+        fh = self._new_handle(Handle(node, Caller(ctx.uid, self.hidepid)))
+        # direct_io: every read() reaches us, so values are never a stale page cache.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    @boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self.handles[fh]
+        spec = handle.node.spec
+        assert spec is not None and spec.read is not None
+        # Like seq_file: a read at offset 0 computes the value afresh; reads
+        # further on continue the same text, so a value never tears.
+        if off == 0 or handle.content is None:
+            text = spec.read(self.engine, handle.node.entry, handle.caller)
+            handle.content = text.encode()
+        return handle.content[off : off + size]
+
+    @boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self.handles[fh]
+        spec = handle.node.spec
+        assert spec is not None and spec.write is not None
+        if len(buf) > MAX_WRITE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        try:
+            text = buf.decode("ascii")
+        except UnicodeDecodeError:
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        spec.write(self.engine, handle.node.entry, text, handle.caller)
+        return len(buf)
+
+    @boundary
+    async def release(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    # ----- refused -------------------------------------------------------
+
+    async def _refuse(self, *args: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    create = mknod = unlink = rename = symlink = link = _refuse
+    setxattr = removexattr = _refuse

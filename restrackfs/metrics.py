@@ -1,0 +1,42 @@
+"""The `metrics` file: Prometheus text exposition format 0.0.4 (SPEC §6.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from tracker.engine import Measurement
+from tracker.quota import Action
+
+_GAUGES = (
+    ("restrack_heap_bytes", "Heap bytes gained since registration or the last usage reset."),
+    ("restrack_open_files", "Open file descriptors gained since registration or the last reset."),
+    ("restrack_heap_quota_bytes", "Heap quota in bytes (present only when set)."),
+    ("restrack_open_files_quota", "Open file quota (present only when set)."),
+)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _values(m: Measurement) -> tuple[int | None, ...]:
+    return (m.heapsize, m.openfile_count, m.quota.heap, m.quota.files)
+
+
+def render(measurements: Iterable[Measurement], enforcements: Mapping[Action, int]) -> str:
+    rows = [(f'pid="{m.pid}",comm="{_escape(m.comm)}"', _values(m)) for m in measurements]
+    lines: list[str] = []
+    for column, (name, help_text) in enumerate(_GAUGES):
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        lines += [f"{name}{{{labels}}} {v[column]}" for labels, v in rows if v[column] is not None]
+    lines += [
+        "# HELP restrack_enforcements_total Quota enforcement actions taken, by action.",
+        "# TYPE restrack_enforcements_total counter",
+    ]
+    lines += [f'restrack_enforcements_total{{action="{a}"}} {enforcements[a]}' for a in Action]
+    lines += [
+        "# HELP restrack_tracked_processes Processes currently tracked.",
+        "# TYPE restrack_tracked_processes gauge",
+        f"restrack_tracked_processes {len(rows)}",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,495 @@
+"""The tracking engine: the registry of tracked processes and what acts on them.
+
+Everything here is synchronous except the two kinds of background task, which
+live in the engine's nursery: one exit watcher per tracked process (waiting on
+its pidfd, so an exit is seen at once) and the periodic quota check. Callers
+(the filesystem) hold `Entry` objects and call the engine with them; the engine
+never knows it is behind FUSE.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from tracker import access, limits, procfs, state
+from tracker.errors import (
+    AccessDenied,
+    AlreadyTracked,
+    Deregistered,
+    InvalidArgument,
+    NoSuchProcess,
+    NotPermitted,
+    NotTracked,
+    QuotaBusy,
+    StateNotSaved,
+)
+from tracker.process import Process, Usage
+from tracker.quota import NO_QUOTA, Action, Quota
+
+log = logging.getLogger("restrackfs.engine")
+enforcement_log = logging.getLogger("restrackfs.enforce")
+
+HEAP = "heap"
+FILES = "files"
+
+
+@dataclass(eq=False)
+class Entry:
+    """One tracked process: its identity, baselines, quota and deny-mode limits."""
+
+    process: Process
+    serial: int  # unique for each registration: a re-registered pid is a new entry
+    owner_uid: int
+    owner_gid: int
+    heap_base: int
+    files_base: int
+    registered: float
+    comm: str
+    quota: Quota | None = None
+    quota_uid: int | None = None
+    # deny mode: the soft limits the process had before, and the ones last set
+    saved_soft: dict[int, int] = field(default_factory=dict)
+    applied_soft: dict[int, int] = field(default_factory=dict)
+    over: frozenset[str] = frozenset()  # quotas exceeded at the last check
+    ended: str | None = None  # "exited" or "deregistered" once it left the registry
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def effective_quota(self) -> Quota:
+        return self.quota or NO_QUOTA
+
+    def to_record(self) -> state.Record:
+        quota = self.quota
+        return {
+            "pid": self.pid,
+            "start_time": self.process.start_time,
+            "heap_base": self.heap_base,
+            "files_base": self.files_base,
+            "registered": self.registered,
+            "quota": None
+            if quota is None
+            else {"heap": quota.heap, "files": quota.files, "action": str(quota.action)},
+            "quota_uid": self.quota_uid,
+            "saved_soft": {str(k): v for k, v in self.saved_soft.items()},
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """One fresh reading of a tracked process, relative to its baselines."""
+
+    pid: int
+    comm: str
+    heapsize: int
+    openfile_count: int
+    heap_total: int
+    openfile_total: int
+    quota: Quota
+    registered: float
+
+
+class Engine:
+    def __init__(self, *, state_path: Path | None = None, interval: float = 0.1) -> None:
+        self.state_path = state_path
+        self.interval = interval
+        self.enforcements: Counter[Action] = Counter({action: 0 for action in Action})
+        self._entries: dict[int, Entry] = {}
+        self._with_quota: dict[int, Entry] = {}
+        self._serials = itertools.count(1)
+        self._removal_listeners: list[Callable[[Entry], None]] = []
+        self._nursery: trio.Nursery | None = None
+
+    # ----- queries -------------------------------------------------------
+
+    def entries(self) -> Iterable[Entry]:
+        return self._entries.values()
+
+    def get(self, pid: int) -> Entry | None:
+        return self._entries.get(pid)
+
+    def measure(self, entry: Entry) -> Measurement:
+        """Read the process now; enforce its quota if the reading breaks it."""
+        usage = self._usage(entry)
+        measurement = self._measurement(entry, usage)
+        if entry.quota is not None:
+            self._enforce(entry, measurement)
+        return measurement
+
+    def on_removal(self, listener: Callable[[Entry], None]) -> None:
+        """Call `listener(entry)` whenever an entry leaves the registry."""
+        self._removal_listeners.append(listener)
+
+    # ----- commands ------------------------------------------------------
+
+    def register(self, pid: int, caller_uid: int) -> Entry:
+        if pid < 1:
+            raise InvalidArgument(f"{pid}: not a valid pid")
+        tgid = procfs.read_status(pid).tgid  # a thread's TID names its thread group
+        if tgid in self._entries:
+            raise AlreadyTracked(f"{tgid}: already tracked")
+        process = Process.open(tgid)
+        try:
+            status = process.status()
+            access.check_control(caller_uid, status.real_uid, tgid)
+            usage = process.usage()
+        except BaseException:
+            process.close()
+            raise
+        entry = Entry(
+            process=process,
+            serial=next(self._serials),
+            owner_uid=status.real_uid,
+            owner_gid=status.real_gid,
+            heap_base=usage.vm_data,
+            files_base=usage.open_fds,
+            registered=time.time(),
+            comm=usage.comm,
+        )
+        self._add(entry)
+        try:
+            self._save()
+        except StateNotSaved:
+            self._remove(entry, "deregistered")
+            raise
+        log.info("registered pid=%d comm=%s by uid=%d", tgid, entry.comm, caller_uid)
+        return entry
+
+    def deregister(self, pid: int, caller_uid: int) -> None:
+        if pid < 1:
+            raise InvalidArgument(f"{pid}: not a valid pid")
+        entry = self._entries.get(pid)
+        if entry is None:
+            raise NotTracked(f"{pid}: not tracked")
+        self._check_may_lift(entry, caller_uid)
+        self._save(without=entry)
+        self._restore_limits(entry)
+        self._remove(entry, "deregistered")
+        log.info("deregistered pid=%d by uid=%d", pid, caller_uid)
+
+    def set_quota(self, entry: Entry, quota: Quota, caller_uid: int) -> None:
+        self.check_current(entry)
+        access.check_control(caller_uid, entry.owner_uid, entry.pid)
+        if entry.quota is not None:
+            raise QuotaBusy(f"{entry.pid}: a quota is already set; reset it first")
+        entry.quota, entry.quota_uid = quota, caller_uid
+        try:
+            if quota.action is Action.DENY:
+                self._apply_limits(entry)
+            self._save()
+        except BaseException:
+            self._restore_limits(entry)
+            entry.quota = entry.quota_uid = None
+            raise
+        self._with_quota[entry.pid] = entry
+        log.info("quota pid=%d %s by uid=%d", entry.pid, quota.format(), caller_uid)
+        self._check(entry)
+
+    def reset(self, entry: Entry, *, quota: bool, usage: bool, caller_uid: int) -> None:
+        """Clear the quota, restart the usage counters, or both."""
+        self.check_current(entry)
+        access.check_control(caller_uid, entry.owner_uid, entry.pid)
+        self._check_may_lift(entry, caller_uid)
+        before = (entry.quota, entry.quota_uid, entry.heap_base, entry.files_base)
+        if usage:
+            now = self._usage(entry)
+            entry.heap_base, entry.files_base = now.vm_data, now.open_fds
+        if quota:
+            entry.quota = entry.quota_uid = None
+        try:
+            self._save()
+        except StateNotSaved:
+            entry.quota, entry.quota_uid, entry.heap_base, entry.files_base = before
+            raise
+        entry.over = frozenset()
+        if quota:
+            self._restore_limits(entry)
+            self._with_quota.pop(entry.pid, None)
+        elif entry.quota is not None and entry.quota.action is Action.DENY:
+            self._apply_limits(entry)
+        log.info("reset pid=%d quota=%s usage=%s by uid=%d", entry.pid, quota, usage, caller_uid)
+
+    # ----- lifecycle -----------------------------------------------------
+
+    async def _check_loop(self) -> None:
+        while True:
+            await trio.sleep(self.interval)
+            for entry in list(self._with_quota.values()):
+                self._check(entry)
+
+    async def _watch_exit(self, entry: Entry) -> None:
+        try:
+            await trio.lowlevel.wait_readable(entry.process.pidfd)
+        except trio.ClosedResourceError:
+            return  # deregistered: the pidfd was closed under us
+        if entry.ended is None:
+            self._remove(entry, "exited")
+            self._save_quietly()
+
+    def _restore_state(self) -> None:
+        if self.state_path is None:
+            return
+        for record in state.load(self.state_path):
+            try:
+                entry = self._entry_from_record(record)
+            except (NoSuchProcess, AccessDenied, KeyError, TypeError, ValueError):
+                log.info("state: dropped pid=%s (gone or recycled)", record.get("pid"))
+                continue
+            self._add(entry)
+            if entry.quota is not None:
+                self._with_quota[entry.pid] = entry
+                if entry.quota.action is Action.DENY:
+                    self._apply_limits(entry)
+            log.info("state: resumed pid=%d comm=%s", entry.pid, entry.comm)
+        self._save_quietly()
+
+    def _entry_from_record(self, record: state.Record) -> Entry:
+        process = Process.open(int(record["pid"]), int(record["start_time"]))
+        try:
+            status = process.status()
+            quota = record.get("quota")
+            return Entry(
+                process=process,
+                serial=next(self._serials),
+                owner_uid=status.real_uid,
+                owner_gid=status.real_gid,
+                heap_base=int(record["heap_base"]),
+                files_base=int(record["files_base"]),
+                registered=float(record["registered"]),
+                comm=status.name,
+                quota=None
+                if quota is None
+                else Quota(quota["heap"], quota["files"], Action(quota["action"])),
+                quota_uid=record.get("quota_uid"),
+                saved_soft={int(k): int(v) for k, v in record.get("saved_soft", {}).items()},
+            )
+        except BaseException:
+            process.close()
+            raise
+
+    def shutdown(self) -> None:
+        """Give back every soft limit deny mode lowered; keep the state file."""
+        for entry in list(self._entries.values()):
+            self._restore_limits(entry)
+            trio.lowlevel.notify_closing(entry.process.pidfd)
+            entry.process.close()
+        self._entries.clear()
+        self._with_quota.clear()
+
+    # ----- internals -----------------------------------------------------
+
+    def _add(self, entry: Entry) -> None:
+        self._entries[entry.pid] = entry
+        assert self._nursery is not None, "the engine is not running"
+        self._nursery.start_soon(self._watch_exit, entry)
+
+    def _remove(self, entry: Entry, why: str) -> None:
+        if self._entries.get(entry.pid) is not entry:
+            return
+        entry.ended = why
+        del self._entries[entry.pid]
+        self._with_quota.pop(entry.pid, None)
+        trio.lowlevel.notify_closing(entry.process.pidfd)
+        entry.process.close()
+        log.info("removed pid=%d (%s)", entry.pid, why)
+        for listener in self._removal_listeners:
+            listener(entry)
+
+    def check_current(self, entry: Entry) -> None:
+        """Raise unless the entry is still registered and its process alive."""
+        if entry.ended == "deregistered":
+            raise Deregistered(f"{entry.pid}: deregistered")
+        if entry.ended is not None or not entry.process.is_alive():
+            raise NoSuchProcess(entry.pid, "process exited")
+
+    def _check_may_lift(self, entry: Entry, caller_uid: int) -> None:
+        access.check_control(caller_uid, entry.owner_uid, entry.pid)
+        access.check_lift_quota(caller_uid, entry.quota_uid if entry.quota else None, entry.pid)
+
+    def _usage(self, entry: Entry) -> Usage:
+        self.check_current(entry)
+        try:
+            return entry.process.usage()
+        except NoSuchProcess:
+            self._remove(entry, "exited")
+            self._save_quietly()
+            raise
+
+    @staticmethod
+    def _measurement(entry: Entry, usage: Usage) -> Measurement:
+        return Measurement(
+            pid=entry.pid,
+            comm=usage.comm,
+            heapsize=max(0, usage.vm_data - entry.heap_base),
+            openfile_count=max(0, usage.open_fds - entry.files_base),
+            heap_total=usage.vm_data,
+            openfile_total=usage.open_fds,
+            quota=entry.effective_quota,
+            registered=entry.registered,
+        )
+
+    def _check(self, entry: Entry) -> None:
+        """One periodic check: measure, enforce, keep deny limits in place."""
+        try:
+            usage = self._usage(entry)
+            self._enforce(entry, self._measurement(entry, usage))
+            if entry.quota is not None and entry.quota.action is Action.DENY:
+                self._recheck_limits(entry, usage)
+        except (NoSuchProcess, Deregistered):
+            pass
+        except AccessDenied as error:
+            log.warning("check pid=%d: %s", entry.pid, error)
+
+    def _enforce(self, entry: Entry, now: Measurement) -> None:
+        quota = entry.quota
+        if quota is None:
+            return
+        over = set()
+        if quota.heap is not None and now.heapsize > quota.heap:
+            over.add(HEAP)
+        if quota.files is not None and now.openfile_count > quota.files:
+            over.add(FILES)
+        newly_over = over - entry.over
+        entry.over = frozenset(over)
+        if not newly_over:
+            return
+        for which in sorted(newly_over):
+            usage, limit = (
+                (now.heapsize, quota.heap) if which == HEAP else (now.openfile_count, quota.files)
+            )
+            enforcement_log.warning(
+                "pid=%d comm=%s quota=%s usage=%d limit=%d action=%s",
+                entry.pid,
+                now.comm,
+                which,
+                usage,
+                limit,
+                quota.action,
+            )
+            if quota.action is not Action.KILL:
+                self.enforcements[quota.action] += 1
+        if quota.action is Action.KILL:
+            entry.process.kill()
+            self.enforcements[Action.KILL] += 1
+
+    # ----- deny mode -----------------------------------------------------
+
+    def _wanted_limits(self, entry: Entry, usage: Usage | None = None) -> dict[int, int]:
+        """The soft limits that make the kernel refuse what the quota forbids."""
+        quota = entry.effective_quota
+        wanted = {}
+        if quota.heap is not None:
+            wanted[limits.DATA] = entry.heap_base + quota.heap
+        if quota.files is not None:
+            usage = usage or entry.process.usage()
+            allowance = entry.files_base + quota.files - usage.open_fds
+            wanted[limits.NOFILE] = limits.nofile_soft_limit(procfs.list_fds(entry.pid), allowance)
+        return {
+            which: limits.lower(soft, entry.saved_soft.get(which, procfs.RLIM_INFINITY))
+            for which, soft in wanted.items()
+        }
+
+    def _apply_limits(self, entry: Entry) -> None:
+        """Lower the soft limits; the first time, remember the process's own."""
+        if not entry.saved_soft:
+            current = procfs.read_limits(entry.pid)
+            for which in self._wanted_limits_keys(entry):
+                entry.saved_soft[which] = current[limits.PROC_LIMIT_NAMES[which]][0]
+        try:
+            for which, soft in self._wanted_limits(entry).items():
+                self._set_soft(entry, which, soft)
+        except AccessDenied:
+            raise NotPermitted(
+                f"{entry.pid}: cannot change its rlimits (its uids or gids differ)"
+            ) from None
+
+    @staticmethod
+    def _wanted_limits_keys(entry: Entry) -> list[int]:
+        quota = entry.effective_quota
+        keys = []
+        if quota.heap is not None:
+            keys.append(limits.DATA)
+        if quota.files is not None:
+            keys.append(limits.NOFILE)
+        return keys
+
+    def _set_soft(self, entry: Entry, which: int, soft: int) -> None:
+        limits.set_soft_limit(entry.pid, entry.owner_uid, entry.owner_gid, which, soft)
+        entry.applied_soft[which] = procfs.read_limits(entry.pid)[limits.PROC_LIMIT_NAMES[which]][0]
+
+    def _recheck_limits(self, entry: Entry, usage: Usage) -> None:
+        current = procfs.read_limits(entry.pid)
+        for which, wanted in self._wanted_limits(entry, usage).items():
+            soft = current[limits.PROC_LIMIT_NAMES[which]][0]
+            applied = entry.applied_soft.get(which)
+            if soft == wanted:
+                continue
+            raised = soft != applied and limits.lower(soft, wanted) == wanted
+            if raised:
+                self.enforcements[Action.DENY] += 1
+                enforcement_log.warning(
+                    "pid=%d comm=%s quota=%s usage=%s limit=%d action=deny"
+                    " (process raised its soft limit to %s; lowered back)",
+                    entry.pid,
+                    entry.comm,
+                    HEAP if which == limits.DATA else FILES,
+                    usage.vm_data if which == limits.DATA else usage.open_fds,
+                    wanted,
+                    "unlimited" if soft == procfs.RLIM_INFINITY else soft,
+                )
+            if raised or soft == applied:
+                self._set_soft(entry, which, wanted)
+
+    def _restore_limits(self, entry: Entry) -> None:
+        for which, soft in entry.saved_soft.items():
+            try:
+                limits.set_soft_limit(entry.pid, entry.owner_uid, entry.owner_gid, which, soft)
+            except (NoSuchProcess, AccessDenied) as error:
+                log.info("pid=%d: limits not restored: %s", entry.pid, error)
+        entry.saved_soft.clear()
+        entry.applied_soft.clear()
+
+    # ----- persistence ---------------------------------------------------
+
+    def _save(self, without: Entry | None = None) -> None:
+        if self.state_path is None:
+            return
+        records = [e.to_record() for e in self._entries.values() if e is not without]
+        try:
+            state.save(self.state_path, records)
+        except OSError as error:
+            log.error("state file %s not saved: %s", self.state_path, error)
+            raise StateNotSaved(error) from error
+
+    def _save_quietly(self) -> None:
+        """Save after a process left on its own: nobody to tell if it fails."""
+        with suppress(StateNotSaved):
+            self._save()
+
+
+@asynccontextmanager
+async def open_engine(
+    *, state_path: Path | None = None, interval: float = 0.1
+) -> AsyncIterator[Engine]:
+    """Run an engine for the duration of the block: resume state, watch, check."""
+    engine = Engine(state_path=state_path, interval=interval)
+    async with trio.open_nursery() as nursery:
+        engine._nursery = nursery
+        engine._restore_state()
+        nursery.start_soon(engine._check_loop)
+        try:
+            yield engine
+        finally:
+            engine.shutdown()
+            nursery.cancel_scope.cancel()

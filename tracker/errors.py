@@ -1,0 +1,71 @@
+"""The engine's errors: `OSError` subclasses carrying the errno of SPEC §4.
+
+Each layer above (the filesystem, the client) answers with `error.errno`, so
+the meaning of a failure is decided once, here, where it happens.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import ClassVar
+
+from tracker.procfs import AccessDenied, NoSuchProcess
+
+__all__ = [
+    "AccessDenied",
+    "AlreadyTracked",
+    "Deregistered",
+    "InvalidArgument",
+    "NoSuchProcess",
+    "NotPermitted",
+    "NotTracked",
+    "QuotaBusy",
+    "StateNotSaved",
+    "TrackerError",
+]
+
+
+class TrackerError(OSError):
+    code: ClassVar[int] = errno.EIO
+
+    def __init__(self, message: str) -> None:
+        super().__init__(self.code, message)
+
+    def __str__(self) -> str:
+        return self.strerror or ""
+
+
+class InvalidArgument(TrackerError):
+    code = errno.EINVAL
+
+
+class AlreadyTracked(TrackerError):
+    code = errno.EEXIST
+
+
+class NotTracked(TrackerError):
+    """Deregistering (or acting on) a pid nobody registered."""
+
+    code = errno.ESRCH
+
+
+class Deregistered(TrackerError):
+    """The entry was deregistered while a file of it was open."""
+
+    code = errno.ENOENT
+
+
+class QuotaBusy(TrackerError):
+    code = errno.EBUSY
+
+
+class NotPermitted(TrackerError):
+    code = errno.EPERM
+
+
+class StateNotSaved(TrackerError):
+    """The state file could not be written; the change was rolled back."""
+
+    def __init__(self, cause: OSError) -> None:
+        self.code = cause.errno or errno.EIO
+        super().__init__(f"state file not saved: {cause.strerror or cause}")

@@ -1,0 +1,185 @@
+"""Readers for the /proc files the engine needs, one small function per source.
+
+Parsing only: no policy, no caching. Every reader raises `NoSuchProcess` when the
+process is gone (or never was) and `AccessDenied` when /proc refuses; callers
+that need to know the answer belongs to *their* process check a pidfd after
+reading (see `tracker.process`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+PROC = "/proc"
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+class NoSuchProcess(ProcessLookupError):
+    """The process does not exist (or exited while being read)."""
+
+    def __init__(self, pid: int, detail: str = "no such process") -> None:
+        super().__init__(errno.ESRCH, f"{pid}: {detail}")
+        self.pid = pid
+
+
+class AccessDenied(PermissionError):
+    """/proc refused to show this process's file."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(errno.EACCES, f"{pid}: access denied")
+        self.pid = pid
+
+
+def _read(pid: int, name: str) -> bytes:
+    path = f"{PROC}/{pid}/{name}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NoSuchProcess(pid) from None
+    except PermissionError:
+        raise AccessDenied(pid) from None
+    try:
+        return os.read(fd, 16384)
+    except ProcessLookupError:
+        raise NoSuchProcess(pid) from None
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """The fields of /proc/PID/status the engine uses."""
+
+    name: str  # comm
+    tgid: int
+    state: str
+    real_uid: int
+    real_gid: int
+    vm_data: int | None  # bytes; None for zombies and kernel threads
+
+
+def parse_status(pid: int, raw: bytes) -> Status:
+    fields: dict[bytes, bytes] = {}
+    for line in raw.splitlines():
+        key, _, value = line.partition(b":")
+        fields[key] = value.strip()
+    try:
+        vm_data = fields.get(b"VmData")
+        return Status(
+            name=fields[b"Name"].decode(errors="replace"),
+            tgid=int(fields[b"Tgid"]),
+            state=fields[b"State"][:1].decode(),
+            real_uid=int(fields[b"Uid"].split()[0]),
+            real_gid=int(fields[b"Gid"].split()[0]),
+            vm_data=int(vm_data.split()[0]) * 1024 if vm_data else None,
+        )
+    except (KeyError, ValueError, IndexError):
+        # A status cut short: the task was reaped while the kernel printed it.
+        raise NoSuchProcess(pid) from None
+
+
+def read_status(pid: int) -> Status:
+    return parse_status(pid, _read(pid, "status"))
+
+
+def vm_data_of(status: Status) -> int:
+    """VmData in bytes: the kernel's data_vm counter (what RLIMIT_DATA limits)."""
+    if status.vm_data is None:
+        raise NoSuchProcess(status.tgid, "no address space (zombie or kernel thread)")
+    return status.vm_data
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    """The fields of /proc/PID/stat the engine uses."""
+
+    comm: str
+    state: str
+    start_time: int  # clock ticks since boot: with the pid, the process's identity
+
+
+def parse_stat(pid: int, raw: bytes) -> Stat:
+    # comm may contain spaces and parentheses: it ends at the *last* ')'.
+    open_paren = raw.find(b"(")
+    close_paren = raw.rfind(b")")
+    rest = raw[close_paren + 2 :].split()
+    if open_paren < 0 or close_paren < 0 or len(rest) < 20:
+        raise NoSuchProcess(pid)
+    return Stat(
+        comm=raw[open_paren + 1 : close_paren].decode(errors="replace"),
+        state=rest[0].decode(),
+        start_time=int(rest[19]),
+    )
+
+
+def read_stat(pid: int) -> Stat:
+    return parse_stat(pid, _read(pid, "stat"))
+
+
+def read_start_time(pid: int) -> int:
+    return read_stat(pid).start_time
+
+
+def read_comm(pid: int) -> str:
+    return _read(pid, "comm").rstrip(b"\n").decode(errors="replace")
+
+
+def _kernel_counts_fds_in_st_size() -> bool:
+    """Since Linux 6.2, stat() of /proc/PID/fd reports the number of open fds."""
+    release = os.uname().release.split(".")
+    try:
+        return (int(release[0]), int(release[1].split("-")[0])) >= (6, 2)
+    except (ValueError, IndexError):
+        return False
+
+
+_FD_COUNT_IN_ST_SIZE = _kernel_counts_fds_in_st_size()
+
+
+def count_fds(pid: int) -> int:
+    """Number of open file descriptors, in O(1) on Linux >= 6.2."""
+    path = f"{PROC}/{pid}/fd"
+    try:
+        if _FD_COUNT_IN_ST_SIZE:
+            return os.stat(path).st_size
+        return len(os.listdir(path))
+    except FileNotFoundError:
+        raise NoSuchProcess(pid) from None
+    except PermissionError:
+        raise AccessDenied(pid) from None
+
+
+def list_fds(pid: int) -> list[int]:
+    """The open file descriptor numbers, ascending."""
+    try:
+        return sorted(int(name) for name in os.listdir(f"{PROC}/{pid}/fd"))
+    except FileNotFoundError:
+        raise NoSuchProcess(pid) from None
+    except PermissionError:
+        raise AccessDenied(pid) from None
+
+
+def list_pids() -> list[int]:
+    """The thread-group ids visible in this PID namespace."""
+    return [int(name) for name in os.listdir(PROC) if name.isdigit()]
+
+
+RLIM_INFINITY = -1  # how Python's resource module spells "unlimited"
+
+
+def parse_limits(raw: bytes) -> dict[str, tuple[int, int]]:
+    """Map each limit's name ("Max data size") to (soft, hard), -1 for unlimited."""
+    limits: dict[str, tuple[int, int]] = {}
+    for line in raw.decode().splitlines()[1:]:
+        name, values = line[:26].strip(), line[26:].split()
+        if len(values) < 2:
+            continue
+        soft, hard = (RLIM_INFINITY if v == "unlimited" else int(v) for v in values[:2])
+        limits[name] = (soft, hard)
+    return limits
+
+
+def read_limits(pid: int) -> dict[str, tuple[int, int]]:
+    return parse_limits(_read(pid, "limits"))

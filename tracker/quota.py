@@ -1,0 +1,85 @@
+"""The quota grammar of SPEC §3: parsing and formatting, nothing else."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from tracker.errors import InvalidArgument
+
+UNLIMITED = "max"
+_SIZE = re.compile(r"([0-9]+)([KMGTkmgt]?)", re.ASCII)
+_COUNT = re.compile(r"[0-9]+", re.ASCII)
+_SUFFIX = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
+LIMIT_MAX = 2**63 - 1  # what fits the kernel's signed 64-bit sizes
+
+
+class Action(enum.StrEnum):
+    KILL = "kill"
+    DENY = "deny"
+    NOTIFY = "notify"
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    heap: int | None = None  # bytes; None is no limit
+    files: int | None = None
+    action: Action = Action.KILL
+
+    def format(self) -> str:
+        return f"heap={_fmt(self.heap)} files={_fmt(self.files)} action={self.action}"
+
+
+NO_QUOTA = Quota()
+
+
+def _fmt(limit: int | None) -> str:
+    return UNLIMITED if limit is None else str(limit)
+
+
+def parse_size(text: str) -> int | None:
+    """`max`, or bytes with an optional K/M/G/T suffix (powers of 1024)."""
+    if text == UNLIMITED:
+        return None
+    match = _SIZE.fullmatch(text)
+    if not match:
+        raise InvalidArgument(f"bad size {text!r}: want bytes with K/M/G/T suffix, or max")
+    value = int(match[1]) << _SUFFIX[match[2].lower()]
+    if value > LIMIT_MAX:
+        raise InvalidArgument(f"size {text!r} is too large")
+    return value
+
+
+def parse_count(text: str) -> int | None:
+    if text == UNLIMITED:
+        return None
+    if not _COUNT.fullmatch(text) or int(text) > LIMIT_MAX:
+        raise InvalidArgument(f"bad count {text!r}: want a non-negative integer, or max")
+    return int(text)
+
+
+def parse_action(text: str) -> Action:
+    try:
+        return Action(text)
+    except ValueError:
+        raise InvalidArgument(f"bad action {text!r}: want kill, deny or notify") from None
+
+
+_PARSERS = {"heap": parse_size, "files": parse_count, "action": parse_action}
+
+
+def parse_quota(text: str) -> Quota:
+    """Parse `heap=SIZE files=N action=A` (any subset, any order, at least one)."""
+    tokens = text.split()
+    if not tokens:
+        raise InvalidArgument("empty quota: want heap=SIZE files=N action=kill|deny|notify")
+    values: dict[str, object] = {}
+    for token in tokens:
+        key, sep, value = token.partition("=")
+        if not sep or key not in _PARSERS:
+            raise InvalidArgument(f"bad quota token {token!r}")
+        if key in values:
+            raise InvalidArgument(f"{key} given twice")
+        values[key] = _PARSERS[key](value)
+    return Quota(**values)  # type: ignore[arg-type]
