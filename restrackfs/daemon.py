@@ -188,3 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         pass
     report(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ never show the old entry as the new one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
 from restrackfs.files import MAX_WRITE, PROCESS_FILES, TOP_FILES, Caller, FileSpec, parse_pid
 from tracker.access import may_see
@@ -132,6 +134,7 @@ class RestrackOperations(pyfuse3.Operations):
         self.inodes = Inodes()
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
+        self._removed_names: list[bytes] = []
         self._mounted_at = time.time_ns()
         # With hidepid the kernel's shared dentry cache would show one user's
         # lookups to another, so process directories are not cached at all.
@@ -142,10 +145,25 @@ class RestrackOperations(pyfuse3.Operations):
 
     def _entry_removed(self, entry: Entry) -> None:
         self.inodes.forget(entry)
+        name = str(entry.pid).encode()
+        self._removed_names.append(name)
         try:
-            pyfuse3.invalidate_entry_async(ROOT, str(entry.pid).encode(), ignore_enoent=True)
+            pyfuse3.invalidate_entry_async(ROOT, name, ignore_enoent=True)
         except Exception:  # not mounted (engine-only use) or session closing
             log.debug("no invalidation for %d", entry.pid, exc_info=True)
+
+    async def _invalidate_removed(self) -> None:
+        """Make the kernel forget directories removed by this request before it returns.
+
+        The background invalidation would race the caller's next lookup (the
+        shell's `ls` right after `echo PID > deregister`). Blocking in a worker
+        thread keeps the event loop free to answer the lookups the kernel may
+        wait for meanwhile, so this cannot deadlock.
+        """
+        names, self._removed_names = self._removed_names, []
+        for name in names:
+            with contextlib.suppress(OSError):
+                await trio.to_thread.run_sync(pyfuse3.invalidate_entry, ROOT, name)
 
     def _visible(self, entry: Entry, uid: int) -> bool:
         return may_see(uid, entry.owner_uid, self.hidepid)
@@ -337,7 +355,11 @@ class RestrackOperations(pyfuse3.Operations):
             text = buf.decode("ascii")
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(errno.EINVAL) from None
-        spec.write(self.engine, handle.node.entry, text, handle.caller)
+        self._removed_names.clear()
+        try:
+            spec.write(self.engine, handle.node.entry, text, handle.caller)
+        finally:
+            await self._invalidate_removed()
         return len(buf)
 
     @boundary

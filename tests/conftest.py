@@ -1,0 +1,190 @@
+"""Shared fixtures: a real workload process, a real mounted daemon."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+NOBODY = 65534
+MiB = 1024 * 1024
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 5.0, what: str = "") -> object:
+    """Poll `condition` until it is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what or condition}")
+        time.sleep(0.002)
+
+
+@pytest.fixture(scope="session")
+def workload_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    binary = tmp_path_factory.mktemp("bin") / "workload"
+    subprocess.run(
+        ["gcc", "-O1", "-pthread", "-o", binary, HERE / "workload.c"],
+        check=True,
+    )
+    binary.chmod(0o755)
+    binary.parent.chmod(0o755)
+    binary.parent.parent.chmod(0o755)
+    return binary
+
+
+class Workload:
+    """A child process that maps memory and opens files when told to."""
+
+    def __init__(self, binary: Path, uid: int | None = None) -> None:
+        argv = [str(binary)]
+        if uid is not None:
+            argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+        self.pid = int(self.ask("pid").split()[1])
+        assert self.pid == self.proc.pid
+
+    def ask(self, *words: object) -> str:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(" ".join(map(str, words)) + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline().strip()
+        if not reply:
+            raise ProcessLookupError(f"workload {self.pid} died (status {self.proc.poll()})")
+        return reply
+
+    def do(self, *words: object) -> str:
+        reply = self.ask(*words)
+        assert reply.startswith("ok"), f"{words}: {reply}"
+        return reply
+
+    def thread(self) -> int:
+        return int(self.do("thread").split()[1])
+
+    def wait(self, timeout: float = 5.0) -> int:
+        return self.proc.wait(timeout)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream:
+                stream.close()
+
+
+@pytest.fixture
+def spawn(workload_binary: Path) -> Iterator[Callable[..., Workload]]:
+    started: list[Workload] = []
+
+    def start(uid: int | None = None) -> Workload:
+        workload = Workload(workload_binary, uid)
+        started.append(workload)
+        return workload
+
+    yield start
+    for workload in started:
+        workload.stop()
+
+
+def shared_tempdir(prefix: str) -> Path:
+    """A directory every uid can enter (pytest's tmp_path is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
+class Daemon:
+    """A restrackfs daemon serving a real mount in a temp dir."""
+
+    def __init__(self, mountpoint: Path, state: Path, log: Path) -> None:
+        self.mountpoint = mountpoint
+        self.state = state
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *options: str) -> None:
+        argv = [sys.executable, "-m", "restrackfs.daemon", "--foreground"]
+        argv += ["--state", str(self.state), "--log-level", "debug", *options]
+        argv.append(str(self.mountpoint))
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(
+            lambda: os.path.ismount(self.mountpoint) or self.proc.poll() is not None,
+            timeout=20,
+            what="mount",
+        )
+        assert self.proc.poll() is None, self.log.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(20)
+        self.proc = None
+        return code
+
+    def path(self, *parts: object) -> Path:
+        return self.mountpoint.joinpath(*map(str, parts))
+
+    def read(self, *parts: object) -> str:
+        return self.path(*parts).read_text()
+
+    def write(self, text: str, *parts: object) -> None:
+        """One write() of `text`, as `echo` does; raises OSError with the errno."""
+        fd = os.open(self.path(*parts), os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+    def register(self, pid: int) -> None:
+        self.write(f"{pid}\n", "register")
+
+    def log_text(self) -> str:
+        return self.log.read_text()
+
+
+def _unmount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    daemons: list[Daemon] = []
+
+    def make(*options: str, start: bool = True) -> Daemon:
+        mountpoint = shared_tempdir("restrack-mnt-")
+        daemon = Daemon(mountpoint, tmp_path / f"state{len(daemons)}.json", tmp_path / "daemon.log")
+        daemons.append(daemon)
+        if start:
+            daemon.start(*options)
+        return daemon
+
+    yield make
+    for daemon in daemons:
+        if daemon.proc is not None:
+            daemon.stop()
+        if os.path.ismount(daemon.mountpoint) or not os.path.exists(daemon.mountpoint):
+            _unmount(daemon.mountpoint)
+        shutil.rmtree(daemon.mountpoint, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
+    return daemon_factory()
