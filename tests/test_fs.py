@@ -8,10 +8,11 @@ import re
 import stat
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import MiB, Daemon, wait_until
+from tests.conftest import Daemon, MiB, wait_until
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PROCESS_FILES = ["heapsize", "openfile_count", "quota", "reset", "stat"]
@@ -157,7 +158,7 @@ def test_stat_file(daemon, spawn):
     assert int(fields["heapsize"]) == 2 * MiB
     assert fields["openfile_count"] == "2"
     assert (fields["heap_quota"], fields["file_quota"], fields["action"]) == ("max", "max", "kill")
-    vm_data = re.search(r"VmData:\s+(\d+) kB", open(f"/proc/{w.pid}/status").read())
+    vm_data = re.search(r"VmData:\s+(\d+) kB", Path(f"/proc/{w.pid}/status").read_text())
     assert int(fields["heap_total"]) == int(vm_data[1]) * 1024
     assert int(fields["openfile_total"]) == len(os.listdir(f"/proc/{w.pid}/fd"))
     assert int(before) <= int(fields["registered"]) <= time.time()
@@ -275,7 +276,7 @@ def test_notify_reports_and_spares(daemon, spawn):
 
 
 def limits_of(pid: int, name: str) -> tuple[str, str]:
-    for line in open(f"/proc/{pid}/limits"):
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
         if line.startswith(name):
             soft, hard = line[26:].split()[:2]
             return soft, hard
@@ -365,7 +366,7 @@ def test_register_errors(daemon, spawn):
 def test_register_zombie(daemon):
     child = subprocess.Popen(["sleep", "100"])
     child.kill()
-    wait_until(lambda: open(f"/proc/{child.pid}/stat").read().split(") ")[1][0] == "Z")
+    wait_until(lambda: Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1][0] == "Z")
     try:
         assert errno_of(lambda: daemon.register(child.pid)) == errno.ESRCH
     finally:
@@ -455,7 +456,7 @@ def test_refused_operations(daemon, spawn):
     w = spawn()
     daemon.register(w.pid)
     m = daemon.mountpoint
-    assert errno_of(lambda: open(m / "newfile", "w")) == errno.EPERM
+    assert errno_of(lambda: os.open(m / "newfile", os.O_CREAT | os.O_WRONLY)) == errno.EPERM
     assert errno_of(lambda: os.unlink(m / "metrics")) == errno.EPERM
     assert errno_of(lambda: os.unlink(daemon.path(w.pid, "stat"))) == errno.EPERM
     assert errno_of(lambda: os.rename(m / "metrics", m / "other")) == errno.EPERM
