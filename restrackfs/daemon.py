@@ -70,7 +70,7 @@ def default_state_path(mountpoint: Path) -> Path:
 def clear_stale_mount(mountpoint: Path) -> None:
     """Detach a mount left by a killed daemon ("Transport endpoint is not connected")."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)  # stat() may answer from the dead mount's attribute cache
         return
     except OSError as error:
         if error.errno != errno.ENOTCONN:

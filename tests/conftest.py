@@ -125,12 +125,15 @@ class Daemon:
         argv.append(str(self.mountpoint))
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(
-            lambda: os.path.ismount(self.mountpoint) or self.proc.poll() is not None,
-            timeout=20,
-            what="mount",
-        )
+        wait_until(lambda: self._serving() or self.proc.poll() is not None, 20, "mount")
         assert self.proc.poll() is None, self.log.read_text()
+
+    def _serving(self) -> bool:
+        """Mounted and answering (a stale mount of a killed daemon is not)."""
+        try:
+            return "restrack_tracked_processes" in self.path("metrics").read_text()
+        except OSError:
+            return False
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None

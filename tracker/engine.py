@@ -157,12 +157,12 @@ class Engine:
             registered=time.time(),
             comm=usage.comm,
         )
-        self._add(entry)
         try:
-            self._save()
+            self._save(adding=entry)
         except StateNotSaved:
-            self._remove(entry, "deregistered")
+            process.close()
             raise
+        self._add(entry)
         log.info("registered pid=%d comm=%s by uid=%d", tgid, entry.comm, caller_uid)
         return entry
 
@@ -226,9 +226,14 @@ class Engine:
         while True:
             await trio.sleep(self.interval)
             for entry in list(self._with_quota.values()):
-                self._check(entry)
+                try:
+                    self._check(entry)
+                except Exception:  # a bug must not stop the checks of all the others
+                    log.exception("check of pid=%d failed", entry.pid)
 
     async def _watch_exit(self, entry: Entry) -> None:
+        if entry.ended is not None:
+            return  # removed before this task got to run
         try:
             await trio.lowlevel.wait_readable(entry.process.pidfd)
         except trio.ClosedResourceError:
@@ -462,10 +467,12 @@ class Engine:
 
     # ----- persistence ---------------------------------------------------
 
-    def _save(self, without: Entry | None = None) -> None:
+    def _save(self, *, adding: Entry | None = None, without: Entry | None = None) -> None:
         if self.state_path is None:
             return
         records = [e.to_record() for e in self._entries.values() if e is not without]
+        if adding is not None:
+            records.append(adding.to_record())
         try:
             state.save(self.state_path, records)
         except OSError as error:

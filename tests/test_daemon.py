@@ -1,0 +1,168 @@
+"""The daemon's life: start, stop, crash, restart, stale mounts, the error boundary."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyfuse3
+import pytest
+
+from restrackfs.daemon import default_state_path
+from restrackfs.fs import boundary
+from tests.conftest import NOBODY, MiB, wait_until
+from tests.test_fs import errno_of, limits_of
+
+
+def test_sigterm_unmounts_cleanly(daemon):
+    assert os.path.ismount(daemon.mountpoint)
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert not os.path.ismount(daemon.mountpoint)
+    assert os.listdir(daemon.mountpoint) == []
+
+
+def test_sigint_unmounts_cleanly(daemon):
+    assert daemon.stop(signal.SIGINT) == 0
+    assert not os.path.ismount(daemon.mountpoint)
+
+
+def test_restart_after_kill_resumes_counters_and_quotas(daemon, spawn):
+    w = spawn()
+    daemon.register(w.pid)
+    w.do("mmap", 3 * MiB)
+    w.do("open", 2)
+    daemon.write("files=5 action=notify", w.pid, "quota")
+    daemon.stop(signal.SIGKILL)
+    # the dead daemon leaves "Transport endpoint is not connected" behind
+    assert errno_of(lambda: os.listdir(daemon.mountpoint)) == errno.ENOTCONN
+    daemon.start()
+    assert daemon.read(w.pid, "heapsize") == f"{3 * MiB}\n"
+    assert daemon.read(w.pid, "openfile_count") == "2\n"
+    assert daemon.read(w.pid, "quota") == "heap=max files=5 action=notify\n"
+    assert errno_of(lambda: daemon.write("files=1", w.pid, "quota")) == errno.EBUSY
+
+
+def test_restart_drops_exited_and_recycled(daemon, spawn):
+    alive, exited, recycled = spawn(), spawn(), spawn()
+    for w in (alive, exited, recycled):
+        daemon.register(w.pid)
+    daemon.stop()
+    exited.stop()
+    # Same pid, other start time: what a recycled pid looks like in the state file.
+    state = json.loads(daemon.state.read_text())
+    for record in state["entries"]:
+        if record["pid"] == recycled.pid:
+            record["start_time"] -= 1
+    daemon.state.write_text(json.dumps(state))
+    daemon.start()
+    assert sorted(n for n in os.listdir(daemon.mountpoint) if n.isdigit()) == [str(alive.pid)]
+    saved = json.loads(daemon.state.read_text())
+    assert [record["pid"] for record in saved["entries"]] == [alive.pid]
+
+
+@pytest.mark.parametrize("uid", [None, NOBODY])
+def test_deny_limits_survive_kill_and_are_restored_on_stop(daemon, spawn, uid):
+    w = spawn(uid=uid)
+    original = limits_of(w.pid, "Max open files")
+    daemon.register(w.pid)
+    daemon.write("files=2 action=deny", w.pid, "quota")
+    lowered = limits_of(w.pid, "Max open files")
+    assert lowered != original
+    daemon.stop(signal.SIGKILL)
+    daemon.start()
+    assert limits_of(w.pid, "Max open files") == lowered
+    assert w.ask("open", 3) == f"ok 2 {errno.EMFILE}"
+    daemon.stop(signal.SIGTERM)
+    assert limits_of(w.pid, "Max open files") == original
+    daemon.start()  # the quota is still there, and applied again
+    assert daemon.read(w.pid, "quota") == "heap=max files=2 action=deny\n"
+    assert w.ask("open", 1) == f"ok 0 {errno.EMFILE}"
+
+
+def test_state_file_is_valid_json_after_every_change(daemon, spawn):
+    w = spawn()
+    daemon.register(w.pid)
+    (record,) = json.loads(daemon.state.read_text())["entries"]
+    assert record["pid"] == w.pid and record["quota"] is None
+    daemon.write("heap=1G", w.pid, "quota")
+    (record,) = json.loads(daemon.state.read_text())["entries"]
+    assert record["quota"] == {"heap": 1 << 30, "files": None, "action": "kill"}
+    assert record["quota_uid"] == 0
+    daemon.write(str(w.pid), "deregister")
+    assert json.loads(daemon.state.read_text())["entries"] == []
+
+
+def test_unwritable_state_fails_the_write_and_changes_nothing(daemon, spawn):
+    w = spawn()
+    daemon.state.unlink()
+    daemon.state.mkdir()  # rename() over a directory fails
+    try:
+        code = errno_of(lambda: daemon.register(w.pid))
+        assert code == errno.EISDIR  # rename() over a directory
+        assert str(w.pid) not in os.listdir(daemon.mountpoint)
+        assert "not saved" in daemon.log_text()
+    finally:
+        daemon.state.rmdir()
+    daemon.register(w.pid)
+
+
+def test_background_mode_detaches_after_mounting(daemon_factory, tmp_path):
+    daemon = daemon_factory(start=False)
+    argv = [sys.executable, "-m", "restrackfs.daemon", "--state", str(daemon.state)]
+    result = subprocess.run([*argv, str(daemon.mountpoint)], capture_output=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    try:
+        assert os.path.ismount(daemon.mountpoint)  # mounted before the parent returned
+        assert "restrack_tracked_processes 0" in daemon.read("metrics")
+    finally:
+        subprocess.run(["umount", str(daemon.mountpoint)], check=True)
+    wait_until(lambda: not os.path.ismount(daemon.mountpoint))
+
+
+def test_refuses_a_live_mount(daemon, tmp_path):
+    argv = [sys.executable, "-m", "restrackfs.daemon", "--foreground"]
+    argv += ["--state", str(tmp_path / "other.json"), str(daemon.mountpoint)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1 and "already mounted" in result.stderr
+    assert "restrack_tracked_processes" in daemon.read("metrics")
+
+
+def test_default_state_path_is_per_mount_point():
+    assert str(default_state_path(Path("/restrack"))) == "/run/restrackfs/restrack.json"
+    assert default_state_path(Path("/a/b-c")) != default_state_path(Path("/a-b/c"))
+
+
+async def test_boundary_turns_unexpected_errors_into_eio(caplog):
+    @boundary
+    async def broken() -> None:
+        raise RuntimeError("bug")
+
+    with caplog.at_level(logging.ERROR), pytest.raises(pyfuse3.FUSEError) as info:
+        await broken()
+    assert info.value.errno == errno.EIO
+    assert "RuntimeError: bug" in caplog.text
+
+
+def test_daemon_survives_every_kind_of_request(daemon, spawn):
+    """A burst of odd requests, then the mount still answers."""
+    w = spawn()
+    daemon.register(w.pid)
+    m = daemon.mountpoint
+    for command in [
+        f"truncate -s 0 {m}/register",
+        f"touch {m}/{w.pid}/quota",
+        f"setfattr -n user.x -v 1 {m}/metrics",
+        f"ls -laR {m}",
+        f"cat {m}/{w.pid}/reset",
+        f"dd if=/dev/zero of={m}/register bs=8192 count=1",
+        f"cd {m}/{w.pid} && cat stat",
+    ]:
+        subprocess.run(["bash", "-c", command], capture_output=True, timeout=10)
+    assert daemon.read(w.pid, "openfile_count") == "0\n"
+    assert daemon.proc is not None and daemon.proc.poll() is None
