@@ -104,7 +104,7 @@ def test_unwritable_state_fails_the_write_and_changes_nothing(daemon, spawn):
     daemon.state.mkdir()  # rename() over a directory fails
     try:
         code = errno_of(lambda: daemon.register(w.pid))
-        assert code == errno.EISDIR  # rename() over a directory
+        assert code == errno.EIO  # rename() over a directory: EISDIR would mislead
         assert str(w.pid) not in os.listdir(daemon.mountpoint)
         assert "not saved" in daemon.log_text()
     finally:

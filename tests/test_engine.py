@@ -933,14 +933,6 @@ async def test_deregister_right_after_register(spawn, tmp_path):
 # ----- known bugs ---------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: Engine.shutdown() closes each entry's pidfd (pidfd = -1) without "
-    "setting entry.ended, so an exit watcher that had not run yet (the engine block left "
-    "with no checkpoint since the register or since _restore_state, e.g. the daemon "
-    "failing right after starting the engine) calls trio.lowlevel.wait_readable(-1) -> "
-    "ValueError raised out of open_engine, masking whatever made it exit",
-)
 async def test_shutdown_right_after_register(spawn, tmp_path):
     w = spawn()
     async with engine_at(tmp_path) as engine:
@@ -949,14 +941,6 @@ async def test_shutdown_right_after_register(spawn, tmp_path):
         assert engine.get(w.pid) is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: reset(quota=True) restores the deny-mode soft limits and clears "
-    "entry.saved_soft only *after* _save(), so the state file keeps the old saved_soft; "
-    "a restarted engine loads it into an entry without a quota, and its shutdown (or a "
-    "deregister) sets the process's soft RLIMIT_NOFILE back to that stale value, "
-    "overwriting the limit the process chose itself in between",
-)
 async def test_quota_reset_then_restart_leaves_process_limits_alone(spawn, tmp_path):
     w = spawn()
     async with engine_at(tmp_path) as engine:
@@ -971,13 +955,6 @@ async def test_quota_reset_then_restart_leaves_process_limits_alone(spawn, tmp_p
     assert nofile_soft(w.pid) == 100
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: _restore_state() only catches KeyError/TypeError/ValueError from "
-    "a record and then calls record.get() in its log line; a record that is not a JSON "
-    "object (here 42) raises AttributeError out of open_engine, so one bad record stops "
-    "the engine (and the daemon) from starting instead of being dropped",
-)
 async def test_state_with_a_malformed_record_is_dropped(spawn, tmp_path):
     w = spawn()
     path = tmp_path / "s.json"

@@ -202,19 +202,22 @@ class Engine:
         access.check_control(caller_uid, entry.owner_uid, entry.pid)
         self._check_may_lift(entry, caller_uid)
         before = (entry.quota, entry.quota_uid, entry.heap_base, entry.files_base)
+        saved_soft = dict(entry.saved_soft)
         if usage:
             now = self._usage(entry)
             entry.heap_base, entry.files_base = now.vm_data, now.open_fds
         if quota:
             entry.quota = entry.quota_uid = None
+            entry.saved_soft.clear()
         try:
             self._save()
         except StateNotSaved:
             entry.quota, entry.quota_uid, entry.heap_base, entry.files_base = before
+            entry.saved_soft = saved_soft
             raise
         entry.over = frozenset()
         if quota:
-            self._restore_limits(entry)
+            self._restore_limits(entry, saved_soft)
             self._with_quota.pop(entry.pid, None)
         elif entry.quota is not None and entry.quota.action is Action.DENY:
             self._apply_limits(entry)
@@ -248,8 +251,11 @@ class Engine:
         for record in state.load(self.state_path):
             try:
                 entry = self._entry_from_record(record)
-            except (NoSuchProcess, AccessDenied, KeyError, TypeError, ValueError):
+            except (NoSuchProcess, AccessDenied):
                 log.info("state: dropped pid=%s (gone or recycled)", record.get("pid"))
+                continue
+            except (AttributeError, KeyError, TypeError, ValueError):
+                log.error("state: dropped a malformed record: %.200r", record)
                 continue
             self._add(entry)
             if entry.quota is not None:
@@ -287,6 +293,7 @@ class Engine:
         """Give back every soft limit deny mode lowered; keep the state file."""
         for entry in list(self._entries.values()):
             self._restore_limits(entry)
+            entry.ended = "stopped"
             trio.lowlevel.notify_closing(entry.process.pidfd)
             entry.process.close()
         self._entries.clear()
@@ -456,8 +463,9 @@ class Engine:
             if raised or soft == applied:
                 self._set_soft(entry, which, wanted)
 
-    def _restore_limits(self, entry: Entry) -> None:
-        for which, soft in entry.saved_soft.items():
+    def _restore_limits(self, entry: Entry, saved_soft: dict[int, int] | None = None) -> None:
+        """Give back the soft limits deny mode saved (by default, the entry's)."""
+        for which, soft in (entry.saved_soft if saved_soft is None else saved_soft).items():
             try:
                 limits.set_soft_limit(entry.pid, entry.owner_uid, entry.owner_gid, which, soft)
             except (NoSuchProcess, AccessDenied) as error:

@@ -66,6 +66,10 @@ class NotPermitted(TrackerError):
 class StateNotSaved(TrackerError):
     """The state file could not be written; the change was rolled back."""
 
+    # Errors a user can act on keep their errno; any other (EEXIST from a path
+    # replaced by a file, say) would read as something else in SPEC §4's table.
+    MEANINGFUL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
+
     def __init__(self, cause: OSError) -> None:
-        self.code = cause.errno or errno.EIO
+        self.code = cause.errno if cause.errno in self.MEANINGFUL else errno.EIO
         super().__init__(f"state file not saved: {cause.strerror or cause}")

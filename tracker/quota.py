@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from tracker.errors import InvalidArgument
 
 UNLIMITED = "max"
-_SIZE = re.compile(r"([0-9]+)([KMGTkmgt]?)", re.ASCII)
-_COUNT = re.compile(r"[0-9]+", re.ASCII)
+# At most 19 digits: anything longer is past LIMIT_MAX anyway, and int() of a
+# huge digit string is slow (and refused past 4300 digits).
+_SIZE = re.compile(r"([0-9]{1,19})([KMGTkmgt]?)", re.ASCII)
+_COUNT = re.compile(r"[0-9]{1,19}", re.ASCII)
 _SUFFIX = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
 LIMIT_MAX = 2**63 - 1  # what fits the kernel's signed 64-bit sizes
 
