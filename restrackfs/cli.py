@@ -1,0 +1,276 @@
+"""The `restrack` command, built only on `restrackfs.client`.
+
+Exit codes: 0 success, 1 other error, 2 usage or invalid value (EINVAL),
+3 no such process (ESRCH), 4 already tracked (EEXIST), 5 not tracked (ENOENT),
+6 not permitted (EPERM/EACCES), 7 quota already set (EBUSY), 8 no daemon
+serves the mount, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import TextIO
+
+from restrackfs import client
+from restrackfs.client import NotMountedError, Stat
+
+EXIT_CODES = {
+    errno.EINVAL: 2,
+    errno.ESRCH: 3,
+    errno.EEXIST: 4,
+    errno.ENOENT: 5,
+    errno.EPERM: 6,
+    errno.EACCES: 6,
+    errno.EBUSY: 7,
+}
+EXIT_NOT_MOUNTED = 8
+EXIT_INTERRUPTED = 130
+
+
+# ----- formatting -------------------------------------------------------------
+
+
+def human_size(size: int | None) -> str:
+    """1536 -> 1.5K; binary units, as `ls -h`."""
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("", "K", "M", "G", "T"):
+        if value < 1024 or unit == "T":
+            exact = value == int(value) or value >= 100
+            return f"{int(value)}{unit}" if exact else f"{value:.1f}{unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def quota_use(s: Stat) -> float | None:
+    """The highest share of a quota in use, in percent; None without a quota."""
+    shares = [
+        100.0 * used / limit if limit else (0.0 if used == 0 else float("inf"))
+        for used, limit in ((s.heapsize, s.heap_quota), (s.openfile_count, s.file_quota))
+        if limit is not None
+    ]
+    return max(shares) if shares else None
+
+
+def _use_text(use: float | None) -> str:
+    if use is None:
+        return "-"
+    return "inf" if use == float("inf") else f"{use:.0f}%"
+
+
+COLUMNS = ("PID", "COMMAND", "HEAP", "FILES", "HEAP-QUOTA", "FILE-QUOTA", "USE", "ACTION")
+
+
+def _row(s: Stat) -> tuple[str, ...]:
+    return (
+        str(s.pid),
+        s.comm,
+        human_size(s.heapsize),
+        str(s.openfile_count),
+        human_size(s.heap_quota),
+        "-" if s.file_quota is None else str(s.file_quota),
+        _use_text(quota_use(s)),
+        s.action if s.heap_quota is not None or s.file_quota is not None else "-",
+    )
+
+
+def table(stats: Sequence[Stat]) -> str:
+    rows = [COLUMNS, *map(_row, stats)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def stat_json(s: Stat) -> dict[str, object]:
+    record: dict[str, object] = asdict(s)
+    use = quota_use(s)
+    record["quota_use"] = None if use is None or use == float("inf") else round(use, 2)
+    return record
+
+
+def collect(mount: str | None) -> list[Stat]:
+    """A reading of every tracked process; those that leave meanwhile are skipped."""
+    stats = []
+    for pid in client.tracked(mount=mount):
+        try:
+            stats.append(client.stat(pid, mount=mount))
+        except (ProcessLookupError, FileNotFoundError) as error:
+            if isinstance(error, NotMountedError):
+                raise
+    return stats
+
+
+# ----- commands ---------------------------------------------------------------
+
+
+def cmd_register(args: argparse.Namespace, out: TextIO) -> int:
+    for pid in args.pids:
+        client.register(pid, mount=args.mount)
+    return 0
+
+
+def cmd_deregister(args: argparse.Namespace, out: TextIO) -> int:
+    for pid in args.pids:
+        client.deregister(pid, mount=args.mount)
+    return 0
+
+
+def cmd_cap(args: argparse.Namespace, out: TextIO) -> int:
+    if args.heap is None and args.files is None and args.action is None:
+        raise OSError(errno.EINVAL, "cap: give --heap, --files or --action")
+    client.set_quota(
+        args.pid, heap=args.heap, files=args.files, action=args.action, mount=args.mount
+    )
+    return 0
+
+
+def cmd_reset(args: argparse.Namespace, out: TextIO) -> int:
+    client.reset(args.pid, args.what, mount=args.mount)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
+    s = client.stat(args.pid, mount=args.mount)
+    if args.json:
+        json.dump(stat_json(s), out)
+        out.write("\n")
+        return 0
+    fields = asdict(s)
+    fields["quota_use"] = _use_text(quota_use(s))
+    width = max(map(len, fields))
+    for key, value in fields.items():
+        value = "max" if value is None else value
+        out.write(f"{key.ljust(width)}  {value}\n")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    stats = collect(args.mount)
+    if args.json:
+        json.dump([stat_json(s) for s in stats], out)
+        out.write("\n")
+    else:
+        out.write(table(stats) + "\n")
+    return 0
+
+
+def _by_use(s: Stat) -> tuple[float, int]:
+    use = quota_use(s)
+    return (-1.0 if use is None else use, -s.pid)
+
+
+def cmd_top(args: argparse.Namespace, out: TextIO) -> int:
+    shown = 0
+    while args.iterations is None or shown < args.iterations:
+        if shown:
+            time.sleep(args.delay)
+        stats = sorted(collect(args.mount), key=_by_use, reverse=True)
+        header = f"restrack top - {time.strftime('%H:%M:%S')} - {len(stats)} tracked"
+        out.write("\x1b[H\x1b[2J" + header + "\n\n" + table(stats) + "\n")
+        out.flush()
+        shown += 1
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
+    raise OSError(errno.ENOSYS, "run: not available yet")
+
+
+# ----- parsing ----------------------------------------------------------------
+
+
+def _pid(text: str) -> int:
+    if not text.isdigit() or not text.isascii():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a pid")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="restrack",
+        description="Track and cap processes' heap and open files through restrackfs.",
+        epilog="exit codes: 2 invalid, 3 no such process, 4 already tracked, 5 not tracked, "
+        "6 not permitted, 7 quota already set, 8 no daemon at the mount",
+    )
+    parser.add_argument(
+        "--mount", help="mount point (default: $RESTRACK_MOUNT, else /restrack)", default=None
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str, run: Callable[..., int], help_text: str, **kw: object
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text, **kw)  # type: ignore[arg-type]
+        sub.set_defaults(run=run)
+        return sub
+
+    sub = add("register", cmd_register, "start tracking processes")
+    sub.add_argument("pids", nargs="+", type=_pid, metavar="PID")
+    sub = add("deregister", cmd_deregister, "stop tracking processes")
+    sub.add_argument("pids", nargs="+", type=_pid, metavar="PID")
+
+    sub = add("cap", cmd_cap, "set a process's quota (once, until reset)")
+    sub.add_argument("pid", type=_pid, metavar="PID")
+    sub.add_argument("--heap", metavar="SIZE", help="bytes, K/M/G/T suffix, or max")
+    sub.add_argument("--files", metavar="N", help="open file count, or max")
+    sub.add_argument("--action", choices=["kill", "deny", "notify"])
+
+    sub = add("reset", cmd_reset, "clear the quota and restart the counters")
+    sub.add_argument("pid", type=_pid, metavar="PID")
+    what = sub.add_mutually_exclusive_group()
+    what.add_argument("--quota", dest="what", action="store_const", const="quota",
+                      help="clear the quota only")  # fmt: skip
+    what.add_argument("--usage", dest="what", action="store_const", const="usage",
+                      help="restart the usage counters only")  # fmt: skip
+    sub.set_defaults(what="all")
+
+    sub = add("show", cmd_show, "every field of one tracked process")
+    sub.add_argument("pid", type=_pid, metavar="PID")
+    sub.add_argument("--json", action="store_true", help="one JSON object")
+
+    for name in ("status", "ls"):
+        sub = add(name, cmd_status, "one row per tracked process")
+        sub.add_argument("--json", action="store_true", help="a JSON list, sizes in bytes")
+
+    sub = add("top", cmd_top, "the status table, refreshed until Ctrl-C, highest use first")
+    sub.add_argument("--delay", type=float, default=1.0, help="seconds between refreshes")
+    sub.add_argument("--iterations", "-n", type=int, help="stop after N refreshes")
+
+    sub = add("run", cmd_run, "run a program with the kernel patch's syscalls emulated")
+    sub.add_argument("program", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _describe(error: OSError) -> str:
+    return error.strerror or os.strerror(error.errno or errno.EIO)
+
+
+def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args, out)
+    except BrokenPipeError:
+        return 0
+    except NotMountedError as error:
+        print(f"restrack: {_describe(error)}", file=sys.stderr)
+        return EXIT_NOT_MOUNTED
+    except OSError as error:
+        print(f"restrack: {_describe(error).lower()}", file=sys.stderr)
+        return EXIT_CODES.get(error.errno or 0, 1)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED if args.command != "top" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

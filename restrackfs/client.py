@@ -1,0 +1,233 @@
+"""The kernel patch's syscall API as a thin library over the mount (SPEC §7).
+
+Every call is one read or one write of a file under the mount, nothing else:
+no private channel to the daemon, so anything this library can do a shell can
+do with `cat` and `echo`, under the same permission checks.
+
+The mount point comes from the `mount=` argument, else `$RESTRACK_MOUNT`, else
+`/restrack`. Errors are the `OSError` subclasses of the errno in SPEC §4
+(`ProcessLookupError` for ESRCH, `FileExistsError` for EEXIST,
+`FileNotFoundError` for ENOENT, `PermissionError` for EPERM, a plain `OSError`
+with `errno.EBUSY` for a quota already set), with a message naming the pid;
+`NotMountedError` when no daemon serves the mount point.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+DEFAULT_MOUNT = "/restrack"
+UNLIMITED = "max"
+_NOT_SERVED = (errno.ENOTCONN, errno.ECONNABORTED)
+_REASONS = {
+    errno.ENOENT: "not tracked",
+    errno.EEXIST: "already tracked",
+    errno.ESRCH: "no such process",
+    errno.EBUSY: "a quota is already set (reset it first)",
+    errno.EPERM: "operation not permitted",
+}
+# deregister answers ESRCH for a pid nobody registered
+_DEREGISTER_REASONS = {errno.ESRCH: "not tracked"}
+
+
+class NotMountedError(FileNotFoundError):
+    """Nothing (or a dead daemon) is mounted at the mount point."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """What the kernel patch's `fetch` returned; sizes in bytes, None = no limit."""
+
+    pid: int
+    heapsize: int
+    openfile_count: int
+    heapsize_quota: int | None
+    openfile_quota: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    """Every field of `PID/stat`."""
+
+    pid: int
+    comm: str
+    heapsize: int
+    openfile_count: int
+    heap_quota: int | None
+    file_quota: int | None
+    action: str
+    heap_total: int
+    openfile_total: int
+    registered: int
+
+    def resource(self) -> Resource:
+        return Resource(
+            self.pid, self.heapsize, self.openfile_count, self.heap_quota, self.file_quota
+        )
+
+
+def mount_point(mount: str | os.PathLike[str] | None = None) -> Path:
+    return Path(mount or os.environ.get("RESTRACK_MOUNT") or DEFAULT_MOUNT)
+
+
+def _is_served(root: Path) -> bool:
+    try:
+        return (root / "register").exists()
+    except OSError:
+        return False
+
+
+def _raise(
+    error: OSError, root: Path, subject: str, reasons: dict[int, str] | None = None
+) -> NoReturn:
+    code = error.errno or errno.EIO
+    if code in _NOT_SERVED or (code == errno.ENOENT and not _is_served(root)):
+        raise NotMountedError(
+            errno.ENOENT,
+            f"no restrackfs daemon serves {root} (start restrackfs, or set RESTRACK_MOUNT)",
+        ) from None
+    reason = (reasons or {}).get(code) or _REASONS.get(code) or os.strerror(code).lower()
+    raise OSError(code, f"{subject}: {reason}") from None
+
+
+def _write(
+    root: Path, relative: str, text: str, subject: str, reasons: dict[int, str] | None = None
+) -> None:
+    try:
+        fd = os.open(root / relative, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+    except OSError as error:
+        _raise(error, root, subject, reasons)
+
+
+def _read(root: Path, relative: str, subject: str) -> str:
+    try:
+        fd = os.open(root / relative, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            chunks = []
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+            return b"".join(chunks).decode()
+        finally:
+            os.close(fd)
+    except OSError as error:
+        _raise(error, root, subject)
+
+
+def _check_pid(pid: int) -> int:
+    if isinstance(pid, bool) or not isinstance(pid, int):
+        raise TypeError(f"pid must be an int, not {type(pid).__name__}")
+    return pid
+
+
+def _limit(text: str) -> int | None:
+    return None if text == UNLIMITED else int(text)
+
+
+def _quota_token(key: str, value: int | str | None) -> str:
+    if value is None or value == -1:
+        return f"{key}={UNLIMITED}"
+    if isinstance(value, int) and value < -1:
+        raise OSError(errno.EINVAL, f"{key} quota {value}: must be >= 0, or -1/None for none")
+    return f"{key}={value}"
+
+
+# ----- the kernel patch's five calls ------------------------------------------
+
+
+def register(pid: int, *, mount: str | os.PathLike[str] | None = None) -> None:
+    """Start tracking `pid` (a thread id registers its process)."""
+    _write(mount_point(mount), "register", f"{_check_pid(pid)}\n", str(pid))
+
+
+def deregister(pid: int, *, mount: str | os.PathLike[str] | None = None) -> None:
+    """Stop tracking `pid`."""
+    _write(mount_point(mount), "deregister", f"{_check_pid(pid)}\n", str(pid), _DEREGISTER_REASONS)
+
+
+def resource_cap(
+    pid: int,
+    heap_quota: int | None,
+    file_quota: int | None,
+    *,
+    action: str | None = None,
+    mount: str | os.PathLike[str] | None = None,
+) -> None:
+    """Set the heap quota (bytes) and file quota; None or -1 is no limit."""
+    set_quota(pid, heap=heap_quota, files=file_quota, action=action, mount=mount)
+
+
+def resource_reset(pid: int, *, mount: str | os.PathLike[str] | None = None) -> None:
+    """Clear the quotas and restart the usage counters, as the kernel patch did."""
+    reset(pid, "all", mount=mount)
+
+
+def fetch(pid: int, *, mount: str | os.PathLike[str] | None = None) -> Resource:
+    """The usage and quotas of a tracked process, from one read of `PID/stat`."""
+    return stat(pid, mount=mount).resource()
+
+
+# ----- extras -----------------------------------------------------------------
+
+
+def set_quota(
+    pid: int,
+    *,
+    heap: int | str | None = None,
+    files: int | str | None = None,
+    action: str | None = None,
+    mount: str | os.PathLike[str] | None = None,
+) -> None:
+    """Write a quota; sizes may be bytes or strings the daemon parses (`40M`)."""
+    tokens = [_quota_token("heap", heap), _quota_token("files", files)]
+    if action is not None:
+        tokens.append(f"action={action}")
+    _write(mount_point(mount), f"{_check_pid(pid)}/quota", " ".join(tokens) + "\n", str(pid))
+
+
+def reset(pid: int, what: str = "all", *, mount: str | os.PathLike[str] | None = None) -> None:
+    """`all` (quota and counters), `quota` or `usage`."""
+    _write(mount_point(mount), f"{_check_pid(pid)}/reset", f"{what}\n", str(pid))
+
+
+def stat(pid: int, *, mount: str | os.PathLike[str] | None = None) -> Stat:
+    """Every field of `PID/stat`, read at once (one consistent reading)."""
+    text = _read(mount_point(mount), f"{_check_pid(pid)}/stat", str(pid))
+    fields = dict(line.split(" ", 1) for line in text.splitlines())
+    return Stat(
+        pid=int(fields["pid"]),
+        comm=fields["comm"],
+        heapsize=int(fields["heapsize"]),
+        openfile_count=int(fields["openfile_count"]),
+        heap_quota=_limit(fields["heap_quota"]),
+        file_quota=_limit(fields["file_quota"]),
+        action=fields["action"],
+        heap_total=int(fields["heap_total"]),
+        openfile_total=int(fields["openfile_total"]),
+        registered=int(fields["registered"]),
+    )
+
+
+def tracked(*, mount: str | os.PathLike[str] | None = None) -> list[int]:
+    """The tracked pids (that the caller may see), ascending."""
+    root = mount_point(mount)
+    try:
+        names = os.listdir(root)
+    except OSError as error:
+        _raise(error, root, str(root))
+    if "register" not in names:
+        _raise(OSError(errno.ENOENT, ""), root, str(root))
+    return sorted(int(name) for name in names if name.isdigit())
+
+
+def metrics(*, mount: str | os.PathLike[str] | None = None) -> str:
+    """The Prometheus exposition text of `metrics`."""
+    root = mount_point(mount)
+    return _read(root, "metrics", str(root))
