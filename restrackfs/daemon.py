@@ -52,12 +52,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["debug", "info", "warning", "error"],
         help="log verbosity (default info)",
     )
+    parser.add_argument(
+        "--log-file",
+        type=Path,
+        metavar="FILE",
+        help="log here (default: stderr; detached, the state file's name with .log)",
+    )
     args = parser.parse_args(argv)
     if args.interval < 1:
         parser.error("--interval must be at least 1 ms")
     args.mountpoint = args.mountpoint.absolute()
     if args.state is None:
         args.state = default_state_path(args.mountpoint)
+    if args.log_file is None and not args.foreground:
+        args.log_file = args.state.with_suffix(".log")
     return args
 
 
@@ -161,9 +169,12 @@ def _daemonize() -> Callable[[int], None]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.log_file is not None:
+        args.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        filename=args.log_file,
     )
     report: Callable[[int], None] = lambda code: None  # noqa: E731
     if not args.foreground:

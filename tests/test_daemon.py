@@ -120,6 +120,8 @@ def test_background_mode_detaches_after_mounting(daemon_factory, tmp_path):
     try:
         assert os.path.ismount(daemon.mountpoint)  # mounted before the parent returned
         assert "restrack_tracked_processes 0" in daemon.read("metrics")
+        # detached, it logs next to its state file
+        assert "mounted on" in daemon.state.with_suffix(".log").read_text()
     finally:
         subprocess.run(["umount", str(daemon.mountpoint)], check=True)
     wait_until(lambda: not os.path.ismount(daemon.mountpoint))
