@@ -3,7 +3,8 @@
 Exit codes: 0 success, 1 other error, 2 usage or invalid value (EINVAL),
 3 no such process (ESRCH), 4 already tracked (EEXIST), 5 not tracked (ENOENT),
 6 not permitted (EPERM/EACCES), 7 quota already set (EBUSY), 8 no daemon
-serves the mount, 130 interrupted.
+serves the mount, 130 interrupted. `restrack run` exits with the program's
+status (128 + signal if it was killed), or 125 if the emulation is unavailable.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import TextIO
 
 from restrackfs import client
@@ -32,6 +34,7 @@ EXIT_CODES = {
 }
 EXIT_NOT_MOUNTED = 8
 EXIT_INTERRUPTED = 130
+EXIT_NO_EMULATION = 125
 
 
 # ----- formatting -------------------------------------------------------------
@@ -182,8 +185,27 @@ def cmd_top(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def include_dir() -> Path:
+    """Where restrack.h lands: inside the installed package."""
+    return Path(__file__).parent / "include"
+
+
+def cmd_cflags(args: argparse.Namespace, out: TextIO) -> int:
+    out.write(f"-I{include_dir()}\n")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
-    raise OSError(errno.ENOSYS, "run: not available yet")
+    from restrackfs.run import EmulationUnavailable, run
+
+    program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    if not program:
+        raise OSError(errno.EINVAL, "run: give a program to run: restrack run -- PROGRAM ARGS")
+    try:
+        return run(program, mount=args.mount)
+    except EmulationUnavailable as error:
+        print(f"restrack run: {error}", file=sys.stderr)
+        return EXIT_NO_EMULATION
 
 
 # ----- parsing ----------------------------------------------------------------
@@ -248,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = add("run", cmd_run, "run a program with the kernel patch's syscalls emulated")
     sub.add_argument("program", nargs=argparse.REMAINDER)
+    add("cflags", cmd_cflags, "compiler flags for restrack.h: cc $(restrack cflags) prog.c")
     return parser
 
 
