@@ -19,7 +19,7 @@ import socket
 import struct
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from restrackfs import client, seccomp
 from restrackfs.client import NotMountedError
@@ -272,10 +272,8 @@ def run(program: list[str], mount: str | None = None) -> int:
 
 def _forward_signals(child: int) -> dict[int, object]:
     def forward(signum: int, _frame: object) -> None:
-        try:
+        with suppress(ProcessLookupError):
             os.kill(child, signum)
-        except ProcessLookupError:
-            pass
 
     return {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
 
