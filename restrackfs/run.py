@@ -217,7 +217,7 @@ def _child(program: list[str], sock: socket.socket) -> None:
         os._exit(126)
 
 
-def _handshake(sock: socket.socket, child: int) -> tuple[Supervisor | None, int]:
+def _handshake(sock: socket.socket, child: int, mount: str) -> tuple[Supervisor, int]:
     """Receive the listener and answer the child's probe call."""
     try:
         _, fds, _, _ = socket.recv_fds(sock, 1, 1)
@@ -231,7 +231,7 @@ def _handshake(sock: socket.socket, child: int) -> tuple[Supervisor | None, int]
     poller = select.poll()
     poller.register(listener, select.POLLIN)
     poller.register(sock, select.POLLIN)
-    supervisor = Supervisor(listener, None)
+    supervisor = Supervisor(listener, mount)
     while True:
         ready = dict(poller.poll())
         if listener in ready and ready[listener] & select.POLLIN:
@@ -261,9 +261,8 @@ def run(program: list[str], mount: str | None = None) -> int:
     child_sock.close()
     forward = _forward_signals(child)
     try:
-        supervisor, listener = _handshake(parent_sock, child)
+        supervisor, listener = _handshake(parent_sock, child, str(root))
         parent_sock.close()
-        supervisor.mount = str(root)
         return _serve(supervisor, listener, child)
     finally:
         for sig, handler in forward.items():

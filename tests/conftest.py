@@ -32,15 +32,17 @@ def wait_until(condition: Callable[[], object], timeout: float = 5.0, what: str 
 
 
 @pytest.fixture(scope="session")
-def workload_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    binary = tmp_path_factory.mktemp("bin") / "workload"
-    subprocess.run(
-        ["gcc", "-O1", "-pthread", "-o", binary, HERE / "workload.c"],
-        check=True,
-    )
-    binary.chmod(0o755)
-    binary.parent.chmod(0o755)
-    binary.parent.parent.chmod(0o755)
+def bin_dir() -> Iterator[Path]:
+    """Compiled test programs, in a directory unprivileged uids can reach."""
+    path = shared_tempdir("restrack-bin-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def workload_binary(bin_dir: Path) -> Path:
+    binary = bin_dir / "workload"
+    subprocess.run(["gcc", "-O1", "-pthread", "-o", binary, HERE / "workload.c"], check=True)
     return binary
 
 
