@@ -54,19 +54,29 @@ def human_size(size: int | None) -> str:
 
 
 def quota_use(s: Stat) -> float | None:
-    """The highest share of a quota in use, in percent; None without a quota."""
+    """The highest share of a quota in use, in percent; None without a quota.
+
+    A zero quota counts as one unit (byte or file), so a breached zero quota
+    still reads as a (large) number, never as "no quota" or an infinity that
+    JSON cannot carry.
+    """
     shares = [
-        100.0 * used / limit if limit else (0.0 if used == 0 else float("inf"))
+        100.0 * used / max(limit, 1)
         for used, limit in ((s.heapsize, s.heap_quota), (s.openfile_count, s.file_quota))
         if limit is not None
     ]
     return max(shares) if shares else None
 
 
+def over_quota(s: Stat) -> bool:
+    return any(
+        limit is not None and used > limit
+        for used, limit in ((s.heapsize, s.heap_quota), (s.openfile_count, s.file_quota))
+    )
+
+
 def _use_text(use: float | None) -> str:
-    if use is None:
-        return "-"
-    return "inf" if use == float("inf") else f"{use:.0f}%"
+    return "-" if use is None else f"{use:.0f}%"
 
 
 COLUMNS = ("PID", "COMMAND", "HEAP", "FILES", "HEAP-QUOTA", "FILE-QUOTA", "USE", "ACTION")
@@ -97,7 +107,8 @@ def table(stats: Sequence[Stat]) -> str:
 def stat_json(s: Stat) -> dict[str, object]:
     record: dict[str, object] = asdict(s)
     use = quota_use(s)
-    record["quota_use"] = None if use is None or use == float("inf") else round(use, 2)
+    record["quota_use"] = None if use is None else round(use, 2)
+    record["over_quota"] = over_quota(s)
     return record
 
 
@@ -167,9 +178,9 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _by_use(s: Stat) -> tuple[float, int]:
+def _by_use(s: Stat) -> tuple[bool, float, int]:
     use = quota_use(s)
-    return (-1.0 if use is None else use, -s.pid)
+    return (over_quota(s), -1.0 if use is None else use, -s.pid)
 
 
 def cmd_top(args: argparse.Namespace, out: TextIO) -> int:
@@ -215,6 +226,16 @@ def _pid(text: str) -> int:
     if not text.isdigit() or not text.isascii():
         raise argparse.ArgumentTypeError(f"{text!r} is not a pid")
     return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--json", action="store_true", help="a JSON list, sizes in bytes")
 
     sub = add("top", cmd_top, "the status table, refreshed until Ctrl-C, highest use first")
-    sub.add_argument("--delay", type=float, default=1.0, help="seconds between refreshes")
+    sub.add_argument("--delay", type=_seconds, default=1.0, help="seconds between refreshes")
     sub.add_argument("--iterations", "-n", type=int, help="stop after N refreshes")
 
     sub = add("run", cmd_run, "run a program with the kernel patch's syscalls emulated")

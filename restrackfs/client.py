@@ -75,17 +75,25 @@ def mount_point(mount: str | os.PathLike[str] | None = None) -> Path:
 
 
 def _is_served(root: Path) -> bool:
+    """A mount point with our files (a stray `register` file in a plain
+    directory, left by an `echo` while no daemon ran, is not)."""
     try:
-        return (root / "register").exists()
+        return os.path.ismount(root) and (root / "register").exists()
     except OSError:
         return False
+
+
+def _served(root: Path) -> Path:
+    if not _is_served(root):
+        _raise(OSError(errno.ENOENT, ""), root, str(root))
+    return root
 
 
 def _raise(
     error: OSError, root: Path, subject: str, reasons: dict[int, str] | None = None
 ) -> NoReturn:
     code = error.errno or errno.EIO
-    if code in _NOT_SERVED or (code == errno.ENOENT and not _is_served(root)):
+    if code in _NOT_SERVED or not _is_served(root):
         raise NotMountedError(
             errno.ENOENT,
             f"no restrackfs daemon serves {root} (start restrackfs, or set RESTRACK_MOUNT)",
@@ -98,7 +106,7 @@ def _write(
     root: Path, relative: str, text: str, subject: str, reasons: dict[int, str] | None = None
 ) -> None:
     try:
-        fd = os.open(root / relative, os.O_WRONLY | os.O_CLOEXEC)
+        fd = os.open(_served(root) / relative, os.O_WRONLY | os.O_CLOEXEC)
         try:
             os.write(fd, text.encode())
         finally:
@@ -109,7 +117,7 @@ def _write(
 
 def _read(root: Path, relative: str, subject: str) -> str:
     try:
-        fd = os.open(root / relative, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(_served(root) / relative, os.O_RDONLY | os.O_CLOEXEC)
         try:
             chunks = []
             while chunk := os.read(fd, 65536):
@@ -219,11 +227,9 @@ def tracked(*, mount: str | os.PathLike[str] | None = None) -> list[int]:
     """The tracked pids (that the caller may see), ascending."""
     root = mount_point(mount)
     try:
-        names = os.listdir(root)
+        names = os.listdir(_served(root))
     except OSError as error:
         _raise(error, root, str(root))
-    if "register" not in names:
-        _raise(OSError(errno.ENOENT, ""), root, str(root))
     return sorted(int(name) for name in names if name.isdigit())
 
 
