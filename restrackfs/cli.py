@@ -196,6 +196,32 @@ def cmd_top(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def cmd_metrics(args: argparse.Namespace, out: TextIO) -> int:
+    text = client.metrics(mount=args.mount)
+    if args.textfile is None:
+        out.write(text)
+        return 0
+    write_textfile(Path(args.textfile), text)
+    return 0
+
+
+def write_textfile(directory: Path, text: str, name: str = "restrack.prom") -> Path:
+    """For node_exporter's textfile collector: a temp file renamed over, so the
+    collector never reads half a file (it ignores names not ending in .prom)."""
+    target = directory / name
+    temp = directory / f".{name}.{os.getpid()}.tmp"
+    try:
+        with open(temp, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, target)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        raise OSError(error.errno, f"{directory}: {error.strerror}") from None
+    return target
+
+
 def include_dir() -> Path:
     """Where restrack.h lands: inside the installed package."""
     return Path(__file__).parent / "include"
@@ -288,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("top", cmd_top, "the status table, refreshed until Ctrl-C, highest use first")
     sub.add_argument("--delay", type=_seconds, default=1.0, help="seconds between refreshes")
     sub.add_argument("--iterations", "-n", type=int, help="stop after N refreshes")
+
+    sub = add("metrics", cmd_metrics, "the Prometheus metrics, or write them for node_exporter")
+    sub.add_argument(
+        "--textfile", metavar="DIR", help="write DIR/restrack.prom atomically instead of printing"
+    )
 
     sub = add("run", cmd_run, "run a program with the kernel patch's syscalls emulated")
     sub.add_argument("program", nargs=argparse.REMAINDER)

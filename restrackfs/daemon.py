@@ -18,7 +18,10 @@ import pyfuse3
 import trio
 
 from restrackfs.fs import RestrackOperations
+from tracker.autotrack import AutoTracker, Policy
 from tracker.engine import open_engine
+from tracker.errors import InvalidArgument
+from tracker.quota import parse_quota
 
 log = logging.getLogger("restrackfs")
 
@@ -58,9 +61,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FILE",
         help="log here (default: stderr; detached, the state file's name with .log)",
     )
+    tracking = parser.add_argument_group("automatic tracking (sidecars)")
+    tracking.add_argument(
+        "--track-all",
+        action="store_true",
+        help="register every process of this PID namespace, and each new one within 1 s",
+    )
+    tracking.add_argument(
+        "--track-comm", metavar="GLOB", help="only processes whose comm matches GLOB"
+    )
+    tracking.add_argument(
+        "--track-children", type=int, metavar="PID", help="only descendants of PID"
+    )
+    tracking.add_argument(
+        "--default-quota",
+        metavar="QUOTA",
+        help="quota written for each auto-tracked process, e.g. 'heap=1G files=512 action=kill'",
+    )
     args = parser.parse_args(argv)
     if args.interval < 1:
         parser.error("--interval must be at least 1 ms")
+    try:
+        default_quota = parse_quota(args.default_quota) if args.default_quota else None
+    except InvalidArgument as error:
+        parser.error(f"--default-quota: {error}")
+    args.policy = Policy(args.track_all, args.track_comm, args.track_children, default_quota)
+    if default_quota is not None and not args.policy.enabled:
+        parser.error("--default-quota needs --track-all, --track-comm or --track-children")
     args.mountpoint = args.mountpoint.absolute()
     if args.state is None:
         args.state = default_state_path(args.mountpoint)
@@ -129,6 +156,8 @@ async def serve(args: argparse.Namespace, on_ready: Callable[[], None]) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_terminate_on_signal)
+                if args.policy.enabled:
+                    nursery.start_soon(AutoTracker(engine, args.policy).run)
                 log.info("mounted on %s (state %s)", args.mountpoint, args.state)
                 on_ready()
                 await pyfuse3.main()

@@ -8,12 +8,12 @@ decoded) and raise the engine's errors, which carry the errno to answer.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from restrackfs import metrics
 from tracker.access import may_see
-from tracker.engine import Engine, Entry, Measurement
+from tracker.engine import EVENTS, Engine, Entry, Measurement
 from tracker.errors import InvalidArgument, NoSuchProcess
 from tracker.quota import parse_quota
 
@@ -37,6 +37,7 @@ class FileSpec:
     mode: int  # permission bits shown by ls; the daemon checks callers itself
     read: Reader | None = None
     write: Writer | None = None
+    pollable: bool = False  # poll() reports a change since the reader last looked
 
 
 def parse_pid(text: str) -> int:
@@ -115,6 +116,18 @@ def write_reset(engine: Engine, entry: Entry | None, text: str, caller: Caller) 
     engine.reset(entry, quota=quota, usage=usage, caller_uid=caller.uid)
 
 
+def _events_text(counters: Mapping[str, int]) -> str:
+    return "".join(f"{name} {counters[name]}\n" for name in EVENTS)
+
+
+def read_events(engine: Engine, entry: Entry | None, caller: Caller) -> str:
+    """`exceeded killed denied notified` counters; the top file's are the totals."""
+    if entry is None:
+        return _events_text(engine.events)
+    engine.check_current(entry)
+    return _events_text(entry.events)
+
+
 def read_quota(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     assert entry is not None
     engine.check_current(entry)
@@ -125,6 +138,7 @@ TOP_FILES = (
     FileSpec("register", 0o222, write=write_register),
     FileSpec("deregister", 0o222, write=write_deregister),
     FileSpec("metrics", 0o444, read=read_metrics),
+    FileSpec("events", 0o444, read=read_events, pollable=True),
 )
 
 PROCESS_FILES = (
@@ -133,4 +147,5 @@ PROCESS_FILES = (
     FileSpec("quota", 0o644, read=read_quota, write=write_quota),
     FileSpec("reset", 0o200, write=write_reset),
     FileSpec("stat", 0o444, read=read_stat),
+    FileSpec("events", 0o444, read=read_events, pollable=True),
 )

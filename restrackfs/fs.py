@@ -13,6 +13,7 @@ import errno
 import functools
 import logging
 import os
+import select
 import stat
 import time
 from collections.abc import Awaitable, Callable
@@ -77,7 +78,7 @@ class Node:
 class Handle:
     node: Node
     caller: Caller
-    content: bytes | None = None
+    content: bytes | None = None  # the text of the last read at offset 0
 
 
 @dataclass
@@ -135,22 +136,32 @@ class RestrackOperations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._removed_names: list[bytes] = []
+        # poll handles of readers waiting on an `events` file, by entry serial (0: top)
+        self._pollers: dict[int, dict[int, pyfuse3.PollHandle]] = {}
         self._mounted_at = time.time_ns()
         # With hidepid the kernel's shared dentry cache would show one user's
         # lookups to another, so process directories are not cached at all.
         self._dir_timeout = 0.0 if hidepid else STABLE_TIMEOUT
         engine.on_removal(self._entry_removed)
+        engine.on_event(self._events_moved)
 
     # ----- helpers -------------------------------------------------------
 
     def _entry_removed(self, entry: Entry) -> None:
         self.inodes.forget(entry)
+        for poll_handle in self._pollers.pop(entry.serial, {}).values():
+            poll_handle.notify()
         name = str(entry.pid).encode()
         self._removed_names.append(name)
         try:
             pyfuse3.invalidate_entry_async(ROOT, name, ignore_enoent=True)
         except Exception:  # not mounted (engine-only use) or session closing
             log.debug("no invalidation for %d", entry.pid, exc_info=True)
+
+    def _events_moved(self, entry: Entry) -> None:
+        for serial in (entry.serial, 0):
+            for poll_handle in self._pollers.pop(serial, {}).values():
+                poll_handle.notify()
 
     async def _invalidate_removed(self) -> None:
         """Make the kernel forget directories removed by this request before it returns.
@@ -328,20 +339,25 @@ class RestrackOperations(pyfuse3.Operations):
         wants_write = access_mode in (os.O_WRONLY, os.O_RDWR)
         if (wants_read and node.spec.read is None) or (wants_write and node.spec.write is None):
             raise pyfuse3.FUSEError(errno.EACCES)
-        fh = self._new_handle(Handle(node, Caller(ctx.uid, self.hidepid)))
+        handle = Handle(node, Caller(ctx.uid, self.hidepid))
+        if node.spec.pollable:
+            handle.content = self._render(handle)  # poll() wakes on changes from here on
+        fh = self._new_handle(handle)
         # direct_io: every read() reaches us, so values are never a stale page cache.
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    def _render(self, handle: Handle) -> bytes:
+        spec = handle.node.spec
+        assert spec is not None and spec.read is not None
+        return spec.read(self.engine, handle.node.entry, handle.caller).encode()
 
     @boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.handles[fh]
-        spec = handle.node.spec
-        assert spec is not None and spec.read is not None
         # Like seq_file: a read at offset 0 computes the value afresh; reads
         # further on continue the same text, so a value never tears.
         if off == 0 or handle.content is None:
-            text = spec.read(self.engine, handle.node.entry, handle.caller)
-            handle.content = text.encode()
+            handle.content = self._render(handle)
         return handle.content[off : off + size]
 
     @boundary
@@ -364,7 +380,38 @@ class RestrackOperations(pyfuse3.Operations):
 
     @boundary
     async def release(self, fh: int) -> None:
-        self.handles.pop(fh, None)
+        handle = self.handles.pop(fh, None)
+        if handle is not None and handle.node.spec is not None and handle.node.spec.pollable:
+            self._pollers.get(self._poll_key(handle), {}).pop(fh, None)
+
+    @staticmethod
+    def _poll_key(handle: Handle) -> int:
+        return 0 if handle.node.entry is None else handle.node.entry.serial
+
+    @boundary
+    async def poll(
+        self,
+        inode: int,
+        fh: int,
+        poll_handle: pyfuse3.PollHandle | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> int:
+        """Plain files are always ready; `events` is ready once its text changed
+        since this reader's last read (or its open), as cgroup's memory.events."""
+        handle = self.handles[fh]
+        spec = handle.node.spec
+        assert spec is not None
+        if not spec.pollable:
+            return (select.POLLIN if spec.read else 0) | (select.POLLOUT if spec.write else 0)
+        try:
+            changed = self._render(handle) != handle.content
+        except (TrackerError, NoSuchProcess):
+            return select.POLLIN | select.POLLERR  # gone: the next read says why
+        if changed:
+            return select.POLLIN | select.POLLPRI
+        if poll_handle is not None:
+            self._pollers.setdefault(self._poll_key(handle), {})[fh] = poll_handle
+        return 0
 
     # ----- refused -------------------------------------------------------
 

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import Daemon, MiB, wait_until
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-PROCESS_FILES = ["heapsize", "openfile_count", "quota", "reset", "stat"]
+PROCESS_FILES = ["heapsize", "openfile_count", "quota", "reset", "stat", "events"]
 
 
 def errno_of(action) -> int:
@@ -49,7 +49,7 @@ def test_layout_and_modes(daemon, spawn):
     w = spawn()
     daemon.register(w.pid)
     assert sorted(os.listdir(daemon.mountpoint)) == sorted(
-        ["register", "deregister", "metrics", str(w.pid)]
+        ["register", "deregister", "metrics", "events", str(w.pid)]
     )
     assert sorted(os.listdir(daemon.path(w.pid))) == sorted(PROCESS_FILES)
     modes = {

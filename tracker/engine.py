@@ -40,6 +40,10 @@ enforcement_log = logging.getLogger("restrackfs.enforce")
 
 HEAP = "heap"
 FILES = "files"
+# Counters in the manner of cgroup v2's memory.events: a quota crossed (from
+# under to over), and what was done about it.
+EXCEEDED, KILLED, DENIED, NOTIFIED = EVENTS = ("exceeded", "killed", "denied", "notified")
+_EVENT_OF_ACTION = {Action.KILL: KILLED, Action.DENY: DENIED, Action.NOTIFY: NOTIFIED}
 
 
 @dataclass(eq=False)
@@ -60,6 +64,7 @@ class Entry:
     saved_soft: dict[int, int] = field(default_factory=dict)
     applied_soft: dict[int, int] = field(default_factory=dict)
     over: frozenset[str] = frozenset()  # quotas exceeded at the last check
+    events: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(EVENTS, 0)))
     ended: str | None = None  # "exited" or "deregistered" once it left the registry
 
     @property
@@ -104,11 +109,12 @@ class Engine:
     def __init__(self, *, state_path: Path | None = None, interval: float = 0.1) -> None:
         self.state_path = state_path
         self.interval = interval
-        self.enforcements: Counter[Action] = Counter({action: 0 for action in Action})
+        self.events: Counter[str] = Counter(dict.fromkeys(EVENTS, 0))  # since the start
         self._entries: dict[int, Entry] = {}
         self._with_quota: dict[int, Entry] = {}
         self._serials = itertools.count(1)
         self._removal_listeners: list[Callable[[Entry], None]] = []
+        self._event_listeners: list[Callable[[Entry], None]] = []
         self._nursery: trio.Nursery | None = None
 
     # ----- queries -------------------------------------------------------
@@ -127,9 +133,18 @@ class Engine:
             self._enforce(entry, measurement)
         return measurement
 
+    @property
+    def enforcements(self) -> dict[Action, int]:
+        """Enforcement actions taken since the start, by action."""
+        return {action: self.events[event] for action, event in _EVENT_OF_ACTION.items()}
+
     def on_removal(self, listener: Callable[[Entry], None]) -> None:
         """Call `listener(entry)` whenever an entry leaves the registry."""
         self._removal_listeners.append(listener)
+
+    def on_event(self, listener: Callable[[Entry], None]) -> None:
+        """Call `listener(entry)` whenever one of the entry's event counters moves."""
+        self._event_listeners.append(listener)
 
     # ----- commands ------------------------------------------------------
 
@@ -389,11 +404,21 @@ class Engine:
                 limit,
                 quota.action,
             )
+            self._count(entry, EXCEEDED)
             if quota.action is not Action.KILL:
-                self.enforcements[quota.action] += 1
+                self._count(entry, _EVENT_OF_ACTION[quota.action])
         if quota.action is Action.KILL:
             entry.process.kill()
-            self.enforcements[Action.KILL] += 1
+            self._count(entry, KILLED)
+        self._announce(entry)
+
+    def _count(self, entry: Entry, event: str) -> None:
+        entry.events[event] += 1
+        self.events[event] += 1
+
+    def _announce(self, entry: Entry) -> None:
+        for listener in self._event_listeners:
+            listener(entry)
 
     # ----- deny mode -----------------------------------------------------
 
@@ -449,7 +474,8 @@ class Engine:
                 continue
             raised = soft != applied and limits.lower(soft, wanted) == wanted
             if raised:
-                self.enforcements[Action.DENY] += 1
+                self._count(entry, DENIED)
+                self._announce(entry)
                 enforcement_log.warning(
                     "pid=%d comm=%s quota=%s usage=%s limit=%d action=deny"
                     " (process raised its soft limit to %s; lowered back)",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 PROC = "/proc"
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+PF_KTHREAD = 0x00200000
 
 
 class NoSuchProcess(ProcessLookupError):
@@ -107,7 +108,13 @@ class Stat:
 
     comm: str
     state: str
+    ppid: int
+    flags: int  # PF_* bits
     start_time: int  # clock ticks since boot: with the pid, the process's identity
+
+    @property
+    def is_kernel_thread(self) -> bool:
+        return bool(self.flags & PF_KTHREAD)
 
 
 def parse_stat(pid: int, raw: bytes) -> Stat:
@@ -120,6 +127,8 @@ def parse_stat(pid: int, raw: bytes) -> Stat:
     return Stat(
         comm=raw[open_paren + 1 : close_paren].decode(errors="replace"),
         state=rest[0].decode(),
+        ppid=int(rest[1]),
+        flags=int(rest[6]),
         start_time=int(rest[19]),
     )
 

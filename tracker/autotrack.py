@@ -1,0 +1,107 @@
+"""Automatic tracking for sidecars: register the processes of this PID namespace.
+
+A scan of /proc every `period` seconds (a quarter second by default, inside
+SPEC §6's one second) registers each process that the policy selects, and
+gives it the default quota. /proc is the one source that works in any
+container without extra capabilities; the proc connector would be instant
+but needs CAP_NET_ADMIN in the initial user namespace.
+
+A process is decided once per identity (pid + start time): one that was
+deregistered by hand is not registered again, and one that did not match is
+looked at again only when its comm changes (an exec).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from dataclasses import dataclass
+
+import trio
+
+from tracker import procfs
+from tracker.access import ROOT
+from tracker.engine import Engine
+from tracker.procfs import Stat
+from tracker.quota import Quota
+
+log = logging.getLogger("restrackfs.autotrack")
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What `--track-all`, `--track-comm` and `--track-children` select."""
+
+    track_all: bool = False
+    comm_glob: str | None = None
+    children_of: int | None = None
+    default_quota: Quota | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.track_all or self.comm_glob is not None or self.children_of is not None
+
+
+class AutoTracker:
+    def __init__(self, engine: Engine, policy: Policy) -> None:
+        self.engine = engine
+        self.policy = policy
+        self.me = os.getpid()
+        # identity -> the comm it was decided with (None: decided for good)
+        self._decided: dict[tuple[int, int], str | None] = {}
+
+    async def run(self, period: float = 0.25) -> None:
+        while True:
+            self.scan()
+            await trio.sleep(period)
+
+    def scan(self) -> None:
+        stats: dict[int, Stat] = {}
+        for pid in procfs.list_pids():
+            try:
+                stats[pid] = procfs.read_stat(pid)
+            except (procfs.NoSuchProcess, procfs.AccessDenied):
+                continue
+        seen = {(pid, stat.start_time) for pid, stat in stats.items()}
+        self._decided = {key: comm for key, comm in self._decided.items() if key in seen}
+        for pid, stat in stats.items():
+            key = (pid, stat.start_time)
+            if key in self._decided and self._decided[key] in (None, stat.comm):
+                continue
+            if self._selects(pid, stat, stats):
+                self._decided[key] = None
+                self._track(pid)
+            else:
+                self._decided[key] = stat.comm
+
+    def _selects(self, pid: int, stat: Stat, stats: dict[int, Stat]) -> bool:
+        policy = self.policy
+        if pid == self.me or stat.is_kernel_thread or stat.state in "ZX":
+            return False  # kernel threads have no heap to track
+        if policy.comm_glob is not None and not fnmatch.fnmatchcase(stat.comm, policy.comm_glob):
+            return False
+        return policy.children_of is None or _descends(pid, policy.children_of, stats)
+
+    def _track(self, pid: int) -> None:
+        if self.engine.get(pid) is not None:
+            return
+        try:
+            entry = self.engine.register(pid, ROOT)
+            if self.policy.default_quota is not None:
+                self.engine.set_quota(entry, self.policy.default_quota, ROOT)
+        except OSError as error:  # it exited meanwhile, or a state save failed
+            log.debug("auto-track pid=%d: %s", pid, error)
+            return
+        log.info("auto-tracked pid=%d comm=%s", pid, entry.comm)
+
+
+def _descends(pid: int, ancestor: int, stats: dict[int, Stat]) -> bool:
+    """Is `pid` a descendant of `ancestor` (by the parent links of this scan)?"""
+    hops = 0
+    while pid in stats and hops < 4096:
+        pid = stats[pid].ppid
+        if pid == ancestor:
+            return True
+        hops += 1
+    return False
