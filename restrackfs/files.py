@@ -59,6 +59,11 @@ def parse_reset(text: str) -> tuple[bool, bool]:
         ) from None
 
 
+def escape_comm(comm: str) -> str:
+    """As /proc/PID/status shows a name: a newline in it cannot forge a line."""
+    return comm.replace("\\", "\\\\").replace("\n", "\\n")
+
+
 def _limit(value: int | None) -> str:
     return "max" if value is None else str(value)
 
@@ -72,7 +77,7 @@ def read_stat(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     m = _measure(engine, entry)
     fields = {
         "pid": m.pid,
-        "comm": m.comm,
+        "comm": escape_comm(m.comm),
         "heapsize": m.heapsize,
         "openfile_count": m.openfile_count,
         "heap_quota": _limit(m.quota.heap),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from dataclasses import dataclass
 
 PROC = "/proc"
@@ -73,13 +74,23 @@ def _field(raw: bytes, key: bytes) -> bytes:
     return raw[start : end if end >= 0 else len(raw)].strip()
 
 
+_NAME_ESCAPES = {b"\\n": b"\n", b"\\\\": b"\\"}
+
+
+def _unescape_name(escaped: bytes) -> str:
+    """status's Name is comm with newline and backslash escaped; undo that."""
+    if b"\\" in escaped:
+        escaped = re.sub(rb"\\[n\\]", lambda m: _NAME_ESCAPES[m[0]], escaped)
+    return escaped.decode(errors="replace")
+
+
 def parse_status(pid: int, raw: bytes) -> Status:
     try:
         vm_data: int | None = None  # zombies and kernel threads have no address space
         if b"\nVmData:" in raw:
             vm_data = int(_field(raw, b"VmData").split()[0]) * 1024
         return Status(
-            name=_field(raw, b"Name").decode(errors="replace"),
+            name=_unescape_name(_field(raw, b"Name")),
             tgid=int(_field(raw, b"Tgid")),
             state=_field(raw, b"State")[:1].decode(),
             real_uid=int(_field(raw, b"Uid").split()[0]),

@@ -1,0 +1,82 @@
+"""Runs inside `unshare --pid --fork --mount-proc`: a pod's PID namespace in small.
+
+Starts the daemon with the options given on the command line, then the
+"application" processes, and prints what the mount shows as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def wait_for(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def tracked(mount: Path) -> list[int]:
+    return sorted(int(name) for name in os.listdir(mount) if name.isdigit())
+
+
+def main() -> None:
+    mount = Path(tempfile.mkdtemp(prefix="sidecar-"))
+    state = mount.with_suffix(".json")
+    options = sys.argv[1:]
+    before = subprocess.Popen(["sleep", "60"])  # started before the daemon
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "restrackfs.daemon", "--foreground", "--state", str(state)]
+        + options
+        + [str(mount)],
+        stderr=subprocess.DEVNULL,
+    )
+    assert wait_for(lambda: os.path.ismount(mount) and (mount / "metrics").exists())
+    assert wait_for(lambda: before.pid in tracked(mount))
+    parent = subprocess.Popen(["bash", "-c", "sleep 60 & exec -a appmain sleep 61"])
+    assert wait_for(lambda: len(Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+                                .read_text().split()) == 1)  # fmt: skip
+    (child,) = map(int, Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split())
+    started = time.monotonic()
+    wait_for(lambda: parent.pid in tracked(mount) or child in tracked(mount), timeout=3)
+    seen_after = time.monotonic() - started
+    time.sleep(0.6)  # two more scans: whatever is not tracked by now is left out on purpose
+    pids = tracked(mount)
+    quotas = {pid: (mount / str(pid) / "quota").read_text().strip() for pid in pids}
+    # a process deregistered by hand is not taken back by the next scans
+    undone = None
+    if before.pid in pids:
+        (mount / "deregister").write_text(str(before.pid))
+        time.sleep(0.6)
+        undone = before.pid not in tracked(mount)
+    print(
+        json.dumps(
+            {
+                "me": os.getpid(),
+                "daemon": daemon.pid,
+                "before": before.pid,
+                "parent": parent.pid,
+                "child": child,
+                "tracked": pids,
+                "quotas": {str(k): v for k, v in quotas.items()},
+                "seen_after": seen_after,
+                "stays_deregistered": undone,
+            }
+        )
+    )
+    daemon.terminate()
+    daemon.wait(10)
+    for proc in (before, parent):
+        proc.kill()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Sidecars: automatic tracking in a PID namespace, metrics, events, textfile."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import MiB
+
+HERE = Path(__file__).parent
+
+
+def in_pid_namespace(*daemon_options: str) -> dict:
+    argv = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable]
+    argv += [str(HERE / "sidecar_scenario.py"), *daemon_options]
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_track_all_in_a_pid_namespace_with_default_quota():
+    seen = in_pid_namespace("--track-all", "--default-quota", "heap=1G files=64 action=notify")
+    # namespace pids: the scenario is pid 1, everything else is small too
+    assert seen["me"] == 1
+    assert all(pid < 100 for pid in seen["tracked"])
+    expected = {seen["me"], seen["before"], seen["parent"], seen["child"]}
+    assert expected <= set(seen["tracked"]) | {seen["before"]}
+    assert seen["daemon"] not in seen["tracked"]
+    assert seen["seen_after"] < 1.0  # SPEC §6: every new process within one second
+    assert set(seen["quotas"].values()) == {"heap=1073741824 files=64 action=notify"}
+    assert seen["stays_deregistered"] is True
+
+
+def test_track_comm_narrows():
+    seen = in_pid_namespace("--track-comm", "sleep")
+    assert seen["before"] in seen["tracked"] or seen["stays_deregistered"]
+    assert seen["me"] not in seen["tracked"]  # python3
+    assert seen["child"] in seen["tracked"]  # sleep
+    assert seen["quotas"] and set(seen["quotas"].values()) == {"heap=max files=max action=kill"}
+
+
+def test_track_children_narrows():
+    # in the namespace, the scenario is pid 1: its descendants only, not itself
+    seen = in_pid_namespace("--track-children", "1", "--track-comm", "sleep")
+    assert seen["child"] in seen["tracked"]
+    assert seen["parent"] in seen["tracked"]
+    assert seen["me"] not in seen["tracked"]
+
+
+def test_default_quota_is_validated_at_start(tmp_path):
+    argv = [sys.executable, "-m", "restrackfs.daemon", "--foreground", "--track-all"]
+    result = subprocess.run(
+        [*argv, "--default-quota", "heap=lots", str(tmp_path)], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "--default-quota" in result.stderr
+    result = subprocess.run(
+        [*argv[:-1], "--default-quota", "files=1", str(tmp_path)], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "needs --track-all" in result.stderr
+
+
+def parse_metrics(text: str) -> dict[str, list]:
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def test_metrics_parse_with_prometheus_client(daemon, spawn):
+    a, b = spawn(), spawn()
+    daemon.register(a.pid)
+    daemon.register(b.pid)
+    a.do("mmap", 2 * MiB)
+    daemon.write("files=1 action=notify", b.pid, "quota")
+    b.do("open", 2)
+    text = daemon.read("metrics")
+    families = parse_metrics(text)
+    heap = {s.labels["pid"]: s.value for s in families["restrack_heap_bytes"]}
+    assert heap == {str(a.pid): 2 * MiB, str(b.pid): 0}
+    assert {s.labels["comm"] for s in families["restrack_heap_bytes"]} == {"workload"}
+    quota = {s.labels["pid"]: s.value for s in families["restrack_open_files_quota"]}
+    assert quota == {str(b.pid): 1}
+    assert families.get("restrack_heap_quota_bytes", []) == []
+    enforcements = {s.labels["action"]: s.value for s in families["restrack_enforcements"]}
+    assert enforcements == {"kill": 0, "deny": 0, "notify": 1}
+    (tracked,) = families["restrack_tracked_processes"]
+    assert tracked.value == 2
+
+
+def test_metrics_escape_hostile_comm(daemon, spawn):
+    name = 'a"b\\c'
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"open('/proc/self/comm','w').write({name!r}); input()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        comm = Path(f"/proc/{proc.pid}/comm")
+        while comm.read_text().strip() != name:
+            pass
+        daemon.register(proc.pid)
+        families = parse_metrics(daemon.read("metrics"))
+        (sample,) = families["restrack_heap_bytes"]
+        assert sample.labels["comm"] == name
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_textfile_for_node_exporter(daemon, spawn, tmp_path):
+    tmp_path = tmp_path / "textfile"
+    tmp_path.mkdir()
+    w = spawn()
+    daemon.register(w.pid)
+    argv = [sys.executable, "-m", "restrackfs.cli", "--mount", str(daemon.mountpoint)]
+    result = subprocess.run([*argv, "metrics", "--textfile", str(tmp_path)], capture_output=True)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["restrack.prom"]  # no temp file left behind
+    families = parse_metrics((tmp_path / "restrack.prom").read_text())
+    assert [s.labels["pid"] for s in families["restrack_heap_bytes"]] == [str(w.pid)]
+    printed = subprocess.run([*argv, "metrics"], capture_output=True, text=True).stdout
+    assert "restrack_tracked_processes 1" in printed
+
+
+def events_of(fd: int) -> dict[str, int]:
+    text = os.pread(fd, 4096, 0).decode()
+    return {key: int(value) for key, value in (line.split() for line in text.splitlines())}
+
+
+@pytest.mark.parametrize("action", ["notify", "kill"])
+def test_poll_on_events_wakes_when_a_quota_is_crossed(daemon, spawn, action):
+    w = spawn()
+    daemon.register(w.pid)
+    own = os.open(daemon.path(w.pid, "events"), os.O_RDONLY)
+    top = os.open(daemon.path("events"), os.O_RDONLY)
+    try:
+        assert events_of(own) == {"exceeded": 0, "killed": 0, "denied": 0, "notified": 0}
+        poller = select.poll()
+        poller.register(own, select.POLLPRI | select.POLLIN)
+        poller.register(top, select.POLLPRI)
+        assert poller.poll(50) == []  # nothing happened: nothing to read
+        daemon.write(f"files=1 action={action}", w.pid, "quota")
+        w.ask("open", 2)
+        ready = dict(poller.poll(5000))
+        assert top in ready and ready[top] & select.POLLPRI
+        if action == "notify":
+            assert ready[own] & select.POLLPRI
+            assert events_of(own) == {"exceeded": 1, "killed": 0, "denied": 0, "notified": 1}
+            assert own not in dict(poller.poll(50))  # read: quiet again
+        assert events_of(top)["exceeded"] == 1
+        assert events_of(top)["killed" if action == "kill" else "notified"] == 1
+    finally:
+        os.close(own)
+        os.close(top)
+
+
+def test_plain_files_poll_ready(daemon, spawn):
+    w = spawn()
+    daemon.register(w.pid)
+    fd = os.open(daemon.path(w.pid, "heapsize"), os.O_RDONLY)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        assert poller.poll(1000) == [(fd, select.POLLIN)]
+    finally:
+        os.close(fd)
