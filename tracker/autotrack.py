@@ -50,6 +50,15 @@ class AutoTracker:
         self.me = os.getpid()
         # identity -> the comm it was decided with (None: decided for good)
         self._decided: dict[tuple[int, int], str | None] = {}
+        self._previous: dict[int, Stat] = {}
+
+    def _still_tracked(self, pid: int, known: Stat) -> bool:
+        entry = self.engine.get(pid)
+        return (
+            entry is not None
+            and entry.process.start_time == known.start_time
+            and entry.process.is_alive()
+        )
 
     async def run(self, period: float = 0.25) -> None:
         while True:
@@ -59,10 +68,15 @@ class AutoTracker:
     def scan(self) -> None:
         stats: dict[int, Stat] = {}
         for pid in procfs.list_pids():
+            known = self._previous.get(pid)
+            if known is not None and self._still_tracked(pid, known):
+                stats[pid] = known  # its pidfd vouches for it: no need to read it again
+                continue
             try:
                 stats[pid] = procfs.read_stat(pid)
             except (procfs.NoSuchProcess, procfs.AccessDenied):
                 continue
+        self._previous = stats
         seen = {(pid, stat.start_time) for pid, stat in stats.items()}
         self._decided = {key: comm for key, comm in self._decided.items() if key in seen}
         for pid, stat in stats.items():
