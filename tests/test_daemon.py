@@ -168,3 +168,9 @@ def test_daemon_survives_every_kind_of_request(daemon, spawn):
         subprocess.run(["bash", "-c", command], capture_output=True, timeout=10)
     assert daemon.read(w.pid, "openfile_count") == "0\n"
     assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_the_daemon_does_not_track_itself(daemon):
+    assert daemon.proc is not None
+    assert errno_of(lambda: daemon.register(daemon.proc.pid)) == errno.EPERM
+    assert str(daemon.proc.pid) not in os.listdir(daemon.mountpoint)

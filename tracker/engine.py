@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -152,6 +153,9 @@ class Engine:
         if pid < 1:
             raise InvalidArgument(f"{pid}: not a valid pid")
         tgid = procfs.read_status(pid).tgid  # a thread's TID names its thread group
+        if tgid == os.getpid():
+            # a kill quota on the daemon would take the mount down with it
+            raise NotPermitted(f"{tgid}: the daemon does not track itself")
         if tgid in self._entries:
             raise AlreadyTracked(f"{tgid}: already tracked")
         process = Process.open(tgid)
