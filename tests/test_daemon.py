@@ -18,6 +18,7 @@ from restrackfs.daemon import default_state_path
 from restrackfs.fs import boundary
 from tests.conftest import NOBODY, MiB, wait_until
 from tests.test_fs import errno_of, limits_of
+from tracker import state
 
 
 def test_sigterm_unmounts_cleanly(daemon):
@@ -55,15 +56,14 @@ def test_restart_drops_exited_and_recycled(daemon, spawn):
     daemon.stop()
     exited.stop()
     # Same pid, other start time: what a recycled pid looks like in the state file.
-    state = json.loads(daemon.state.read_text())
-    for record in state["entries"]:
+    records = state.load(daemon.state)
+    for record in records:
         if record["pid"] == recycled.pid:
             record["start_time"] -= 1
-    daemon.state.write_text(json.dumps(state))
+    state.Journal(daemon.state).rewrite(records)
     daemon.start()
     assert sorted(n for n in os.listdir(daemon.mountpoint) if n.isdigit()) == [str(alive.pid)]
-    saved = json.loads(daemon.state.read_text())
-    assert [record["pid"] for record in saved["entries"]] == [alive.pid]
+    assert [record["pid"] for record in state.load(daemon.state)] == [alive.pid]
 
 
 @pytest.mark.parametrize("uid", [None, NOBODY])
@@ -85,17 +85,29 @@ def test_deny_limits_survive_kill_and_are_restored_on_stop(daemon, spawn, uid):
     assert w.ask("open", 1) == f"ok 0 {errno.EMFILE}"
 
 
-def test_state_file_is_valid_json_after_every_change(daemon, spawn):
+def test_state_file_is_saved_on_every_change(daemon, spawn):
     w = spawn()
     daemon.register(w.pid)
-    (record,) = json.loads(daemon.state.read_text())["entries"]
+    (record,) = state.load(daemon.state)
     assert record["pid"] == w.pid and record["quota"] is None
     daemon.write("heap=1G", w.pid, "quota")
-    (record,) = json.loads(daemon.state.read_text())["entries"]
+    (record,) = state.load(daemon.state)
     assert record["quota"] == {"heap": 1 << 30, "files": None, "action": "kill"}
     assert record["quota_uid"] == 0
     daemon.write(str(w.pid), "deregister")
-    assert json.loads(daemon.state.read_text())["entries"] == []
+    assert state.load(daemon.state) == []
+    # one JSON line per change, each whole
+    lines = daemon.state.read_bytes().splitlines()
+    assert all(json.loads(line) for line in lines) and len(lines) == 4
+
+
+def test_state_file_replaced_under_the_daemon_is_written_anew(daemon, spawn):
+    a, b = spawn(), spawn()
+    daemon.register(a.pid)
+    daemon.state.unlink()
+    daemon.register(b.pid)
+    assert sorted(r["pid"] for r in state.load(daemon.state)) == sorted([a.pid, b.pid])
+    assert "written anew" in daemon.log_text() or "writing it anew" in daemon.log_text()
 
 
 def test_unwritable_state_fails_the_write_and_changes_nothing(daemon, spawn):

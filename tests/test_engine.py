@@ -8,7 +8,6 @@ Synchronisation is by polling with a deadline, never by sleeping a guess.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ import trio
 import trio.testing
 
 from tests.conftest import NOBODY, MiB
+from tracker import state
 from tracker.engine import Engine, Entry, open_engine
 from tracker.errors import (
     AlreadyTracked,
@@ -133,7 +133,7 @@ def engine_at(tmp_path: Path, name: str = "s.json", interval: float = INTERVAL):
 
 
 def saved_records(path: Path) -> list[dict]:
-    return json.loads(path.read_text())["entries"]
+    return state.load(path)
 
 
 # ----- measurement ----------------------------------------------------------
@@ -807,12 +807,12 @@ async def test_state_drops_recycled_pid(spawn, tmp_path):
         engine.register(w.pid, ROOT)
         engine.register(kept.pid, ROOT)
         await settle()
-    data = json.loads(path.read_text())
-    for record in data["entries"]:
+    records = state.load(path)
+    for record in records:
         if record["pid"] == w.pid:
             assert record["start_time"] == start_time(w.pid)
             record["start_time"] += 1  # another process that had the same pid
-    path.write_text(json.dumps(data))
+    state.Journal(path).rewrite(records)
     async with engine_at(tmp_path) as engine:
         assert [e.pid for e in engine.entries()] == [kept.pid]
         await settle()
@@ -961,9 +961,8 @@ async def test_state_with_a_malformed_record_is_dropped(spawn, tmp_path):
     async with engine_at(tmp_path) as engine:
         engine.register(w.pid, ROOT)
         await settle()
-    data = json.loads(path.read_text())
-    data["entries"].insert(0, 42)
-    path.write_text(json.dumps(data))
+    with open(path, "ab") as journal:  # lines no engine could have written
+        journal.write(b'42\n{"put": 42}\n{"put": {"pid": "x"}}\n{"drop"\n')
     async with engine_at(tmp_path) as engine:
         assert [e.pid for e in engine.entries()] == [w.pid]
         await settle()

@@ -109,6 +109,7 @@ class Measurement:
 class Engine:
     def __init__(self, *, state_path: Path | None = None, interval: float = 0.1) -> None:
         self.state_path = state_path
+        self._journal = None if state_path is None else state.Journal(state_path)
         self.interval = interval
         self.events: Counter[str] = Counter(dict.fromkeys(EVENTS, 0))  # since the start
         self._entries: dict[int, Entry] = {}
@@ -177,7 +178,7 @@ class Engine:
             comm=usage.comm,
         )
         try:
-            self._save(adding=entry)
+            self._persist(entry)
         except StateNotSaved:
             process.close()
             raise
@@ -192,7 +193,7 @@ class Engine:
         if entry is None:
             raise NotTracked(f"{pid}: not tracked")
         self._check_may_lift(entry, caller_uid)
-        self._save(without=entry)
+        self._persist_removal(entry)
         self._restore_limits(entry)
         self._remove(entry, "deregistered")
         log.info("deregistered pid=%d by uid=%d", pid, caller_uid)
@@ -206,7 +207,7 @@ class Engine:
         try:
             if quota.action is Action.DENY:
                 self._apply_limits(entry)
-            self._save()
+            self._persist(entry)
         except BaseException:
             self._restore_limits(entry)
             entry.quota = entry.quota_uid = None
@@ -229,7 +230,7 @@ class Engine:
             entry.quota = entry.quota_uid = None
             entry.saved_soft.clear()
         try:
-            self._save()
+            self._persist(entry)
         except StateNotSaved:
             entry.quota, entry.quota_uid, entry.heap_base, entry.files_base = before
             entry.saved_soft = saved_soft
@@ -262,12 +263,11 @@ class Engine:
             return  # deregistered: the pidfd was closed under us
         if entry.ended is None:
             self._remove(entry, "exited")
-            self._save_quietly()
 
     def _restore_state(self) -> None:
-        if self.state_path is None:
+        if self._journal is None:
             return
-        for record in state.load(self.state_path):
+        for record in state.load(self._journal.path):
             try:
                 entry = self._entry_from_record(record)
             except (NoSuchProcess, AccessDenied):
@@ -282,7 +282,10 @@ class Engine:
                 if entry.quota.action is Action.DENY:
                     self._apply_limits(entry)
             log.info("state: resumed pid=%d comm=%s", entry.pid, entry.comm)
-        self._save_quietly()
+        try:
+            self._compact()
+        except OSError as error:
+            log.error("state file %s not writable: changes will fail: %s", self.state_path, error)
 
     def _entry_from_record(self, record: state.Record) -> Entry:
         process = Process.open(int(record["pid"]), int(record["start_time"]))
@@ -317,6 +320,8 @@ class Engine:
             entry.process.close()
         self._entries.clear()
         self._with_quota.clear()
+        if self._journal is not None:
+            self._journal.close()
 
     # ----- internals -----------------------------------------------------
 
@@ -330,6 +335,9 @@ class Engine:
             return
         entry.ended = why
         del self._entries[entry.pid]
+        if why == "exited":
+            with suppress(StateNotSaved):  # nobody to tell; the next start drops it anyway
+                self._persist_removal(entry)
         self._with_quota.pop(entry.pid, None)
         trio.lowlevel.notify_closing(entry.process.pidfd)
         entry.process.close()
@@ -354,7 +362,6 @@ class Engine:
             return entry.process.usage()
         except NoSuchProcess:
             self._remove(entry, "exited")
-            self._save_quietly()
             raise
 
     @staticmethod
@@ -505,22 +512,35 @@ class Engine:
 
     # ----- persistence ---------------------------------------------------
 
-    def _save(self, *, adding: Entry | None = None, without: Entry | None = None) -> None:
-        if self.state_path is None:
-            return
-        records = [e.to_record() for e in self._entries.values() if e is not without]
-        if adding is not None:
-            records.append(adding.to_record())
-        try:
-            state.save(self.state_path, records)
-        except OSError as error:
-            log.error("state file %s not saved: %s", self.state_path, error)
-            raise StateNotSaved(error) from error
+    def _persist(self, entry: Entry) -> None:
+        """Journal the entry as it is now; StateNotSaved (nothing saved) if impossible."""
+        self._journal_change(lambda journal: journal.put(entry.to_record()))
 
-    def _save_quietly(self) -> None:
-        """Save after a process left on its own: nobody to tell if it fails."""
-        with suppress(StateNotSaved):
-            self._save()
+    def _persist_removal(self, entry: Entry) -> None:
+        self._journal_change(lambda journal: journal.drop(entry.pid))
+
+    def _journal_change(self, change: Callable[[state.Journal], None]) -> None:
+        journal = self._journal
+        if journal is None:
+            return
+        try:
+            if not journal.is_attached():
+                # deleted or replaced under us: appending to the old inode would lose it all
+                log.warning("state file %s was replaced or removed: writing it anew", journal.path)
+                self._compact()
+            change(journal)
+        except OSError as error:
+            log.error("state file %s not saved: %s", journal.path, error)
+            raise StateNotSaved(error) from error
+        if journal.wants_compaction(len(self._entries)):
+            try:
+                self._compact()
+            except OSError as error:
+                log.error("state file %s not compacted: %s", journal.path, error)
+
+    def _compact(self) -> None:
+        assert self._journal is not None
+        self._journal.rewrite([entry.to_record() for entry in self._entries.values()])
 
 
 @asynccontextmanager

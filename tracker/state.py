@@ -1,12 +1,19 @@
-"""Atomic persistence of the registrations, so a restart loses none of them.
+"""Persistence of the registrations, so a restart loses none of them.
 
-The file is JSON: small, greppable, and written whole on every change
-(write a temp file, fsync, rename over, fsync the directory), so a reader or a
-crash sees either the old state or the new one, never half of each.
+The state file is a journal of JSON lines: a header, then one line per change
+(`{"put": record}` or `{"drop": pid}`), each appended and fsynced before the
+change is answered. A change therefore costs one small write whatever the
+number of tracked processes (rewriting a whole snapshot on every change made
+registering 10,000 processes quadratic). The journal is compacted into a
+fresh snapshot, written to a temp file and renamed over, at start and when it
+has grown to several times the live entries. A crash leaves at worst a torn
+last line, which loading ignores; a failed append is cut off again, so the
+file never holds half a change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,40 +22,118 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+HEADER = {"restrackfs_state": 2}
 Record = dict[str, Any]
-
-
-def save(path: Path, records: list[Record]) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    data = json.dumps({"version": VERSION, "entries": records}, separators=(",", ":"))
-    temp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+_COMPACT_SLACK = 1000  # journal lines beyond the live entries before compaction
 
 
 def load(path: Path) -> list[Record]:
-    """The saved records; none if there is no file or it cannot be understood."""
+    """The live records; none if there is no file or it cannot be understood."""
     try:
-        with open(path, "rb") as file:
-            data = json.load(file)
+        lines = path.read_bytes().splitlines()
     except FileNotFoundError:
         return []
-    except (OSError, ValueError) as error:
+    except OSError as error:
         log.error("state file %s unreadable, starting empty: %s", path, error)
         return []
-    if not isinstance(data, dict) or data.get("version") != VERSION:
+    if not lines or _parse(lines[0]) != HEADER:
         log.error("state file %s has an unknown format, starting empty", path)
         return []
-    entries = data.get("entries")
-    return entries if isinstance(entries, list) else []
+    records: dict[int, Record] = {}
+    for number, line in enumerate(lines[1:], start=2):
+        change = _parse(line)
+        if isinstance(change, dict) and isinstance(change.get("put"), dict):
+            record = change["put"]
+            records[record.get("pid")] = record  # type: ignore[index]
+        elif isinstance(change, dict) and "drop" in change:
+            records.pop(change["drop"], None)
+        else:
+            log.error("state file %s: line %d unreadable, ignored", path, number)
+    return list(records.values())
+
+
+def _parse(line: bytes) -> object:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def _line(change: object) -> bytes:
+    return json.dumps(change, separators=(",", ":")).encode() + b"\n"
+
+
+class Journal:
+    """Appends changes to the state file; OSError when one cannot be saved."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines = 0
+        self._fd = -1
+
+    def rewrite(self, records: list[Record]) -> None:
+        """Replace the file with a snapshot of `records`, atomically."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data = _line(HEADER) + b"".join(_line({"put": record}) for record in records)
+        temp = self.path.with_name(f".{self.path.name}.tmp")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(temp, flags, 0o600)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, self.path)
+        _fsync_dir(self.path.parent)
+        self.close()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self.lines = len(records)
+
+    def put(self, record: Record) -> None:
+        self._append({"put": record})
+
+    def drop(self, pid: int) -> None:
+        self._append({"drop": pid})
+
+    def is_attached(self) -> bool:
+        """Does the path still name the file we append to (not deleted or replaced)?"""
+        if self._fd < 0:
+            return False
+        try:
+            on_disk, ours = os.stat(self.path, follow_symlinks=False), os.fstat(self._fd)
+        except OSError:
+            return False
+        return (on_disk.st_dev, on_disk.st_ino) == (ours.st_dev, ours.st_ino)
+
+    def wants_compaction(self, live: int) -> bool:
+        return self.lines > 3 * live + _COMPACT_SLACK
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _append(self, change: object) -> None:
+        size = os.fstat(self._fd).st_size
+        try:
+            _write_all(self._fd, _line(change))
+            os.fsync(self._fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)  # never leave half a change behind
+            raise
+        self.lines += 1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
