@@ -135,7 +135,7 @@ class RestrackOperations(pyfuse3.Operations):
         self.inodes = Inodes()
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
-        self._removed_names: list[bytes] = []
+        self._removed_by_request: list[bytes] | None = None  # collected during a write
         # poll handles of readers waiting on an `events` file, by entry serial (0: top)
         self._pollers: dict[int, dict[int, pyfuse3.PollHandle]] = {}
         self._mounted_at = time.time_ns()
@@ -152,7 +152,8 @@ class RestrackOperations(pyfuse3.Operations):
         for poll_handle in self._pollers.pop(entry.serial, {}).values():
             poll_handle.notify()
         name = str(entry.pid).encode()
-        self._removed_names.append(name)
+        if self._removed_by_request is not None:
+            self._removed_by_request.append(name)
         try:
             pyfuse3.invalidate_entry_async(ROOT, name, ignore_enoent=True)
         except Exception:  # not mounted (engine-only use) or session closing
@@ -163,7 +164,7 @@ class RestrackOperations(pyfuse3.Operations):
             for poll_handle in self._pollers.pop(serial, {}).values():
                 poll_handle.notify()
 
-    async def _invalidate_removed(self) -> None:
+    async def _invalidate_now(self, names: list[bytes]) -> None:
         """Make the kernel forget directories removed by this request before it returns.
 
         The background invalidation would race the caller's next lookup (the
@@ -171,7 +172,6 @@ class RestrackOperations(pyfuse3.Operations):
         thread keeps the event loop free to answer the lookups the kernel may
         wait for meanwhile, so this cannot deadlock.
         """
-        names, self._removed_names = self._removed_names, []
         for name in names:
             with contextlib.suppress(OSError):
                 await trio.to_thread.run_sync(pyfuse3.invalidate_entry, ROOT, name)
@@ -371,11 +371,13 @@ class RestrackOperations(pyfuse3.Operations):
             text = buf.decode("ascii")
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(errno.EINVAL) from None
-        self._removed_names.clear()
+        # The write runs without a checkpoint, so only its own removals are collected.
+        self._removed_by_request = removed = []
         try:
             spec.write(self.engine, handle.node.entry, text, handle.caller)
         finally:
-            await self._invalidate_removed()
+            self._removed_by_request = None
+            await self._invalidate_now(removed)
         return len(buf)
 
     @boundary
