@@ -546,3 +546,8 @@ def test_parse_limits_of_this_process_agrees_with_getrlimit():
         parsed = procfs.parse_limits(file.read())
     for which, name in limits.PROC_LIMIT_NAMES.items():
         assert parsed[name] == resource.getrlimit(which)
+
+
+def test_nofile_soft_limit_is_linear_in_open_fds_not_in_the_allowance():
+    # files=2**62 with action=deny once spun the daemon forever counting up to it
+    assert limits.nofile_soft_limit(range(5), 2**62) == 2**62 + 5

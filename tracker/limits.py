@@ -83,14 +83,10 @@ def nofile_soft_limit(open_fds: Iterable[int], allowance: int) -> int:
     A new descriptor takes the lowest free number and fails when that number
     is >= the soft limit; so the limit goes just above the allowance-th free
     number. Closing a descriptor below it makes room again: the periodic check
-    recomputes.
+    recomputes. O(open fds), whatever the allowance.
     """
-    used = set(open_fds)
-    free_seen = 0
-    number = 0
-    while True:
-        if number not in used:
-            if free_seen >= allowance:
-                return number
-            free_seen += 1
-        number += 1
+    limit = max(allowance, 0)  # the (allowance+1)-th free number, were no fd open
+    for fd in sorted(set(open_fds)):
+        if fd <= limit:
+            limit += 1  # each open fd at or below it pushes it one number up
+    return limit
