@@ -8,6 +8,7 @@ never show the old entry as the new one.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import functools
@@ -79,6 +80,7 @@ class Handle:
     node: Node
     caller: Caller
     content: bytes | None = None  # the text of the last read at offset 0
+    listing: list[tuple[str, Node]] | None = None  # a directory's, for one readdir pass
 
 
 @dataclass
@@ -98,17 +100,19 @@ class Inodes:
     def forget(self, entry: Entry) -> None:
         self.by_serial.pop(entry.serial, None)
 
+    @staticmethod
+    def top_files() -> list[tuple[str, Node]]:
+        return [(spec.name, Node(FIRST_TOP + i, spec)) for i, spec in enumerate(TOP_FILES)]
+
+    def process_files(self, entry: Entry) -> list[tuple[str, Node]]:
+        base = self.dir_inode(entry) + 1
+        return [(spec.name, Node(base + i, spec, entry)) for i, spec in enumerate(PROCESS_FILES)]
+
     def top_file(self, name: str) -> Node | None:
-        for index, spec in enumerate(TOP_FILES):
-            if spec.name == name:
-                return Node(FIRST_TOP + index, spec)
-        return None
+        return next((node for child, node in self.top_files() if child == name), None)
 
     def process_file(self, entry: Entry, name: str) -> Node | None:
-        for index, spec in enumerate(PROCESS_FILES):
-            if spec.name == name:
-                return Node(self.dir_inode(entry) + 1 + index, spec, entry)
-        return None
+        return next((node for child, node in self.process_files(entry) if child == name), None)
 
     def node(self, inode: int) -> Node:
         if inode == ROOT:
@@ -271,32 +275,29 @@ class RestrackOperations(pyfuse3.Operations):
     @boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self.handles[fh]
+        if start_id == 0 or handle.listing is None:
+            handle.listing = self._listing(handle)
+        # Offsets are inode numbers, so entries coming and going between two
+        # readdir calls never make one listing skip or repeat a name; the
+        # listing is taken once per pass (one `ls` of 10,000 pids makes ~50 calls).
+        listing = handle.listing
+        start = bisect.bisect_right(listing, start_id, key=lambda child: child[1].inode)
+        for name, child in listing[start:]:
+            attributes = self._attributes(child)
+            if not pyfuse3.readdir_reply(token, name.encode(), attributes, child.inode):
+                return
+
+    def _listing(self, handle: Handle) -> list[tuple[str, Node]]:
+        """The directory's children, in inode order (registration order is serial order)."""
         node = handle.node
-        children: list[tuple[str, Node]]
         if node.inode == ROOT:
-            children = [(spec.name, self.inodes.top_file(spec.name)) for spec in TOP_FILES]  # type: ignore[misc]
-            children += [
+            return self.inodes.top_files() + [
                 (str(entry.pid), self.inodes.remember(entry))
-                for entry in list(self.engine.entries())
+                for entry in self.engine.entries()
                 if self._visible(entry, handle.caller.uid)
             ]
-        else:
-            assert node.entry is not None
-            if node.entry.ended is not None:
-                return
-            children = [
-                (spec.name, self.inodes.process_file(node.entry, spec.name))  # type: ignore[misc]
-                for spec in PROCESS_FILES
-            ]
-        # Offsets are inode numbers, so entries coming and going between two
-        # readdir calls never make one listing skip or repeat a name.
-        for name, child in sorted(children, key=lambda pair: pair[1].inode):
-            if child.inode <= start_id:
-                continue
-            if not pyfuse3.readdir_reply(
-                token, name.encode(), self._attributes(child), child.inode
-            ):
-                return
+        assert node.entry is not None
+        return [] if node.entry.ended is not None else self.inodes.process_files(node.entry)
 
     @boundary
     async def releasedir(self, fh: int) -> None:

@@ -518,3 +518,21 @@ def test_metrics(daemon, spawn):
     assert f'restrack_heap_quota_bytes{{pid="{a.pid}"' not in text
     assert "restrack_tracked_processes 2" in text
     assert "# TYPE restrack_enforcements_total counter" in text
+
+
+def test_listing_of_many_spans_readdir_calls_without_loss_or_repeat(daemon):
+    sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(400)]
+    try:
+        for proc in sleepers[:200]:
+            daemon.register(proc.pid)
+        daemon.write(str(sleepers[50].pid), "deregister")
+        daemon.register(sleepers[50].pid)  # re-registered: last in the listing now
+        for proc in sleepers[200:]:
+            daemon.register(proc.pid)
+        names = os.listdir(daemon.mountpoint)  # several readdir calls at this size
+        assert len(names) == len(set(names)) == 400 + 4
+        assert {int(n) for n in names if n.isdigit()} == {p.pid for p in sleepers}
+    finally:
+        for proc in sleepers:
+            proc.kill()
+            proc.wait()

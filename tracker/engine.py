@@ -122,6 +122,7 @@ class Engine:
     # ----- queries -------------------------------------------------------
 
     def entries(self) -> Iterable[Entry]:
+        """The tracked entries in registration order, which is `serial` order."""
         return self._entries.values()
 
     def get(self, pid: int) -> Entry | None:
