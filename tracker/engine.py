@@ -133,7 +133,7 @@ class Engine:
         usage = self._usage(entry)
         measurement = self._measurement(entry, usage)
         if entry.quota is not None:
-            self._enforce(entry, measurement)
+            self._enforce(entry, measurement.heapsize, measurement.openfile_count, measurement.comm)
         return measurement
 
     @property
@@ -379,38 +379,49 @@ class Engine:
         )
 
     def _check(self, entry: Entry) -> None:
-        """One periodic check: measure, enforce, keep deny limits in place."""
+        """One periodic check: sample what the quota limits, enforce, keep deny limits."""
+        quota = entry.quota
+        if quota is None or entry.ended is not None:
+            return
         try:
-            usage = self._usage(entry)
-            self._enforce(entry, self._measurement(entry, usage))
-            if entry.quota is not None and entry.quota.action is Action.DENY:
-                self._recheck_limits(entry, usage)
-        except (NoSuchProcess, Deregistered):
-            pass
+            deny = quota.action is Action.DENY
+            vm_data, open_fds = entry.process.sample(
+                heap=quota.heap is not None or deny, files=quota.files is not None or deny
+            )
+            heapsize = max(0, vm_data - entry.heap_base)
+            self._enforce(entry, heapsize, max(0, open_fds - entry.files_base))
+            if deny:
+                self._recheck_limits(entry, vm_data, open_fds)
+        except NoSuchProcess:
+            self._remove(entry, "exited")
         except AccessDenied as error:
             log.warning("check pid=%d: %s", entry.pid, error)
 
-    def _enforce(self, entry: Entry, now: Measurement) -> None:
+    def _enforce(
+        self, entry: Entry, heapsize: int, openfile_count: int, comm: str | None = None
+    ) -> None:
         quota = entry.quota
         if quota is None:
             return
         over = set()
-        if quota.heap is not None and now.heapsize > quota.heap:
+        if quota.heap is not None and heapsize > quota.heap:
             over.add(HEAP)
-        if quota.files is not None and now.openfile_count > quota.files:
+        if quota.files is not None and openfile_count > quota.files:
             over.add(FILES)
         newly_over = over - entry.over
         entry.over = frozenset(over)
         if not newly_over:
             return
+        if comm is None:
+            comm = self._comm(entry)
         for which in sorted(newly_over):
             usage, limit = (
-                (now.heapsize, quota.heap) if which == HEAP else (now.openfile_count, quota.files)
+                (heapsize, quota.heap) if which == HEAP else (openfile_count, quota.files)
             )
             enforcement_log.warning(
                 "pid=%d comm=%s quota=%s usage=%d limit=%d action=%s",
                 entry.pid,
-                now.comm,
+                comm,
                 which,
                 usage,
                 limit,
@@ -424,6 +435,14 @@ class Engine:
             self._count(entry, KILLED)
         self._announce(entry)
 
+    @staticmethod
+    def _comm(entry: Entry) -> str:
+        """The name now (an exec changes it); the one at registration if it is gone."""
+        try:
+            return procfs.read_comm(entry.pid)
+        except (NoSuchProcess, AccessDenied):
+            return entry.comm
+
     def _count(self, entry: Entry, event: str) -> None:
         entry.events[event] += 1
         self.events[event] += 1
@@ -434,16 +453,16 @@ class Engine:
 
     # ----- deny mode -----------------------------------------------------
 
-    def _wanted_limits(self, entry: Entry, usage: Usage | None = None) -> dict[int, int]:
+    def _wanted_limits(self, entry: Entry) -> dict[int, int]:
         """The soft limits that make the kernel refuse what the quota forbids."""
         quota = entry.effective_quota
         wanted = {}
         if quota.heap is not None:
             wanted[limits.DATA] = entry.heap_base + quota.heap
         if quota.files is not None:
-            usage = usage or entry.process.usage()
-            allowance = entry.files_base + quota.files - usage.open_fds
-            wanted[limits.NOFILE] = limits.nofile_soft_limit(procfs.list_fds(entry.pid), allowance)
+            fds = procfs.list_fds(entry.pid)
+            allowance = entry.files_base + quota.files - len(fds)
+            wanted[limits.NOFILE] = limits.nofile_soft_limit(fds, allowance)
         return {
             which: limits.lower(soft, entry.saved_soft.get(which, procfs.RLIM_INFINITY))
             for which, soft in wanted.items()
@@ -477,9 +496,9 @@ class Engine:
         limits.set_soft_limit(entry.pid, entry.owner_uid, entry.owner_gid, which, soft)
         entry.applied_soft[which] = procfs.read_limits(entry.pid)[limits.PROC_LIMIT_NAMES[which]][0]
 
-    def _recheck_limits(self, entry: Entry, usage: Usage) -> None:
+    def _recheck_limits(self, entry: Entry, vm_data: int, open_fds: int) -> None:
         current = procfs.read_limits(entry.pid)
-        for which, wanted in self._wanted_limits(entry, usage).items():
+        for which, wanted in self._wanted_limits(entry).items():
             soft = current[limits.PROC_LIMIT_NAMES[which]][0]
             applied = entry.applied_soft.get(which)
             if soft == wanted:
@@ -494,7 +513,7 @@ class Engine:
                     entry.pid,
                     entry.comm,
                     HEAP if which == limits.DATA else FILES,
-                    usage.vm_data if which == limits.DATA else usage.open_fds,
+                    vm_data if which == limits.DATA else open_fds,
                     wanted,
                     "unlimited" if soft == procfs.RLIM_INFINITY else soft,
                 )

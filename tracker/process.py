@@ -77,6 +77,13 @@ class Process:
         self.check_alive()
         return Usage(status.name, procfs.vm_data_of(status), open_fds)
 
+    def sample(self, *, heap: bool, files: bool) -> tuple[int, int]:
+        """(VmData, open fds) reading only what is asked for (0 for the rest)."""
+        vm_data = procfs.read_vm_data(self.pid) if heap else 0
+        open_fds = procfs.count_fds(self.pid) if files else 0
+        self.check_alive()
+        return vm_data, open_fds
+
     def status(self) -> procfs.Status:
         status = procfs.read_status(self.pid)
         self.check_alive()

@@ -106,6 +106,15 @@ def read_status(pid: int) -> Status:
     return parse_status(pid, _read(pid, "status"))
 
 
+def read_vm_data(pid: int) -> int:
+    """VmData alone, for the periodic check: no other field is parsed."""
+    raw = _read(pid, "status")
+    try:
+        return int(_field(raw, b"VmData").split()[0]) * 1024
+    except (KeyError, ValueError, IndexError):
+        raise NoSuchProcess(pid, "no address space (zombie or kernel thread)") from None
+
+
 def vm_data_of(status: Status) -> int:
     """VmData in bytes: the kernel's data_vm counter (what RLIMIT_DATA limits)."""
     if status.vm_data is None:
