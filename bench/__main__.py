@@ -1,0 +1,116 @@
+"""`python -m bench [--quick] [--out DIR] [--only NAME]...`: run the suite, write the report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench import GROUPS
+from bench.harness import ROOT, Config, build_helpers, work_dir
+from bench.report import GroupResult, busy_share, machine, markdown, plot, table
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="Benchmark restrackfs; print a table and write benchmarks.md + .png.",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes (the smoke test; under a minute)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "docs",
+        metavar="DIR",
+        help="where benchmarks.md and benchmarks.png go (default docs/)",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"run only these groups (repeat or comma-separate): {', '.join(GROUPS)}",
+    )
+    parser.add_argument("--no-plot", action="store_true", help="do not draw benchmarks.png")
+    args = parser.parse_args(argv)
+    names = [name.strip() for item in args.only for name in item.split(",") if name.strip()]
+    unknown = [name for name in names if name not in GROUPS]
+    if unknown:
+        parser.error(f"unknown group {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
+    args.groups = [name for name in GROUPS if not names or name in names]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: run as root (it mounts FUSE filesystems and lxcfs)", file=sys.stderr)
+        return 2
+    busy = busy_share()
+    if busy > 0.15:
+        print(
+            f"bench: warning: the machine is already {busy:.0%} busy; the figures will show it",
+            file=sys.stderr,
+        )
+    started = time.monotonic()
+    results: list[GroupResult] = []
+    with work_dir() as work:
+        cfg = Config.quick_config(work) if args.quick else Config(work=work)
+        helpers = build_helpers(work / "bin")
+        for name in args.groups:
+            module = GROUPS[name]
+            print(f"bench: {module.TITLE} ...", file=sys.stderr, flush=True)
+            t0 = time.monotonic()
+            try:
+                result = module.run(cfg, helpers)
+            except Exception as error:
+                traceback.print_exc()
+                result = GroupResult(name, module.TITLE, error=f"{type(error).__name__}: {error}")
+            result.seconds = time.monotonic() - t0
+            results.append(result)
+            print(table([result]), flush=True)
+    seconds = time.monotonic() - started
+    info = machine()
+    info["busy before the run"] = f"{busy:.0%} of all cores (/proc/stat over 1 s)"
+    args.out.mkdir(parents=True, exist_ok=True)
+    png = args.out / "benchmarks.png"
+    plot_note = ""
+    plot_name: str | None = None
+    if args.no_plot:
+        plot_note = "--no-plot"
+    else:
+        title = (
+            f"restrackfs benchmarks, {info['date']} — {info['CPU']}, {info['cores (nproc)']}"
+            f" cores, Linux {info['kernel']}" + (" (QUICK sizes)" if args.quick else "")
+        )
+        plot_note = plot(results, png, title) or ""
+        if not plot_note:
+            plot_name = png.name
+    text = markdown(
+        results,
+        info,
+        quick=args.quick,
+        plot=plot_name,
+        plot_note=plot_note,
+        argv=list(argv if argv is not None else sys.argv[1:]),
+        seconds=seconds,
+    )
+    (args.out / "benchmarks.md").write_text(text)
+    print("Goals:")
+    for result in results:
+        for goal in result.goals:
+            print("  " + goal.line())
+    if plot_note:
+        print(f"plot: skipped ({plot_note})")
+    print(f"wrote {args.out / 'benchmarks.md'}" + (f" and {png}" if plot_name else ""))
+    print(f"total {seconds:.0f} s")
+    return 1 if any(result.error for result in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

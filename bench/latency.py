@@ -1,0 +1,158 @@
+"""1. Read latency: open + read + close, p50 and p99, against the kernel and lxcfs."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from bench.harness import Config, Daemon, Lxcfs, Sleepers, percentile
+from bench.report import Goal, GroupResult, Row
+
+NAME = "latency"
+TITLE = "1. Read latency"
+
+HEAPSIZE = "PID/heapsize"
+STAT = "PID/stat"
+PROC = "/proc/PID/status"
+LXCFS = "lxcfs proc/uptime"
+
+
+def run_reader(reader: Path, mode: list[str], paths: dict[str, Path]) -> dict[str, list[int]]:
+    """Run the C reader over `paths`; {label: latencies in ns}."""
+    argv = [str(reader), *mode, *map(str, paths.values())]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"reader {' '.join(mode)} failed: {out.stderr.strip()}")
+    lines = out.stdout.splitlines()
+    return {label: [int(v) for v in line.split()] for label, line in zip(paths, lines, strict=True)}
+
+
+def request_counts(cfg: Config, helpers: dict[str, Path], pid: int) -> dict[str, dict[str, float]]:
+    """FUSE requests reaching the daemon's handlers per open+read+close of each file."""
+    counts = {}
+    cats = max(2, cfg.count_reads // 10)
+    passes = (
+        (HEAPSIZE, "heapsize", ["lat", str(cfg.count_reads), "1"], 2 * cfg.count_reads),
+        (STAT, "stat", ["lat", str(cfg.count_reads), "1"], 2 * cfg.count_reads),
+        (f"cat {HEAPSIZE}", "heapsize", ["cat", str(cats), "1", "/bin/cat"], 2 * cats),
+    )
+    with Daemon(cfg.work, counting=cfg.work / "counts.json") as daemon:
+        daemon.register(pid)
+        for label, name, mode, reads in passes:
+            before = daemon.request_counts()
+            # `lat N 1` reads N times untimed (warm-up), then N times timed; `cat` alike.
+            run_reader(helpers["reader"], mode, {label: daemon.path(pid, name)})
+            after = daemon.request_counts()
+            counts[label] = {
+                op: (after.get(op, 0) - before.get(op, 0)) / reads
+                for op in sorted(after)
+                if after.get(op, 0) != before.get(op, 0)
+            }
+    return counts
+
+
+def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
+    result = GroupResult(NAME, TITLE)
+    rows = result.rows
+    with Sleepers(helpers["sleepers"], 1) as sleepers, Lxcfs(cfg.work) as lxcfs:
+        pid = sleepers.pids[0]
+        with Daemon(cfg.work) as daemon:
+            daemon.register(pid)
+            paths = {
+                HEAPSIZE: daemon.path(pid, "heapsize"),
+                STAT: daemon.path(pid, "stat"),
+                PROC: Path(f"/proc/{pid}/status"),
+            }
+            if lxcfs.reason is None:
+                paths[LXCFS] = lxcfs.uptime
+            lat = run_reader(
+                helpers["reader"],
+                ["lat", str(cfg.latency_block), str(cfg.latency_rounds)],
+                paths,
+            )
+            cat = run_reader(
+                helpers["reader"],
+                ["cat", str(cfg.cat_block), str(cfg.cat_rounds), "/bin/cat"],
+                {k: v for k, v in paths.items() if k != STAT},
+            )
+        counts = request_counts(cfg, helpers, pid)
+
+    n = cfg.latency_block * cfg.latency_rounds
+    p50 = {label: percentile(values, 50) / 1000 for label, values in lat.items()}
+    p99 = {label: percentile(values, 99) / 1000 for label, values in lat.items()}
+    for label in (HEAPSIZE, STAT, PROC, LXCFS):
+        if label not in lat:
+            reason = lxcfs.reason or "not run"
+            rows.append(Row(f"{label} p50", None, "us", reason))
+            rows.append(Row(f"{label} p99", None, "us", reason))
+            continue
+        rows.append(Row(f"{label} p50", p50[label], "us", f"n={n}"))
+        rows.append(Row(f"{label} p99", p99[label], "us", f"n={n}"))
+    for label in (HEAPSIZE, STAT):
+        for peer in (LXCFS, PROC):
+            for q, table in (("p50", p50), ("p99", p99)):
+                figure = f"{label} {q} / {peer} {q}"
+                if peer in table:
+                    rows.append(Row(figure, table[label] / table[peer], "x"))
+                else:
+                    rows.append(Row(figure, None, "x", lxcfs.reason or ""))
+    cat_n = cfg.cat_block * cfg.cat_rounds
+    for label in (HEAPSIZE, PROC, LXCFS):
+        if label in cat:
+            rows.append(
+                Row(f"cat {label} p50", percentile(cat[label], 50) / 1000, "us", f"n={cat_n}")
+            )
+            rows.append(
+                Row(f"cat {label} p99", percentile(cat[label], 99) / 1000, "us", f"n={cat_n}")
+            )
+        else:
+            rows.append(Row(f"cat {label} p50", None, "us", lxcfs.reason or ""))
+    for peer in (PROC, LXCFS):
+        if peer in cat:
+            rows.append(
+                Row(
+                    f"cat {HEAPSIZE} p50 / cat {peer} p50",
+                    percentile(cat[HEAPSIZE], 50) / percentile(cat[peer], 50),
+                    "x",
+                )
+            )
+    for label, per_op in counts.items():
+        detail = ", ".join(f"{op} {value:.2f}" for op, value in per_op.items())
+        rows.append(Row(f"requests per read of {label}", sum(per_op.values()), "req", detail))
+
+    heap_vs_lxcfs = p50[HEAPSIZE] / p50[LXCFS] if LXCFS in p50 else None
+    where = (
+        f"{p50[HEAPSIZE]:.0f} µs vs {p50[LXCFS]:.0f} µs"
+        if heap_vs_lxcfs is not None
+        else f"lxcfs unavailable: {lxcfs.reason}"
+    )
+    result.goals.append(
+        Goal(
+            "read p50 of PID/heapsize <= 1.0 x lxcfs uptime read (stretch <= 0.5 x)",
+            heap_vs_lxcfs,
+            1.0,
+            "x",
+            where,
+            stretch=0.5,
+        )
+    )
+    result.plot = {"latencies": {label: values for label, values in lat.items()}}
+    result.method = f"""
+A compiled C reader (bench/c/reader.c) times each `open` + `read` to EOF + `close`
+with CLOCK_MONOTONIC. The targets are read in interleaved rounds: each round
+gives every target a block of {cfg.latency_block} reads, in an order rotated
+each round, {cfg.latency_rounds} rounds after one untimed warm-up round, so
+drift and noise fall on all targets alike. Targets: `PID/heapsize` and
+`PID/stat` of a tracked sleeping C process on a restrackfs mounted by the bench
+(default options), that process's `/proc/PID/status` (the kernel floor: what the
+daemon itself reads), and `proc/uptime` of an lxcfs (a C FUSE filesystem)
+mounted by the bench in a temp dir. The `cat` rows spawn one `/bin/cat PATH
+>/dev/null` per read (posix_spawn + waitpid), as a shell loop does
+({cfg.cat_block} × {cfg.cat_rounds} per target, interleaved the same way).
+Requests per read: a second daemon, with a counter wrapped around each pyfuse3
+handler (bench/countingd.py, not used for any timing), serves
+{2 * cfg.count_reads} reads of each file and {2 * max(2, cfg.count_reads // 10)}
+`cat`s of `PID/heapsize`; the counts are the requests that reach the daemon's
+Python code, per read.
+"""
+    return result

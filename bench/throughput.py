@@ -1,0 +1,132 @@
+"""2. Read throughput with 1, 4 and 16 concurrent reader processes."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from bench.harness import Config, Daemon, Lxcfs, Sleepers, median
+from bench.report import GroupResult, Row
+
+NAME = "throughput"
+TITLE = "2. Read throughput"
+
+HEAPSIZE = "PID/heapsize"
+PROC = "/proc/PID/status"
+LXCFS = "lxcfs proc/uptime"
+
+
+def burst(reader: Path, path: Path, readers: int, seconds: float) -> tuple[float, float, float]:
+    """`readers` processes read `path` for `seconds` from one common instant.
+
+    Returns (reads per second, median of the readers' p50, worst reader's p99), in µs.
+    """
+    start = time.monotonic_ns() + 300_000_000 + readers * 5_000_000
+    duration = int(seconds * 1e9)
+    procs = [
+        subprocess.Popen(
+            [str(reader), "tput", str(start), str(duration), str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(readers)
+    ]
+    total, p50s, p99s = 0, [], []
+    errors = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=seconds + 120)
+        if proc.returncode != 0:
+            errors.append(err.strip())
+            continue
+        count, p50, p99 = (int(v) for v in out.split())
+        total += count
+        p50s.append(p50 / 1000)
+        p99s.append(p99 / 1000)
+    if errors:
+        raise RuntimeError(f"reader failed: {errors[0]}")
+    return total / seconds, median(p50s), max(p99s)
+
+
+def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
+    result = GroupResult(NAME, TITLE)
+    rows = result.rows
+    reader = helpers["reader"]
+    rate: dict[str, dict[int, float]] = {}
+    spread: dict[str, dict[int, tuple[float, float]]] = {}
+    cpu: dict[int, float] = {}
+    cpu_per_read: dict[int, float] = {}
+    with Sleepers(helpers["sleepers"], 1) as sleepers, Lxcfs(cfg.work) as lxcfs:
+        pid = sleepers.pids[0]
+        with Daemon(cfg.work) as daemon:
+            daemon.register(pid)
+            targets = {HEAPSIZE: daemon.path(pid, "heapsize"), PROC: Path(f"/proc/{pid}/status")}
+            if lxcfs.reason is None:
+                targets[LXCFS] = lxcfs.uptime
+            labels = list(targets)
+            for index, readers in enumerate(cfg.readers):
+                # rotate the order of the targets for each concurrency
+                order = labels[index % len(labels) :] + labels[: index % len(labels)]
+                for label in order:
+                    meter = daemon.cpu()
+                    reads, p50, p99 = burst(reader, targets[label], readers, cfg.throughput_seconds)
+                    busy = meter.seconds()
+                    rate.setdefault(label, {})[readers] = reads
+                    spread.setdefault(label, {})[readers] = (p50, p99)
+                    if label == HEAPSIZE:
+                        cpu[readers] = busy / cfg.throughput_seconds * 100
+                        cpu_per_read[readers] = busy / max(reads * cfg.throughput_seconds, 1)
+    first = cfg.readers[0]
+    for readers in cfg.readers:
+        plural = "reader" if readers == 1 else "readers"
+        for label in (HEAPSIZE, PROC, LXCFS):
+            if label not in rate:
+                rows.append(Row(f"{label}, {readers} {plural}", None, "/s", lxcfs.reason or ""))
+                continue
+            p50, p99 = spread[label][readers]
+            rows.append(
+                Row(
+                    f"{label}, {readers} {plural}",
+                    rate[label][readers],
+                    "/s",
+                    f"reader p50 {p50:.0f} µs, worst reader's p99 {p99:.0f} µs",
+                )
+            )
+        mine = rate[HEAPSIZE][readers]
+        for peer in (LXCFS, PROC):
+            figure = f"{HEAPSIZE} / {peer} reads/s, {readers} {plural}"
+            if peer in rate:
+                rows.append(Row(figure, mine / rate[peer][readers], "x"))
+            else:
+                rows.append(Row(figure, None, "x", lxcfs.reason or ""))
+        if readers != first:
+            rows.append(
+                Row(
+                    f"{HEAPSIZE} scaling, {readers} / {first} {plural}",
+                    mine / rate[HEAPSIZE][first],
+                    "x",
+                )
+            )
+        rows.append(
+            Row(
+                f"daemon CPU, {readers} {plural} of {HEAPSIZE}",
+                cpu[readers],
+                "%",
+                f"% of one core; {cpu_per_read[readers] * 1e6:.0f} µs of daemon CPU per read",
+            )
+        )
+    result.plot = {"throughput": rate, "daemon_cpu": cpu}
+    result.method = f"""
+K copies of the C reader (`reader tput`), separate processes started to begin at
+one common CLOCK_MONOTONIC instant, each read the same file in a loop
+(open + read to EOF + close) for {cfg.throughput_seconds:g} s; reads/s is the sum
+over the K readers divided by the window. Each concurrency K in
+{", ".join(map(str, cfg.readers))} runs the targets (restrackfs `PID/heapsize`,
+the kernel's `/proc/PID/status`, lxcfs `proc/uptime`) one after the other in a
+rotated order. The ratios divide restrackfs's reads/s by a peer's at the same K,
+measured minutes apart at most in this run. Daemon CPU: utime + stime from
+/proc/DAEMON/stat over the window, as a share of one core (100 % = the daemon's
+one Python thread saturated), and divided by the reads served.
+"""
+    return result

@@ -1,0 +1,136 @@
+"""The benchmark suite (bench/, scripts/bench) keeps working: run it at tiny sizes.
+
+No timing is asserted: only that every group runs and the report has its rows.
+The plot needs the `bench` extra (matplotlib) and the lxcfs rows need lxcfs;
+without them those parts are checked to say so instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+    reason="the benchmarks mount FUSE filesystems as root",
+)
+
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+HAVE_LXCFS = shutil.which("lxcfs") is not None
+
+
+@pytest.fixture(scope="module")
+def quick_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    out = tmp_path_factory.mktemp("bench-out")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return done, out
+
+
+def test_quick_run_succeeds(quick_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    done, _ = quick_run
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_every_group_has_its_rows(
+    quick_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    done, out = quick_run
+    report = (out / "benchmarks.md").read_text()
+    for text in (
+        "## Machine",
+        "## Goals",
+        "1. Read latency",
+        "| PID/heapsize p50 |",
+        "| PID/stat p99 |",
+        "| /proc/PID/status p50 |",
+        "| cat PID/heapsize p50 |",
+        "requests per read of PID/heapsize",
+        "2. Read throughput",
+        "| PID/heapsize, 1 reader |",
+        "| PID/heapsize, 4 readers |",
+        "3. Enforcement latency (kill mode)",
+        "| kill p99, --interval 100, 10 under quota |",
+        "| kill p50, --interval 25, 1 under quota |",
+        "| daemon CPU, --interval 25, 10 under quota |",
+        "4. Overhead on the tracked process",
+        "tracked / untracked wall time",
+        "5. Scale",
+        "| register all, 100 |",
+        "| daemon RSS, 100 tracked |",
+        "| daemon idle CPU, 20 tracked |",
+        "ls /restrack, first, 100 tracked",
+        "How it is measured:",
+    ):
+        assert text in report, text
+    assert "**Error:**" not in report
+    for machine in ("| kernel |", "| CPU |", "| cores (nproc) |", "| Python |", "| date |"):
+        assert machine in report
+    goals = [line for line in report.splitlines() if line.startswith(("PASS", "MISS", "N/A"))]
+    assert len(goals) == 6, goals  # latency, kill at 2 intervals, overhead, idle CPU, RSS
+    assert "Goals:" in done.stdout and "PID/heapsize p50" in done.stdout
+
+
+def test_lxcfs_rows(quick_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    _, out = quick_run
+    report = (out / "benchmarks.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| lxcfs proc/uptime p50 |"))
+    if "unavailable" in row:  # not installed, or it could not run here: the reason is given
+        reason = row.rstrip(" |").rsplit("|", 1)[-1].strip()
+        assert reason, row
+        if not HAVE_LXCFS:
+            assert "lxcfs not installed" in reason, row
+    else:
+        assert HAVE_LXCFS
+
+
+def test_plot(quick_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    done, out = quick_run
+    png = out / "benchmarks.png"
+    if not HAVE_MATPLOTLIB:
+        assert not png.exists()
+        assert "plot: skipped" in done.stdout
+        pytest.skip("matplotlib not installed (the bench extra)")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![benchmark plot](benchmarks.png)" in (out / "benchmarks.md").read_text()
+
+
+def test_only_one_group(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "overhead", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert "4. Overhead on the tracked process" in report
+    assert "1. Read latency" not in report
+
+
+def test_unknown_group_is_refused(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "nope", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "unknown group nope" in done.stderr
