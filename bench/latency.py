@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 from bench.harness import Config, Daemon, Lxcfs, Sleepers, percentile
+from bench.minimalfs import MinimalFs
 from bench.report import Goal, GroupResult, Row
 
 NAME = "latency"
@@ -15,6 +16,7 @@ HEAPSIZE = "PID/heapsize"
 STAT = "PID/stat"
 PROC = "/proc/PID/status"
 LXCFS = "lxcfs proc/uptime"
+FLOOR = "minimal pyfuse3 file"
 
 
 def run_reader(reader: Path, mode: list[str], paths: dict[str, Path]) -> dict[str, list[int]]:
@@ -54,7 +56,11 @@ def request_counts(cfg: Config, helpers: dict[str, Path], pid: int) -> dict[str,
 def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
     result = GroupResult(NAME, TITLE)
     rows = result.rows
-    with Sleepers(helpers["sleepers"], 1) as sleepers, Lxcfs(cfg.work) as lxcfs:
+    with (
+        Sleepers(helpers["sleepers"], 1) as sleepers,
+        Lxcfs(cfg.work) as lxcfs,
+        MinimalFs(cfg.work) as floor,
+    ):
         pid = sleepers.pids[0]
         with Daemon(cfg.work) as daemon:
             daemon.register(pid)
@@ -62,6 +68,7 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
                 HEAPSIZE: daemon.path(pid, "heapsize"),
                 STAT: daemon.path(pid, "stat"),
                 PROC: Path(f"/proc/{pid}/status"),
+                FLOOR: floor.file,
             }
             if lxcfs.reason is None:
                 paths[LXCFS] = lxcfs.uptime
@@ -73,14 +80,14 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
             cat = run_reader(
                 helpers["reader"],
                 ["cat", str(cfg.cat_block), str(cfg.cat_rounds), "/bin/cat"],
-                {k: v for k, v in paths.items() if k != STAT},
+                {k: v for k, v in paths.items() if k not in (STAT, FLOOR)},
             )
         counts = request_counts(cfg, helpers, pid)
 
     n = cfg.latency_block * cfg.latency_rounds
     p50 = {label: percentile(values, 50) / 1000 for label, values in lat.items()}
     p99 = {label: percentile(values, 99) / 1000 for label, values in lat.items()}
-    for label in (HEAPSIZE, STAT, PROC, LXCFS):
+    for label in (HEAPSIZE, STAT, PROC, LXCFS, FLOOR):
         if label not in lat:
             reason = lxcfs.reason or "not run"
             rows.append(Row(f"{label} p50", None, "us", reason))
@@ -89,7 +96,7 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
         rows.append(Row(f"{label} p50", p50[label], "us", f"n={n}"))
         rows.append(Row(f"{label} p99", p99[label], "us", f"n={n}"))
     for label in (HEAPSIZE, STAT):
-        for peer in (LXCFS, PROC):
+        for peer in (LXCFS, PROC, FLOOR):
             for q, table in (("p50", p50), ("p99", p99)):
                 figure = f"{label} {q} / {peer} {q}"
                 if peer in table:
@@ -146,8 +153,10 @@ drift and noise fall on all targets alike. Targets: `PID/heapsize` and
 `PID/stat` of a tracked sleeping C process on a restrackfs mounted by the bench
 (default options), that process's `/proc/PID/status` (the kernel floor: what the
 daemon itself reads), and `proc/uptime` of an lxcfs (a C FUSE filesystem)
-mounted by the bench in a temp dir. The `cat` rows spawn one `/bin/cat PATH
->/dev/null` per read (posix_spawn + waitpid), as a shell loop does
+mounted by the bench in a temp dir, and the one file of a minimal pyfuse3 + trio
+filesystem that answers a constant (bench/minimalfs.py): the floor of the
+Python FUSE stack restrackfs is built on, before any work of its own. The `cat`
+rows spawn one `/bin/cat PATH >/dev/null` per read (posix_spawn + waitpid), as a shell loop does
 ({cfg.cat_block} × {cfg.cat_rounds} per target, interleaved the same way).
 Requests per read: a second daemon, with a counter wrapped around each pyfuse3
 handler (bench/countingd.py, not used for any timing), serves

@@ -73,6 +73,16 @@ def _measure(engine: Engine, entry: Entry | None) -> Measurement:
     return engine.measure(entry)
 
 
+def read_heapsize(engine: Engine, entry: Entry | None, caller: Caller) -> str:
+    assert entry is not None
+    return f"{engine.heapsize(entry)}\n"
+
+
+def read_openfile_count(engine: Engine, entry: Entry | None, caller: Caller) -> str:
+    assert entry is not None
+    return f"{engine.openfile_count(entry)}\n"
+
+
 def read_stat(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     m = _measure(engine, entry)
     fields = {
@@ -147,8 +157,8 @@ TOP_FILES = (
 )
 
 PROCESS_FILES = (
-    FileSpec("heapsize", 0o444, read=lambda e, x, c: f"{_measure(e, x).heapsize}\n"),
-    FileSpec("openfile_count", 0o444, read=lambda e, x, c: f"{_measure(e, x).openfile_count}\n"),
+    FileSpec("heapsize", 0o444, read=read_heapsize),
+    FileSpec("openfile_count", 0o444, read=read_openfile_count),
     FileSpec("quota", 0o644, read=read_quota, write=write_quota),
     FileSpec("reset", 0o200, write=write_reset),
     FileSpec("stat", 0o444, read=read_stat),

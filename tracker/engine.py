@@ -136,6 +136,20 @@ class Engine:
             self._enforce(entry, measurement.heapsize, measurement.openfile_count, measurement.comm)
         return measurement
 
+    def heapsize(self, entry: Entry) -> int:
+        """heapsize alone: reads VmData and nothing else (the hot path of `cat`)."""
+        vm_data, _ = self._sample(entry, heap=True, files=False)
+        heapsize = max(0, vm_data - entry.heap_base)
+        self._enforce(entry, heapsize, None)
+        return heapsize
+
+    def openfile_count(self, entry: Entry) -> int:
+        """openfile_count alone: one stat() of /proc/PID/fd."""
+        _, open_fds = self._sample(entry, heap=False, files=True)
+        openfile_count = max(0, open_fds - entry.files_base)
+        self._enforce(entry, None, openfile_count)
+        return openfile_count
+
     @property
     def enforcements(self) -> dict[Action, int]:
         """Enforcement actions taken since the start, by action."""
@@ -365,6 +379,15 @@ class Engine:
             self._remove(entry, "exited")
             raise
 
+    def _sample(self, entry: Entry, *, heap: bool, files: bool) -> tuple[int, int]:
+        if entry.ended is not None:
+            self.check_current(entry)
+        try:
+            return entry.process.sample(heap=heap, files=files)
+        except NoSuchProcess:
+            self._remove(entry, "exited")
+            raise
+
     @staticmethod
     def _measurement(entry: Entry, usage: Usage) -> Measurement:
         return Measurement(
@@ -385,29 +408,40 @@ class Engine:
             return
         try:
             deny = quota.action is Action.DENY
-            vm_data, open_fds = entry.process.sample(
-                heap=quota.heap is not None or deny, files=quota.files is not None or deny
+            heap, files = quota.heap is not None or deny, quota.files is not None or deny
+            vm_data, open_fds = self._sample(entry, heap=heap, files=files)
+            self._enforce(
+                entry,
+                max(0, vm_data - entry.heap_base) if heap else None,
+                max(0, open_fds - entry.files_base) if files else None,
             )
-            heapsize = max(0, vm_data - entry.heap_base)
-            self._enforce(entry, heapsize, max(0, open_fds - entry.files_base))
             if deny:
                 self._recheck_limits(entry, vm_data, open_fds)
         except NoSuchProcess:
-            self._remove(entry, "exited")
+            pass
         except AccessDenied as error:
             log.warning("check pid=%d: %s", entry.pid, error)
 
     def _enforce(
-        self, entry: Entry, heapsize: int, openfile_count: int, comm: str | None = None
+        self,
+        entry: Entry,
+        heapsize: int | None,
+        openfile_count: int | None,
+        comm: str | None = None,
     ) -> None:
+        """Act on quotas newly exceeded; a usage not sampled (None) keeps its state."""
         quota = entry.quota
         if quota is None:
             return
-        over = set()
-        if quota.heap is not None and heapsize > quota.heap:
-            over.add(HEAP)
-        if quota.files is not None and openfile_count > quota.files:
-            over.add(FILES)
+        over = set(entry.over)
+        for which, usage, limit in (
+            (HEAP, heapsize, quota.heap),
+            (FILES, openfile_count, quota.files),
+        ):
+            if usage is not None:
+                over.discard(which)
+                if limit is not None and usage > limit:
+                    over.add(which)
         newly_over = over - entry.over
         entry.over = frozenset(over)
         if not newly_over:
