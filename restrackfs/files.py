@@ -15,7 +15,8 @@ from restrackfs import metrics
 from tracker.access import may_see
 from tracker.engine import EVENTS, Engine, Entry, Measurement
 from tracker.errors import InvalidArgument, NoSuchProcess
-from tracker.quota import parse_quota
+from tracker.procfs import escape_comm
+from tracker.quota import WHITESPACE, parse_quota
 
 MAX_WRITE = 4096
 _DECIMAL = re.compile(r"[0-9]+", re.ASCII)
@@ -42,26 +43,30 @@ class FileSpec:
 
 def parse_pid(text: str) -> int:
     """A decimal pid >= 1; trailing whitespace allowed (what `echo` writes)."""
-    value = text.rstrip()
+    value = text.rstrip(WHITESPACE)
     if not _DECIMAL.fullmatch(value) or int(value) < 1:
         raise InvalidArgument(f"{value!r} is not a pid")
     return int(value)
+
+
+def parse_pid_name(name: str) -> int:
+    """A directory name: only the canonical spelling, so each process has one name
+    (an alias like `0123` would outlive the directory in the kernel's cache)."""
+    pid = parse_pid(name)
+    if name != str(pid):
+        raise InvalidArgument(f"{name!r} is not a pid directory name")
+    return pid
 
 
 def parse_reset(text: str) -> tuple[bool, bool]:
     """`1`/`all`, `quota` or `usage` -> (clear quota, restart usage)."""
     kinds = {"1": (True, True), "all": (True, True), "quota": (True, False), "usage": (False, True)}
     try:
-        return kinds[text.rstrip()]
+        return kinds[text.rstrip(WHITESPACE)]
     except KeyError:
         raise InvalidArgument(
-            f"reset: want 1, all, quota or usage, not {text.rstrip()!r}"
+            f"reset: want 1, all, quota or usage, not {text.rstrip(WHITESPACE)!r}"
         ) from None
-
-
-def escape_comm(comm: str) -> str:
-    """As /proc/PID/status shows a name: a newline in it cannot forge a line."""
-    return comm.replace("\\", "\\\\").replace("\n", "\\n")
 
 
 def _limit(value: int | None) -> str:

@@ -24,7 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from restrackfs.files import MAX_WRITE, PROCESS_FILES, TOP_FILES, Caller, FileSpec, parse_pid
+from restrackfs.files import MAX_WRITE, PROCESS_FILES, TOP_FILES, Caller, FileSpec, parse_pid_name
 from tracker.access import may_see
 from tracker.engine import Engine, Entry
 from tracker.errors import AccessDenied, InvalidArgument, NoSuchProcess, TrackerError
@@ -234,7 +234,7 @@ class RestrackOperations(pyfuse3.Operations):
 
     def _process_dir(self, name: str, uid: int) -> Node | None:
         try:
-            entry = self.engine.get(parse_pid(name))
+            entry = self.engine.get(parse_pid_name(name))
         except InvalidArgument:
             return None
         if entry is None or not self._visible(entry, uid):
@@ -309,14 +309,14 @@ class RestrackOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         if parent_inode != ROOT:
             raise pyfuse3.FUSEError(errno.EPERM)
-        entry = self.engine.register(parse_pid(name.decode(errors="replace")), ctx.uid)
+        entry = self.engine.register(parse_pid_name(name.decode(errors="replace")), ctx.uid)
         return self._attributes(self.inodes.remember(entry))
 
     @boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if parent_inode != ROOT:
             raise pyfuse3.FUSEError(errno.EPERM)
-        pid = parse_pid(name.decode(errors="replace"))
+        pid = parse_pid_name(name.decode(errors="replace"))
         entry = self.engine.get(pid)
         if entry is None or not self._visible(entry, ctx.uid):
             raise pyfuse3.FUSEError(errno.ENOENT)

@@ -107,7 +107,7 @@ class AutoTracker:
         except OSError as error:  # it exited meanwhile, or a state save failed
             log.debug("auto-track pid=%d: %s", pid, error)
             return
-        log.info("auto-tracked pid=%d comm=%s", pid, entry.comm)
+        log.info("auto-tracked pid=%d comm=%s", pid, procfs.escape_comm(entry.comm))
 
 
 def _descends(pid: int, ancestor: int, stats: dict[int, Stat]) -> bool:

@@ -34,6 +34,7 @@ from tracker.errors import (
     StateNotSaved,
 )
 from tracker.process import Process, Usage
+from tracker.procfs import escape_comm
 from tracker.quota import NO_QUOTA, Action, Quota
 
 log = logging.getLogger("restrackfs.engine")
@@ -81,6 +82,7 @@ class Entry:
         return {
             "pid": self.pid,
             "start_time": self.process.start_time,
+            "pidfd_inode": self.process.inode,
             "heap_base": self.heap_base,
             "files_base": self.files_base,
             "registered": self.registered,
@@ -168,10 +170,13 @@ class Engine:
     def register(self, pid: int, caller_uid: int) -> Entry:
         if pid < 1:
             raise InvalidArgument(f"{pid}: not a valid pid")
-        tgid = procfs.read_status(pid).tgid  # a thread's TID names its thread group
+        status = procfs.read_status(pid)
+        tgid = status.tgid  # a thread's TID names its thread group
         if tgid == os.getpid():
             # a kill quota on the daemon would take the mount down with it
             raise NotPermitted(f"{tgid}: the daemon does not track itself")
+        # Permission first: EEXIST would tell a user that another's process is tracked.
+        access.check_control(caller_uid, status.real_uid, tgid)
         if tgid in self._entries:
             raise AlreadyTracked(f"{tgid}: already tracked")
         process = Process.open(tgid)
@@ -198,7 +203,7 @@ class Engine:
             process.close()
             raise
         self._add(entry)
-        log.info("registered pid=%d comm=%s by uid=%d", tgid, entry.comm, caller_uid)
+        log.info("registered pid=%d comm=%s by uid=%d", tgid, escape_comm(entry.comm), caller_uid)
         return entry
 
     def deregister(self, pid: int, caller_uid: int) -> None:
@@ -206,6 +211,9 @@ class Engine:
             raise InvalidArgument(f"{pid}: not a valid pid")
         entry = self._entries.get(pid)
         if entry is None:
+            # EPERM for another's process, tracked or not: the errno tells nothing
+            with suppress(NoSuchProcess, AccessDenied):
+                access.check_control(caller_uid, procfs.read_status(pid).real_uid, pid)
             raise NotTracked(f"{pid}: not tracked")
         self._check_may_lift(entry, caller_uid)
         self._persist_removal(entry)
@@ -296,14 +304,17 @@ class Engine:
                 self._with_quota[entry.pid] = entry
                 if entry.quota.action is Action.DENY:
                     self._apply_limits(entry)
-            log.info("state: resumed pid=%d comm=%s", entry.pid, entry.comm)
+            log.info("state: resumed pid=%d comm=%s", entry.pid, escape_comm(entry.comm))
         try:
             self._compact()
         except OSError as error:
             log.error("state file %s not writable: changes will fail: %s", self.state_path, error)
 
     def _entry_from_record(self, record: state.Record) -> Entry:
-        process = Process.open(int(record["pid"]), int(record["start_time"]))
+        inode = record.get("pidfd_inode")
+        process = Process.open(
+            int(record["pid"]), int(record["start_time"]), None if inode is None else int(inode)
+        )
         try:
             status = process.status()
             quota = record.get("quota")
@@ -455,7 +466,7 @@ class Engine:
             enforcement_log.warning(
                 "pid=%d comm=%s quota=%s usage=%d limit=%d action=%s",
                 entry.pid,
-                comm,
+                escape_comm(comm),
                 which,
                 usage,
                 limit,
@@ -494,11 +505,13 @@ class Engine:
         if quota.heap is not None:
             wanted[limits.DATA] = entry.heap_base + quota.heap
         if quota.files is not None:
-            fds = procfs.list_fds(entry.pid)
+            fds = procfs.list_fds(entry.pid, entry.process.via)
             allowance = entry.files_base + quota.files - len(fds)
             wanted[limits.NOFILE] = limits.nofile_soft_limit(fds, allowance)
         return {
-            which: limits.lower(soft, entry.saved_soft.get(which, procfs.RLIM_INFINITY))
+            which: limits.lower(
+                limits.clamp(soft), entry.saved_soft.get(which, procfs.RLIM_INFINITY)
+            )
             for which, soft in wanted.items()
         }
 
@@ -527,6 +540,7 @@ class Engine:
         return keys
 
     def _set_soft(self, entry: Entry, which: int, soft: int) -> None:
+        entry.process.check_alive()  # prlimit goes by number: never to a recycled pid
         limits.set_soft_limit(entry.pid, entry.owner_uid, entry.owner_gid, which, soft)
         entry.applied_soft[which] = procfs.read_limits(entry.pid)[limits.PROC_LIMIT_NAMES[which]][0]
 
@@ -545,7 +559,7 @@ class Engine:
                     "pid=%d comm=%s quota=%s usage=%s limit=%d action=deny"
                     " (process raised its soft limit to %s; lowered back)",
                     entry.pid,
-                    entry.comm,
+                    escape_comm(entry.comm),
                     HEAP if which == limits.DATA else FILES,
                     vm_data if which == limits.DATA else open_fds,
                     wanted,
@@ -558,6 +572,7 @@ class Engine:
         """Give back the soft limits deny mode saved (by default, the entry's)."""
         for which, soft in (entry.saved_soft if saved_soft is None else saved_soft).items():
             try:
+                entry.process.check_alive()  # prlimit goes by number: never to a recycled pid
                 limits.set_soft_limit(entry.pid, entry.owner_uid, entry.owner_gid, which, soft)
             except (NoSuchProcess, AccessDenied) as error:
                 log.info("pid=%d: limits not restored: %s", entry.pid, error)

@@ -1,54 +1,33 @@
 """Deny mode: lowering, re-checking and restoring soft RLIMIT_DATA / RLIMIT_NOFILE.
 
-Only soft limits are ever changed. The daemon's root lacks CAP_SYS_RESOURCE on
-many machines, and prlimit(2) on another process without it is allowed only
-when the caller's *real* uid and gid equal the target's. So the calling thread
-borrows the target's real ids for the duration of one prlimit call (raw
-setresuid/setresgid syscalls change one thread only; the effective uid stays 0,
-so the thread keeps its capabilities and can switch back).
+Only soft limits are ever changed. prlimit(2) on another process needs
+CAP_SYS_RESOURCE, or a *real* uid and gid equal to the target's. Where the
+daemon lacks the capability (as on many hosts, and in containers), the call
+is made by a short-lived helper, `setpriv --reuid UID --regid GID prlimit`,
+that holds the target's ids. The daemon never takes a user's uid itself: a
+thread of it with that real uid could be sent SIGKILL by that user, which
+takes the whole daemon down.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import os
 import resource
-from collections.abc import Iterable, Iterator
+import subprocess
+from collections.abc import Iterable
 
+from tracker import procfs
 from tracker.procfs import RLIM_INFINITY, AccessDenied, NoSuchProcess
 
 DATA = resource.RLIMIT_DATA
 NOFILE = resource.RLIMIT_NOFILE
 PROC_LIMIT_NAMES = {DATA: "Max data size", NOFILE: "Max open files"}
-
-_SYS_SETRESUID = 117  # x86_64
-_SYS_SETRESGID = 119
-_libc = ctypes.CDLL(None, use_errno=True)
+_PRLIMIT_OPTIONS = {DATA: "--data", NOFILE: "--nofile"}
+HELPER_TIMEOUT = 5.0
 
 
-def _raw_setres(nr: int, real: int) -> None:
-    if _libc.syscall(nr, ctypes.c_long(real), ctypes.c_long(-1), ctypes.c_long(-1)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-@contextlib.contextmanager
-def _real_ids_of(uid: int, gid: int) -> Iterator[None]:
-    """Give this thread the target's real uid and gid, and take them back."""
-    my_uid, my_gid = os.getuid(), os.getgid()
-    if os.geteuid() != 0 or (uid, gid) == (my_uid, my_gid):
-        yield
-        return
-    _raw_setres(_SYS_SETRESGID, gid)
-    try:
-        _raw_setres(_SYS_SETRESUID, uid)
-        try:
-            yield
-        finally:
-            _raw_setres(_SYS_SETRESUID, my_uid)
-    finally:
-        _raw_setres(_SYS_SETRESGID, my_gid)
+def soft_limit(pid: int, which: int) -> int:
+    """The soft limit now, from /proc/PID/limits (readable without privilege)."""
+    return procfs.read_limits(pid)[PROC_LIMIT_NAMES[which]][0]
 
 
 def set_soft_limit(pid: int, uid: int, gid: int, which: int, soft: int) -> tuple[int, int]:
@@ -56,16 +35,38 @@ def set_soft_limit(pid: int, uid: int, gid: int, which: int, soft: int) -> tuple
 
     Returns the (soft, hard) pair the process had before.
     """
+    old_soft, hard = procfs.read_limits(pid)[PROC_LIMIT_NAMES[which]]
+    if hard != RLIM_INFINITY and (soft == RLIM_INFINITY or soft > hard):
+        soft = hard
     try:
-        with _real_ids_of(uid, gid):
-            _, hard = resource.prlimit(pid, which)
-            if hard != RLIM_INFINITY and (soft == RLIM_INFINITY or soft > hard):
-                soft = hard
-            return resource.prlimit(pid, which, (soft, hard))
+        resource.prlimit(pid, which, (soft, hard))
     except ProcessLookupError:
         raise NoSuchProcess(pid) from None
     except PermissionError:
-        raise AccessDenied(pid) from None
+        _prlimit_as_owner(pid, uid, gid, which, soft)
+    return old_soft, hard
+
+
+def _prlimit_as_owner(pid: int, uid: int, gid: int, which: int, soft: int) -> None:
+    value = "unlimited" if soft == RLIM_INFINITY else str(soft)
+    argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+    argv += ["prlimit", f"--pid={pid}", f"{_PRLIMIT_OPTIONS[which]}={value}:"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=HELPER_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise AccessDenied(pid) from error
+    if done.returncode != 0:
+        if "No such process" in done.stderr:
+            raise NoSuchProcess(pid)
+        raise AccessDenied(pid)
+
+
+LIMIT_MAX = 2**63 - 1
+
+
+def clamp(limit: int) -> int:
+    """A limit past what the kernel can hold is no limit at all."""
+    return RLIM_INFINITY if limit > LIMIT_MAX else limit
 
 
 def lower(limit: int, cap: int) -> int:

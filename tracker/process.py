@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from tracker import procfs
 from tracker.procfs import NoSuchProcess
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +25,28 @@ class Usage:
     open_fds: int
 
 
+def _pidfs_available() -> bool:
+    """On pidfs every process has its own pidfd inode; before it, all share one."""
+    inodes = set()
+    for pid in {os.getpid(), os.getppid() or 1}:
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return False
+        try:
+            inodes.add(os.fstat(fd).st_ino)
+        finally:
+            os.close(fd)
+    return len(inodes) == 2
+
+
+_PIDFS = _pidfs_available()
+
+
+def pidfd_inode(pidfd: int) -> int | None:
+    return os.fstat(pidfd).st_ino if _PIDFS else None
+
+
 class Process:
     """One thread group, pinned by a pidfd.
 
@@ -28,28 +55,44 @@ class Process:
     its PID cannot have been reused while we read, and the values were its own.
     """
 
-    __slots__ = ("pid", "start_time", "pidfd")
+    __slots__ = ("pid", "start_time", "inode", "pidfd", "via")
 
-    def __init__(self, pid: int, start_time: int, pidfd: int) -> None:
+    def __init__(self, pid: int, start_time: int, inode: int | None, pidfd: int) -> None:
         self.pid = pid
         self.start_time = start_time
+        self.inode = inode  # the pidfd's inode: unique per process where pidfs exists
         self.pidfd = pidfd
+        # A live thread to read the counters through once the leader is a zombie
+        # (pthread_exit of the main thread): /proc/PID then shows no memory and
+        # no fds, but the process lives on, and so does its quota.
+        self.via: int | None = None
 
     @classmethod
-    def open(cls, pid: int, start_time: int | None = None) -> Process:
-        """Pin thread group `pid`; with `start_time`, only if it is that process."""
+    def open(cls, pid: int, start_time: int | None = None, inode: int | None = None) -> Process:
+        """Pin thread group `pid`; with `start_time` and `inode`, only if it is that process.
+
+        The start time has clock-tick (10 ms) resolution: a pid recycled within one
+        tick would pass for the old process. The pidfd's inode (pidfs, Linux >= 6.9)
+        tells any two processes apart, so it is checked too when both sides have it.
+        """
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             raise NoSuchProcess(pid) from None
         try:
-            stat = procfs.read_stat(pid)  # after pidfd_open: the stat is the pinned one's
-            if stat.state in "ZX" or (start_time is not None and stat.start_time != start_time):
+            stat = procfs.read_stat(pid)
+            process = cls(pid, stat.start_time, pidfd_inode(pidfd), pidfd)
+            process.check_alive()  # so the stat read was the pinned process's
+            # a zombie leader whose threads live on is a live process (pthread_exit)
+            gone = stat.state == "X" or (stat.state == "Z" and process.has_exited())
+            if gone or (start_time is not None and stat.start_time != start_time):
                 raise NoSuchProcess(pid)
+            if inode is not None and process.inode is not None and inode != process.inode:
+                raise NoSuchProcess(pid, "pid recycled")
         except BaseException:
             os.close(pidfd)
             raise
-        return cls(pid, stat.start_time, pidfd)
+        return process
 
     def close(self) -> None:
         if self.pidfd >= 0:
@@ -72,17 +115,44 @@ class Process:
 
     def usage(self) -> Usage:
         """VmData and open fds now; `NoSuchProcess` once it has exited."""
-        status = procfs.read_status(self.pid)
-        open_fds = procfs.count_fds(self.pid)
-        self.check_alive()
-        return Usage(status.name, procfs.vm_data_of(status), open_fds)
+
+        def read() -> Usage:
+            status = procfs.read_status(self.pid, self.via)
+            open_fds = procfs.count_fds(self.pid, self.via)
+            self.check_alive()
+            return Usage(status.name, procfs.vm_data_of(status), open_fds)
+
+        return self._through_a_live_thread(read)
 
     def sample(self, *, heap: bool, files: bool) -> tuple[int, int]:
         """(VmData, open fds) reading only what is asked for (0 for the rest)."""
-        vm_data = procfs.read_vm_data(self.pid) if heap else 0
-        open_fds = procfs.count_fds(self.pid) if files else 0
-        self.check_alive()
-        return vm_data, open_fds
+
+        def read() -> tuple[int, int]:
+            vm_data = procfs.read_vm_data(self.pid, self.via) if heap else 0
+            open_fds = procfs.count_fds(self.pid, self.via) if files else 0
+            self.check_alive()
+            return vm_data, open_fds
+
+        return self._through_a_live_thread(read)
+
+    def _through_a_live_thread(self, read: Callable[[], T]) -> T:
+        try:
+            return read()
+        except NoSuchProcess:
+            if self.has_exited():
+                raise
+            self.via = procfs.live_thread(self.pid)
+            if self.via is None:
+                raise
+            return read()
+
+    def has_exited(self) -> bool:
+        """The pidfd polls readable once the whole thread group has exited."""
+        if self.pidfd < 0:
+            return True
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        return bool(poller.poll(0))
 
     def status(self) -> procfs.Status:
         status = procfs.read_status(self.pid)

@@ -34,11 +34,16 @@ class AccessDenied(PermissionError):
         self.pid = pid
 
 
-def _read(pid: int, name: str) -> bytes:
-    path = f"{PROC}/{pid}/{name}"
+def _task_dir(pid: int, tid: int | None) -> str:
+    """/proc/PID, or one thread's /proc/PID/task/TID (memory and fd table are shared)."""
+    return f"{PROC}/{pid}" if tid is None else f"{PROC}/{pid}/task/{tid}"
+
+
+def _read(pid: int, name: str, tid: int | None = None) -> bytes:
+    path = f"{_task_dir(pid, tid)}/{name}"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: caught mid-exit
         raise NoSuchProcess(pid) from None
     except PermissionError:
         raise AccessDenied(pid) from None
@@ -77,6 +82,12 @@ def _field(raw: bytes, key: bytes) -> bytes:
 _NAME_ESCAPES = {b"\\n": b"\n", b"\\\\": b"\\"}
 
 
+def escape_comm(comm: str) -> str:
+    """A name as /proc/PID/status shows it: a newline in it cannot forge a line
+    (of a `key value` file, or of the daemon's log)."""
+    return comm.replace("\\", "\\\\").replace("\n", "\\n")
+
+
 def _unescape_name(escaped: bytes) -> str:
     """status's Name is comm with newline and backslash escaped; undo that."""
     if b"\\" in escaped:
@@ -102,13 +113,13 @@ def parse_status(pid: int, raw: bytes) -> Status:
         raise NoSuchProcess(pid) from None
 
 
-def read_status(pid: int) -> Status:
-    return parse_status(pid, _read(pid, "status"))
+def read_status(pid: int, tid: int | None = None) -> Status:
+    return parse_status(pid, _read(pid, "status", tid))
 
 
-def read_vm_data(pid: int) -> int:
+def read_vm_data(pid: int, tid: int | None = None) -> int:
     """VmData alone, for the periodic check: no other field is parsed."""
-    raw = _read(pid, "status")
+    raw = _read(pid, "status", tid)
     try:
         return int(_field(raw, b"VmData").split()[0]) * 1024
     except (KeyError, ValueError, IndexError):
@@ -177,27 +188,45 @@ def _kernel_counts_fds_in_st_size() -> bool:
 _FD_COUNT_IN_ST_SIZE = _kernel_counts_fds_in_st_size()
 
 
-def count_fds(pid: int) -> int:
+def count_fds(pid: int, tid: int | None = None) -> int:
     """Number of open file descriptors, in O(1) on Linux >= 6.2."""
-    path = f"{PROC}/{pid}/fd"
+    path = f"{_task_dir(pid, tid)}/fd"
     try:
         if _FD_COUNT_IN_ST_SIZE:
             return os.stat(path).st_size
         return len(os.listdir(path))
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: caught mid-exit
         raise NoSuchProcess(pid) from None
     except PermissionError:
         raise AccessDenied(pid) from None
 
 
-def list_fds(pid: int) -> list[int]:
+def list_fds(pid: int, tid: int | None = None) -> list[int]:
     """The open file descriptor numbers, ascending."""
     try:
-        return sorted(int(name) for name in os.listdir(f"{PROC}/{pid}/fd"))
-    except FileNotFoundError:
+        return sorted(int(name) for name in os.listdir(f"{_task_dir(pid, tid)}/fd"))
+    except (FileNotFoundError, ProcessLookupError):
         raise NoSuchProcess(pid) from None
     except PermissionError:
         raise AccessDenied(pid) from None
+
+
+def live_thread(pid: int) -> int | None:
+    """A thread of `pid` that still has the address space (when the leader is a
+    zombie: its main thread called pthread_exit and the others go on)."""
+    try:
+        tids = [int(name) for name in os.listdir(f"{PROC}/{pid}/task")]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    for tid in tids:
+        if tid == pid:
+            continue
+        try:
+            if read_status(pid, tid).vm_data is not None:
+                return tid
+        except (NoSuchProcess, AccessDenied):
+            continue
+    return None
 
 
 def list_pids() -> list[int]:

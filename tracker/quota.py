@@ -9,10 +9,14 @@ from dataclasses import dataclass
 from tracker.errors import InvalidArgument
 
 UNLIMITED = "max"
-# At most 19 digits: anything longer is past LIMIT_MAX anyway, and int() of a
-# huge digit string is slow (and refused past 4300 digits).
-_SIZE = re.compile(r"([0-9]{1,19})([KMGTkmgt]?)", re.ASCII)
-_COUNT = re.compile(r"[0-9]{1,19}", re.ASCII)
+# Leading zeros, then at most 20 significant digits: anything longer is past
+# LIMIT_MAX anyway, and int() of a huge digit string is slow (refused past 4300).
+_SIZE = re.compile(r"0*([0-9]{1,20})([KMGTkmgt]?)", re.ASCII)
+_COUNT = re.compile(r"0*([0-9]{1,20})", re.ASCII)
+# What counts as whitespace in a written value: ASCII's, as sysfs's isspace().
+# (str.split() would also take \x1c-\x1f as separators.)
+WHITESPACE = " \t\n\v\f\r"
+_WORDS = re.compile(r"[^ \t\n\v\f\r]+")
 _SUFFIX = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
 LIMIT_MAX = 2**63 - 1  # what fits the kernel's signed 64-bit sizes
 
@@ -56,9 +60,10 @@ def parse_size(text: str) -> int | None:
 def parse_count(text: str) -> int | None:
     if text == UNLIMITED:
         return None
-    if not _COUNT.fullmatch(text) or int(text) > LIMIT_MAX:
+    match = _COUNT.fullmatch(text)
+    if not match or int(match[1]) > LIMIT_MAX:
         raise InvalidArgument(f"bad count {text!r}: want a non-negative integer, or max")
-    return int(text)
+    return int(match[1])
 
 
 def parse_action(text: str) -> Action:
@@ -73,7 +78,7 @@ _PARSERS = {"heap": parse_size, "files": parse_count, "action": parse_action}
 
 def parse_quota(text: str) -> Quota:
     """Parse `heap=SIZE files=N action=A` (any subset, any order, at least one)."""
-    tokens = text.split()
+    tokens = _WORDS.findall(text)
     if not tokens:
         raise InvalidArgument("empty quota: want heap=SIZE files=N action=kill|deny|notify")
     values: dict[str, object] = {}

@@ -14,6 +14,7 @@ file never holds half a change.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -30,11 +31,11 @@ _COMPACT_SLACK = 1000  # journal lines beyond the live entries before compaction
 def load(path: Path) -> list[Record]:
     """The live records; none if there is no file or it cannot be understood."""
     try:
-        lines = path.read_bytes().splitlines()
+        lines = _read_trusted(path).splitlines()
     except FileNotFoundError:
         return []
     except OSError as error:
-        log.error("state file %s unreadable, starting empty: %s", path, error)
+        log.error("state file %s not loaded, starting empty: %s", path, error)
         return []
     if not lines or _parse(lines[0]) != HEADER:
         log.error("state file %s has an unknown format, starting empty", path)
@@ -50,6 +51,26 @@ def load(path: Path) -> list[Record]:
         else:
             log.error("state file %s: line %d unreadable, ignored", path, number)
     return list(records.values())
+
+
+def _read_trusted(path: Path) -> bytes:
+    """The file's bytes, if only the daemon's user can have written them.
+
+    It names processes and quotas that a root daemon acts on (kill!), so a file
+    another user owns or may write, or a symlink, is refused."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            raise PermissionError(
+                errno.EPERM, f"owned by uid {info.st_uid} with mode {info.st_mode & 0o777:o}"
+            )
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _parse(line: bytes) -> object:
@@ -76,7 +97,9 @@ class Journal:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         data = _line(HEADER) + b"".join(_line({"put": record}) for record in records)
         temp = self.path.with_name(f".{self.path.name}.tmp")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)  # never write into a file someone else prepared
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(temp, flags, 0o600)
         try:
             _write_all(fd, data)
