@@ -485,8 +485,10 @@ def test_exited_process_disappears_within_100ms(daemon, spawn):
     w.proc.wait()
     gone_at = time.monotonic()
     wait_until(
-        lambda: str(w.pid) not in os.listdir(daemon.mountpoint)
-        and not os.path.exists(daemon.path(w.pid)),  # the kernel's dentry cache too
+        lambda: (
+            str(w.pid) not in os.listdir(daemon.mountpoint)
+            and not os.path.exists(daemon.path(w.pid))
+        ),  # the kernel's dentry cache too
         what="dir gone",
     )
     assert time.monotonic() - gone_at < 0.1
