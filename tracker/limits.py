@@ -25,11 +25,6 @@ _PRLIMIT_OPTIONS = {DATA: "--data", NOFILE: "--nofile"}
 HELPER_TIMEOUT = 5.0
 
 
-def soft_limit(pid: int, which: int) -> int:
-    """The soft limit now, from /proc/PID/limits (readable without privilege)."""
-    return procfs.read_limits(pid)[PROC_LIMIT_NAMES[which]][0]
-
-
 def set_soft_limit(pid: int, uid: int, gid: int, which: int, soft: int) -> tuple[int, int]:
     """Set the soft limit `which` of `pid` (never above its hard limit).
 

@@ -168,10 +168,6 @@ def read_stat(pid: int) -> Stat:
     return parse_stat(pid, _read(pid, "stat"))
 
 
-def read_start_time(pid: int) -> int:
-    return read_stat(pid).start_time
-
-
 def read_comm(pid: int) -> str:
     return _read(pid, "comm").rstrip(b"\n").decode(errors="replace")
 
