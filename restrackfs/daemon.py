@@ -150,7 +150,9 @@ async def _terminate_on_signal() -> None:
 
 
 async def serve(args: argparse.Namespace, on_ready: Callable[[], None]) -> None:
-    async with open_engine(state_path=args.state, interval=args.interval / 1000) as engine:
+    async with open_engine(
+        state_path=args.state, interval=args.interval / 1000, helpers_in_background=True
+    ) as engine:
         ops = RestrackOperations(engine, hidepid=args.hidepid)
         pyfuse3.init(ops, str(args.mountpoint), mount_options())
         try:

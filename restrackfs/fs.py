@@ -375,10 +375,14 @@ class RestrackOperations(pyfuse3.Operations):
         # The write runs without a checkpoint, so only its own removals are collected.
         self._removed_by_request = removed = []
         try:
-            spec.write(self.engine, handle.node.entry, text, handle.caller)
+            with self.engine.limit_changes() as helpers:
+                spec.write(self.engine, handle.node.entry, text, handle.caller)
         finally:
             self._removed_by_request = None
             await self._invalidate_now(removed)
+        # deny mode: answer once the rlimits are in place (only this request waits)
+        for done in helpers:
+            await done.wait()
         return len(buf)
 
     @boundary

@@ -654,14 +654,6 @@ def _has_cap_sys_resource(pid: int) -> bool:
     return bool(int(eff, 16) & (1 << 24))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (any user can freeze the daemon): without CAP_SYS_RESOURCE, deny mode's "
-    "prlimit() is done by a `setpriv --reuid=USER prlimit` helper that the daemon waits "
-    "for synchronously in its event loop, up to 5 s; the helper runs with the user's "
-    "uid, so the user may SIGSTOP it: each deny-mode write of theirs (a `usage` reset) "
-    "then stops every request of every user for 5 s",
-)
 def test_a_user_cannot_freeze_the_daemon(daemon, spawn, bin_dir):
     if _has_cap_sys_resource(daemon.proc.pid):
         pytest.skip("the daemon has CAP_SYS_RESOURCE: no helper runs")

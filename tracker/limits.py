@@ -25,10 +25,21 @@ _PRLIMIT_OPTIONS = {DATA: "--data", NOFILE: "--nofile"}
 HELPER_TIMEOUT = 5.0
 
 
+class NeedsHelper(Exception):
+    """The daemon may not call prlimit() on this process: run `argv` to do it."""
+
+    def __init__(self, argv: list[str]) -> None:
+        super().__init__(" ".join(argv))
+        self.argv = argv
+
+
 def set_soft_limit(pid: int, uid: int, gid: int, which: int, soft: int) -> tuple[int, int]:
     """Set the soft limit `which` of `pid` (never above its hard limit).
 
-    Returns the (soft, hard) pair the process had before.
+    Returns the (soft, hard) pair the process had before. Raises `NeedsHelper`
+    when only a helper with the process's ids may do it: the caller decides how
+    to wait for it (the daemon never blocks its event loop on a process a user
+    can SIGSTOP), and `AccessDenied` when nobody may (a setuid process).
     """
     old_soft, hard = procfs.read_limits(pid)[PROC_LIMIT_NAMES[which]]
     if hard != RLIM_INFINITY and (soft == RLIM_INFINITY or soft > hard):
@@ -38,22 +49,30 @@ def set_soft_limit(pid: int, uid: int, gid: int, which: int, soft: int) -> tuple
     except ProcessLookupError:
         raise NoSuchProcess(pid) from None
     except PermissionError:
-        _prlimit_as_owner(pid, uid, gid, which, soft)
+        uids, gids = procfs.read_ids(pid)
+        if len(set(uids)) != 1 or len(set(gids)) != 1:
+            raise AccessDenied(pid) from None  # prlimit(2) needs uid == euid == suid
+        value = "unlimited" if soft == RLIM_INFINITY else str(soft)
+        argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+        argv += ["prlimit", f"--pid={pid}", f"{_PRLIMIT_OPTIONS[which]}={value}:"]
+        raise NeedsHelper(argv) from None
     return old_soft, hard
 
 
-def _prlimit_as_owner(pid: int, uid: int, gid: int, which: int, soft: int) -> None:
-    value = "unlimited" if soft == RLIM_INFINITY else str(soft)
-    argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
-    argv += ["prlimit", f"--pid={pid}", f"{_PRLIMIT_OPTIONS[which]}={value}:"]
+def helper_failure(returncode: int, stderr: str) -> str | None:
+    """Why a helper failed, or None if it did its job."""
+    if returncode == 0:
+        return None
+    return stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {returncode}"
+
+
+def run_helper(argv: list[str]) -> str | None:
+    """Run a helper synchronously (start-up and shutdown only); why it failed, if it did."""
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=HELPER_TIMEOUT)
     except (OSError, subprocess.TimeoutExpired) as error:
-        raise AccessDenied(pid) from error
-    if done.returncode != 0:
-        if "No such process" in done.stderr:
-            raise NoSuchProcess(pid)
-        raise AccessDenied(pid)
+        return str(error)
+    return helper_failure(done.returncode, done.stderr)
 
 
 LIMIT_MAX = 2**63 - 1

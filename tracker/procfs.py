@@ -117,6 +117,18 @@ def read_status(pid: int, tid: int | None = None) -> Status:
     return parse_status(pid, _read(pid, "status", tid))
 
 
+def read_ids(pid: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(real, effective, saved, fs) uids and gids."""
+    raw = _read(pid, "status")
+    try:
+        return (
+            tuple(int(v) for v in _field(raw, b"Uid").split()),
+            tuple(int(v) for v in _field(raw, b"Gid").split()),
+        )
+    except (KeyError, ValueError):
+        raise NoSuchProcess(pid) from None
+
+
 def read_vm_data(pid: int, tid: int | None = None) -> int:
     """VmData alone, for the periodic check: no other field is parsed."""
     raw = _read(pid, "status", tid)
