@@ -12,11 +12,10 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from tracker.errors import (
     QuotaBusy,
     StateNotSaved,
 )
+from tracker.helpers import HelperRunner
 from tracker.process import Process, Usage
 from tracker.procfs import escape_comm
 from tracker.quota import NO_QUOTA, Action, Quota
@@ -127,12 +127,7 @@ class Engine:
         self._removal_listeners: list[Callable[[Entry], None]] = []
         self._event_listeners: list[Callable[[Entry], None]] = []
         self._nursery: trio.Nursery | None = None
-        # A server must not block its event loop on a helper a user can SIGSTOP;
-        # a plain caller (a script, a test) gets the simpler synchronous calls.
-        self._helpers_in_background = helpers_in_background
-        self._helpers_inline = False
-        self._helpers: set[subprocess.Popen[bytes]] = set()
-        self._helpers_of_request: list[trio.Event] | None = None
+        self._helpers = HelperRunner(in_background=helpers_in_background)
 
     # ----- queries -------------------------------------------------------
 
@@ -303,11 +298,11 @@ class Engine:
     def _restore_state(self) -> None:
         if self._journal is None:
             return
-        self._helpers_inline = True  # nothing is served yet: helpers run synchronously
+        self._helpers.inline = True  # nothing is served yet: helpers run synchronously
         try:
             self._restore_entries()
         finally:
-            self._helpers_inline = False
+            self._helpers.inline = False
 
     def _restore_entries(self) -> None:
         assert self._journal is not None
@@ -360,8 +355,8 @@ class Engine:
 
     def shutdown(self) -> None:
         """Give back every soft limit deny mode lowered; keep the state file."""
-        self._helpers_inline = True
-        self._stop_helpers()
+        self._helpers.inline = True
+        self._helpers.stop_all()
         for entry in list(self._entries.values()):
             self._restore_limits(entry)
             entry.ended = "stopped"
@@ -577,67 +572,12 @@ class Engine:
             limits.set_soft_limit(entry.pid, entry.owner_uid, entry.owner_gid, which, soft)
             return True
         except limits.NeedsHelper as needed:
-            self._start_helper(entry, needed.argv)
+            self._helpers.start(entry.pid, needed.argv)
             return False
 
-    def _start_helper(self, entry: Entry, argv: list[str]) -> None:
-        if self._nursery is None or self._helpers_inline or not self._helpers_in_background:
-            failure = limits.run_helper(argv)  # start-up and shutdown: nothing else runs
-            if failure:
-                log.error("pid=%d: rlimit helper failed: %s", entry.pid, failure)
-            return
-        done = trio.Event()
-        if self._helpers_of_request is not None:
-            self._helpers_of_request.append(done)
-        self._nursery.start_soon(self._run_helper, entry.pid, argv, done)
-
-    async def _run_helper(self, pid: int, argv: list[str], done: trio.Event) -> None:
-        """The helper runs as the process's owner, who may SIGSTOP it: the event
-        loop never waits for it, only the request that asked for it does."""
-        try:
-            helper = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-            )
-        except OSError as error:
-            log.error("pid=%d: rlimit helper not started: %s", pid, error)
-            done.set()
-            return
-        self._helpers.add(helper)
-        exited = os.pidfd_open(helper.pid)
-        try:
-            with trio.move_on_after(limits.HELPER_TIMEOUT) as timeout:
-                await trio.lowlevel.wait_readable(exited)
-            if timeout.cancelled_caught:
-                helper.kill()
-                log.error(
-                    "pid=%d: rlimit helper did not finish within %ss", pid, limits.HELPER_TIMEOUT
-                )
-            helper.wait()
-            stderr = helper.stderr.read().decode(errors="replace") if helper.stderr else ""
-            if failure := limits.helper_failure(helper.returncode, stderr):
-                log.error("pid=%d: rlimit helper failed: %s", pid, failure)
-        finally:
-            trio.lowlevel.notify_closing(exited)
-            os.close(exited)
-            if helper.stderr:
-                helper.stderr.close()
-            self._helpers.discard(helper)
-            done.set()
-
-    def _stop_helpers(self) -> None:
-        """Before the final restore: no helper still under way may lower a limit after it."""
-        for helper in list(self._helpers):
-            helper.kill()
-            helper.wait()
-
-    @contextmanager
-    def limit_changes(self) -> Iterator[list[trio.Event]]:
-        """Collect the helpers a (synchronous) call starts, for its caller to await."""
-        self._helpers_of_request = pending = []
-        try:
-            yield pending
-        finally:
-            self._helpers_of_request = None
+    def limit_changes(self) -> AbstractContextManager[list[trio.Event]]:
+        """Collect the rlimit helpers a call starts, for its caller to await."""
+        return self._helpers.collect()
 
     def _recheck_limits(self, entry: Entry, vm_data: int, open_fds: int) -> None:
         current = procfs.read_limits(entry.pid)
@@ -715,7 +655,7 @@ async def open_engine(
         state_path=state_path, interval=interval, helpers_in_background=helpers_in_background
     )
     async with trio.open_nursery() as nursery:
-        engine._nursery = nursery
+        engine._nursery = engine._helpers.nursery = nursery
         engine._restore_state()
         nursery.start_soon(engine._check_loop)
         try:
