@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from restrackfs import metrics
 from tracker.access import may_see
-from tracker.engine import EVENTS, Engine, Entry, Measurement
+from tracker.engine import EVENTS, Engine, Entry
 from tracker.errors import InvalidArgument, NoSuchProcess
 from tracker.procfs import escape_comm
 from tracker.quota import WHITESPACE, parse_quota
@@ -73,11 +73,6 @@ def _limit(value: int | None) -> str:
     return "max" if value is None else str(value)
 
 
-def _measure(engine: Engine, entry: Entry | None) -> Measurement:
-    assert entry is not None
-    return engine.measure(entry)
-
-
 def read_heapsize(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     assert entry is not None
     return f"{engine.heapsize(entry)}\n"
@@ -89,7 +84,8 @@ def read_openfile_count(engine: Engine, entry: Entry | None, caller: Caller) -> 
 
 
 def read_stat(engine: Engine, entry: Entry | None, caller: Caller) -> str:
-    m = _measure(engine, entry)
+    assert entry is not None
+    m = engine.measure(entry)
     fields = {
         "pid": m.pid,
         "comm": escape_comm(m.comm),

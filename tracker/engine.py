@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -37,6 +38,8 @@ from tracker.helpers import HelperRunner
 from tracker.process import Process, Usage
 from tracker.procfs import escape_comm
 from tracker.quota import NO_QUOTA, Action, Quota
+
+T = TypeVar("T")
 
 log = logging.getLogger("restrackfs.engine")
 enforcement_log = logging.getLogger("restrackfs.enforce")
@@ -401,18 +404,17 @@ class Engine:
         access.check_lift_quota(caller_uid, entry.quota_uid if entry.quota else None, entry.pid)
 
     def _usage(self, entry: Entry) -> Usage:
-        self.check_current(entry)
-        try:
-            return entry.process.usage()
-        except NoSuchProcess:
-            self._remove(entry, "exited")
-            raise
+        return self._read_counters(entry, entry.process.usage)
 
     def _sample(self, entry: Entry, *, heap: bool, files: bool) -> tuple[int, int]:
+        return self._read_counters(entry, lambda: entry.process.sample(heap=heap, files=files))
+
+    def _read_counters(self, entry: Entry, read: Callable[[], T]) -> T:
+        """Read through the entry's pidfd; an exit seen on the way removes the entry."""
         if entry.ended is not None:
-            self.check_current(entry)
+            self.check_current(entry)  # says deregistered or exited
         try:
-            return entry.process.sample(heap=heap, files=files)
+            return read()  # checks the pidfd after reading
         except NoSuchProcess:
             self._remove(entry, "exited")
             raise
@@ -535,45 +537,33 @@ class Engine:
 
     def _apply_limits(self, entry: Entry) -> None:
         """Lower the soft limits; the first time, remember the process's own."""
+        wanted = self._wanted_limits(entry)
         if not entry.saved_soft:
             current = procfs.read_limits(entry.pid)
-            for which in self._wanted_limits_keys(entry):
+            for which in wanted:
                 entry.saved_soft[which] = current[limits.PROC_LIMIT_NAMES[which]][0]
+            wanted = {
+                which: limits.lower(soft, entry.saved_soft[which]) for which, soft in wanted.items()
+            }
         try:
-            for which, soft in self._wanted_limits(entry).items():
+            for which, soft in wanted.items():
                 self._set_soft(entry, which, soft)
         except AccessDenied:
             raise NotPermitted(
                 f"{entry.pid}: cannot change its rlimits (its uids or gids differ)"
             ) from None
 
-    @staticmethod
-    def _wanted_limits_keys(entry: Entry) -> list[int]:
-        quota = entry.effective_quota
-        keys = []
-        if quota.heap is not None:
-            keys.append(limits.DATA)
-        if quota.files is not None:
-            keys.append(limits.NOFILE)
-        return keys
-
     def _set_soft(self, entry: Entry, which: int, soft: int) -> None:
-        if self._prlimit(entry, which, soft):
-            entry.applied_soft[which] = procfs.read_limits(entry.pid)[
-                limits.PROC_LIMIT_NAMES[which]
-            ][0]
-        else:
-            entry.applied_soft[which] = soft  # what the helper under way will set
+        entry.applied_soft[which] = self._prlimit(entry, which, soft)
 
-    def _prlimit(self, entry: Entry, which: int, soft: int) -> bool:
-        """Set a soft limit now (True), or through a helper process (False)."""
+    def _prlimit(self, entry: Entry, which: int, soft: int) -> int:
+        """Set a soft limit, now or through a helper process; the value it gets."""
         entry.process.check_alive()  # prlimit goes by number: never to a recycled pid
         try:
-            limits.set_soft_limit(entry.pid, entry.owner_uid, entry.owner_gid, which, soft)
-            return True
+            return limits.set_soft_limit(entry.pid, entry.owner_uid, entry.owner_gid, which, soft)
         except limits.NeedsHelper as needed:
             self._helpers.start(entry.pid, needed.argv)
-            return False
+            return needed.soft
 
     def limit_changes(self) -> AbstractContextManager[list[trio.Event]]:
         """Collect the rlimit helpers a call starts, for its caller to await."""

@@ -28,20 +28,21 @@ HELPER_TIMEOUT = 5.0
 class NeedsHelper(Exception):
     """The daemon may not call prlimit() on this process: run `argv` to do it."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], soft: int) -> None:
         super().__init__(" ".join(argv))
         self.argv = argv
+        self.soft = soft  # what it will set
 
 
-def set_soft_limit(pid: int, uid: int, gid: int, which: int, soft: int) -> tuple[int, int]:
+def set_soft_limit(pid: int, uid: int, gid: int, which: int, soft: int) -> int:
     """Set the soft limit `which` of `pid` (never above its hard limit).
 
-    Returns the (soft, hard) pair the process had before. Raises `NeedsHelper`
+    Returns the soft limit set (`soft`, or the hard limit below it). Raises `NeedsHelper`
     when only a helper with the process's ids may do it: the caller decides how
     to wait for it (the daemon never blocks its event loop on a process a user
     can SIGSTOP), and `AccessDenied` when nobody may (a setuid process).
     """
-    old_soft, hard = procfs.read_limits(pid)[PROC_LIMIT_NAMES[which]]
+    _, hard = procfs.read_limits(pid)[PROC_LIMIT_NAMES[which]]
     if hard != RLIM_INFINITY and (soft == RLIM_INFINITY or soft > hard):
         soft = hard
     try:
@@ -55,8 +56,8 @@ def set_soft_limit(pid: int, uid: int, gid: int, which: int, soft: int) -> tuple
         value = "unlimited" if soft == RLIM_INFINITY else str(soft)
         argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
         argv += ["prlimit", f"--pid={pid}", f"{_PRLIMIT_OPTIONS[which]}={value}:"]
-        raise NeedsHelper(argv) from None
-    return old_soft, hard
+        raise NeedsHelper(argv, soft) from None
+    return soft
 
 
 def helper_failure(returncode: int, stderr: str) -> str | None:
