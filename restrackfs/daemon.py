@@ -18,6 +18,7 @@ import pyfuse3
 import trio
 
 from restrackfs.fs import RestrackOperations
+from tracker import state
 from tracker.autotrack import AutoTracker, Policy
 from tracker.engine import open_engine
 from tracker.errors import InvalidArgument
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             raise OSError(errno.ENOTDIR, f"{args.mountpoint}: not a directory")
         if os.path.ismount(args.mountpoint):
             raise OSError(errno.EBUSY, f"{args.mountpoint}: already mounted")
+        state.check_location(args.state)
         raise_fd_limit()
 
         def ready() -> None:

@@ -380,9 +380,9 @@ class RestrackOperations(pyfuse3.Operations):
         finally:
             self._removed_by_request = None
             await self._invalidate_now(removed)
-        # deny mode: answer once the rlimits are in place (only this request waits)
-        for done in helpers:
-            await done.wait()
+        # deny mode: answer once the rlimits are in force or given up on (only this
+        # request waits, HELPER_TIMEOUT at most); a quota not in force fails here
+        await helpers.settle()
         return len(buf)
 
     @boundary

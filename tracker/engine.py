@@ -28,13 +28,14 @@ from tracker.errors import (
     AlreadyTracked,
     Deregistered,
     InvalidArgument,
+    LimitNotInForce,
     NoSuchProcess,
     NotPermitted,
     NotTracked,
     QuotaBusy,
     StateNotSaved,
 )
-from tracker.helpers import HelperRunner
+from tracker.helpers import HelperRunner, LimitChange, Pending
 from tracker.process import Process, Usage
 from tracker.procfs import escape_comm
 from tracker.quota import NO_QUOTA, Action, Quota
@@ -50,6 +51,10 @@ FILES = "files"
 # under to over), and what was done about it.
 EXCEEDED, KILLED, DENIED, NOTIFIED = EVENTS = ("exceeded", "killed", "denied", "notified")
 _EVENT_OF_ACTION = {Action.KILL: KILLED, Action.DENY: DENIED, Action.NOTIFY: NOTIFIED}
+# A deny quota root set, defeated this many times (a soft limit found raised, a
+# limit the kernel does not show after it was set), falls back to kill.
+DEFEATS_BEFORE_KILL = 3
+_RETRY_BACKOFF_MAX = 10.0  # seconds between tries to set a limit that keeps failing
 
 
 @dataclass(eq=False)
@@ -58,6 +63,8 @@ class Entry:
 
     process: Process
     serial: int  # unique for each registration: a re-registered pid is a new entry
+    # the owner last read: for display and --hidepid; control checks and helpers
+    # read it afresh (a process may change its uids, and kill(2) goes by the ones now)
     owner_uid: int
     owner_gid: int
     heap_base: int
@@ -66,9 +73,14 @@ class Entry:
     comm: str
     quota: Quota | None = None
     quota_uid: int | None = None
-    # deny mode: the soft limits the process had before, and the ones last set
+    # deny mode: the soft limits the process had before, the ones last seen in
+    # force after a set (verified in /proc/PID/limits), the sets under way
     saved_soft: dict[int, int] = field(default_factory=dict)
     applied_soft: dict[int, int] = field(default_factory=dict)
+    pending: dict[int, LimitChange] = field(default_factory=dict)
+    defeats: int = 0  # of this deny quota: limits found raised, or not in force after a set
+    failures: int = 0  # sets failed in a row: retries back off
+    retry_at: float = 0.0  # monotonic time before which no set is retried
     over: frozenset[str] = frozenset()  # quotas exceeded at the last check
     events: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(EVENTS, 0)))
     ended: str | None = None  # "exited" or "deregistered" once it left the registry
@@ -233,27 +245,62 @@ class Engine:
         log.info("deregistered pid=%d by uid=%d", pid, caller_uid)
 
     def set_quota(self, entry: Entry, quota: Quota, caller_uid: int) -> None:
+        """Set the quota; a deny quota holds only once the kernel shows its limits.
+
+        Where a helper sets them, the quota is answered when the request's helpers
+        are done (`limit_changes`): if the kernel does not show a limit then, the
+        quota is undone and the request fails with EAGAIN (LimitNotInForce)."""
         self.check_current(entry)
-        access.check_control(caller_uid, entry.owner_uid, entry.pid)
+        access.check_control(caller_uid, self._owner(entry), entry.pid)
         if entry.quota is not None:
             raise QuotaBusy(f"{entry.pid}: a quota is already set; reset it first")
         entry.quota, entry.quota_uid = quota, caller_uid
+        changes: list[LimitChange] = []
         try:
             if quota.action is Action.DENY:
-                self._apply_limits(entry)
+                changes = self._apply_limits(entry)
             self._persist(entry)
         except BaseException:
-            self._restore_limits(entry)
-            entry.quota = entry.quota_uid = None
+            self._undo_quota(entry)
             raise
         self._with_quota[entry.pid] = entry
+        self._after(changes, lambda: self._confirm_quota(entry, quota, changes, caller_uid))
+
+    def _confirm_quota(
+        self, entry: Entry, quota: Quota, changes: list[LimitChange], caller_uid: int
+    ) -> None:
+        """The quota's limits are set or given up on: keep the quota, or undo it."""
+        if entry.quota is not quota:
+            return  # reset meanwhile: nothing left to keep or undo
+        error = next((change.error for change in changes if change.error is not None), None)
+        if error is not None:
+            self._undo_quota(entry)
+            with suppress(StateNotSaved):  # logged; a restart finds the limits given back
+                self._persist(entry)
+            log.warning(
+                "quota pid=%d %s by uid=%d not set: %s",
+                entry.pid,
+                quota.format(),
+                caller_uid,
+                error,
+            )
+            if isinstance(error, NoSuchProcess):
+                raise error
+            raise LimitNotInForce(f"{entry.pid}: deny limits not in force: {error}")
         log.info("quota pid=%d %s by uid=%d", entry.pid, quota.format(), caller_uid)
         self._check(entry)
+
+    def _undo_quota(self, entry: Entry) -> None:
+        saved_soft = dict(entry.saved_soft)
+        entry.quota = entry.quota_uid = None
+        entry.over = frozenset()
+        entry.defeats = entry.failures = 0
+        self._with_quota.pop(entry.pid, None)
+        self._restore_limits(entry, saved_soft)
 
     def reset(self, entry: Entry, *, quota: bool, usage: bool, caller_uid: int) -> None:
         """Clear the quota, restart the usage counters, or both."""
         self.check_current(entry)
-        access.check_control(caller_uid, entry.owner_uid, entry.pid)
         self._check_may_lift(entry, caller_uid)
         before = (entry.quota, entry.quota_uid, entry.heap_base, entry.files_base)
         saved_soft = dict(entry.saved_soft)
@@ -263,6 +310,7 @@ class Engine:
         if quota:
             entry.quota = entry.quota_uid = None
             entry.saved_soft.clear()
+            entry.defeats = entry.failures = 0
         try:
             self._persist(entry)
         except StateNotSaved:
@@ -274,7 +322,9 @@ class Engine:
             self._restore_limits(entry, saved_soft)
             self._with_quota.pop(entry.pid, None)
         elif entry.quota is not None and entry.quota.action is Action.DENY:
-            self._apply_limits(entry)
+            # the usage reset stands; limits not in force yet are the periodic check's to retry
+            changes = self._apply_limits(entry)
+            self._after(changes, lambda: self._kept(entry, changes))
         log.info("reset pid=%d quota=%s usage=%s by uid=%d", entry.pid, quota, usage, caller_uid)
 
     # ----- lifecycle -----------------------------------------------------
@@ -322,7 +372,8 @@ class Engine:
             if entry.quota is not None:
                 self._with_quota[entry.pid] = entry
                 if entry.quota.action is Action.DENY:
-                    self._apply_limits(entry)
+                    changes = self._apply_limits(entry)
+                    self._after(changes, lambda e=entry, c=changes: self._kept(e, c))
             log.info("state: resumed pid=%d comm=%s", entry.pid, escape_comm(entry.comm))
         try:
             self._compact()
@@ -399,8 +450,17 @@ class Engine:
         if entry.ended is not None or not entry.process.is_alive():
             raise NoSuchProcess(entry.pid, "process exited")
 
+    def _owner(self, entry: Entry) -> int:
+        """The process's real uid now: kill(2) judges by it, not by who it was at registration."""
+        try:
+            status = entry.process.status()
+        except NoSuchProcess:
+            return entry.owner_uid  # reaped: its ids cannot change any more
+        entry.owner_uid, entry.owner_gid = status.real_uid, status.real_gid
+        return status.real_uid
+
     def _check_may_lift(self, entry: Entry, caller_uid: int) -> None:
-        access.check_control(caller_uid, entry.owner_uid, entry.pid)
+        access.check_control(caller_uid, self._owner(entry), entry.pid)
         access.check_lift_quota(caller_uid, entry.quota_uid if entry.quota else None, entry.pid)
 
     def _usage(self, entry: Entry) -> Usage:
@@ -535,7 +595,7 @@ class Engine:
             for which, soft in wanted.items()
         }
 
-    def _apply_limits(self, entry: Entry) -> None:
+    def _apply_limits(self, entry: Entry) -> list[LimitChange]:
         """Lower the soft limits; the first time, remember the process's own."""
         wanted = self._wanted_limits(entry)
         if not entry.saved_soft:
@@ -546,62 +606,180 @@ class Engine:
                 which: limits.lower(soft, entry.saved_soft[which]) for which, soft in wanted.items()
             }
         try:
-            for which, soft in wanted.items():
-                self._set_soft(entry, which, soft)
+            return [self._set_soft(entry, which, soft) for which, soft in wanted.items()]
         except AccessDenied:
             raise NotPermitted(
                 f"{entry.pid}: cannot change its rlimits (its uids or gids differ)"
             ) from None
 
-    def _set_soft(self, entry: Entry, which: int, soft: int) -> None:
-        entry.applied_soft[which] = self._prlimit(entry, which, soft)
-
-    def _prlimit(self, entry: Entry, which: int, soft: int) -> int:
-        """Set a soft limit, now or through a helper process; the value it gets."""
+    def _set_soft(
+        self, entry: Entry, which: int, soft: int, *, restore: bool = False
+    ) -> LimitChange:
+        """Set a soft limit, now or through a helper: done once the kernel shows it, or not."""
+        entry.process.check_alive()
+        ids = procfs.read_ids(entry.pid)  # who owns it now: the helper takes these ids
         entry.process.check_alive()  # prlimit goes by number: never to a recycled pid
+        previous = entry.pending.pop(which, None)
+        if previous is not None:
+            self._helpers.cancel(previous)  # this change replaces it
+        change = LimitChange(entry.pid, which, soft, restore=restore)
         try:
-            return limits.set_soft_limit(entry.pid, entry.owner_uid, entry.owner_gid, which, soft)
+            change.soft = limits.set_soft_limit(entry.pid, ids, which, soft)
         except limits.NeedsHelper as needed:
-            self._helpers.start(entry.pid, needed.argv)
-            return needed.soft
+            change.soft = needed.soft
+            entry.pending[which] = change
+            self._helpers.start(
+                change, needed.argv, lambda failure: self._verify(entry, change, failure)
+            )
+            return change
+        self._verify(entry, change, None)
+        return change
 
-    def limit_changes(self) -> AbstractContextManager[list[trio.Event]]:
-        """Collect the rlimit helpers a call starts, for its caller to await."""
+    def _verify(self, entry: Entry, change: LimitChange, failure: str | None) -> None:
+        """A limit is in force only when the kernel shows it in /proc/PID/limits."""
+        if entry.pending.get(change.which) is change:
+            del entry.pending[change.which]
+        name = limits.PROC_LIMIT_NAMES[change.which]
+        if entry.ended is not None:  # gone or deregistered: only the helper can tell
+            change.finish(None if failure is None else LimitNotInForce(f"helper {failure}"))
+            return
+        try:
+            shown = procfs.read_limits(entry.pid)[name][0]
+            entry.process.check_alive()
+        except (NoSuchProcess, AccessDenied) as error:
+            change.finish(error)
+            return
+        if change.superseded:
+            change.finish(LimitNotInForce(f"{entry.pid}: replaced by a later change"))
+        elif shown != change.soft:
+            why = f": helper {failure}" if failure else ""
+            change.finish(
+                LimitNotInForce(
+                    f"{name.lower()} soft limit is {_limit_text(shown)},"
+                    f" not {_limit_text(change.soft)}{why}"
+                )
+            )
+        else:
+            if not change.restore:
+                entry.applied_soft[change.which] = change.soft
+            change.finish(None)
+
+    def _after(self, changes: list[LimitChange], then: Callable[[], None]) -> None:
+        """Run `then` once `changes` are done: at once, when the request that started
+        them has awaited them (`limit_changes`), or else in the background."""
+        if all(change.done.is_set() for change in changes):
+            then()
+        elif self._helpers.collecting is not None:
+            self._helpers.collecting.then.append(then)
+        else:
+            assert self._nursery is not None, "the engine is not running"
+            self._nursery.start_soon(self._then_after, changes, then)
+
+    @staticmethod
+    async def _then_after(changes: list[LimitChange], then: Callable[[], None]) -> None:
+        for change in changes:
+            await change.done.wait()
+        with suppress(OSError):  # nobody to answer; `then` logged it
+            then()
+
+    def limit_changes(self) -> AbstractContextManager[Pending]:
+        """Collect the rlimit helpers a call starts, for its caller to `settle()`."""
         return self._helpers.collect()
 
     def _recheck_limits(self, entry: Entry, vm_data: int, open_fds: int) -> None:
+        """Keep the deny limits: a raise is lowered back, counted, and a defeat."""
+        if time.monotonic() < entry.retry_at:
+            return  # the last set failed: retries back off
         current = procfs.read_limits(entry.pid)
+        changes = []
         for which, wanted in self._wanted_limits(entry).items():
+            if which in entry.pending:
+                continue  # a set under way: /proc shows the old value until it is done
             soft = current[limits.PROC_LIMIT_NAMES[which]][0]
-            applied = entry.applied_soft.get(which)
             if soft == wanted:
                 continue
-            raised = soft != applied and limits.lower(soft, wanted) == wanted
-            if raised:
+            applied = entry.applied_soft.get(which)
+            above = limits.lower(soft, wanted) == wanted  # it lets the process have more
+            if above and applied is not None and soft != applied:
+                usage = vm_data if which == limits.DATA else open_fds
                 self._count(entry, DENIED)
                 self._announce(entry)
-                enforcement_log.warning(
-                    "pid=%d comm=%s quota=%s usage=%s limit=%d action=deny"
-                    " (process raised its soft limit to %s; lowered back)",
-                    entry.pid,
-                    escape_comm(entry.comm),
-                    HEAP if which == limits.DATA else FILES,
-                    vm_data if which == limits.DATA else open_fds,
-                    wanted,
-                    "unlimited" if soft == procfs.RLIM_INFINITY else soft,
+                self._defeated(
+                    entry,
+                    f"quota={HEAP if which == limits.DATA else FILES} usage={usage}"
+                    f" limit={wanted} action=deny (process raised its soft limit to"
+                    f" {_limit_text(soft)}; lowered back",
                 )
-            if raised or soft == applied:
-                self._set_soft(entry, which, wanted)
+            elif soft != applied and applied is not None:
+                continue  # the process lowered it further itself: its own choice
+            try:
+                changes.append(self._set_soft(entry, which, wanted))
+            except AccessDenied:  # it changed its ids so that no prlimit() may set them
+                refused = LimitChange(entry.pid, which, wanted)
+                refused.finish(LimitNotInForce(f"{entry.pid}: its uids or gids differ"))
+                changes.append(refused)
+        if changes:
+            self._after(changes, lambda: self._kept(entry, changes))
+
+    def _kept(self, entry: Entry, changes: list[LimitChange]) -> None:
+        """After sets that keep a deny quota: each one not in force is a defeat."""
+        failed = [
+            change.error
+            for change in changes
+            if change.error is not None
+            and not change.superseded
+            and not isinstance(change.error, NoSuchProcess)
+        ]
+        if entry.quota is None or entry.ended is not None:
+            return
+        if not failed:
+            entry.failures, entry.retry_at = 0, 0.0
+            return
+        entry.failures += 1
+        backoff = min(self.interval * 2**entry.failures, _RETRY_BACKOFF_MAX)
+        entry.retry_at = time.monotonic() + backoff
+        for error in failed:
+            self._defeated(
+                entry, f"action=deny (limit not in force: {error}; retry in {backoff:g} s"
+            )
+
+    def _defeated(self, entry: Entry, what: str) -> None:
+        """One log line; a deny quota root set falls back to kill at the bounded count."""
+        entry.defeats += 1
+        by_root = entry.quota_uid == access.ROOT
+        count = f"{entry.defeats} of {DEFEATS_BEFORE_KILL}" if by_root else str(entry.defeats)
+        comm = escape_comm(self._comm(entry))
+        enforcement_log.warning("pid=%d comm=%s %s; defeat %s)", entry.pid, comm, what, count)
+        if by_root and entry.defeats >= DEFEATS_BEFORE_KILL and entry.process.is_alive():
+            enforcement_log.warning(
+                "pid=%d comm=%s action=kill (root's deny quota defeated %d times)",
+                entry.pid,
+                comm,
+                entry.defeats,
+            )
+            entry.process.kill()
+            self._count(entry, KILLED)
+            self._announce(entry)
 
     def _restore_limits(self, entry: Entry, saved_soft: dict[int, int] | None = None) -> None:
         """Give back the soft limits deny mode saved (by default, the entry's)."""
+        for change in list(entry.pending.values()):
+            self._helpers.cancel(change)  # none may lower a limit after the restore
+        entry.pending.clear()
         for which, soft in (entry.saved_soft if saved_soft is None else saved_soft).items():
             try:
-                self._prlimit(entry, which, soft)
+                change = self._set_soft(entry, which, soft, restore=True)
             except (NoSuchProcess, AccessDenied) as error:
                 log.info("pid=%d: limits not restored: %s", entry.pid, error)
+                continue
+            self._after([change], lambda change=change: self._restored(entry, change))
         entry.saved_soft.clear()
         entry.applied_soft.clear()
+
+    @staticmethod
+    def _restored(entry: Entry, change: LimitChange) -> None:
+        if change.error is not None and not isinstance(change.error, NoSuchProcess):
+            log.info("pid=%d: limit not restored: %s", entry.pid, change.error)
 
     # ----- persistence ---------------------------------------------------
 
@@ -634,6 +812,10 @@ class Engine:
     def _compact(self) -> None:
         assert self._journal is not None
         self._journal.rewrite([entry.to_record() for entry in self._entries.values()])
+
+
+def _limit_text(soft: int) -> str:
+    return "unlimited" if soft == procfs.RLIM_INFINITY else str(soft)
 
 
 @asynccontextmanager

@@ -16,6 +16,7 @@ __all__ = [
     "AlreadyTracked",
     "Deregistered",
     "InvalidArgument",
+    "LimitNotInForce",
     "NoSuchProcess",
     "NotPermitted",
     "NotTracked",
@@ -61,6 +62,13 @@ class QuotaBusy(TrackerError):
 
 class NotPermitted(TrackerError):
     code = errno.EPERM
+
+
+class LimitNotInForce(TrackerError):
+    """A deny limit the kernel does not show after it was set (its helper was stopped,
+    killed or failed, or the process changed it meanwhile): the change was undone."""
+
+    code = errno.EAGAIN
 
 
 class StateNotSaved(TrackerError):

@@ -1,26 +1,155 @@
-"""Running deny mode's `setpriv … prlimit` helpers without blocking the daemon.
+"""Running deny mode's `setpriv … prlimit` helpers so that no user can stall the daemon.
 
-A helper runs with the target process's uid, so that process's owner may
-SIGSTOP it. A server therefore never waits for one in its event loop: each
-helper runs in the background and only the request that asked for it awaits
-it (`collect`). Before start-up has finished and at shutdown nothing else is
-served, and callers outside a server (scripts, tests) want plain synchronous
-calls: then helpers run inline.
+A helper runs with the target process's ids, so that process's owner may
+signal it, ptrace it and, through ptrace, make it do anything it can do:
+stop, fork children that keep its stderr open, never exit. Hence:
+
+- the event loop never waits for a helper: each is watched through its pidfd
+  in the nursery, and only the request that asked for it awaits the outcome;
+- a helper still running after `HELPER_TIMEOUT` is killed through its pidfd
+  and given up on;
+- it is reaped with WNOHANG only (a traced zombie cannot be reaped before its
+  tracer lets go of it): a background task retries until it can;
+- its stderr is read once, after it exited, without blocking and at most
+  `STDERR_MAX` bytes (a grandchild may hold the pipe open for ever).
+
+What a helper says is only a hint: the engine believes /proc/PID/limits.
+Before start-up has finished and at shutdown nothing else is served, and
+callers outside a server (scripts, tests) want plain synchronous calls: then
+helpers run inline, with the same bounds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
+import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import trio
 
-from tracker import limits
-
 log = logging.getLogger("restrackfs.engine")
+
+HELPER_TIMEOUT = 2.0  # a helper takes about 3 ms; past this it is stopped or traced
+STDERR_MAX = 4096
+_REAP_RETRY_MAX = 1.0  # seconds between tries to reap a helper a tracer holds
+
+
+@dataclass(eq=False)
+class LimitChange:
+    """One soft limit being set: `done` once the kernel shows it (`error` None) or not."""
+
+    pid: int
+    which: int
+    soft: int
+    restore: bool = False  # giving back the process's own limit, not keeping a quota
+    done: trio.Event = field(default_factory=trio.Event)
+    error: OSError | None = None
+    superseded: bool = False
+
+    def finish(self, error: OSError | None) -> None:
+        self.error = error
+        self.done.set()
+
+
+@dataclass(eq=False)
+class Pending:
+    """What a request started: the limit changes to await, then what to do after them."""
+
+    changes: list[LimitChange] = field(default_factory=list)
+    then: list[Callable[[], None]] = field(default_factory=list)
+
+    async def settle(self) -> None:
+        """Wait for the helpers (each bounded by HELPER_TIMEOUT); the finishers may raise."""
+        for change in self.changes:
+            await change.done.wait()
+        for finish in self.then:
+            finish()
+
+
+class Helper:
+    """One started helper process, held by a pidfd, its stderr a non-blocking pipe."""
+
+    def __init__(self, argv: list[str]) -> None:
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            os.set_blocking(read_end, False)
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=write_end
+            )
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        self.stderr_fd = read_end
+        # our unreaped child: its pid cannot have been reused
+        self.pidfd = os.pidfd_open(self.proc.pid)
+
+    def has_exited(self) -> bool:
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Block up to `timeout` for the exit (inline mode only); did it exit?"""
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        return bool(poller.poll(int(timeout * 1000)))
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+    def reap(self) -> bool:
+        """Reap without waiting (WNOHANG); False while a tracer holds the zombie."""
+        return self.proc.poll() is not None
+
+    def failure(self, killed: bool) -> str | None:
+        """Why it failed, or None if it exited 0; reads what stderr holds, bounded."""
+        if killed:
+            return f"did not finish within {HELPER_TIMEOUT:g} s (stopped or traced?): killed"
+        code = self.proc.returncode
+        if code == 0:
+            return None
+        try:
+            said = os.read(self.stderr_fd, STDERR_MAX).decode(errors="replace").strip()
+        except BlockingIOError:
+            said = ""
+        if said:
+            return said.splitlines()[-1][:200]
+        return "not reaped" if code is None else f"exit status {code}"
+
+    def close_pipe(self) -> None:
+        if self.stderr_fd >= 0:
+            os.close(self.stderr_fd)
+            self.stderr_fd = -1
+
+    def close(self) -> None:
+        self.close_pipe()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def run_inline(argv: list[str]) -> str | None:
+    """Run a helper synchronously, bounded (start-up, shutdown, no server); why it failed."""
+    try:
+        helper = Helper(argv)
+    except OSError as error:
+        return f"not started: {error}"
+    killed = not helper.wait_exit(HELPER_TIMEOUT)
+    if killed:
+        helper.kill()
+    helper.reap()
+    failure = helper.failure(killed)
+    helper.close()  # an unreaped one is left to subprocess's own WNOHANG clean-up
+    return failure
 
 
 class HelperRunner:
@@ -28,62 +157,79 @@ class HelperRunner:
         self.in_background = in_background
         self.inline = False  # forced inline for a while (start-up, shutdown)
         self.nursery: trio.Nursery | None = None
-        self._running: set[subprocess.Popen[bytes]] = set()
-        self._of_request: list[trio.Event] | None = None
+        self._running: dict[LimitChange, Helper] = {}
+        self.collecting: Pending | None = None
 
-    def start(self, pid: int, argv: list[str]) -> None:
+    def start(
+        self, change: LimitChange, argv: list[str], verify: Callable[[str | None], None]
+    ) -> None:
+        """Run `argv` for `change`; `verify(failure)` once it has exited or been given up on."""
         if self.nursery is None or self.inline or not self.in_background:
-            failure = limits.run_helper(argv)
-            if failure:
-                log.error("pid=%d: rlimit helper failed: %s", pid, failure)
+            verify(run_inline(argv))
             return
-        done = trio.Event()
-        if self._of_request is not None:
-            self._of_request.append(done)
-        self.nursery.start_soon(self._run, pid, argv, done)
+        if self.collecting is not None:
+            self.collecting.changes.append(change)
+        self.nursery.start_soon(self._run, change, argv, verify)
+
+    def running(self) -> bool:
+        return bool(self._running)
 
     @contextmanager
-    def collect(self) -> Iterator[list[trio.Event]]:
-        """The helpers a (synchronous) call starts, for its caller to await."""
-        self._of_request = pending = []
+    def collect(self) -> Iterator[Pending]:
+        """What a (synchronous) call starts, for its caller to await."""
+        self.collecting = pending = Pending()
         try:
             yield pending
         finally:
-            self._of_request = None
+            self.collecting = None
+
+    def cancel(self, change: LimitChange) -> None:
+        """Kill the helper of `change`, if it still runs: a later change replaces it."""
+        change.superseded = True
+        helper = self._running.get(change)
+        if helper is not None:
+            helper.kill()
 
     def stop_all(self) -> None:
         """Before the final restore: no helper still under way may lower a limit after it."""
-        for helper in list(self._running):
-            helper.kill()
-            helper.wait()
+        for change in list(self._running):
+            self.cancel(change)
 
-    async def _run(self, pid: int, argv: list[str], done: trio.Event) -> None:
+    async def _run(
+        self, change: LimitChange, argv: list[str], verify: Callable[[str | None], None]
+    ) -> None:
         try:
-            helper = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-            )
+            helper = Helper(argv)
         except OSError as error:
-            log.error("pid=%d: rlimit helper not started: %s", pid, error)
-            done.set()
+            verify(f"not started: {error}")
             return
-        self._running.add(helper)
-        exited = os.pidfd_open(helper.pid)
+        self._running[change] = helper
+        killed = False
         try:
-            with trio.move_on_after(limits.HELPER_TIMEOUT) as timeout:
-                await trio.lowlevel.wait_readable(exited)
-            if timeout.cancelled_caught:
+            with trio.move_on_after(HELPER_TIMEOUT):
+                await trio.lowlevel.wait_readable(helper.pidfd)
+            if not helper.has_exited():
                 helper.kill()
-                log.error(
-                    "pid=%d: rlimit helper did not finish within %ss", pid, limits.HELPER_TIMEOUT
-                )
-            helper.wait()
-            stderr = helper.stderr.read().decode(errors="replace") if helper.stderr else ""
-            if failure := limits.helper_failure(helper.returncode, stderr):
-                log.error("pid=%d: rlimit helper failed: %s", pid, failure)
+                killed = True
+            reaped = helper.reap()
+            failure = helper.failure(killed)
         finally:
-            trio.lowlevel.notify_closing(exited)
-            os.close(exited)
-            if helper.stderr:
-                helper.stderr.close()
-            self._running.discard(helper)
-            done.set()
+            trio.lowlevel.notify_closing(helper.pidfd)
+            del self._running[change]
+            helper.close_pipe()
+        verify(failure)
+        if reaped:
+            helper.close()
+        else:
+            self.nursery.start_soon(self._reap, helper)  # type: ignore[union-attr]
+
+    @staticmethod
+    async def _reap(helper: Helper) -> None:
+        """A killed helper a tracer holds as a zombie: reap it once it is let go."""
+        delay = 0.01
+        try:
+            while not helper.reap():
+                await trio.sleep(delay)
+                delay = min(delay * 2, _REAP_RETRY_MAX)
+        finally:
+            helper.close()

@@ -12,7 +12,6 @@ takes the whole daemon down.
 from __future__ import annotations
 
 import resource
-import subprocess
 from collections.abc import Iterable
 
 from tracker import procfs
@@ -22,7 +21,6 @@ DATA = resource.RLIMIT_DATA
 NOFILE = resource.RLIMIT_NOFILE
 PROC_LIMIT_NAMES = {DATA: "Max data size", NOFILE: "Max open files"}
 _PRLIMIT_OPTIONS = {DATA: "--data", NOFILE: "--nofile"}
-HELPER_TIMEOUT = 5.0
 
 
 class NeedsHelper(Exception):
@@ -34,14 +32,23 @@ class NeedsHelper(Exception):
         self.soft = soft  # what it will set
 
 
-def set_soft_limit(pid: int, uid: int, gid: int, which: int, soft: int) -> int:
+def set_soft_limit(
+    pid: int, ids: tuple[tuple[int, ...], tuple[int, ...]], which: int, soft: int
+) -> int:
     """Set the soft limit `which` of `pid` (never above its hard limit).
 
-    Returns the soft limit set (`soft`, or the hard limit below it). Raises `NeedsHelper`
-    when only a helper with the process's ids may do it: the caller decides how
-    to wait for it (the daemon never blocks its event loop on a process a user
-    can SIGSTOP), and `AccessDenied` when nobody may (a setuid process).
+    `ids` are the process's (uids, gids) as read just before: who owns it now.
+    Returns the soft limit to expect (`soft`, or the hard limit below it); the
+    caller verifies in /proc/PID/limits that the kernel shows it. Raises
+    `NeedsHelper` when only a helper with the process's ids may do it (the caller
+    decides how to wait for it: the daemon never blocks its event loop on a
+    process a user can SIGSTOP), and `AccessDenied` when nobody may: a process
+    whose ids differ (a setuid program) is refused before any prlimit(), also
+    where the daemon's CAP_SYS_RESOURCE would let the call through.
     """
+    uids, gids = ids
+    if len(set(uids)) != 1 or len(set(gids)) != 1:
+        raise AccessDenied(pid)  # prlimit(2) without the capability needs uid == euid == suid
     _, hard = procfs.read_limits(pid)[PROC_LIMIT_NAMES[which]]
     if hard != RLIM_INFINITY and (soft == RLIM_INFINITY or soft > hard):
         soft = hard
@@ -50,30 +57,11 @@ def set_soft_limit(pid: int, uid: int, gid: int, which: int, soft: int) -> int:
     except ProcessLookupError:
         raise NoSuchProcess(pid) from None
     except PermissionError:
-        uids, gids = procfs.read_ids(pid)
-        if len(set(uids)) != 1 or len(set(gids)) != 1:
-            raise AccessDenied(pid) from None  # prlimit(2) needs uid == euid == suid
         value = "unlimited" if soft == RLIM_INFINITY else str(soft)
-        argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+        argv = ["setpriv", f"--reuid={uids[0]}", f"--regid={gids[0]}", "--clear-groups", "--"]
         argv += ["prlimit", f"--pid={pid}", f"{_PRLIMIT_OPTIONS[which]}={value}:"]
         raise NeedsHelper(argv, soft) from None
     return soft
-
-
-def helper_failure(returncode: int, stderr: str) -> str | None:
-    """Why a helper failed, or None if it did its job."""
-    if returncode == 0:
-        return None
-    return stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {returncode}"
-
-
-def run_helper(argv: list[str]) -> str | None:
-    """Run a helper synchronously (start-up and shutdown only); why it failed, if it did."""
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=HELPER_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return str(error)
-    return helper_failure(done.returncode, done.stderr)
 
 
 LIMIT_MAX = 2**63 - 1

@@ -18,6 +18,7 @@ import errno
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,40 @@ def load(path: Path) -> list[Record]:
         else:
             log.error("state file %s: line %d unreadable, ignored", path, number)
     return list(records.values())
+
+
+def check_location(path: Path) -> None:
+    """Refuse (PermissionError, with the reason) a state file other users could tamper with.
+
+    Its directory, or the nearest one that exists if it is still to be created,
+    must belong to the daemon's user or root and be writable by nobody else: in
+    a directory others may write, even a sticky one like /tmp, a user can plant
+    names before the daemon makes them (the state file, its `.<name>.tmp`, the
+    directory itself), which the daemon would trust or trip over for ever. Each
+    directory above must belong to the daemon's user or root and be writable by
+    nobody else or sticky (then none can rename or remove what is ours in it).
+    Symlinks are resolved first: the directories checked are the real ones.
+    """
+    directory = Path(os.path.realpath(path.parent))
+    nearest = directory
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    for place in (nearest, *nearest.parents):
+        info = os.stat(place)
+        others_write = bool(info.st_mode & 0o022)
+        sticky = bool(info.st_mode & stat.S_ISVTX)
+        if info.st_uid not in (0, os.geteuid()):
+            problem = f"is owned by uid {info.st_uid}"
+        elif others_write and (place == nearest or not sticky):
+            problem = f"is writable by others (mode {info.st_mode & 0o7777:o})"
+        else:
+            continue
+        raise PermissionError(
+            errno.EPERM,
+            f"state file {path}: directory {place} {problem}: another user could plant"
+            " or replace files there; use a directory only root can write"
+            " (the default /run/restrackfs/)",
+        )
 
 
 def _read_trusted(path: Path) -> bytes:
