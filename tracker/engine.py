@@ -270,6 +270,8 @@ class Engine:
         self, entry: Entry, quota: Quota, changes: list[LimitChange], caller_uid: int
     ) -> None:
         """The quota's limits are set or given up on: keep the quota, or undo it."""
+        if entry.ended is not None:
+            self.check_current(entry)  # deregistered or exited meanwhile: say which
         if entry.quota is not quota:
             return  # reset meanwhile: nothing left to keep or undo
         error = next((change.error for change in changes if change.error is not None), None)
