@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,9 @@ def tracked(mount: Path) -> list[int]:
 
 def main() -> None:
     mount = Path(tempfile.mkdtemp(prefix="sidecar-"))
-    state = mount.with_suffix(".json")
+    # a directory of root's only: the daemon refuses a state file in /tmp itself
+    state_dir = Path(tempfile.mkdtemp(prefix="sidecar-state-"))
+    state = state_dir / "state.json"
     options = sys.argv[1:]
     before = subprocess.Popen(["sleep", "60"])  # started before the daemon
     daemon = subprocess.Popen(
@@ -76,6 +79,7 @@ def main() -> None:
     daemon.wait(10)
     for proc in (before, parent):
         proc.kill()
+    shutil.rmtree(state_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

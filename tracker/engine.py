@@ -681,8 +681,12 @@ class Engine:
     async def _then_after(changes: list[LimitChange], then: Callable[[], None]) -> None:
         for change in changes:
             await change.done.wait()
-        with suppress(OSError):  # nobody to answer; `then` logged it
+        try:
             then()
+        except OSError:
+            pass  # nobody to answer; `then` logged it
+        except Exception:  # a bug must not take the nursery, and the daemon, down
+            log.exception("after a limit change")
 
     def limit_changes(self) -> AbstractContextManager[Pending]:
         """Collect the rlimit helpers a call starts, for its caller to `settle()`."""

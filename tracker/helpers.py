@@ -22,6 +22,7 @@ helpers run inline, with the same bounds.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -88,8 +89,13 @@ class Helper:
         finally:
             os.close(write_end)
         self.stderr_fd = read_end
-        # our unreaped child: its pid cannot have been reused
-        self.pidfd = os.pidfd_open(self.proc.pid)
+        try:
+            # our unreaped child: its pid cannot have been reused
+            self.pidfd = os.pidfd_open(self.proc.pid)
+        except OSError:
+            self.proc.kill()
+            os.close(read_end)
+            raise
 
     def has_exited(self) -> bool:
         poller = select.poll()
@@ -217,7 +223,12 @@ class HelperRunner:
             trio.lowlevel.notify_closing(helper.pidfd)
             del self._running[change]
             helper.close_pipe()
-        verify(failure)
+        try:
+            verify(failure)
+        except Exception:  # a bug: the request that awaits it must not wait for ever
+            log.exception("pid=%d: checking a helper's outcome failed", change.pid)
+            if not change.done.is_set():
+                change.finish(OSError(errno.EIO, "checking the helper's outcome failed"))
         if reaped:
             helper.close()
         else:
