@@ -164,6 +164,7 @@ class HelperRunner:
         self.inline = False  # forced inline for a while (start-up, shutdown)
         self.nursery: trio.Nursery | None = None
         self._running: dict[LimitChange, Helper] = {}
+        self._stopped = False
         self.collecting: Pending | None = None
 
     def start(
@@ -198,12 +199,16 @@ class HelperRunner:
 
     def stop_all(self) -> None:
         """Before the final restore: no helper still under way may lower a limit after it."""
+        self._stopped = True  # nor one whose task has not run yet
         for change in list(self._running):
             self.cancel(change)
 
     async def _run(
         self, change: LimitChange, argv: list[str], verify: Callable[[str | None], None]
     ) -> None:
+        if self._stopped:
+            verify("not started: the daemon is stopping")
+            return
         try:
             helper = Helper(argv)
         except OSError as error:
