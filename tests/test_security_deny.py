@@ -33,7 +33,7 @@ import pytest
 from tests.conftest import HERE, NOBODY, Daemon, shared_tempdir, wait_until
 from tests.test_fs import limits_of, sh
 from tracker import limits, procfs
-from tracker.helpers import HELPER_TIMEOUT
+from tracker.helpers import HELPER_TIMEOUT, run_inline
 
 NONE = "heap=max files=max action=kill\n"
 
@@ -476,3 +476,25 @@ def test_a_state_file_in_a_root_only_directory_under_tmp_is_accepted(daemon_fact
     daemon = daemon_factory()
     assert daemon.state.parent == tmp_path
     assert "restrack_tracked_processes" in daemon.read("metrics")
+
+
+# ----- the inline helpers of start-up and shutdown ---------------------------------------
+
+
+def test_inline_helpers_are_bounded_too(tmp_path):
+    """Start-up and shutdown run helpers synchronously: a helper whose child keeps its
+    stderr open is not waited for (the old `subprocess.run` read to EOF: 30 s here),
+    and a stopped one is killed after HELPER_TIMEOUT."""
+    pid_file = tmp_path / "child"
+    start = time.monotonic()
+    failure = run_inline(["sh", "-c", f"sleep 30 & echo $! > {pid_file}; echo nope >&2; exit 3"])
+    try:
+        assert time.monotonic() - start < 1.0
+        assert failure == "nope"
+    finally:
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    start = time.monotonic()
+    failure = run_inline(["sh", "-c", "kill -STOP $$"])
+    took = time.monotonic() - start
+    assert HELPER_TIMEOUT <= took < HELPER_TIMEOUT + 1.0
+    assert failure is not None and "killed" in failure
