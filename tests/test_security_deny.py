@@ -33,7 +33,7 @@ import pytest
 from tests.conftest import HERE, NOBODY, Daemon, shared_tempdir, wait_until
 from tests.test_fs import limits_of, sh
 from tracker import limits, procfs
-from tracker.helpers import HELPER_TIMEOUT, run_inline
+from tracker.helpers import HELPER_TIMEOUT, HelperRunner, LimitChange, run_inline
 
 NONE = "heap=max files=max action=kill\n"
 
@@ -498,3 +498,19 @@ def test_inline_helpers_are_bounded_too(tmp_path):
     took = time.monotonic() - start
     assert HELPER_TIMEOUT <= took < HELPER_TIMEOUT + 1.0
     assert failure is not None and "killed" in failure
+
+
+def test_start_up_and_shutdown_helpers_share_one_timeout():
+    """At start-up and shutdown helpers run side by side within one HELPER_TIMEOUT: a
+    user who stops the helpers of many processes delays the daemon 2 s, not 2 s each."""
+    runner = HelperRunner(in_background=True)
+    outcomes: list[str | None] = []
+    start = time.monotonic()
+    with runner.batch():
+        for _ in range(4):
+            change = LimitChange(os.getpid(), limits.NOFILE, 1024)
+            runner.start(change, ["sh", "-c", "kill -STOP $$"], outcomes.append)
+        runner.start(change, ["true"], outcomes.append)
+    took = time.monotonic() - start
+    assert HELPER_TIMEOUT <= took < HELPER_TIMEOUT + 1.0, took
+    assert outcomes[-1] is None and all("killed" in str(o) for o in outcomes[:4]), outcomes

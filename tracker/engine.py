@@ -353,11 +353,8 @@ class Engine:
     def _restore_state(self) -> None:
         if self._journal is None:
             return
-        self._helpers.inline = True  # nothing is served yet: helpers run synchronously
-        try:
+        with self._helpers.batch():  # nothing is served yet: helpers run synchronously
             self._restore_entries()
-        finally:
-            self._helpers.inline = False
 
     def _restore_entries(self) -> None:
         assert self._journal is not None
@@ -411,11 +408,13 @@ class Engine:
 
     def shutdown(self) -> None:
         """Give back every soft limit deny mode lowered; keep the state file."""
-        self._helpers.inline = True
         self._helpers.stop_all()
+        with self._helpers.batch():
+            for entry in list(self._entries.values()):
+                self._restore_limits(entry)
+                entry.ended = "stopped"
+        self._helpers.inline = True
         for entry in list(self._entries.values()):
-            self._restore_limits(entry)
-            entry.ended = "stopped"
             trio.lowlevel.notify_closing(entry.process.pidfd)
             entry.process.close()
         self._entries.clear()
