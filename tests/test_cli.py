@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from restrackfs import client
-from tests.conftest import NOBODY, MiB, shared_tempdir
+from tests.conftest import NOBODY, MiB, as_user, shared_tempdir
 
 VENV_BIN = Path(sys.executable).parent
 CONSOLE_SCRIPT = VENV_BIN / "restrack"
@@ -46,7 +46,7 @@ def restrack(
         argv = [*argv, "--mount", str(mount)]
     argv += [str(a) for a in args]
     if uid is not None:
-        argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+        argv = as_user(uid, argv)
     return subprocess.run(
         argv, capture_output=True, text=True, cwd="/", env=env or environment(), timeout=30
     )

@@ -16,7 +16,7 @@ import pytest
 
 from restrackfs import client
 from restrackfs.client import NotMountedError, Resource
-from tests.conftest import NOBODY, MiB, shared_tempdir, wait_until
+from tests.conftest import NOBODY, MiB, as_user, shared_tempdir, wait_until
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 NO_QUOTA = "heap=max files=max action=kill\n"
@@ -376,8 +376,7 @@ NOBODY_SCRIPT = textwrap.dedent(
 
 
 def as_nobody(pid: int, mount: str, *calls: str) -> dict[str, list]:
-    argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", PYTHON]
-    argv += ["-c", NOBODY_SCRIPT, str(pid), mount, *calls]
+    argv = as_user(NOBODY, [PYTHON, "-c", NOBODY_SCRIPT, pid, mount, *calls])
     result = subprocess.run(argv, capture_output=True, text=True, cwd="/", timeout=30)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)

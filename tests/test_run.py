@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from restrackfs.cli import include_dir
-from tests.conftest import NOBODY, wait_until
+from tests.conftest import NOBODY, as_user, wait_until
 
 HERE = Path(__file__).parent
 SEED = HERE.parents[1] / "shared" / "seed" / "kernel-patch-README.md"
@@ -42,7 +42,7 @@ def restrack_run(daemon, *program: object, uid: int | None = None, **kw):
     argv = [sys.executable, "-m", "restrackfs.cli", "--mount", str(daemon.mountpoint), "run"]
     argv += ["--", *map(str, program)]
     if uid is not None:
-        argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+        argv = as_user(uid, argv)
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60, **kw)
     print(result.stderr, file=sys.stderr)  # shown when a test fails
     return result

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import NOBODY, Daemon, Workload, shared_tempdir, wait_until
+from tests.conftest import as_user as user_argv
 from tests.test_fs import limits_of, sh
 from tracker import state as state_file
 
@@ -95,9 +96,8 @@ CLIENT_SCRIPT = textwrap.dedent(
 
 
 def as_user(uid: int, *argv: object, **kw) -> subprocess.CompletedProcess[str]:
-    prefix = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
     return subprocess.run(
-        [*prefix, *map(str, argv)], capture_output=True, text=True, cwd="/", timeout=60, **kw
+        user_argv(uid, argv), capture_output=True, text=True, cwd="/", timeout=60, **kw
     )
 
 
