@@ -158,6 +158,7 @@ async def serve(args: argparse.Namespace, on_ready: Callable[[], None]) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_terminate_on_signal)
+                nursery.start_soon(ops.run_invalidations)
                 if args.policy.enabled:
                     nursery.start_soon(AutoTracker(engine, args.policy).run)
                 log.info("mounted on %s (state %s)", args.mountpoint, args.state)
@@ -165,6 +166,7 @@ async def serve(args: argparse.Namespace, on_ready: Callable[[], None]) -> None:
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:
+            ops.detach()
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", args.mountpoint)
 

@@ -186,3 +186,22 @@ def test_the_daemon_does_not_track_itself(daemon):
     assert daemon.proc is not None
     assert errno_of(lambda: daemon.register(daemon.proc.pid)) == errno.EPERM
     assert str(daemon.proc.pid) not in os.listdir(daemon.mountpoint)
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_a_stop_right_after_exits_logs_no_traceback(daemon, spawn, attempt):
+    """Found by a newcomer (2 of 2 tries): a tracked process that exits just before
+    SIGTERM left an invalidation queued that ran after the unmount, and pyfuse3 logged
+    `Failed to submit invalidate_entry request` with a traceback at a clean stop."""
+    workloads = [spawn() for _ in range(4)]
+    for w in workloads:
+        daemon.register(w.pid)
+    for w in workloads:
+        w.proc.kill()
+    for w in workloads:
+        w.proc.wait()
+    assert daemon.stop(signal.SIGTERM) == 0
+    log = daemon.log_text()
+    after = log[log.index("SIGTERM: unmounting") :]
+    assert "unmounted" in after
+    assert "Traceback" not in after and " ERROR " not in after, after
