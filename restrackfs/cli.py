@@ -218,7 +218,8 @@ def write_textfile(directory: Path, text: str, name: str = "restrack.prom") -> P
         os.replace(temp, target)
     except OSError as error:
         temp.unlink(missing_ok=True)
-        raise OSError(error.errno, f"{directory}: {error.strerror}") from None
+        reason = os.strerror(error.errno or errno.EIO).lower()
+        raise OSError(error.errno, f"{directory}: {reason}") from None
     return target
 
 
@@ -327,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _describe(error: OSError) -> str:
-    return error.strerror or os.strerror(error.errno or errno.EIO)
+    """The client's message as it is (it quotes values, which must keep their case)."""
+    return error.strerror or os.strerror(error.errno or errno.EIO).lower()
 
 
 def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
@@ -341,7 +343,7 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
         print(f"restrack: {_describe(error)}", file=sys.stderr)
         return EXIT_NOT_MOUNTED
     except OSError as error:
-        print(f"restrack: {_describe(error).lower()}", file=sys.stderr)
+        print(f"restrack: {_describe(error)}", file=sys.stderr)
         return EXIT_CODES.get(error.errno or 0, 1)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED if args.command != "top" else 0

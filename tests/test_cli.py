@@ -413,7 +413,15 @@ def test_already_tracked(m, spawn):
 
 def test_deregister_untracked(m, spawn):
     w = spawn()
-    fails(restrack(m, "deregister", w.pid), 3, f"{w.pid}: not tracked")
+    fails(restrack(m, "deregister", w.pid), 5, f"{w.pid}: not tracked")
+
+
+@pytest.mark.parametrize(
+    "args", [["deregister"], ["show"], ["cap", "--files", "1"], ["reset"], ["reset", "--quota"]]
+)
+def test_a_pid_that_names_no_process(m, args):
+    pid = dead_pid()
+    fails(restrack(m, args[0], pid, *args[1:]), 3, f"{pid}: no such process")
 
 
 @pytest.mark.parametrize(
@@ -457,18 +465,19 @@ def test_quota_already_set(m, daemon, spawn):
 
 
 @pytest.mark.parametrize(
-    "args",
+    "args, reason",
     [
-        ["--heap", "10MB"],
-        ["--heap", "-5"],
-        ["--files", "ten"],
-        ["--heap", "40M", "--files", "-1"],
+        (["--heap", "10MB"], "bad size '10MB': want bytes with K/M/G/T suffix, or max"),
+        (["--heap", "-5"], "bad size '-5': want bytes with K/M/G/T suffix, or max"),
+        (["--files", "ten"], "bad count 'ten': want a non-negative integer, or max"),
+        (["--heap", "40M", "--files", "-1"], "bad count '-1': want a non-negative integer, or max"),
+        (["--heap", "9" * 20], f"size '{'9' * 20}' is too large"),
     ],
 )
-def test_invalid_quota(m, daemon, spawn, args):
+def test_invalid_quota(m, daemon, spawn, args, reason):
     w = spawn()
     ok(restrack(m, "register", w.pid))
-    fails(restrack(m, "cap", w.pid, *args), 2, f"{w.pid}: invalid argument")
+    fails(restrack(m, "cap", w.pid, *args), 2, f"{w.pid}: {reason}")
     assert daemon.read(w.pid, "quota") == NO_QUOTA
     ok(restrack(m, "cap", w.pid, "--files", "5"))  # nothing was defined
 

@@ -60,7 +60,8 @@ def test_default_quota_is_validated_at_start(tmp_path):
     result = subprocess.run(
         [*argv, "--default-quota", "heap=lots", str(tmp_path)], capture_output=True, text=True
     )
-    assert result.returncode == 2 and "--default-quota" in result.stderr
+    assert result.returncode == 2
+    assert "--default-quota: bad size 'lots': want bytes with K/M/G/T suffix" in result.stderr
     result = subprocess.run(
         [*argv[:-1], "--default-quota", "files=1", str(tmp_path)], capture_output=True, text=True
     )
