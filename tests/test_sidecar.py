@@ -23,7 +23,9 @@ def in_pid_namespace(*daemon_options: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    seen = json.loads(result.stdout)
+    assert not os.path.lexists(seen["mount"]) and not os.path.lexists(seen["state"])
+    return seen
 
 
 def test_track_all_in_a_pid_namespace_with_default_quota():
