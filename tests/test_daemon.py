@@ -16,7 +16,7 @@ import pytest
 
 from restrackfs.daemon import default_state_path
 from restrackfs.fs import boundary
-from tests.conftest import NOBODY, MiB, wait_until
+from tests.conftest import NOBODY, MiB, shared_tempdir, wait_until
 from tests.test_fs import errno_of, limits_of
 from tracker import state
 
@@ -205,3 +205,28 @@ def test_a_stop_right_after_exits_logs_no_traceback(daemon, spawn, attempt):
     after = log[log.index("SIGTERM: unmounting") :]
     assert "unmounted" in after
     assert "Traceback" not in after and " ERROR " not in after, after
+
+
+@pytest.mark.parametrize("first", [None, "--hidepid"])
+def test_scripts_run_takes_options_without_a_mount_point(tmp_path, first):
+    """`scripts/run --hidepid` mounted nothing (`mkdir: unrecognized option`): options
+    alone mean the default mount point, $RESTRACK_MOUNT (here) or /restrack."""
+    mount = shared_tempdir("restrack-mnt-")
+    script = Path(__file__).parents[1] / "scripts" / "run"
+    options = ["--hidepid", "--state", str(tmp_path / "state.json")]
+    argv = [str(script), *options] if first else [str(script), str(mount), *options]
+    env = {**os.environ, "RESTRACK_MOUNT": str(mount)}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: os.path.ismount(mount) or proc.poll() is not None, 60, "the mount")
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        # scripts/run execs the daemon: its command line is what scripts/run passed
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        assert cmdline[-4:] == [b"--hidepid", b"--state", os.fsencode(options[-1]), bytes(mount)]
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        if proc.stdout:
+            proc.stdout.close()
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+        mount.rmdir()
