@@ -18,7 +18,12 @@ import pyfuse3
 import trio
 
 from restrackfs.fs import RestrackOperations
-from tracker.autotrack import AutoTracker, Policy
+from tracker.autotrack import (
+    AutoTracker,
+    Policy,
+    in_initial_pid_namespace,
+    proc_matches_my_pid_namespace,
+)
 from tracker.engine import open_engine
 from tracker.errors import InvalidArgument
 from tracker.quota import parse_quota
@@ -78,6 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="QUOTA",
         help="quota written for each auto-tracked process, e.g. 'heap=1G files=512 action=kill'",
     )
+    tracking.add_argument(
+        "--yes-all-host-processes",
+        action="store_true",
+        help="allow --track-all with a kill or deny --default-quota in the host's pid "
+        "namespace, where it caps every process of the machine",
+    )
     args = parser.parse_args(argv)
     if args.interval < 1:
         parser.error("--interval must be at least 1 ms")
@@ -88,12 +99,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.policy = Policy(args.track_all, args.track_comm, args.track_children, default_quota)
     if default_quota is not None and not args.policy.enabled:
         parser.error("--default-quota needs --track-all, --track-comm or --track-children")
+    if args.policy.enabled and not proc_matches_my_pid_namespace():
+        parser.error(MISMATCHED_PROC)
+    if (
+        args.policy.acts_on_everything
+        and not args.yes_all_host_processes
+        and in_initial_pid_namespace()
+    ):
+        parser.error(HOST_NAMESPACE)
     args.mountpoint = args.mountpoint.absolute()
     if args.state is None:
         args.state = default_state_path(args.mountpoint)
     if args.log_file is None and not args.foreground:
         args.log_file = args.state.with_suffix(".log")
     return args
+
+
+HOST_NAMESPACE = (
+    "refusing --track-all with a kill or deny --default-quota in the host's pid namespace: "
+    "it would cap every process of this machine. Run the daemon in the application's pid "
+    "namespace (unshare --pid --fork --mount-proc restrackfs ..., or a pod with "
+    "shareProcessNamespace), narrow it with --track-comm or --track-children, or give "
+    "--yes-all-host-processes if you mean it"
+)
+MISMATCHED_PROC = (
+    "/proc shows another pid namespace than the daemon's (unshare --pid --fork without "
+    "--mount-proc?): its pids would name other processes; use unshare --pid --fork --mount-proc"
+)
 
 
 def default_state_path(mountpoint: Path) -> Path:
