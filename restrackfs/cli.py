@@ -41,14 +41,15 @@ EXIT_NO_EMULATION = 125
 
 
 def human_size(size: int | None) -> str:
-    """1536 -> 1.5K; binary units, as `ls -h`."""
+    """1536 -> 1.5K, 31457285 -> 30M: binary units, at most one decimal, never a
+    trailing .0 (so a quota and a usage of about the same size read alike)."""
     if size is None:
         return "-"
     value = float(size)
     for unit in ("", "K", "M", "G", "T"):
-        if value < 1024 or unit == "T":
-            exact = value == int(value) or value >= 100
-            return f"{int(value)}{unit}" if exact else f"{value:.1f}{unit}"
+        shown = round(value, 1) if value < 100 else float(round(value))
+        if shown < 1024 or unit == "T":
+            return f"{shown:.1f}".removesuffix(".0") + unit
         value /= 1024
     raise AssertionError("unreachable")
 
@@ -183,6 +184,9 @@ def _by_use(s: Stat) -> tuple[bool, float, int]:
     return (over_quota(s), -1.0 if use is None else use, -s.pid)
 
 
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
 def cmd_top(args: argparse.Namespace, out: TextIO) -> int:
     shown = 0
     while args.iterations is None or shown < args.iterations:
@@ -190,7 +194,9 @@ def cmd_top(args: argparse.Namespace, out: TextIO) -> int:
             time.sleep(args.delay)
         stats = sorted(collect(args.mount), key=_by_use, reverse=True)
         header = f"restrack top - {time.strftime('%H:%M:%S')} - {len(stats)} tracked"
-        out.write("\x1b[H\x1b[2J" + header + "\n\n" + table(stats) + "\n")
+        # a terminal is redrawn in place; a pipe or file gets plain tables, one after another
+        clear = CLEAR_SCREEN if out.isatty() else "\n" if shown else ""
+        out.write(clear + header + "\n\n" + table(stats) + "\n")
         out.flush()
         shown += 1
     return 0

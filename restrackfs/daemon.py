@@ -7,6 +7,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import resource
 import signal
 import socket
@@ -149,6 +150,58 @@ def clear_stale_mount(mountpoint: Path) -> None:
         raise OSError(err, f"cannot detach stale mount {mountpoint}: {os.strerror(err)}")
 
 
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes a space as \040
+
+
+def _mount_type(mountpoint: Path) -> str | None:
+    """The filesystem type of the topmost mount at `mountpoint`, from mountinfo."""
+    found = None
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields, _, tail = line.partition(" - ")
+            where = _OCTAL_ESCAPE.sub(lambda m: chr(int(m[1], 8)), fields.split(" ")[4])
+            if where == str(mountpoint) and tail:
+                found = tail.split(" ")[0]
+    return found
+
+
+def _fuse_servers(mountpoint: Path) -> list[tuple[int, str]]:
+    """Processes holding /dev/fuse whose command line names `mountpoint`."""
+    servers = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{name}/fd")
+            if not any(os.readlink(f"/proc/{name}/fd/{fd}") == "/dev/fuse" for fd in fds):
+                continue
+            with open(f"/proc/{name}/cmdline", "rb") as file:
+                argv = [os.fsdecode(arg) for arg in file.read().split(b"\0") if arg]
+            cwd = os.readlink(f"/proc/{name}/cwd")
+        except OSError:
+            continue  # gone meanwhile, or not ours to look at
+        if any(os.path.abspath(os.path.join(cwd, arg)) == str(mountpoint) for arg in argv[1:]):
+            servers.append((int(name), " ".join(argv)))
+    return servers
+
+
+def already_mounted(mountpoint: Path) -> str:
+    """Why the daemon will not mount over a live mount, who holds it, what to do."""
+    kind = _mount_type(mountpoint) or "unknown type"
+    servers = _fuse_servers(mountpoint) if kind.startswith("fuse") else []
+    if servers:
+        pids = " ".join(str(pid) for pid, _ in servers)
+        who = "; ".join(f"pid {pid}: {command}" for pid, command in servers)
+        return (
+            f"{mountpoint}: already mounted ({kind}, served by {who}); stop that daemon "
+            f"first (kill {pids}), or choose another mount point"
+        )
+    return (
+        f"{mountpoint}: already mounted ({kind}, by no process found here); "
+        f"umount {mountpoint} if it is not wanted, or choose another mount point"
+    )
+
+
 def mount_options() -> set[str]:
     options = {"fsname=restrackfs", "subtype=restrackfs", "noatime"}
     if os.geteuid() == 0:
@@ -249,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.mountpoint.is_dir():
             raise OSError(errno.ENOTDIR, f"{args.mountpoint}: not a directory")
         if os.path.ismount(args.mountpoint):
-            raise OSError(errno.EBUSY, f"{args.mountpoint}: already mounted")
+            raise OSError(errno.EBUSY, already_mounted(args.mountpoint))
         raise_fd_limit()
 
         def ready() -> None:
@@ -257,8 +310,8 @@ def main(argv: list[str] | None = None) -> None:
             notify_systemd("READY=1")
 
         trio.run(serve, args, ready)
-    except OSError as error:
-        log.error("%s", error)
+    except OSError as error:  # our own errors say it all in words, without [Errno N]
+        log.error("%s", error.strerror if error.strerror and error.filename is None else error)
         report(1)
         sys.exit(1)
     except KeyboardInterrupt:

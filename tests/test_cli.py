@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import re
 import select
 import signal
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from restrackfs import client
+from restrackfs.cli import human_size
 from tests.conftest import NOBODY, MiB, shared_tempdir
 
 VENV_BIN = Path(sys.executable).parent
@@ -223,6 +226,17 @@ def test_human_sizes_in_the_table(m, spawn):
         assert by_pid[workloads[text].pid][4] == shown, text
 
 
+def test_one_size_format():
+    """A usage of about 30 MiB read `30.0M` beside a `40M` quota: now one format,
+    at most one decimal and no trailing .0."""
+    sizes = {
+        0: "0", 1023: "1023", 1024: "1K", 1536: "1.5K", 30 * MiB + 5: "30M",
+        40 * MiB: "40M", int(1.26 * MiB): "1.3M", 150 * MiB + MiB // 2: "150M",
+        1024 * MiB - 1: "1G", None: "-",
+    }  # fmt: skip
+    assert {size: human_size(size) for size in sizes} == sizes
+
+
 def test_reset_forms(m, daemon, spawn):
     w = spawn()
     ok(restrack(m, "register", w.pid))
@@ -238,6 +252,10 @@ def test_reset_forms(m, daemon, spawn):
     ok(restrack(m, "reset", w.pid))
     assert client.fetch(w.pid, mount=m) == client.Resource(w.pid, 0, 0, None, None)
     assert daemon.read(w.pid, "quota") == NO_QUOTA
+    resets = [
+        line.split(" INFO ")[1] for line in daemon.log_text().splitlines() if " reset " in line
+    ]
+    assert resets == [f"reset pid={w.pid} {what} by uid=0" for what in ("usage", "quota", "all")]
     result = restrack(m, "reset", w.pid, "--quota", "--usage")
     assert result.returncode == 2 and "not allowed with" in result.stderr
 
@@ -268,6 +286,35 @@ def test_top_orders_by_quota_use(m, spawn):
     expected = [most.pid, half.pid, little.pid, none.pid]
     assert top_frames(out) == [expected, expected]
     assert out.count("4 tracked") == 2
+
+
+def test_top_prints_plain_tables_when_not_a_terminal(m, spawn):
+    w = spawn()
+    ok(restrack(m, "register", w.pid))
+    out = ok(restrack(m, "top", "-n", "2", "--delay", "0"))
+    assert "\x1b" not in out  # no clear-screen codes in a pipe or a file
+    assert top_frames(out) == [[w.pid], [w.pid]]
+
+
+def test_top_redraws_a_terminal(m, spawn):
+    w = spawn()
+    ok(restrack(m, "register", w.pid))
+    primary, secondary = pty.openpty()
+    try:
+        argv = [str(VENV_BIN / "python"), "-m", "restrackfs.cli", "--mount", str(m)]
+        subprocess.run([*argv, "top", "-n", "1"], stdout=secondary, env=environment(), timeout=30)
+        os.close(secondary)
+        secondary = -1
+        out = b""
+        with contextlib.suppress(OSError):  # EIO once everything was read
+            while chunk := os.read(primary, 65536):
+                out += chunk
+    finally:
+        os.close(primary)
+        if secondary >= 0:
+            os.close(secondary)
+    assert out.startswith(b"\x1b[H\x1b[2Jrestrack top - ")
+    assert top_frames(out.decode()) == [[w.pid]]
 
 
 def test_exceeded_zero_quota_sorts_first(m, spawn):

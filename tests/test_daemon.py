@@ -143,8 +143,25 @@ def test_refuses_a_live_mount(daemon, tmp_path):
     argv = [sys.executable, "-m", "restrackfs.daemon", "--foreground"]
     argv += ["--state", str(tmp_path / "other.json"), str(daemon.mountpoint)]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=20)
-    assert result.returncode == 1 and "already mounted" in result.stderr
+    assert result.returncode == 1, result.stderr
+    assert f"{daemon.mountpoint}: already mounted (fuse.restrackfs, served by pid " in result.stderr
+    assert f"stop that daemon first (kill {daemon.proc.pid})" in result.stderr
     assert "restrack_tracked_processes" in daemon.read("metrics")
+
+
+def test_refuses_a_mount_of_something_else(daemon_factory, tmp_path):
+    daemon = daemon_factory(start=False)
+    tmpfs = ["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", daemon.mountpoint]
+    subprocess.run(tmpfs, check=True)
+    try:
+        argv = [sys.executable, "-m", "restrackfs.daemon", "--foreground"]
+        argv += ["--state", str(tmp_path / "other.json"), str(daemon.mountpoint)]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        assert result.returncode == 1, result.stderr
+        assert f"{daemon.mountpoint}: already mounted (tmpfs, " in result.stderr
+        assert f"umount {daemon.mountpoint} if it is not wanted" in result.stderr
+    finally:
+        subprocess.run(["umount", daemon.mountpoint], check=True)
 
 
 def test_default_state_path_is_per_mount_point():
