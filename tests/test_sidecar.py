@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from restrackfs.daemon import parse_args
-from tests.conftest import MiB
+from tests.conftest import MiB, shared_tempdir, wait_until
 from tracker.autotrack import in_initial_pid_namespace
 
 HERE = Path(__file__).parent
@@ -239,3 +240,27 @@ def test_a_proc_of_another_pid_namespace_is_refused():
     result = parse_in(["unshare", "--pid", "--fork"], "--track-all")
     assert result.returncode == 2
     assert "/proc shows another pid namespace than the daemon's" in result.stderr
+
+
+def test_a_mount_made_in_the_namespace_is_shared_through_a_shared_mount_point(tmp_path):
+    """The README's recipe: a mount made inside `--mount-proc` is the namespace's own,
+    unless the mount point is a shared mount and unshare leaves propagation as it is."""
+    point = shared_tempdir("restrack-mnt-")
+    subprocess.run(["mount", "--bind", point, point], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", point], check=True)
+        unshare = ["unshare", "--pid", "--fork", "--mount-proc", "--propagation", "unchanged"]
+        argv = [*unshare, *daemon_argv("--state", str(tmp_path / "state.json"), str(point))]
+        proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        try:
+            wait_until(lambda: (point / "metrics").exists() or proc.poll() is not None, 20)
+            assert "restrack_tracked_processes 0" in (point / "metrics").read_text()
+        finally:  # unshare does not pass SIGTERM on: stop the daemon, its child
+            for daemon in children.read_text().split() if proc.poll() is None else []:
+                os.kill(int(daemon), signal.SIGTERM)
+            proc.wait(20)
+        wait_until(lambda: not (point / "metrics").exists(), 10, "the namespace's unmount")
+    finally:
+        subprocess.run(["umount", point], check=True)
+        point.rmdir()
