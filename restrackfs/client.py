@@ -71,7 +71,7 @@ class Stat:
     action: str
     heap_total: int
     openfile_total: int
-    registered: int
+    registered: int  # when it was registered, in unix seconds
 
     def resource(self) -> Resource:
         return Resource(
