@@ -184,6 +184,8 @@ def _read(root: Path, relative: str, subject: str) -> str:
 def _check_pid(pid: int) -> int:
     if isinstance(pid, bool) or not isinstance(pid, int):
         raise TypeError(f"pid must be an int, not {type(pid).__name__}")
+    if pid < 1:  # the daemon refuses it too (EINVAL); say why
+        raise OSError(errno.EINVAL, f"{pid}: not a pid: want an integer >= 1")
     return pid
 
 

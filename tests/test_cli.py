@@ -537,7 +537,7 @@ def test_cap_needs_something_to_set(m, daemon, spawn):
 
 
 def test_register_zero_is_invalid(m):
-    fails(restrack(m, "register", 0), 2, "0: invalid argument")
+    fails(restrack(m, "register", 0), 2, "0: not a pid: want an integer >= 1")
 
 
 @pytest.mark.parametrize(

@@ -314,6 +314,7 @@ def test_register_no_such_process(m):
 def test_register_invalid_pid(m, pid):
     error = raised(client.register, pid, mount=m)
     assert type(error) is OSError and error.errno == errno.EINVAL
+    assert error.strerror == f"{pid}: not a pid: want an integer >= 1"
 
 
 def test_register_twice(m, spawn):
