@@ -146,6 +146,9 @@ class RestrackOperations(pyfuse3.Operations):
         # With hidepid the kernel's shared dentry cache would show one user's
         # lookups to another, so process directories are not cached at all.
         self._dir_timeout = 0.0 if hidepid else STABLE_TIMEOUT
+        # Names of removed directories for `run_invalidations`; None while it does not run.
+        self._invalidations: trio.MemorySendChannel[bytes] | None = None
+        self._attached = True  # False once the session closes: no kernel notification then
         engine.on_removal(self._entry_removed)
         engine.on_event(self._events_moved)
 
@@ -153,20 +156,57 @@ class RestrackOperations(pyfuse3.Operations):
 
     def _entry_removed(self, entry: Entry) -> None:
         self.inodes.forget(entry)
-        for poll_handle in self._pollers.pop(entry.serial, {}).values():
+        pollers = self._pollers.pop(entry.serial, {}).values()
+        if not self._attached:
+            return
+        for poll_handle in pollers:
             poll_handle.notify()
         name = str(entry.pid).encode()
         if self._removed_by_request is not None:
             self._removed_by_request.append(name)
-        try:
-            pyfuse3.invalidate_entry_async(ROOT, name, ignore_enoent=True)
-        except Exception:  # not mounted (engine-only use) or session closing
-            log.debug("no invalidation for %d", entry.pid, exc_info=True)
+        if self._invalidations is None:
+            return  # not mounted (engine-only use), or the session is ending
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            self._invalidations.send_nowait(name)
 
     def _events_moved(self, entry: Entry) -> None:
         for serial in (entry.serial, 0):
-            for poll_handle in self._pollers.pop(serial, {}).values():
-                poll_handle.notify()
+            pollers = self._pollers.pop(serial, {}).values()
+            if self._attached:
+                for poll_handle in pollers:
+                    poll_handle.notify()
+
+    async def run_invalidations(self) -> None:
+        """Make the kernel forget removed process directories, one at a time.
+
+        Run in the serving nursery instead of pyfuse3's `invalidate_entry_async`,
+        whose thread could still hold a request when the session closed and then
+        logged a traceback at a clean stop (a process exiting just before SIGTERM).
+        Here an invalidation under way is finished (shielded, at most 1 s, since it
+        blocks in the kernel) before the session closes, and those still queued
+        are dropped with the mount.
+        """
+        send, receive = trio.open_memory_channel[bytes](float("inf"))
+        self._invalidations = send
+        try:
+            async with receive:
+                async for name in receive:
+                    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                        await self._invalidate(name)
+        finally:
+            self._invalidations = None
+
+    @staticmethod
+    async def _invalidate(name: bytes) -> None:
+        with contextlib.suppress(OSError):  # ENOENT: the kernel had nothing cached
+            await trio.to_thread.run_sync(
+                pyfuse3.invalidate_entry, ROOT, name, abandon_on_cancel=True
+            )
+
+    def detach(self) -> None:
+        """The session is about to close: send the kernel nothing more."""
+        self._attached = False
+        self._invalidations = None
 
     async def _invalidate_now(self, names: list[bytes]) -> None:
         """Make the kernel forget directories removed by this request before it returns.

@@ -78,7 +78,8 @@ def sys_register(pid: int, mount: str | None) -> int:
 def sys_deregister(pid: int, mount: str | None) -> int:
     if pid < 1:
         return -errno.EINVAL
-    return _call(lambda: client.deregister(pid, mount=mount), {})
+    # the client says "not tracked" with ENOENT; the ABI with ESRCH
+    return _call(lambda: client.deregister(pid, mount=mount), {errno.ENOENT: errno.ESRCH})
 
 
 def _not_registered_is_einval(pid: int) -> dict[int, int]:

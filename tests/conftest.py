@@ -77,7 +77,7 @@ def user_python() -> str:
     are copied there, and a two-line wrapper runs a Python that uid can execute with that
     copy first on its path. Fails with the reason when no interpreter qualifies.
     """
-    root = shared_tempdir("restrack-userpy-")
+    root = Path(tempfile.mkdtemp(prefix="restrack-userpy-"))  # removed at session finish
     _user_python_dirs.append(root)
     site = root / "site"
     for package in ("restrackfs", "tracker"):
@@ -211,11 +211,29 @@ def spawn(workload_binary: Path) -> Iterator[Callable[..., Workload]]:
         workload.stop()
 
 
+_SHARED_TEMPDIRS: list[Path] = []
+
+
 def shared_tempdir(prefix: str) -> Path:
-    """A directory every uid can enter (pytest's tmp_path is root-only)."""
+    """A directory every uid can enter (pytest's tmp_path is root-only).
+
+    Whoever makes one removes it; `_nothing_left_in_tmp` checks that at the end."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
     path.chmod(0o755)
+    _SHARED_TEMPDIRS.append(path)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_left_in_tmp() -> Iterator[None]:
+    """The suite leaves nothing in /tmp: every shared temp dir is gone at the end
+    (a daemon that outlived its test once recreated them by saving its state)."""
+    yield
+    left = [path for path in _SHARED_TEMPDIRS if os.path.lexists(path)]
+    for path in left:
+        _unmount(path)
+        shutil.rmtree(path, ignore_errors=True)
+    assert not left, f"tests left these behind: {sorted(map(str, left))}"
 
 
 class Daemon:
@@ -275,27 +293,52 @@ def _unmount(path: Path) -> None:
     subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-@pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    daemons: list[Daemon] = []
+class DaemonFactory:
+    """Starts daemons on fresh mount points; `cleanup` stops and removes them all."""
 
-    def make(*options: str, start: bool = True) -> Daemon:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.daemons: list[Daemon] = []
+
+    def __call__(self, *options: str, start: bool = True) -> Daemon:
         mountpoint = shared_tempdir("restrack-mnt-")
-        daemon = Daemon(mountpoint, tmp_path / f"state{len(daemons)}.json", tmp_path / "daemon.log")
-        daemons.append(daemon)
+        state = self.tmp_path / f"state{len(self.daemons)}.json"
+        daemon = Daemon(mountpoint, state, self.tmp_path / "daemon.log")
+        self.daemons.append(daemon)
         if start:
             daemon.start(*options)
         return daemon
 
-    yield make
-    for daemon in daemons:
-        if daemon.proc is not None:
-            daemon.stop()
-        if os.path.ismount(daemon.mountpoint) or not os.path.exists(daemon.mountpoint):
-            _unmount(daemon.mountpoint)
-        shutil.rmtree(daemon.mountpoint, ignore_errors=True)
+    def stop_all(self) -> None:
+        """Stop every daemon still running (one that outlived a fixture's directory
+        would write its state file there anew, recreating the directory)."""
+        for daemon in self.daemons:
+            if daemon.proc is None:
+                continue
+            try:
+                daemon.stop()
+            except subprocess.TimeoutExpired:
+                daemon.proc.kill()
+                daemon.proc.wait()
+                daemon.proc = None
+
+    def cleanup(self) -> None:
+        self.stop_all()
+        for daemon in self.daemons:
+            if os.path.ismount(daemon.mountpoint) or not os.path.exists(daemon.mountpoint):
+                _unmount(daemon.mountpoint)
+            shutil.rmtree(daemon.mountpoint, ignore_errors=True)
 
 
 @pytest.fixture
-def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
+def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
+    factory = DaemonFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
+
+
+@pytest.fixture
+def daemon(daemon_factory: DaemonFactory) -> Daemon:
     return daemon_factory()

@@ -278,7 +278,8 @@ class Engine:
             self._with_quota.pop(entry.pid, None)
         elif entry.quota is not None and entry.quota.action is Action.DENY:
             self._apply_limits(entry)
-        log.info("reset pid=%d quota=%s usage=%s by uid=%d", entry.pid, quota, usage, caller_uid)
+        what = "all" if quota and usage else "quota" if quota else "usage"  # the file's words
+        log.info("reset pid=%d %s by uid=%d", entry.pid, what, caller_uid)
 
     # ----- lifecycle -----------------------------------------------------
 
