@@ -6,6 +6,7 @@ how many handles they hold open. Real uids (setpriv), a real mount, real kernels
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,42 @@ def test_restrack_run_never_acts_as_root_for_a_thread_that_exits(daemon, spawn, 
     assert daemon.read(uncapped.pid, "quota") == NO_QUOTA
     assert all(w.alive() for w in (unregistered, uncapped, capped))
     assert "by uid=0" not in daemon.log_text()[log_before:]
+
+
+# ----- a files quota with the main thread gone (issue 17, point 4) -----------------------
+
+
+@pytest.fixture(scope="module")
+def leaderless(bin_dir: Path) -> Path:
+    return compile_c(HERE / "c" / "leaderless.c", bin_dir / "leaderless")
+
+
+def test_a_files_quota_holds_when_the_main_thread_has_exited(daemon, leaderless):
+    """Found in issue 17: with the leader a zombie, /proc/PID/fd reports st_size 0 and
+    no error, so the count read 0 and the fallback to a live thread never ran: under
+    root's `files=2 action=kill` a process opened 10 fds and lived until something
+    else happened to read its memory. Now the count is read through a live thread: the
+    file shows it, and the periodic check alone kills the process."""
+    proc = subprocess.Popen(
+        as_nobody(leaderless), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        pid = int(proc.stdout.readline())
+        daemon.register(pid)
+        daemon.write("files=2 action=kill", pid, "quota")  # root's
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "ready\n"
+        assert Path(f"/proc/{pid}/status").read_text().count("VmData") == 0  # a zombie leader
+        proc.stdin.write("open 1\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "opened 1\n"
+        assert daemon.read(pid, "openfile_count") == "1\n"
+        proc.stdin.write("open 10\n")
+        proc.stdin.flush()
+        proc.stdout.readline()
+        # nothing reads it now: the periodic check (100 ms) must see it on its own
+        assert proc.wait(timeout=2) == -9
+    finally:
+        proc.kill()
+        proc.wait()
