@@ -358,7 +358,9 @@ def test_a_process_cannot_escape_its_quota_by_ending_its_main_thread(daemon, bin
         proc.stdin.write("go\n")
         proc.stdin.flush()
         done = proc.stdout.readline()  # "" once killed
-        if done:
+        if not done:  # end of file: it is exiting, though perhaps not yet waitable
+            proc.wait(timeout=5)
+        else:
             deadline = time.monotonic() + 0.5  # a few more check intervals
             while proc.poll() is None and time.monotonic() < deadline:
                 daemon.read("metrics")
