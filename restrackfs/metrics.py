@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from tracker.engine import Measurement
+from tracker.procfs import escape_comm
 from tracker.quota import Action
 
 _GAUGES = (
@@ -16,6 +17,7 @@ _GAUGES = (
 
 
 def _escape(value: str) -> str:
+    """A label value by the exposition format's rules (backslash, quote, newline)."""
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
@@ -24,7 +26,11 @@ def _values(m: Measurement) -> tuple[int | None, ...]:
 
 
 def render(measurements: Iterable[Measurement], enforcements: Mapping[Action, int]) -> str:
-    rows = [(f'pid="{m.pid}",comm="{_escape(m.comm)}"', _values(m)) for m in measurements]
+    """The exposition; a `comm` label's value is the name as `PID/stat` shows it
+    (escaped, so printable), then escaped again by the format's own rules."""
+    rows = [
+        (f'pid="{m.pid}",comm="{_escape(escape_comm(m.comm))}"', _values(m)) for m in measurements
+    ]
     lines: list[str] = []
     for column, (name, help_text) in enumerate(_GAUGES):
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]

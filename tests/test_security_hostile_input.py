@@ -5,14 +5,30 @@ how many handles they hold open. Real uids (setpriv), a real mount, real kernels
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import os
+import re
 import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
+from restrackfs import client, logguard, metrics
+from restrackfs.logguard import LogGuard
 from tests.conftest import NOBODY, Daemon
 from tests.test_run import compile_c, restrack_run
+from tests.test_security import ABI_OPS_C
+from tracker.engine import Measurement
+from tracker.procfs import PID_MAX_LIMIT, escape_comm
+from tracker.quota import Action, Quota
 
 HERE = Path(__file__).parent
 NO_QUOTA = "heap=max files=max action=kill\n"
@@ -95,3 +111,304 @@ def test_a_files_quota_holds_when_the_main_thread_has_exited(daemon, leaderless)
     finally:
         proc.kill()
         proc.wait()
+
+
+# ----- names that forge lines (issue 17, point 5) ------------------------------------------
+
+# A process that takes names on stdin, as hex, and gives itself each (prctl's
+# PR_SET_NAME through /proc/self/comm), answering "ok" once it is its name.
+NAMER = textwrap.dedent(
+    """
+    import sys
+    print("ready", flush=True)
+    for line in sys.stdin:
+        with open("/proc/self/comm", "wb") as comm:
+            comm.write(bytes.fromhex(line.strip()))
+        print("ok", flush=True)
+    """
+)
+FORGERS = {
+    "fs pid 1": b"x\x1cpid 1",  # str.splitlines() splits on \x1c: a forged `pid 1` line
+    "fs": b"a\x1cb",  # a line without a space: crashed `dict(...)` in the client
+    "cr esc": b"\x1b[2J\rgotcha",  # clears a terminal, rewrites a log line
+    "nel ls": "\x85\u2028p".encode(),  # C1 NEL and LINE SEPARATOR
+}
+UNSPLITTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class Named:
+    """A process of ours whose name we set: its comm is what we last told it."""
+
+    def __init__(self, uid: int | None = None) -> None:
+        argv = ["/usr/bin/python3", "-c", NAMER]
+        self.proc = subprocess.Popen(
+            as_nobody(*argv) if uid == NOBODY else argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout.readline() == "ready\n"
+        self.pid = self.proc.pid
+
+    def name(self, raw: bytes) -> None:
+        self.proc.stdin.write(raw.hex() + "\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline() == "ok\n"
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def named() -> Iterator[Callable[..., Named]]:
+    started: list[Named] = []
+
+    def start(raw: bytes | None = None, uid: int | None = NOBODY) -> Named:
+        process = Named(uid)
+        started.append(process)
+        if raw is not None:
+            process.name(raw)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def shown_name(raw: bytes) -> str:
+    """A name as the daemon shows it (README, Security): escape_comm of the comm."""
+    return escape_comm(raw[:15].decode("utf-8", "replace"))
+
+
+def restrack(daemon: Daemon, *args: object) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "restrackfs.cli", "--mount", daemon.mountpoint, *args]
+    return subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=30)
+
+
+def test_a_process_name_cannot_forge_a_line_in_the_client_or_the_cli(daemon, named):
+    """Found in issue 17: `client.stat` split with `str.splitlines()`, which also splits
+    on \\x1c, \\x85, \\u2028...: a process named `x\\x1cpid 1` showed as pid 1 in root's
+    `restrack status`, `show`, `--json` and `fetch()`; `a\\x1cb` crashed `status` and
+    `top` for everyone; \\r and ESC reached the terminal and the log raw. Now lines
+    split on \\n alone and the daemon escapes every character that is not printable,
+    wherever it prints a name."""
+    processes = {label: named(raw) for label, raw in FORGERS.items()}
+    for process in processes.values():
+        daemon.register(process.pid)
+    pids = {p.pid for p in processes.values()}
+    for label, process in processes.items():
+        record = client.stat(process.pid, mount=daemon.mountpoint)
+        assert (record.pid, record.comm) == (process.pid, shown_name(FORGERS[label]))
+        assert client.fetch(process.pid, mount=daemon.mountpoint).pid == process.pid
+        show = restrack(daemon, "show", process.pid)
+        assert show.returncode == 0, show.stderr
+        assert f"pid{' ' * 13}{process.pid}" in show.stdout.split("\n")
+        assert not UNSPLITTABLE.search(show.stdout.replace("\n", "")), repr(show.stdout)
+    listing = restrack(daemon, "status", "--json")
+    assert listing.returncode == 0, listing.stderr
+    assert {row["pid"] for row in json.loads(listing.stdout)} == pids
+    for args in (["status"], ["top", "-n", "1"]):
+        result = restrack(daemon, *args)
+        assert result.returncode == 0, result.stderr
+        body = result.stdout.removeprefix("\x1b[H\x1b[2J")  # top's own screen clearing
+        assert not UNSPLITTABLE.search(body.replace("\n", "")), repr(body)
+        rows = [line.split()[0] for line in body.split("\n")[1:] if line[:1].isdigit()]
+        assert sorted(map(int, rows)) == sorted(pids), body
+    families = text_string_to_metric_families(daemon.read("metrics"))
+    comms = {
+        s.labels["pid"]: s.labels["comm"] for f in families for s in f.samples if "pid" in s.labels
+    }
+    for label, process in processes.items():
+        assert comms[str(process.pid)] == shown_name(FORGERS[label])
+    log = daemon.log_text()
+    assert not UNSPLITTABLE.search(log.replace("\n", "")), "a raw control character in the log"
+    assert "gotcha" in log  # the name was logged, escaped
+
+
+def test_the_run_supervisor_survives_a_fetch_of_a_forging_name(daemon, named, abi_ops):
+    """Found in issue 17: fetch of a process named `a\\x1cb` crashed the `restrack run`
+    supervisor (the client's stat parser), and the program's calls then got ENOSYS."""
+    process = named(FORGERS["fs"])
+    daemon.register(process.pid)
+    result = restrack_run(daemon, abi_ops, process.pid, "fetch", "fetch")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "fetch 0 0\nfetch 0 0\n"
+
+
+@pytest.fixture(scope="module")
+def abi_ops(bin_dir: Path) -> Path:
+    source = bin_dir / "abi_ops_names.c"
+    source.write_text(ABI_OPS_C)
+    return compile_c(source, bin_dir / "abi_ops_names")
+
+
+def unescape(shown: str) -> str:
+    """The inverse of escape_comm, written from its docstring."""
+    simple = {"\\\\": "\\", "\\n": "\n"}
+    return re.sub(
+        r"\\\\|\\n|\\x[0-9a-f]{2}|\\u[0-9a-f]{4}|\\U[0-9a-f]{8}",
+        lambda m: simple.get(m[0]) or chr(int(m[0][2:], 16)),
+        shown,
+    )
+
+
+EVERY_CODE_POINT = st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=["Cs"])
+
+
+@given(st.text(EVERY_CODE_POINT, max_size=20))
+@settings(max_examples=2000, deadline=None)
+def test_escaped_names_are_printable_and_unambiguous(name):
+    shown = escape_comm(name)
+    assert shown.isprintable()
+    assert shown.splitlines() == ([shown] if shown else [])
+    assert unescape(shown) == name
+
+
+def stat_text(pid: int, comm: str) -> str:
+    """A `PID/stat` as the daemon writes it, comm as given."""
+    fields = {"pid": pid, "comm": comm, "heapsize": 1, "openfile_count": 2}
+    fields |= {"heap_quota": "max", "file_quota": 3, "action": "kill", "heap_total": 4}
+    fields |= {"openfile_total": 5, "registered": 6}
+    return "".join(f"{key} {value}\n" for key, value in fields.items())
+
+
+@given(st.integers(1, PID_MAX_LIMIT), st.text(EVERY_CODE_POINT, max_size=20))
+@settings(max_examples=2000, deadline=None)
+def test_the_client_parses_stat_whatever_the_name(pid, name):
+    """Escaped as the daemon does, every name comes back as shown; and even a name
+    escaped for newlines alone (a daemon before this change) cannot move the pid."""
+    record = client.parse_stat(stat_text(pid, escape_comm(name)))
+    assert (record.pid, record.comm, record.file_quota) == (pid, escape_comm(name), 3)
+    raw = name.replace("\\", "\\\\").replace("\n", "\\n")
+    assert client.parse_stat(stat_text(pid, raw)).pid == pid
+    assert client.lines(stat_text(pid, raw))[1] == f"comm {raw}"
+
+
+@given(st.text(EVERY_CODE_POINT, max_size=20))
+@settings(max_examples=1000, deadline=None)
+def test_metrics_labels_follow_the_exposition_rules_whatever_the_name(name):
+    measurement = Measurement(7, name, 1, 2, 3, 4, Quota(5, None, Action.KILL), 0.0)
+    text = metrics.render([measurement], dict.fromkeys(Action, 0))
+    assert text.count("\n") == len(client.lines(text))
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    comms = {s.labels["comm"] for s in samples if "comm" in s.labels}
+    assert comms == {escape_comm(name)}
+
+
+def test_names_from_the_kernel_reach_the_client_as_shown(daemon, named):
+    """Every byte a process can put in its name, through the real kernel and mount."""
+    process = named(uid=None)
+    daemon.register(process.pid)
+
+    @given(st.binary(min_size=1, max_size=15).filter(lambda raw: b"\0" not in raw))
+    @settings(max_examples=150, deadline=None)
+    def check(raw: bytes) -> None:
+        process.name(raw)
+        record = client.stat(process.pid, mount=daemon.mountpoint)
+        assert (record.pid, record.comm) == (process.pid, shown_name(raw))
+
+    check()
+
+
+# ----- the log under hostile requests (issue 17, point 6) -----------------------------------
+
+
+# 1000 requests a user may make, run as nobody; prints the errno each kind got.
+HOSTILE = textwrap.dedent(
+    """
+    import collections, json, os, sys
+    mount, own = sys.argv[1], sys.argv[2]
+    digits = "9" * 4096
+
+    def write(path, text):
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+    requests = {
+        "4096 digits > register": lambda: write(f"{mount}/register", digits),
+        "4096 digits > deregister": lambda: write(f"{mount}/deregister", digits[1:] + "\\n"),
+        "mkdir 255 digits": lambda: os.mkdir(f"{mount}/{'9' * 255}"),
+        "escapes > quota": lambda: write(f"{mount}/{own}/quota", "heap=\\x1b[2J\\r\\u2028"),
+        "4097 bytes > register": lambda: write(f"{mount}/register", "1" + " " * 4096),
+    }
+    seen = collections.defaultdict(collections.Counter)
+    for _ in range(200):
+        for name, request in requests.items():
+            try:
+                request()
+                seen[name]["ok"] += 1
+            except OSError as error:
+                seen[name][os.strerror(error.errno)] += 1
+    print(json.dumps(seen))
+    """
+)
+
+
+def test_hostile_requests_get_a_clean_errno_and_log_no_traceback(daemon, named):
+    """Found in issue 17: 4096 digits written to `register` gave EIO and a ~5 KiB
+    traceback (ENAMETOOLONG from /proc/<digits>); 1000 such writes made 5 MiB of log in
+    1.6 s. A number no pid can be is now ESRCH (SPEC §4: a decimal integer >= 1 that
+    names no process), decided before any path is built; 1000 hostile requests by a
+    user log nothing."""
+    own = named()
+    daemon.register(own.pid)
+    size_before = daemon.log.stat().st_size
+    argv = as_nobody("/usr/bin/python3", "-c", HOSTILE, daemon.mountpoint, own.pid)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd="/")
+    assert result.returncode == 0, result.stderr
+    srch, inval = os.strerror(errno.ESRCH), os.strerror(errno.EINVAL)
+    assert json.loads(result.stdout) == {
+        "4096 digits > register": {srch: 200},
+        "4096 digits > deregister": {srch: 200},
+        "mkdir 255 digits": {srch: 200},
+        "escapes > quota": {inval: 200},
+        "4097 bytes > register": {inval: 200},
+    }
+    grown = daemon.log.read_bytes()[size_before:].decode(errors="replace")
+    assert "Traceback" not in grown
+    assert len(grown) < 4096, grown[-2000:]
+
+
+def test_identical_warnings_are_rate_limited_with_a_count(daemon, spawn):
+    """A user can make the daemon warn as often as they like (here a notify quota
+    crossed and uncrossed 300 times, each crossing seen by a read): identical lines
+    past 10 in 5 s are counted, not written; the counters of `events` stay exact."""
+    own = spawn(uid=NOBODY)
+    daemon.register(own.pid)
+    daemon.write("files=0 action=notify", own.pid, "quota")
+    for _ in range(300):
+        own.do("open", 1)
+        assert daemon.read(own.pid, "openfile_count") == "1\n"
+        own.do("close", 1)
+        assert daemon.read(own.pid, "openfile_count") == "0\n"
+    assert "notified 300\n" in daemon.read(own.pid, "events")
+    crossing = f"pid={own.pid} comm=workload quota=files usage=1 limit=0 action=notify"
+    assert daemon.log_text().count(crossing) == logguard.BURST
+
+
+def test_the_log_guard_counts_what_it_suppressed():
+    """The count comes with the first line after the window (printk_ratelimit's
+    "callbacks suppressed"); other messages are not held back meanwhile."""
+    now = [0.0]
+    guard = LogGuard(burst=3, interval=5.0, clock=lambda: now[0])
+    logger = logging.getLogger("test.logguard")
+    logger.propagate = False
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    handler.addFilter(guard)
+    logger.addHandler(handler)
+    try:
+        for _ in range(100):
+            logger.warning("pid=%d over: %s", 7, "x\x1b[2J")
+        logger.warning("another")
+        now[0] = 5.0
+        logger.warning("pid=%d over: %s", 7, "x\x1b[2J")
+    finally:
+        logger.removeHandler(handler)
+    line = "pid=7 over: x\\x1b[2J"
+    assert records == [line] * 3 + ["another", f"{line} [97 identical messages suppressed]"]
