@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from restrackfs import client, logguard, metrics
+from restrackfs import client, handles, logguard, metrics
 from restrackfs.logguard import LogGuard
 from tests.conftest import NOBODY, Daemon
 from tests.test_run import compile_c, restrack_run
@@ -412,3 +412,80 @@ def test_the_log_guard_counts_what_it_suppressed():
         logger.removeHandler(handler)
     line = "pid=7 over: x\\x1b[2J"
     assert records == [line] * 3 + ["another", f"{line} [97 identical messages suppressed]"]
+
+
+# ----- memory per open handle (issue 17, point 7) -------------------------------------------
+
+# As nobody: open `metrics` up to N times, read one byte of each (so each handle's
+# rendering is kept), report, and hold them all until stdin closes.
+HOARDER = textwrap.dedent(
+    """
+    import collections, json, os, resource, sys
+    path, n = sys.argv[1], int(sys.argv[2])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    fds, refused = [], collections.Counter()
+    for _ in range(n):
+        try:
+            fds.append(os.open(path, os.O_RDONLY))
+        except OSError as error:
+            refused[errno.errorcode[error.errno]] += 1
+    first = sorted({os.read(fd, 1).decode() for fd in fds})
+    print(json.dumps({"opened": len(fds), "refused": refused, "first": first}), flush=True)
+    sys.stdin.read()
+    """
+).replace("import collections,", "import collections, errno,")
+
+
+def rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) * 1024
+
+
+def test_what_one_user_holds_open_cannot_grow_the_daemon_past_the_bound(daemon, spawn):
+    """Found in issue 17: each open handle kept its own rendered text, so one user
+    holding 15,000 open `metrics` handles, 200 processes tracked, took the daemon from
+    35 to 225 MB. Now a uid holds at most 4096 handles (then ENFILE) and 8 MiB of kept
+    texts (README, Security): the daemon grows by less than 16 MiB (9 MiB measured)."""
+    for _ in range(60):  # with quotas: 12 KiB of metrics, as 200 without in the issue
+        pid = spawn().pid
+        daemon.register(pid)
+        daemon.write("heap=1G files=1000 action=notify", pid, "quota")
+    text = daemon.read("metrics")
+    assert len(text) > 12_000  # 4096 kept renderings of it would be 48 MiB
+    before = rss(daemon.proc.pid)
+    hoarder = subprocess.Popen(
+        as_nobody("/usr/bin/python3", "-c", HOARDER, daemon.path("metrics"), 15_000),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        report = json.loads(hoarder.stdout.readline())
+        during = rss(daemon.proc.pid)
+        assert report["opened"] == handles.MAX_HANDLES_PER_UID
+        assert report["refused"] == {"ENFILE": 15_000 - handles.MAX_HANDLES_PER_UID}
+        assert report["first"] == ["#"]  # every handle read its first byte
+        assert during - before < 16 << 20, f"{before >> 20} -> {during >> 20} MiB"
+        # root is not held back by the user's handles, nor are its reads
+        assert daemon.read("metrics").count("\n") == text.count("\n")
+    finally:
+        hoarder.kill()
+        hoarder.wait()
+
+
+def test_reads_past_offset_0_still_continue_the_same_rendering(daemon, spawn):
+    """The bound keeps the seq_file rule: a reader part way through `metrics` reads
+    the rest of the text it started, though a process was registered meanwhile."""
+    daemon.register(spawn().pid)
+    fd = os.open(daemon.path("metrics"), os.O_RDONLY)
+    try:
+        start = os.read(fd, 10)
+        late = spawn()
+        daemon.register(late.pid)
+        text = start + b"".join(iter(lambda: os.read(fd, 7), b""))
+    finally:
+        os.close(fd)
+    assert b"restrack_tracked_processes 1\n" in text
+    assert f'pid="{late.pid}"'.encode() not in text
+    assert f'pid="{late.pid}"' in daemon.read("metrics")
