@@ -4,8 +4,10 @@ record whatever a user put in it, and no flood of identical lines.
 Users control some of what reaches the log (process names, the rate of their
 requests), and the default log sits on the /run tmpfs, so the log must stay
 readable and bounded. The kernel's habit is followed (`printk_ratelimited`):
-at most `burst` identical messages per `interval`; the next one after that
-window is preceded by one line counting what was suppressed.
+at most `burst` identical warnings (or errors) per `interval`; the next one
+after that window carries the count of what was suppressed. Lines below
+WARNING are the audit trail of changes (one per register, quota, reset...)
+and are never dropped.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tracker.procfs import escape_unprintable
 BURST = 10
 INTERVAL = 5.0  # seconds, the kernel's DEFAULT_RATELIMIT_INTERVAL
 MAX_KEYS = 4096  # distinct messages remembered; the oldest are forgotten first
+LIMITED_FROM = logging.WARNING
 
 
 @dataclass
@@ -31,8 +34,8 @@ class _Window:
 
 
 class LogGuard(logging.Filter):
-    """A handler filter: escapes each message, and rate-limits identical ones
-    (same logger, level and text, arguments filled in)."""
+    """A handler filter: escapes each message, and rate-limits identical warnings
+    and errors (same logger, level and text, arguments filled in)."""
 
     def __init__(
         self,
@@ -53,7 +56,7 @@ class LogGuard(logging.Filter):
         except Exception:  # a malformed call: let the handler report it as usual
             return True
         record.msg, record.args = message, None
-        return self._allowed(record, message)
+        return record.levelno < LIMITED_FROM or self._allowed(record, message)
 
     def _allowed(self, record: logging.LogRecord, message: str) -> bool:
         key = (record.name, record.levelno, message)

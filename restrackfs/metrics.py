@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from tracker.engine import Measurement
-from tracker.procfs import escape_comm
+from tracker.procfs import escape_unprintable
 from tracker.quota import Action
 
 _GAUGES = (
@@ -21,16 +21,19 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def _comm_label(comm: str) -> str:
+    return _escape(escape_unprintable(comm))
+
+
 def _values(m: Measurement) -> tuple[int | None, ...]:
     return (m.heapsize, m.openfile_count, m.quota.heap, m.quota.files)
 
 
 def render(measurements: Iterable[Measurement], enforcements: Mapping[Action, int]) -> str:
-    """The exposition; a `comm` label's value is the name as `PID/stat` shows it
-    (escaped, so printable), then escaped again by the format's own rules."""
-    rows = [
-        (f'pid="{m.pid}",comm="{_escape(escape_comm(m.comm))}"', _values(m)) for m in measurements
-    ]
+    """The exposition; a `comm` label's value is the name itself, but for its
+    unprintable characters, written `\\xHH`... (the format's own escapes cover only
+    backslash, quote and newline), then escaped by the format's rules."""
+    rows = [(f'pid="{m.pid}",comm="{_comm_label(m.comm)}"', _values(m)) for m in measurements]
     lines: list[str] = []
     for column, (name, help_text) in enumerate(_GAUGES):
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]

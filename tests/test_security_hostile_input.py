@@ -27,7 +27,7 @@ from tests.conftest import NOBODY, Daemon
 from tests.test_run import compile_c, restrack_run
 from tests.test_security import ABI_OPS_C
 from tracker.engine import Measurement
-from tracker.procfs import PID_MAX_LIMIT, escape_comm
+from tracker.procfs import PID_MAX_LIMIT, escape_comm, escape_unprintable
 from tracker.quota import Action, Quota
 
 HERE = Path(__file__).parent
@@ -220,7 +220,7 @@ def test_a_process_name_cannot_forge_a_line_in_the_client_or_the_cli(daemon, nam
         s.labels["pid"]: s.labels["comm"] for f in families for s in f.samples if "pid" in s.labels
     }
     for label, process in processes.items():
-        assert comms[str(process.pid)] == shown_name(FORGERS[label])
+        assert comms[str(process.pid)] == escape_unprintable(FORGERS[label].decode())
     log = daemon.log_text()
     assert not UNSPLITTABLE.search(log.replace("\n", "")), "a raw control character in the log"
     assert "gotcha" in log  # the name was logged, escaped
@@ -293,7 +293,8 @@ def test_metrics_labels_follow_the_exposition_rules_whatever_the_name(name):
     assert text.count("\n") == len(client.lines(text))
     samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
     comms = {s.labels["comm"] for s in samples if "comm" in s.labels}
-    assert comms == {escape_comm(name)}
+    assert comms == {escape_unprintable(name)}
+    assert escape_unprintable(name).isprintable()
 
 
 def test_names_from_the_kernel_reach_the_client_as_shown(daemon, named):
