@@ -133,7 +133,7 @@ FORGERS = {
     "cr esc": b"\x1b[2J\rgotcha",  # clears a terminal, rewrites a log line
     "nel ls": "\x85\u2028p".encode(),  # C1 NEL and LINE SEPARATOR
 }
-UNSPLITTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+RAW_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # what must never be printed raw
 
 
 class Named:
@@ -204,7 +204,7 @@ def test_a_process_name_cannot_forge_a_line_in_the_client_or_the_cli(daemon, nam
         show = restrack(daemon, "show", process.pid)
         assert show.returncode == 0, show.stderr
         assert f"pid{' ' * 13}{process.pid}" in show.stdout.split("\n")
-        assert not UNSPLITTABLE.search(show.stdout.replace("\n", "")), repr(show.stdout)
+        assert not RAW_CONTROL.search(show.stdout.replace("\n", "")), repr(show.stdout)
     listing = restrack(daemon, "status", "--json")
     assert listing.returncode == 0, listing.stderr
     assert {row["pid"] for row in json.loads(listing.stdout)} == pids
@@ -212,7 +212,7 @@ def test_a_process_name_cannot_forge_a_line_in_the_client_or_the_cli(daemon, nam
         result = restrack(daemon, *args)
         assert result.returncode == 0, result.stderr
         body = result.stdout.removeprefix("\x1b[H\x1b[2J")  # top's own screen clearing
-        assert not UNSPLITTABLE.search(body.replace("\n", "")), repr(body)
+        assert not RAW_CONTROL.search(body.replace("\n", "")), repr(body)
         rows = [line.split()[0] for line in body.split("\n")[1:] if line[:1].isdigit()]
         assert sorted(map(int, rows)) == sorted(pids), body
     families = text_string_to_metric_families(daemon.read("metrics"))
@@ -222,7 +222,7 @@ def test_a_process_name_cannot_forge_a_line_in_the_client_or_the_cli(daemon, nam
     for label, process in processes.items():
         assert comms[str(process.pid)] == escape_unprintable(FORGERS[label].decode())
     log = daemon.log_text()
-    assert not UNSPLITTABLE.search(log.replace("\n", "")), "a raw control character in the log"
+    assert not RAW_CONTROL.search(log.replace("\n", "")), "a raw control character in the log"
     assert "gotcha" in log  # the name was logged, escaped
 
 
