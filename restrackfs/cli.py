@@ -83,10 +83,19 @@ def _use_text(use: float | None) -> str:
 COLUMNS = ("PID", "COMMAND", "HEAP", "FILES", "HEAP-QUOTA", "FILE-QUOTA", "USE", "ACTION")
 
 
+def shown(text: str) -> str:
+    """Text from the daemon as it may reach a terminal: the daemon escapes names
+    already; anything not printable that still came through (an older daemon) is
+    escaped here the same way, so a name never moves the cursor or breaks a row."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def _row(s: Stat) -> tuple[str, ...]:
     return (
         str(s.pid),
-        s.comm,
+        shown(s.comm),
         human_size(s.heapsize),
         str(s.openfile_count),
         human_size(s.heap_quota),
@@ -165,7 +174,7 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
     width = max(map(len, fields))
     for key, value in fields.items():
         value = "max" if value is None else value
-        out.write(f"{key.ljust(width)}  {value}\n")
+        out.write(f"{key.ljust(width)}  {shown(str(value))}\n")
     return 0
 
 

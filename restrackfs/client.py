@@ -275,8 +275,25 @@ def reset(pid: int, what: str = "all", *, mount: str | os.PathLike[str] | None =
 
 def stat(pid: int, *, mount: str | os.PathLike[str] | None = None) -> Stat:
     """Every field of `PID/stat`, read at once (one consistent reading)."""
-    text = _read(mount_point(mount), f"{_check_pid(pid)}/stat", str(pid))
-    fields = dict(line.split(" ", 1) for line in text.splitlines())
+    return parse_stat(_read(mount_point(mount), f"{_check_pid(pid)}/stat", str(pid)))
+
+
+def lines(text: str) -> list[str]:
+    """The lines of a file of the mount: split on `\\n` alone. (`str.splitlines()`
+    also splits on `\\x1c`, `\\x85`, `\\u2028`... which a process name may hold.)"""
+    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+
+
+def parse_stat(text: str) -> Stat:
+    """`PID/stat`'s `key value` lines; `comm` stays as the daemon escaped it
+    (control characters as `\\xHH`...: see the README), so it is safe to print.
+    A key given twice is refused rather than let a later line override an earlier."""
+    fields: dict[str, str] = {}
+    for line in lines(text):
+        key, _, value = line.partition(" ")
+        if key in fields:
+            raise OSError(errno.EIO, f"stat: {key!r} given twice (a forged line?)")
+        fields[key] = value
     return Stat(
         pid=int(fields["pid"]),
         comm=fields["comm"],
@@ -298,7 +315,7 @@ def tracked(*, mount: str | os.PathLike[str] | None = None) -> list[int]:
         names = os.listdir(_served(root))
     except OSError as error:
         _raise(error, root, str(root))
-    return sorted(int(name) for name in names if name.isdigit())
+    return sorted(int(name) for name in names if name.isascii() and name.isdigit())
 
 
 def metrics(*, mount: str | os.PathLike[str] | None = None) -> str:

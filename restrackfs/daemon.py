@@ -18,6 +18,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from restrackfs import logguard
 from restrackfs.fs import RestrackOperations
 from tracker.autotrack import (
     AutoTracker,
@@ -294,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         filename=args.log_file,
     )
+    logguard.install()  # one line per record, identical ones rate-limited
     report: Callable[[int], None] = lambda code: None  # noqa: E731
     if not args.foreground:
         report = _daemonize()
