@@ -82,6 +82,7 @@ class Entry:
     failures: int = 0  # sets failed in a row: retries back off
     retry_at: float = 0.0  # monotonic time before which no set is retried
     over: frozenset[str] = frozenset()  # quotas exceeded at the last check
+    killed: bool = False  # SIGKILL sent for a kill quota: answers as exited from then on
     events: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(EVENTS, 0)))
     ended: str | None = None  # "exited" or "deregistered" once it left the registry
 
@@ -201,6 +202,7 @@ class Engine:
         # Permission first: EEXIST would tell a user that another's process is tracked.
         access.check_control(caller_uid, status.real_uid, tgid)
         if tgid in self._entries:
+            self._enforce_before_command(self._entries[tgid])
             raise AlreadyTracked(f"{tgid}: already tracked")
         process = Process.open(tgid)
         try:
@@ -238,6 +240,7 @@ class Engine:
             with suppress(NoSuchProcess, AccessDenied):
                 access.check_control(caller_uid, procfs.read_status(pid).real_uid, pid)
             raise NotTracked(f"{pid}: not tracked")
+        self._enforce_before_command(entry)
         self._check_may_lift(entry, caller_uid)
         self._persist_removal(entry)
         self._restore_limits(entry)
@@ -250,7 +253,7 @@ class Engine:
         Where a helper sets them, the quota is answered when the request's helpers
         are done (`limit_changes`): if the kernel does not show a limit then, the
         quota is undone and the request fails with EAGAIN (LimitNotInForce)."""
-        self.check_current(entry)
+        self._enforce_before_command(entry)
         access.check_control(caller_uid, self._owner(entry), entry.pid)
         if entry.quota is not None:
             raise QuotaBusy(f"{entry.pid}: a quota is already set; reset it first")
@@ -302,7 +305,7 @@ class Engine:
 
     def reset(self, entry: Entry, *, quota: bool, usage: bool, caller_uid: int) -> None:
         """Clear the quota, restart the usage counters, or both."""
-        self.check_current(entry)
+        self._enforce_before_command(entry)
         self._check_may_lift(entry, caller_uid)
         before = (entry.quota, entry.quota_uid, entry.heap_base, entry.files_base)
         saved_soft = dict(entry.saved_soft)
@@ -327,7 +330,8 @@ class Engine:
             # the usage reset stands; limits not in force yet are the periodic check's to retry
             changes = self._apply_limits(entry)
             self._after(changes, lambda: self._kept(entry, changes))
-        log.info("reset pid=%d quota=%s usage=%s by uid=%d", entry.pid, quota, usage, caller_uid)
+        what = "all" if quota and usage else "quota" if quota else "usage"  # the file's words
+        log.info("reset pid=%d %s by uid=%d", entry.pid, what, caller_uid)
 
     # ----- lifecycle -----------------------------------------------------
 
@@ -448,7 +452,7 @@ class Engine:
         """Raise unless the entry is still registered and its process alive."""
         if entry.ended == "deregistered":
             raise Deregistered(f"{entry.pid}: deregistered")
-        if entry.ended is not None or not entry.process.is_alive():
+        if entry.ended is not None or entry.killed or not entry.process.is_alive():
             raise NoSuchProcess(entry.pid, "process exited")
 
     def _owner(self, entry: Entry) -> int:
@@ -459,6 +463,20 @@ class Engine:
             return entry.owner_uid  # reaped: its ids cannot change any more
         entry.owner_uid, entry.owner_gid = status.real_uid, status.real_gid
         return status.real_uid
+
+    def _enforce_before_command(self, entry: Entry) -> None:
+        """Enforce the quota on the usage of this moment, then let the command act.
+
+        Every command that names a tracked process (register again, deregister, quota,
+        reset) comes through here first: a process that crossed its kill quota a moment
+        ago must not be saved by a reset or a deregister that reaches the daemon before
+        the next periodic check (the kernel patch killed in the crossing call). A process
+        this kills answers as one that exited. Costs one sample per such command.
+        """
+        self.check_current(entry)
+        if entry.quota is not None:
+            self._check(entry)
+            self.check_current(entry)
 
     def _check_may_lift(self, entry: Entry, caller_uid: int) -> None:
         access.check_control(caller_uid, self._owner(entry), entry.pid)
@@ -558,6 +576,7 @@ class Engine:
                 self._count(entry, _EVENT_OF_ACTION[quota.action])
         if quota.action is Action.KILL:
             entry.process.kill()
+            entry.killed = True
             self._count(entry, KILLED)
         self._announce(entry)
 
