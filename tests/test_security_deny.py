@@ -160,8 +160,9 @@ def test_a_user_attacking_helpers_stalls_nothing_but_their_own_request(
     if mode != "fork":  # a forking helper may well have done its job first
         assert given_up >= 1, "no helper was given up on, although helpers were attacked"
     assert all(line == "failed " + NONE.strip() for line in failed), failed
-    # generous: the machine is shared, but a frozen loop costs seconds, not milliseconds
-    assert p99(during) <= max(2 * p99(idle), p99(idle) + 0.05), (p99(idle), p99(during))
+    # generous: the machine is shared (other suites' load came to 115 ms once), but a
+    # frozen loop costs seconds (HELPER_TIMEOUT or for ever), not milliseconds
+    assert p99(during) <= max(2 * p99(idle), p99(idle) + 0.2), (p99(idle), p99(during))
     assert during[-1] < HELPER_TIMEOUT / 2
     assert daemon.log_text().count(f"quota pid={w.pid} heap=max files=5 action=deny") >= len(failed)
     assert "Traceback" not in daemon.log_text()
