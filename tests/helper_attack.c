@@ -71,12 +71,16 @@ static int inject_fork(pid_t pid) {
     return -1;
 }
 
+static volatile sig_atomic_t stopping;
+static void stop_attacking(int sig) { (void)sig; stopping = 1; }
+
 int main(int argc, char **argv) {
+    signal(SIGTERM, stop_attacking); /* then report how many it caught, and exit */
     const char *mode = argv[1];
     double end = now() + atof(argv[2]);
     long attacked = 0;
     int ptracing = !strcmp(mode, "trace") || !strcmp(mode, "fork");
-    while (now() < end) {
+    while (now() < end && !stopping) {
         DIR *d = opendir("/proc");
         struct dirent *e;
         while ((e = readdir(d))) {

@@ -181,7 +181,7 @@ def test_a_helper_holding_its_pipe_through_a_stopped_child_is_given_up_on(
     attack = as_nobody(attacker, "fork", 30, stdout=subprocess.PIPE)
     failures = 0
     try:
-        for _ in range(40):
+        for _ in range(200):
             start = time.monotonic()
             result = sh(f"echo files=5 action=deny > {m}/{w.pid}/quota", uid=NOBODY)
             took = time.monotonic() - start
@@ -199,9 +199,12 @@ def test_a_helper_holding_its_pipe_through_a_stopped_child_is_given_up_on(
             if failures == 3:
                 break
     finally:
-        attack.send_signal(signal.SIGTERM)
+        attack.send_signal(signal.SIGTERM)  # it stops and reports how many it caught
         attack.wait(30)
-    assert failures >= 1, "the attacker never caught a helper"
+    # A caught helper may have done its job before its fork: then the write succeeds
+    # with the limit in force. What matters is that an attack happened and no write
+    # hung or lied.
+    assert int(attack.stdout.read().split()[1]) >= 1, "the attacker never caught a helper"
     assert daemon.read("metrics")  # the daemon answers
 
 
