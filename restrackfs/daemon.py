@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
+import functools
 import logging
 import os
 import resource
@@ -17,6 +18,8 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from restrackfs import scrape
+from restrackfs.files import Caller, read_metrics
 from restrackfs.fs import RestrackOperations
 from tracker.autotrack import AutoTracker, Policy
 from tracker.engine import open_engine
@@ -61,6 +64,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FILE",
         help="log here (default: stderr; detached, the state file's name with .log)",
     )
+    endpoint = parser.add_argument_group("scrape endpoint")
+    endpoint.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="also serve root's view of `metrics` at http://HOST:PORT/metrics (off by default)",
+    )
+    endpoint.add_argument(
+        "--hidepid-allow-remote-metrics",
+        action="store_true",
+        help="with --hidepid, allow a non-loopback --metrics-listen (it shows every process)",
+    )
     tracking = parser.add_argument_group("automatic tracking (sidecars)")
     tracking.add_argument(
         "--track-all",
@@ -88,6 +102,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.policy = Policy(args.track_all, args.track_comm, args.track_children, default_quota)
     if default_quota is not None and not args.policy.enabled:
         parser.error("--default-quota needs --track-all, --track-comm or --track-children")
+    if args.metrics_listen is not None:
+        try:
+            args.metrics_listen = scrape.check_listen(
+                args.metrics_listen,
+                hidepid=args.hidepid,
+                allow_remote=args.hidepid_allow_remote_metrics,
+            )
+        except ValueError as error:
+            parser.error(f"--metrics-listen: {error}")
     args.mountpoint = args.mountpoint.absolute()
     if args.state is None:
         args.state = default_state_path(args.mountpoint)
@@ -154,12 +177,20 @@ async def serve(args: argparse.Namespace, on_ready: Callable[[], None]) -> None:
         state_path=args.state, interval=args.interval / 1000, helpers_in_background=True
     ) as engine:
         ops = RestrackOperations(engine, hidepid=args.hidepid)
+        listeners = await scrape.open_listeners(*args.metrics_listen) if args.metrics_listen else []
         pyfuse3.init(ops, str(args.mountpoint), mount_options())
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_terminate_on_signal)
                 if args.policy.enabled:
                     nursery.start_soon(AutoTracker(engine, args.policy).run)
+                if listeners:
+                    render = functools.partial(read_metrics, engine, None, Caller(0, False))
+                    nursery.start_soon(scrape.MetricsServer(listeners, render).serve)
+                    for address in map(scrape.listener_address, listeners):
+                        log.info("metrics endpoint on http://%s/metrics", address)
+                    if args.hidepid:
+                        log.warning("--hidepid: the endpoint shows every process to its clients")
                 log.info("mounted on %s (state %s)", args.mountpoint, args.state)
                 on_ready()
                 await pyfuse3.main()
