@@ -8,6 +8,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import resource
 import signal
 import socket
@@ -140,6 +141,21 @@ def clear_stale_mount(mountpoint: Path) -> None:
         raise OSError(err, f"cannot detach stale mount {mountpoint}: {os.strerror(err)}")
 
 
+def fuse_mounted(mountpoint: Path) -> bool:
+    """A FUSE filesystem (a live daemon's) is on top at `mountpoint`. Any other mount
+    there, such as a container volume's bind mount, is mounted over: that is how a
+    sidecar shares its mount with the pod (a volume, a propagating mount on top)."""
+    target = os.path.realpath(mountpoint)
+    fstype = None
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:  # later lines are mounted on top of earlier ones
+            fields, _, tail = line.partition(" - ")
+            where = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields.split()[4])
+            if where == target:
+                fstype = tail.split()[0]
+    return fstype is not None and fstype.startswith("fuse")
+
+
 def mount_options() -> set[str]:
     options = {"fsname=restrackfs", "subtype=restrackfs", "noatime"}
     if os.geteuid() == 0:
@@ -245,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         clear_stale_mount(args.mountpoint)
         if not args.mountpoint.is_dir():
             raise OSError(errno.ENOTDIR, f"{args.mountpoint}: not a directory")
-        if os.path.ismount(args.mountpoint):
+        if fuse_mounted(args.mountpoint):
             raise OSError(errno.EBUSY, f"{args.mountpoint}: already mounted")
         raise_fd_limit()
 
