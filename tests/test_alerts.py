@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,40 @@ def test_promtool_unit_tests_pass():
         [PROMTOOL, "test", "rules", "alerts_test.yaml"], cwd=DEPLOY, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def readme_fleet_configs() -> list[str]:
+    """The prometheus.yml snippets of the README's Fleet section."""
+    readme = (DEPLOY.parent / "README.md").read_text()
+    fleet = readme[readme.index("## Fleet") : readme.index("## Layout")]
+    blocks = re.findall(r"```yaml\n(.*?)```", fleet, re.S)
+    return [textwrap.dedent(block) for block in blocks]
+
+
+@needs_promtool
+def test_the_readmes_scrape_configs_pass_promtool(tmp_path):
+    """Both snippets parse; the static one passes `promtool check config` with the
+    rules. Debian's promtool is built without Kubernetes service discovery
+    ("field kubernetes_sd_configs not found"), so the other is checked for shape."""
+    static, kubernetes = readme_fleet_configs()
+    for config in (static, kubernetes):
+        parsed = yaml.safe_load(config)
+        assert parsed["rule_files"] == ["restrackfs-alerts.yaml"]
+        assert [job["job_name"] for job in parsed["scrape_configs"]] == ["restrackfs"]
+    (job,) = yaml.safe_load(kubernetes)["scrape_configs"]
+    assert job["kubernetes_sd_configs"] == [{"role": "pod"}]
+    keep, address, _ = job["relabel_configs"]
+    assert keep["source_labels"] == ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"]
+    pattern = re.compile(address["regex"])
+    assert pattern.fullmatch("10.1.2.3:8080;9464").expand("\\1:\\2") == "10.1.2.3:9464"
+    assert pattern.fullmatch("10.1.2.3;9464").expand("\\1:\\2") == "10.1.2.3:9464"
+    shutil.copy(DEPLOY / "alerts.yaml", tmp_path / "restrackfs-alerts.yaml")
+    (tmp_path / "prometheus.yml").write_text(static)
+    result = subprocess.run(
+        [PROMTOOL, "check", "config", "prometheus.yml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 4 rules found" in result.stdout
