@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -206,10 +207,19 @@ def read_latencies(daemon: Daemon, count: int) -> list[float]:
 def test_slow_clients_do_not_delay_the_mount_and_new_ones_beyond_the_cap_are_closed(served, spawn):
     daemon, port = served
     daemon.register(spawn().pid)
+    victim = spawn()
+    daemon.register(victim.pid)
+    daemon.write("files=2", victim.pid, "quota")
     before = sorted(read_latencies(daemon, 50))
     with slow_clients(port, scrape.Limits().max_connections):
         wait_until(lambda: get_or_closed(port) is None, 5, "the cap to be reached")
         during = sorted(read_latencies(daemon, 200))
+        # enforcement goes on: a kill quota acts within its interval (100 ms)
+        start = time.monotonic()
+        with suppress(ProcessLookupError):  # killed before it could answer
+            victim.ask("open", 5)
+        assert victim.wait(5) == -signal.SIGKILL
+        assert time.monotonic() - start < 1.0
         # one over the cap is closed unanswered at once, not queued behind them
         start = time.monotonic()
         assert get_or_closed(port) is None
