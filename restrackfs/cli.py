@@ -41,14 +41,15 @@ EXIT_NO_EMULATION = 125
 
 
 def human_size(size: int | None) -> str:
-    """1536 -> 1.5K; binary units, as `ls -h`."""
+    """1536 -> 1.5K, 31457285 -> 30M: binary units, at most one decimal, never a
+    trailing .0 (so a quota and a usage of about the same size read alike)."""
     if size is None:
         return "-"
     value = float(size)
     for unit in ("", "K", "M", "G", "T"):
-        if value < 1024 or unit == "T":
-            exact = value == int(value) or value >= 100
-            return f"{int(value)}{unit}" if exact else f"{value:.1f}{unit}"
+        shown = round(value, 1) if value < 100 else float(round(value))
+        if shown < 1024 or unit == "T":
+            return f"{shown:.1f}".removesuffix(".0") + unit
         value /= 1024
     raise AssertionError("unreachable")
 
@@ -82,10 +83,19 @@ def _use_text(use: float | None) -> str:
 COLUMNS = ("PID", "COMMAND", "HEAP", "FILES", "HEAP-QUOTA", "FILE-QUOTA", "USE", "ACTION")
 
 
+def shown(text: str) -> str:
+    """Text from the daemon as it may reach a terminal: the daemon escapes names
+    already; anything not printable that still came through (an older daemon) is
+    escaped here the same way, so a name never moves the cursor or breaks a row."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def _row(s: Stat) -> tuple[str, ...]:
     return (
         str(s.pid),
-        s.comm,
+        shown(s.comm),
         human_size(s.heapsize),
         str(s.openfile_count),
         human_size(s.heap_quota),
@@ -164,7 +174,7 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
     width = max(map(len, fields))
     for key, value in fields.items():
         value = "max" if value is None else value
-        out.write(f"{key.ljust(width)}  {value}\n")
+        out.write(f"{key.ljust(width)}  {shown(str(value))}\n")
     return 0
 
 
@@ -183,6 +193,9 @@ def _by_use(s: Stat) -> tuple[bool, float, int]:
     return (over_quota(s), -1.0 if use is None else use, -s.pid)
 
 
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
 def cmd_top(args: argparse.Namespace, out: TextIO) -> int:
     shown = 0
     while args.iterations is None or shown < args.iterations:
@@ -190,7 +203,9 @@ def cmd_top(args: argparse.Namespace, out: TextIO) -> int:
             time.sleep(args.delay)
         stats = sorted(collect(args.mount), key=_by_use, reverse=True)
         header = f"restrack top - {time.strftime('%H:%M:%S')} - {len(stats)} tracked"
-        out.write("\x1b[H\x1b[2J" + header + "\n\n" + table(stats) + "\n")
+        # a terminal is redrawn in place; a pipe or file gets plain tables, one after another
+        clear = CLEAR_SCREEN if out.isatty() else "\n" if shown else ""
+        out.write(clear + header + "\n\n" + table(stats) + "\n")
         out.flush()
         shown += 1
     return 0
@@ -218,7 +233,8 @@ def write_textfile(directory: Path, text: str, name: str = "restrack.prom") -> P
         os.replace(temp, target)
     except OSError as error:
         temp.unlink(missing_ok=True)
-        raise OSError(error.errno, f"{directory}: {error.strerror}") from None
+        reason = os.strerror(error.errno or errno.EIO).lower()
+        raise OSError(error.errno, f"{directory}: {reason}") from None
     return target
 
 
@@ -327,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _describe(error: OSError) -> str:
-    return error.strerror or os.strerror(error.errno or errno.EIO)
+    """The client's message as it is (it quotes values, which must keep their case)."""
+    return error.strerror or os.strerror(error.errno or errno.EIO).lower()
 
 
 def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
@@ -341,7 +358,7 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
         print(f"restrack: {_describe(error)}", file=sys.stderr)
         return EXIT_NOT_MOUNTED
     except OSError as error:
-        print(f"restrack: {_describe(error).lower()}", file=sys.stderr)
+        print(f"restrack: {_describe(error)}", file=sys.stderr)
         return EXIT_CODES.get(error.errno or 0, 1)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED if args.command != "top" else 0

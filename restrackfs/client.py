@@ -5,20 +5,31 @@ no private channel to the daemon, so anything this library can do a shell can
 do with `cat` and `echo`, under the same permission checks.
 
 The mount point comes from the `mount=` argument, else `$RESTRACK_MOUNT`, else
-`/restrack`. Errors are the `OSError` subclasses of the errno in SPEC §4
-(`ProcessLookupError` for ESRCH, `FileExistsError` for EEXIST,
-`FileNotFoundError` for ENOENT, `PermissionError` for EPERM, a plain `OSError`
-with `errno.EBUSY` for a quota already set), with a message naming the pid;
-`NotMountedError` when no daemon serves the mount point.
+`/restrack`. Errors are `OSError` subclasses, one meaning each, with a message
+naming the pid and saying why: `ProcessLookupError` (ESRCH) no such process,
+`FileNotFoundError` (ENOENT) a live process that is not tracked,
+`FileExistsError` (EEXIST) already tracked, `PermissionError` (EPERM) not
+permitted, a plain `OSError` with `errno.EBUSY` a quota already set and with
+`errno.EINVAL` an invalid value; `NotMountedError` when no daemon serves the
+mount point. The daemon answers "not tracked" with ESRCH for deregister and
+ENOENT elsewhere (README, *Errors*); the client tells the two cases apart by
+asking the kernel whether the pid names a live process.
+
+Values are checked with the daemon's own grammar (`tracker.quota`, which is
+pure) before anything is written, so an error says what is wrong with it; the
+daemon still decides.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
+
+from tracker.quota import parse_action, parse_count, parse_reset, parse_size
 
 DEFAULT_MOUNT = "/restrack"
 UNLIMITED = "max"
@@ -30,8 +41,6 @@ _REASONS = {
     errno.EBUSY: "a quota is already set (reset it first)",
     errno.EPERM: "operation not permitted",
 }
-# deregister answers ESRCH for a pid nobody registered
-_DEREGISTER_REASONS = {errno.ESRCH: "not tracked"}
 
 
 class NotMountedError(FileNotFoundError):
@@ -62,7 +71,7 @@ class Stat:
     action: str
     heap_total: int
     openfile_total: int
-    registered: int
+    registered: int  # when it was registered, in unix seconds
 
     def resource(self) -> Resource:
         return Resource(
@@ -89,8 +98,39 @@ def _served(root: Path) -> Path:
     return root
 
 
+def _process_exists(pid: int) -> bool:
+    """Whether `pid` names a live process here (a zombie is none, as for register)."""
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        pass  # another user's: it exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            text = file.read()
+    except OSError:
+        return True  # hidden by /proc's hidepid=, say; kill() saw it
+    return text[text.rfind(b")") + 2 : text.rfind(b")") + 3] not in (b"Z", b"X")
+
+
+def _meaning(code: int, pid: int | None, untracked: int) -> int:
+    """ESRCH for no such process, ENOENT for a live one that is not tracked.
+
+    `untracked` is the errno by which the daemon said "not tracked" for this
+    call: ESRCH for deregister, ENOENT for the files of a process directory.
+    """
+    if pid is None or code != untracked:
+        return code
+    return errno.ENOENT if _process_exists(pid) else errno.ESRCH
+
+
 def _raise(
-    error: OSError, root: Path, subject: str, reasons: dict[int, str] | None = None
+    error: OSError,
+    root: Path,
+    subject: str,
+    pid: int | None = None,
+    untracked: int = errno.ENOENT,
 ) -> NoReturn:
     code = error.errno or errno.EIO
     if code in _NOT_SERVED or not _is_served(root):
@@ -98,12 +138,24 @@ def _raise(
             errno.ENOENT,
             f"no restrackfs daemon serves {root} (start restrackfs, or set RESTRACK_MOUNT)",
         ) from None
-    reason = (reasons or {}).get(code) or _REASONS.get(code) or os.strerror(code).lower()
+    code = _meaning(code, pid, untracked)
+    reason = _REASONS.get(code) or os.strerror(code).lower()
     raise OSError(code, f"{subject}: {reason}") from None
 
 
+def _pid_of(relative: str) -> int | None:
+    """The pid of a path in a process directory (`4242/stat`); None for a top file."""
+    head, sep, _ = relative.partition("/")
+    return int(head) if sep and head.isdigit() else None
+
+
 def _write(
-    root: Path, relative: str, text: str, subject: str, reasons: dict[int, str] | None = None
+    root: Path,
+    relative: str,
+    text: str,
+    subject: str,
+    pid: int | None = None,
+    untracked: int = errno.ENOENT,
 ) -> None:
     try:
         fd = os.open(_served(root) / relative, os.O_WRONLY | os.O_CLOEXEC)
@@ -112,7 +164,7 @@ def _write(
         finally:
             os.close(fd)
     except OSError as error:
-        _raise(error, root, subject, reasons)
+        _raise(error, root, subject, pid if pid is not None else _pid_of(relative), untracked)
 
 
 def _read(root: Path, relative: str, subject: str) -> str:
@@ -126,12 +178,14 @@ def _read(root: Path, relative: str, subject: str) -> str:
         finally:
             os.close(fd)
     except OSError as error:
-        _raise(error, root, subject)
+        _raise(error, root, subject, _pid_of(relative))
 
 
 def _check_pid(pid: int) -> int:
     if isinstance(pid, bool) or not isinstance(pid, int):
         raise TypeError(f"pid must be an int, not {type(pid).__name__}")
+    if pid < 1:  # the daemon refuses it too (EINVAL); say why
+        raise OSError(errno.EINVAL, f"{pid}: not a pid: want an integer >= 1")
     return pid
 
 
@@ -139,11 +193,22 @@ def _limit(text: str) -> int | None:
     return None if text == UNLIMITED else int(text)
 
 
-def _quota_token(key: str, value: int | str | None) -> str:
-    if value is None or value == -1:
+def _checked(pid: int, parse: Callable[[str], object], text: str) -> None:
+    """Refuse a value the daemon would refuse, saying why (the daemon's own parser)."""
+    try:
+        parse(text)
+    except OSError as error:
+        raise OSError(errno.EINVAL, f"{pid}: {error.strerror}") from None
+
+
+def _quota_token(pid: int, key: str, value: int | str | None) -> str:
+    if value is None or (isinstance(value, int) and value == -1):
         return f"{key}={UNLIMITED}"
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(f"{key} quota must be an int, a str or None, not {type(value).__name__}")
     if isinstance(value, int) and value < -1:
-        raise OSError(errno.EINVAL, f"{key} quota {value}: must be >= 0, or -1/None for none")
+        raise OSError(errno.EINVAL, f"{pid}: {key} quota {value}: want >= 0, or -1/None for none")
+    _checked(pid, parse_size if key == "heap" else parse_count, str(value))
     return f"{key}={value}"
 
 
@@ -157,7 +222,7 @@ def register(pid: int, *, mount: str | os.PathLike[str] | None = None) -> None:
 
 def deregister(pid: int, *, mount: str | os.PathLike[str] | None = None) -> None:
     """Stop tracking `pid`."""
-    _write(mount_point(mount), "deregister", f"{_check_pid(pid)}\n", str(pid), _DEREGISTER_REASONS)
+    _write(mount_point(mount), "deregister", f"{_check_pid(pid)}\n", str(pid), pid, errno.ESRCH)
 
 
 def resource_cap(
@@ -194,21 +259,41 @@ def set_quota(
     mount: str | os.PathLike[str] | None = None,
 ) -> None:
     """Write a quota; sizes may be bytes or strings the daemon parses (`40M`)."""
-    tokens = [_quota_token("heap", heap), _quota_token("files", files)]
+    _check_pid(pid)
+    tokens = [_quota_token(pid, "heap", heap), _quota_token(pid, "files", files)]
     if action is not None:
+        _checked(pid, parse_action, action)
         tokens.append(f"action={action}")
     _write(mount_point(mount), f"{_check_pid(pid)}/quota", " ".join(tokens) + "\n", str(pid))
 
 
 def reset(pid: int, what: str = "all", *, mount: str | os.PathLike[str] | None = None) -> None:
     """`all` (quota and counters), `quota` or `usage`."""
+    _checked(_check_pid(pid), parse_reset, what)
     _write(mount_point(mount), f"{_check_pid(pid)}/reset", f"{what}\n", str(pid))
 
 
 def stat(pid: int, *, mount: str | os.PathLike[str] | None = None) -> Stat:
     """Every field of `PID/stat`, read at once (one consistent reading)."""
-    text = _read(mount_point(mount), f"{_check_pid(pid)}/stat", str(pid))
-    fields = dict(line.split(" ", 1) for line in text.splitlines())
+    return parse_stat(_read(mount_point(mount), f"{_check_pid(pid)}/stat", str(pid)))
+
+
+def lines(text: str) -> list[str]:
+    """The lines of a file of the mount: split on `\\n` alone. (`str.splitlines()`
+    also splits on `\\x1c`, `\\x85`, `\\u2028`... which a process name may hold.)"""
+    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+
+
+def parse_stat(text: str) -> Stat:
+    """`PID/stat`'s `key value` lines; `comm` stays as the daemon escaped it
+    (control characters as `\\xHH`...: see the README), so it is safe to print.
+    A key given twice is refused rather than let a later line override an earlier."""
+    fields: dict[str, str] = {}
+    for line in lines(text):
+        key, _, value = line.partition(" ")
+        if key in fields:
+            raise OSError(errno.EIO, f"stat: {key!r} given twice (a forged line?)")
+        fields[key] = value
     return Stat(
         pid=int(fields["pid"]),
         comm=fields["comm"],
@@ -230,7 +315,7 @@ def tracked(*, mount: str | os.PathLike[str] | None = None) -> list[int]:
         names = os.listdir(_served(root))
     except OSError as error:
         _raise(error, root, str(root))
-    return sorted(int(name) for name in names if name.isdigit())
+    return sorted(int(name) for name in names if name.isascii() and name.isdigit())
 
 
 def metrics(*, mount: str | os.PathLike[str] | None = None) -> str:

@@ -19,10 +19,15 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from restrackfs import scrape
+from restrackfs import logguard, scrape
 from restrackfs.files import Caller, read_metrics
 from restrackfs.fs import RestrackOperations
-from tracker.autotrack import AutoTracker, Policy
+from tracker.autotrack import (
+    AutoTracker,
+    Policy,
+    in_initial_pid_namespace,
+    proc_matches_my_pid_namespace,
+)
 from tracker.engine import open_engine
 from tracker.errors import InvalidArgument
 from tracker.quota import parse_quota
@@ -52,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--state", type=Path, metavar="FILE", help="state file to persist to")
     parser.add_argument(
         "--hidepid", action="store_true", help="non-root callers see only their own processes"
+    )
+    parser.add_argument(
+        "--over-volume",
+        action="store_true",
+        help="MOUNTPOINT is a volume (a mount of its own, e.g. a pod's emptyDir): mount on top",
     )
     parser.add_argument(
         "--log-level",
@@ -93,6 +103,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="QUOTA",
         help="quota written for each auto-tracked process, e.g. 'heap=1G files=512 action=kill'",
     )
+    tracking.add_argument(
+        "--yes-all-host-processes",
+        action="store_true",
+        help="allow --track-all with a kill or deny --default-quota in the host's pid "
+        "namespace, where it caps every process of the machine",
+    )
     args = parser.parse_args(argv)
     if args.interval < 1:
         parser.error("--interval must be at least 1 ms")
@@ -103,6 +119,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.policy = Policy(args.track_all, args.track_comm, args.track_children, default_quota)
     if default_quota is not None and not args.policy.enabled:
         parser.error("--default-quota needs --track-all, --track-comm or --track-children")
+    if args.policy.enabled and not proc_matches_my_pid_namespace():
+        parser.error(MISMATCHED_PROC)
+    if (
+        args.policy.acts_on_everything
+        and not args.yes_all_host_processes
+        and in_initial_pid_namespace()
+    ):
+        parser.error(HOST_NAMESPACE)
     if args.metrics_listen is not None:
         try:
             args.metrics_listen = scrape.check_listen(
@@ -118,6 +142,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.log_file is None and not args.foreground:
         args.log_file = args.state.with_suffix(".log")
     return args
+
+
+HOST_NAMESPACE = (
+    "refusing --track-all with a kill or deny --default-quota in the host's pid namespace: "
+    "it would cap every process of this machine. Run the daemon in the application's pid "
+    "namespace (unshare --pid --fork --mount-proc restrackfs ..., or a pod with "
+    "shareProcessNamespace), narrow it with --track-comm or --track-children, or give "
+    "--yes-all-host-processes if you mean it"
+)
+MISMATCHED_PROC = (
+    "/proc shows another pid namespace than the daemon's (unshare --pid --fork without "
+    "--mount-proc?): its pids would name other processes; use unshare --pid --fork --mount-proc"
+)
 
 
 def default_state_path(mountpoint: Path) -> Path:
@@ -141,19 +178,63 @@ def clear_stale_mount(mountpoint: Path) -> None:
         raise OSError(err, f"cannot detach stale mount {mountpoint}: {os.strerror(err)}")
 
 
-def fuse_mounted(mountpoint: Path) -> bool:
-    """A FUSE filesystem (a live daemon's) is on top at `mountpoint`. Any other mount
-    there, such as a container volume's bind mount, is mounted over: that is how a
-    sidecar shares its mount with the pod (a volume, a propagating mount on top)."""
-    target = os.path.realpath(mountpoint)
-    fstype = None
-    with open("/proc/self/mountinfo") as mounts:
-        for line in mounts:  # later lines are mounted on top of earlier ones
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes a space as \040
+
+
+def _mount_type(mountpoint: Path) -> str | None:
+    """The filesystem type of the topmost mount at `mountpoint`, from mountinfo."""
+    found = None
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
             fields, _, tail = line.partition(" - ")
-            where = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields.split()[4])
-            if where == target:
-                fstype = tail.split()[0]
-    return fstype is not None and fstype.startswith("fuse")
+            where = _OCTAL_ESCAPE.sub(lambda m: chr(int(m[1], 8)), fields.split(" ")[4])
+            if where == str(mountpoint) and tail:
+                found = tail.split(" ")[0]
+    return found
+
+
+def _fuse_servers(mountpoint: Path) -> list[tuple[int, str]]:
+    """Processes holding /dev/fuse whose command line names `mountpoint`."""
+    servers = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{name}/fd")
+            if not any(os.readlink(f"/proc/{name}/fd/{fd}") == "/dev/fuse" for fd in fds):
+                continue
+            with open(f"/proc/{name}/cmdline", "rb") as file:
+                argv = [os.fsdecode(arg) for arg in file.read().split(b"\0") if arg]
+            cwd = os.readlink(f"/proc/{name}/cwd")
+        except OSError:
+            continue  # gone meanwhile, or not ours to look at
+        if any(os.path.abspath(os.path.join(cwd, arg)) == str(mountpoint) for arg in argv[1:]):
+            servers.append((int(name), " ".join(argv)))
+    return servers
+
+
+def already_mounted(mountpoint: Path) -> str:
+    """Why the daemon will not mount over a live mount, who holds it, what to do."""
+    kind = _mount_type(mountpoint) or "unknown type"
+    servers = _fuse_servers(mountpoint) if kind.startswith("fuse") else []
+    if servers:
+        pids = " ".join(str(pid) for pid, _ in servers)
+        who = "; ".join(f"pid {pid}: {command}" for pid, command in servers)
+        return (
+            f"{mountpoint}: already mounted ({kind}, served by {who}); stop that daemon "
+            f"first (kill {pids}), or choose another mount point"
+        )
+    return (
+        f"{mountpoint}: already mounted ({kind}, by no process found here); "
+        f"umount {mountpoint} if it is not wanted, or choose another mount point"
+    )
+
+
+def fuse_mounted(mountpoint: Path) -> bool:
+    """A FUSE filesystem (a live daemon's) is on top at `mountpoint`: never mounted
+    over, even with --over-volume."""
+    kind = _mount_type(Path(os.path.realpath(mountpoint)))
+    return kind is not None and kind.startswith("fuse")
 
 
 def mount_options() -> set[str]:
@@ -198,6 +279,7 @@ async def serve(args: argparse.Namespace, on_ready: Callable[[], None]) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_terminate_on_signal)
+                nursery.start_soon(ops.run_invalidations)
                 if args.policy.enabled:
                     nursery.start_soon(AutoTracker(engine, args.policy).run)
                 if listeners:
@@ -212,6 +294,7 @@ async def serve(args: argparse.Namespace, on_ready: Callable[[], None]) -> None:
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:
+            ops.detach()
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", args.mountpoint)
 
@@ -254,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         filename=args.log_file,
     )
+    logguard.install()  # one line per record, identical ones rate-limited
     report: Callable[[int], None] = lambda code: None  # noqa: E731
     if not args.foreground:
         report = _daemonize()
@@ -261,8 +345,10 @@ def main(argv: list[str] | None = None) -> None:
         clear_stale_mount(args.mountpoint)
         if not args.mountpoint.is_dir():
             raise OSError(errno.ENOTDIR, f"{args.mountpoint}: not a directory")
-        if fuse_mounted(args.mountpoint):
-            raise OSError(errno.EBUSY, f"{args.mountpoint}: already mounted")
+        if os.path.ismount(args.mountpoint) and (
+            fuse_mounted(args.mountpoint) or not args.over_volume
+        ):
+            raise OSError(errno.EBUSY, already_mounted(args.mountpoint))
         raise_fd_limit()
 
         def ready() -> None:
@@ -270,8 +356,8 @@ def main(argv: list[str] | None = None) -> None:
             notify_systemd("READY=1")
 
         trio.run(serve, args, ready)
-    except OSError as error:
-        log.error("%s", error)
+    except OSError as error:  # our own errors say it all in words, without [Errno N]
+        log.error("%s", error.strerror if error.strerror and error.filename is None else error)
         report(1)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ from tracker.access import may_see
 from tracker.engine import EVENTS, Engine, Entry
 from tracker.errors import InvalidArgument, NoSuchProcess
 from tracker.procfs import escape_comm
-from tracker.quota import WHITESPACE, parse_quota
+from tracker.quota import WHITESPACE, parse_quota, parse_reset
 
 MAX_WRITE = 4096
 _DECIMAL = re.compile(r"[0-9]+", re.ASCII)
@@ -56,17 +56,6 @@ def parse_pid_name(name: str) -> int:
     if name != str(pid):
         raise InvalidArgument(f"{name!r} is not a pid directory name")
     return pid
-
-
-def parse_reset(text: str) -> tuple[bool, bool]:
-    """`1`/`all`, `quota` or `usage` -> (clear quota, restart usage)."""
-    kinds = {"1": (True, True), "all": (True, True), "quota": (True, False), "usage": (False, True)}
-    try:
-        return kinds[text.rstrip(WHITESPACE)]
-    except KeyError:
-        raise InvalidArgument(
-            f"reset: want 1, all, quota or usage, not {text.rstrip(WHITESPACE)!r}"
-        ) from None
 
 
 def _limit(value: int | None) -> str:

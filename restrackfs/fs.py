@@ -25,6 +25,7 @@ import pyfuse3
 import trio
 
 from restrackfs.files import MAX_WRITE, PROCESS_FILES, TOP_FILES, Caller, FileSpec, parse_pid_name
+from restrackfs.handles import HandleTable, Kept, TooManyHandles
 from tracker.access import may_see
 from tracker.engine import Engine, Entry
 from tracker.errors import AccessDenied, InvalidArgument, NoSuchProcess, TrackerError
@@ -79,8 +80,8 @@ class Node:
 class Handle:
     node: Node
     caller: Caller
-    content: bytes | None = None  # the text of the last read at offset 0
-    listing: list[tuple[str, Node]] | None = None  # a directory's, for one readdir pass
+    kept: Kept = field(default_factory=Kept)  # between reads, bounded (restrackfs.handles)
+    seen: bytes | None = None  # a pollable file's text at the last read (or the open)
 
 
 @dataclass
@@ -137,8 +138,7 @@ class RestrackOperations(pyfuse3.Operations):
         self.engine = engine
         self.hidepid = hidepid
         self.inodes = Inodes()
-        self.handles: dict[int, Handle] = {}
-        self._next_fh = 1
+        self.handles = HandleTable()
         self._removed_by_request: list[bytes] | None = None  # collected during a write
         # poll handles of readers waiting on an `events` file, by entry serial (0: top)
         self._pollers: dict[int, dict[int, pyfuse3.PollHandle]] = {}
@@ -146,6 +146,9 @@ class RestrackOperations(pyfuse3.Operations):
         # With hidepid the kernel's shared dentry cache would show one user's
         # lookups to another, so process directories are not cached at all.
         self._dir_timeout = 0.0 if hidepid else STABLE_TIMEOUT
+        # Names of removed directories for `run_invalidations`; None while it does not run.
+        self._invalidations: trio.MemorySendChannel[bytes] | None = None
+        self._attached = True  # False once the session closes: no kernel notification then
         engine.on_removal(self._entry_removed)
         engine.on_event(self._events_moved)
 
@@ -153,20 +156,57 @@ class RestrackOperations(pyfuse3.Operations):
 
     def _entry_removed(self, entry: Entry) -> None:
         self.inodes.forget(entry)
-        for poll_handle in self._pollers.pop(entry.serial, {}).values():
+        pollers = self._pollers.pop(entry.serial, {}).values()
+        if not self._attached:
+            return
+        for poll_handle in pollers:
             poll_handle.notify()
         name = str(entry.pid).encode()
         if self._removed_by_request is not None:
             self._removed_by_request.append(name)
-        try:
-            pyfuse3.invalidate_entry_async(ROOT, name, ignore_enoent=True)
-        except Exception:  # not mounted (engine-only use) or session closing
-            log.debug("no invalidation for %d", entry.pid, exc_info=True)
+        if self._invalidations is None:
+            return  # not mounted (engine-only use), or the session is ending
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            self._invalidations.send_nowait(name)
 
     def _events_moved(self, entry: Entry) -> None:
         for serial in (entry.serial, 0):
-            for poll_handle in self._pollers.pop(serial, {}).values():
-                poll_handle.notify()
+            pollers = self._pollers.pop(serial, {}).values()
+            if self._attached:
+                for poll_handle in pollers:
+                    poll_handle.notify()
+
+    async def run_invalidations(self) -> None:
+        """Make the kernel forget removed process directories, one at a time.
+
+        Run in the serving nursery instead of pyfuse3's `invalidate_entry_async`,
+        whose thread could still hold a request when the session closed and then
+        logged a traceback at a clean stop (a process exiting just before SIGTERM).
+        Here an invalidation under way is finished (shielded, at most 1 s, since it
+        blocks in the kernel) before the session closes, and those still queued
+        are dropped with the mount.
+        """
+        send, receive = trio.open_memory_channel[bytes](float("inf"))
+        self._invalidations = send
+        try:
+            async with receive:
+                async for name in receive:
+                    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                        await self._invalidate(name)
+        finally:
+            self._invalidations = None
+
+    @staticmethod
+    async def _invalidate(name: bytes) -> None:
+        with contextlib.suppress(OSError):  # ENOENT: the kernel had nothing cached
+            await trio.to_thread.run_sync(
+                pyfuse3.invalidate_entry, ROOT, name, abandon_on_cancel=True
+            )
+
+    def detach(self) -> None:
+        """The session is about to close: send the kernel nothing more."""
+        self._attached = False
+        self._invalidations = None
 
     async def _invalidate_now(self, names: list[bytes]) -> None:
         """Make the kernel forget directories removed by this request before it returns.
@@ -275,17 +315,20 @@ class RestrackOperations(pyfuse3.Operations):
     @boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self.handles[fh]
-        if start_id == 0 or handle.listing is None:
-            handle.listing = self._listing(handle)
+        listing = handle.kept.listing
+        if start_id == 0 or listing is None:
+            listing = self._listing(handle)
         # Offsets are inode numbers, so entries coming and going between two
         # readdir calls never make one listing skip or repeat a name; the
-        # listing is taken once per pass (one `ls` of 10,000 pids makes ~50 calls).
-        listing = handle.listing
+        # listing is kept for one pass (one `ls` of 10,000 pids makes ~50 calls),
+        # and taken again if the budget of its uid dropped it meanwhile.
         start = bisect.bisect_right(listing, start_id, key=lambda child: child[1].inode)
         for name, child in listing[start:]:
             attributes = self._attributes(child)
             if not pyfuse3.readdir_reply(token, name.encode(), attributes, child.inode):
+                self.handles.keep(fh, listing=listing)
                 return
+        self.handles.keep(fh)  # the pass is over
 
     def _listing(self, handle: Handle) -> list[tuple[str, Node]]:
         """The directory's children, in inode order (registration order is serial order)."""
@@ -301,7 +344,7 @@ class RestrackOperations(pyfuse3.Operations):
 
     @boundary
     async def releasedir(self, fh: int) -> None:
-        self.handles.pop(fh, None)
+        self.handles.pop(fh)
 
     @boundary
     async def mkdir(
@@ -325,10 +368,11 @@ class RestrackOperations(pyfuse3.Operations):
     # ----- files ---------------------------------------------------------
 
     def _new_handle(self, handle: Handle) -> int:
-        fh = self._next_fh
-        self._next_fh += 1
-        self.handles[fh] = handle
-        return fh
+        try:
+            return self.handles.add(handle)
+        except TooManyHandles as error:
+            log.warning("uid=%d: open refused: %s", handle.caller.uid, error.strerror)
+            raise pyfuse3.FUSEError(error.errno) from None
 
     @boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -342,7 +386,7 @@ class RestrackOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EACCES)
         handle = Handle(node, Caller(ctx.uid, self.hidepid))
         if node.spec.pollable:
-            handle.content = self._render(handle)  # poll() wakes on changes from here on
+            handle.seen = self._render(handle)  # poll() wakes on changes from here on
         fh = self._new_handle(handle)
         # direct_io: every read() reaches us, so values are never a stale page cache.
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
@@ -355,11 +399,20 @@ class RestrackOperations(pyfuse3.Operations):
     @boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.handles[fh]
+        kept = handle.kept
         # Like seq_file: a read at offset 0 computes the value afresh; reads
-        # further on continue the same text, so a value never tears.
-        if off == 0 or handle.content is None:
-            handle.content = self._render(handle)
-        return handle.content[off : off + size]
+        # further on continue the same text, so a value never tears. What is kept
+        # for that is bounded per uid (restrackfs.handles).
+        if off and kept.content is not None:
+            content = kept.content
+        elif off and kept.end is not None and off >= kept.end:
+            return b""  # past the end of a text dropped for its uid's budget
+        else:
+            content = self._render(handle)
+            if handle.node.spec is not None and handle.node.spec.pollable:
+                handle.seen = content
+            self.handles.keep(fh, content=content)
+        return content[off : off + size]
 
     @boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -387,7 +440,7 @@ class RestrackOperations(pyfuse3.Operations):
 
     @boundary
     async def release(self, fh: int) -> None:
-        handle = self.handles.pop(fh, None)
+        handle = self.handles.pop(fh)
         if handle is not None and handle.node.spec is not None and handle.node.spec.pollable:
             self._pollers.get(self._poll_key(handle), {}).pop(fh, None)
 
@@ -411,7 +464,7 @@ class RestrackOperations(pyfuse3.Operations):
         if not spec.pollable:
             return (select.POLLIN if spec.read else 0) | (select.POLLOUT if spec.write else 0)
         try:
-            changed = self._render(handle) != handle.content
+            changed = self._render(handle) != handle.seen
         except (TrackerError, NoSuchProcess):
             return select.POLLIN | select.POLLERR  # gone: the next read says why
         if changed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from tracker.engine import Measurement
+from tracker.procfs import escape_unprintable
 from tracker.quota import Action
 
 _GAUGES = (
@@ -16,7 +17,12 @@ _GAUGES = (
 
 
 def _escape(value: str) -> str:
+    """A label value by the exposition format's rules (backslash, quote, newline)."""
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _comm_label(comm: str) -> str:
+    return _escape(escape_unprintable(comm))
 
 
 def _values(m: Measurement) -> tuple[int | None, ...]:
@@ -24,7 +30,10 @@ def _values(m: Measurement) -> tuple[int | None, ...]:
 
 
 def render(measurements: Iterable[Measurement], enforcements: Mapping[Action, int]) -> str:
-    rows = [(f'pid="{m.pid}",comm="{_escape(m.comm)}"', _values(m)) for m in measurements]
+    """The exposition; a `comm` label's value is the name itself, but for its
+    unprintable characters, written `\\xHH`... (the format's own escapes cover only
+    backslash, quote and newline), then escaped by the format's rules."""
+    rows = [(f'pid="{m.pid}",comm="{_comm_label(m.comm)}"', _values(m)) for m in measurements]
     lines: list[str] = []
     for column, (name, help_text) in enumerate(_GAUGES):
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]

@@ -5,7 +5,8 @@ The supervisor is single-threaded and forks the program before anything else
 happens, so the child can safely install the filter and exec. Each trapped
 call is executed with the *caller's* file-system uid (setfsuid is per thread),
 so the daemon applies SPEC §5 to the program, not to whoever ran the
-supervisor.
+supervisor. It fails closed: a call whose caller's ids cannot be established
+for certain is refused, never made with the supervisor's own.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def sys_register(pid: int, mount: str | None) -> int:
 def sys_deregister(pid: int, mount: str | None) -> int:
     if pid < 1:
         return -errno.EINVAL
-    return _call(lambda: client.deregister(pid, mount=mount), {})
+    # the client says "not tracked" with ENOENT; the ABI with ESRCH
+    return _call(lambda: client.deregister(pid, mount=mount), {errno.ENOENT: errno.ESRCH})
 
 
 def _not_registered_is_einval(pid: int) -> dict[int, int]:
@@ -119,26 +121,42 @@ def pack_fetch(record: client.Resource) -> bytes:
 # ----- the supervisor -------------------------------------------------------------
 
 
-@contextmanager
-def _fs_ids_of(tid: int) -> Iterator[None]:
-    """Act on the mount with the caller's fs uid/gid (this thread only)."""
+def _caller_fs_ids(listener: int, note: seccomp.Notification) -> tuple[int, int] | None:
+    """The calling thread's fs uid and gid, or None unless they are certain.
+
+    /proc/TID/status is read by number, so it names the caller only while the
+    caller still waits in its call: a thread interrupted by a signal (and gone, or
+    its tid reused) leaves the notification invalid, which is checked *after* the
+    read. A status that cannot be read at all is no answer either.
+    """
     uid = gid = None
     try:
-        with open(f"/proc/{tid}/status", "rb") as status:
+        with open(f"/proc/{note.tid}/status", "rb") as status:
             for line in status:
                 if line.startswith(b"Uid:"):
                     uid = int(line.split()[4])
                 elif line.startswith(b"Gid:"):
                     gid = int(line.split()[4])
-    except OSError:
-        pass
-    if uid is None or gid is None or os.geteuid() != 0:
-        yield
-        return
+    except (OSError, ValueError, IndexError):
+        return None
+    if uid is None or gid is None or not seccomp.is_valid(listener, note.id):
+        return None
+    return uid, gid
+
+
+@contextmanager
+def _fs_ids(uid: int, gid: int) -> Iterator[bool]:
+    """Act on the mount with these fs ids (this thread only); yields whether they
+    are in force, so nothing is ever done with the supervisor's own instead.
+
+    setfsuid() says nothing of failure: the ids are read back (-1 changes nothing).
+    Without privilege only the supervisor's own ids can be taken, which is right:
+    a caller with other ids is then refused.
+    """
     old_gid = _libc.setfsgid(gid)
     old_uid = _libc.setfsuid(uid)
     try:
-        yield
+        yield _libc.setfsuid(-1) == uid and _libc.setfsgid(-1) == gid
     finally:
         _libc.setfsuid(old_uid)
         _libc.setfsgid(old_gid)
@@ -187,11 +205,13 @@ class Supervisor:
         note = seccomp.receive(self.listener)
         if note is None:
             return
-        if not seccomp.is_valid(self.listener, note.id):
+        ids = _caller_fs_ids(self.listener, note)
+        if ids is None:  # the caller is gone, or who it is cannot be told: fail closed
+            seccomp.respond(self.listener, note.id, -errno.ESRCH)
             return
         try:
-            with _fs_ids_of(note.tid):
-                result = self.answer(note)
+            with _fs_ids(*ids) as in_force:
+                result = self.answer(note) if in_force else -errno.EPERM
         except NotMountedError as error:
             if not self.warned_unmounted:
                 print(f"restrack run: {error.strerror}; answering ENOSYS", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -9,14 +10,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).parent
+CHECKOUT = HERE.parent
 NOBODY = 65534
 MiB = 1024 * 1024
+# The interpreters that run this checkout's code as root; another uid gets user_python().
+CHECKOUT_PYTHONS = {sys.executable, str(Path(sys.executable).parent / "python")}
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 5.0, what: str = "") -> object:
@@ -46,13 +50,115 @@ def workload_binary(bin_dir: Path) -> Path:
     return binary
 
 
+def as_user(uid: int, argv: Sequence[object]) -> list[str]:
+    """`argv` run with `uid` as real, effective and saved uid and gid, and no groups.
+
+    A checkout's own interpreter is swapped for user_python(): the checkout (and its
+    virtualenv) may sit under a directory that uid cannot enter, such as /root.
+    """
+    argv = [str(word) for word in argv]
+    if argv and argv[0] in CHECKOUT_PYTHONS:
+        argv[0] = user_python()
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+
+
+_user_python_dirs: list[Path] = []
+
+# What code run as another uid imports: the client, the command line, `restrack run`.
+USER_MODULES = ("restrackfs.client", "restrackfs.cli", "restrackfs.run")
+
+
+@functools.cache
+def user_python() -> str:
+    """An interpreter any uid can run, with a copy of this checkout any uid can read.
+
+    Prepared once per run in a private temp directory of the tests (0755, removed at the
+    end of the session): the project's packages and the third-party packages they import
+    are copied there, and a two-line wrapper runs a Python that uid can execute with that
+    copy first on its path. Fails with the reason when no interpreter qualifies.
+    """
+    root = Path(tempfile.mkdtemp(prefix="restrack-userpy-"))  # removed at session finish
+    _user_python_dirs.append(root)
+    site = root / "site"
+    for package in ("restrackfs", "tracker"):
+        shutil.copytree(CHECKOUT / package, site / package, ignore=_no_bytecode)
+    for source in _third_party_imports():
+        if source.is_dir():
+            shutil.copytree(source, site / source.name, ignore=_no_bytecode)
+        else:
+            shutil.copy2(source, site / source.name)
+    _readable_by_all(root)
+    reasons = []
+    for interpreter in _interpreter_candidates():
+        wrapper = root / "python"
+        wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={site} exec {interpreter} "$@"\n')
+        wrapper.chmod(0o755)
+        check = subprocess.run(
+            as_user(NOBODY, [wrapper, "-c", f"import {', '.join(USER_MODULES)}"]),
+            capture_output=True,
+            text=True,
+            cwd="/",
+        )
+        if check.returncode == 0:
+            return str(wrapper)
+        reasons.append(f"{interpreter}: {(check.stderr.strip().splitlines() or ['?'])[-1]}")
+    pytest.fail(
+        "no Python interpreter that uid 65534 can run imports this checkout's copy "
+        f"(install python3 system-wide): {'; '.join(reasons)}"
+    )
+
+
+def _third_party_imports() -> list[Path]:
+    """Top-level files and packages outside the standard library that USER_MODULES import."""
+    code = (
+        f"import sys, {', '.join(USER_MODULES)}\n"
+        "for m in list(sys.modules.values()):\n"
+        "    f = getattr(m, '__file__', None)\n"
+        "    if f and 'site-packages' in f: print(f)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    tops = set()
+    for line in out.stdout.split("\n"):
+        if not line:
+            continue
+        site, _, rest = line.partition("site-packages/")
+        top = Path(site + "site-packages") / rest.split("/")[0]
+        if not top.name.startswith("__editable__"):
+            tops.add(top)
+    return sorted(tops)
+
+
+def _interpreter_candidates() -> list[str]:
+    """This run's interpreter first, then the system's one of the same version."""
+    minor = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    found = [sys.executable, os.path.realpath(sys.executable), f"/usr/bin/{minor}"]
+    return [path for i, path in enumerate(found) if os.path.exists(path) and path not in found[:i]]
+
+
+def _no_bytecode(directory: str, names: list[str]) -> list[str]:
+    return [name for name in names if name == "__pycache__"]
+
+
+def _readable_by_all(root: Path) -> None:
+    for directory, _subdirs, files in os.walk(root):
+        os.chmod(directory, 0o755)
+        for name in files:
+            path = os.path.join(directory, name)
+            os.chmod(path, os.stat(path).st_mode | 0o444)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for root in _user_python_dirs:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 class Workload:
     """A child process that maps memory and opens files when told to."""
 
     def __init__(self, binary: Path, uid: int | None = None) -> None:
         argv = [str(binary)]
         if uid is not None:
-            argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+            argv = as_user(uid, argv)
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
         )
@@ -105,11 +211,29 @@ def spawn(workload_binary: Path) -> Iterator[Callable[..., Workload]]:
         workload.stop()
 
 
+_SHARED_TEMPDIRS: list[Path] = []
+
+
 def shared_tempdir(prefix: str) -> Path:
-    """A directory every uid can enter (pytest's tmp_path is root-only)."""
+    """A directory every uid can enter (pytest's tmp_path is root-only).
+
+    Whoever makes one removes it; `_nothing_left_in_tmp` checks that at the end."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
     path.chmod(0o755)
+    _SHARED_TEMPDIRS.append(path)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_left_in_tmp() -> Iterator[None]:
+    """The suite leaves nothing in /tmp: every shared temp dir is gone at the end
+    (a daemon that outlived its test once recreated them by saving its state)."""
+    yield
+    left = [path for path in _SHARED_TEMPDIRS if os.path.lexists(path)]
+    for path in left:
+        _unmount(path)
+        shutil.rmtree(path, ignore_errors=True)
+    assert not left, f"tests left these behind: {sorted(map(str, left))}"
 
 
 class Daemon:
@@ -169,27 +293,52 @@ def _unmount(path: Path) -> None:
     subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-@pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    daemons: list[Daemon] = []
+class DaemonFactory:
+    """Starts daemons on fresh mount points; `cleanup` stops and removes them all."""
 
-    def make(*options: str, start: bool = True) -> Daemon:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.daemons: list[Daemon] = []
+
+    def __call__(self, *options: str, start: bool = True) -> Daemon:
         mountpoint = shared_tempdir("restrack-mnt-")
-        daemon = Daemon(mountpoint, tmp_path / f"state{len(daemons)}.json", tmp_path / "daemon.log")
-        daemons.append(daemon)
+        state = self.tmp_path / f"state{len(self.daemons)}.json"
+        daemon = Daemon(mountpoint, state, self.tmp_path / "daemon.log")
+        self.daemons.append(daemon)
         if start:
             daemon.start(*options)
         return daemon
 
-    yield make
-    for daemon in daemons:
-        if daemon.proc is not None:
-            daemon.stop()
-        if os.path.ismount(daemon.mountpoint) or not os.path.exists(daemon.mountpoint):
-            _unmount(daemon.mountpoint)
-        shutil.rmtree(daemon.mountpoint, ignore_errors=True)
+    def stop_all(self) -> None:
+        """Stop every daemon still running (one that outlived a fixture's directory
+        would write its state file there anew, recreating the directory)."""
+        for daemon in self.daemons:
+            if daemon.proc is None:
+                continue
+            try:
+                daemon.stop()
+            except subprocess.TimeoutExpired:
+                daemon.proc.kill()
+                daemon.proc.wait()
+                daemon.proc = None
+
+    def cleanup(self) -> None:
+        self.stop_all()
+        for daemon in self.daemons:
+            if os.path.ismount(daemon.mountpoint) or not os.path.exists(daemon.mountpoint):
+                _unmount(daemon.mountpoint)
+            shutil.rmtree(daemon.mountpoint, ignore_errors=True)
 
 
 @pytest.fixture
-def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
+def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
+    factory = DaemonFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
+
+
+@pytest.fixture
+def daemon(daemon_factory: DaemonFactory) -> Daemon:
     return daemon_factory()

@@ -6,6 +6,7 @@ Starts the daemon with the options given on the command line, then the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -31,7 +32,15 @@ def tracked(mount: Path) -> list[int]:
 def main() -> None:
     mount = Path(tempfile.mkdtemp(prefix="sidecar-"))
     state = mount.with_suffix(".json")
-    options = sys.argv[1:]
+    try:
+        scenario(mount, state, sys.argv[1:])
+    finally:  # the namespace's processes die with it; the files in /tmp do not
+        with contextlib.suppress(OSError):  # still mounted: the test sees it left
+            mount.rmdir()
+        state.unlink(missing_ok=True)
+
+
+def scenario(mount: Path, state: Path, options: list[str]) -> None:
     before = subprocess.Popen(["sleep", "60"])  # started before the daemon
     daemon = subprocess.Popen(
         [sys.executable, "-m", "restrackfs.daemon", "--foreground", "--state", str(state)]
@@ -39,6 +48,15 @@ def main() -> None:
         + [str(mount)],
         stderr=subprocess.DEVNULL,
     )
+    try:
+        report(mount, daemon, before)
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+        before.kill()
+
+
+def report(mount: Path, daemon: subprocess.Popen[bytes], before: subprocess.Popen[bytes]) -> None:
     assert wait_for(lambda: os.path.ismount(mount) and (mount / "metrics").exists())
     assert wait_for(lambda: before.pid in tracked(mount))
     parent = subprocess.Popen(["bash", "-c", "sleep 60 & exec -a appmain sleep 61"])
@@ -69,13 +87,12 @@ def main() -> None:
                 "quotas": {str(k): v for k, v in quotas.items()},
                 "seen_after": seen_after,
                 "stays_deregistered": undone,
+                "mount": str(mount),
+                "state": str(mount.with_suffix(".json")),
             }
         )
     )
-    daemon.terminate()
-    daemon.wait(10)
-    for proc in (before, parent):
-        proc.kill()
+    parent.kill()
 
 
 if __name__ == "__main__":

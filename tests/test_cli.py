@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import re
 import select
 import signal
@@ -15,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from restrackfs import client
-from tests.conftest import NOBODY, MiB, shared_tempdir
+from restrackfs.cli import human_size
+from tests.conftest import NOBODY, MiB, as_user, shared_tempdir
 
 VENV_BIN = Path(sys.executable).parent
 CONSOLE_SCRIPT = VENV_BIN / "restrack"
@@ -46,7 +49,7 @@ def restrack(
         argv = [*argv, "--mount", str(mount)]
     argv += [str(a) for a in args]
     if uid is not None:
-        argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+        argv = as_user(uid, argv)
     return subprocess.run(
         argv, capture_output=True, text=True, cwd="/", env=env or environment(), timeout=30
     )
@@ -223,6 +226,17 @@ def test_human_sizes_in_the_table(m, spawn):
         assert by_pid[workloads[text].pid][4] == shown, text
 
 
+def test_one_size_format():
+    """A usage of about 30 MiB read `30.0M` beside a `40M` quota: now one format,
+    at most one decimal and no trailing .0."""
+    sizes = {
+        0: "0", 1023: "1023", 1024: "1K", 1536: "1.5K", 30 * MiB + 5: "30M",
+        40 * MiB: "40M", int(1.26 * MiB): "1.3M", 150 * MiB + MiB // 2: "150M",
+        1024 * MiB - 1: "1G", None: "-",
+    }  # fmt: skip
+    assert {size: human_size(size) for size in sizes} == sizes
+
+
 def test_reset_forms(m, daemon, spawn):
     w = spawn()
     ok(restrack(m, "register", w.pid))
@@ -238,6 +252,10 @@ def test_reset_forms(m, daemon, spawn):
     ok(restrack(m, "reset", w.pid))
     assert client.fetch(w.pid, mount=m) == client.Resource(w.pid, 0, 0, None, None)
     assert daemon.read(w.pid, "quota") == NO_QUOTA
+    resets = [
+        line.split(" INFO ")[1] for line in daemon.log_text().splitlines() if " reset " in line
+    ]
+    assert resets == [f"reset pid={w.pid} {what} by uid=0" for what in ("usage", "quota", "all")]
     result = restrack(m, "reset", w.pid, "--quota", "--usage")
     assert result.returncode == 2 and "not allowed with" in result.stderr
 
@@ -268,6 +286,35 @@ def test_top_orders_by_quota_use(m, spawn):
     expected = [most.pid, half.pid, little.pid, none.pid]
     assert top_frames(out) == [expected, expected]
     assert out.count("4 tracked") == 2
+
+
+def test_top_prints_plain_tables_when_not_a_terminal(m, spawn):
+    w = spawn()
+    ok(restrack(m, "register", w.pid))
+    out = ok(restrack(m, "top", "-n", "2", "--delay", "0"))
+    assert "\x1b" not in out  # no clear-screen codes in a pipe or a file
+    assert top_frames(out) == [[w.pid], [w.pid]]
+
+
+def test_top_redraws_a_terminal(m, spawn):
+    w = spawn()
+    ok(restrack(m, "register", w.pid))
+    primary, secondary = pty.openpty()
+    try:
+        argv = [str(VENV_BIN / "python"), "-m", "restrackfs.cli", "--mount", str(m)]
+        subprocess.run([*argv, "top", "-n", "1"], stdout=secondary, env=environment(), timeout=30)
+        os.close(secondary)
+        secondary = -1
+        out = b""
+        with contextlib.suppress(OSError):  # EIO once everything was read
+            while chunk := os.read(primary, 65536):
+                out += chunk
+    finally:
+        os.close(primary)
+        if secondary >= 0:
+            os.close(secondary)
+    assert out.startswith(b"\x1b[H\x1b[2Jrestrack top - ")
+    assert top_frames(out.decode()) == [[w.pid]]
 
 
 def test_exceeded_zero_quota_sorts_first(m, spawn):
@@ -413,7 +460,15 @@ def test_already_tracked(m, spawn):
 
 def test_deregister_untracked(m, spawn):
     w = spawn()
-    fails(restrack(m, "deregister", w.pid), 3, f"{w.pid}: not tracked")
+    fails(restrack(m, "deregister", w.pid), 5, f"{w.pid}: not tracked")
+
+
+@pytest.mark.parametrize(
+    "args", [["deregister"], ["show"], ["cap", "--files", "1"], ["reset"], ["reset", "--quota"]]
+)
+def test_a_pid_that_names_no_process(m, args):
+    pid = dead_pid()
+    fails(restrack(m, args[0], pid, *args[1:]), 3, f"{pid}: no such process")
 
 
 @pytest.mark.parametrize(
@@ -457,18 +512,19 @@ def test_quota_already_set(m, daemon, spawn):
 
 
 @pytest.mark.parametrize(
-    "args",
+    "args, reason",
     [
-        ["--heap", "10MB"],
-        ["--heap", "-5"],
-        ["--files", "ten"],
-        ["--heap", "40M", "--files", "-1"],
+        (["--heap", "10MB"], "bad size '10MB': want bytes with K/M/G/T suffix, or max"),
+        (["--heap", "-5"], "bad size '-5': want bytes with K/M/G/T suffix, or max"),
+        (["--files", "ten"], "bad count 'ten': want a non-negative integer, or max"),
+        (["--heap", "40M", "--files", "-1"], "bad count '-1': want a non-negative integer, or max"),
+        (["--heap", "9" * 20], f"size '{'9' * 20}' is too large"),
     ],
 )
-def test_invalid_quota(m, daemon, spawn, args):
+def test_invalid_quota(m, daemon, spawn, args, reason):
     w = spawn()
     ok(restrack(m, "register", w.pid))
-    fails(restrack(m, "cap", w.pid, *args), 2, f"{w.pid}: invalid argument")
+    fails(restrack(m, "cap", w.pid, *args), 2, f"{w.pid}: {reason}")
     assert daemon.read(w.pid, "quota") == NO_QUOTA
     ok(restrack(m, "cap", w.pid, "--files", "5"))  # nothing was defined
 
@@ -481,7 +537,7 @@ def test_cap_needs_something_to_set(m, daemon, spawn):
 
 
 def test_register_zero_is_invalid(m):
-    fails(restrack(m, "register", 0), 2, "0: invalid argument")
+    fails(restrack(m, "register", 0), 2, "0: not a pid: want an integer >= 1")
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import pytest
 
 from restrackfs import client
 from restrackfs.client import NotMountedError, Resource
-from tests.conftest import NOBODY, MiB, shared_tempdir, wait_until
+from tests.conftest import NOBODY, MiB, as_user, shared_tempdir, wait_until
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 NO_QUOTA = "heap=max files=max action=kill\n"
@@ -209,7 +209,7 @@ def test_default_action_kills(m, spawn):
     w.ask("mmap", 4 * MiB)
     assert w.wait() == -signal.SIGKILL
     wait_until(lambda: w.pid not in client.tracked(mount=m), 1, "the killed process to leave")
-    assert type(raised(client.fetch, w.pid, mount=m)) is FileNotFoundError
+    assert type(raised(client.fetch, w.pid, mount=m)) is ProcessLookupError
 
 
 def test_resource_reset_clears_quota_and_counters(m, daemon, spawn):
@@ -239,6 +239,7 @@ def test_reset_extra_forms(m, spawn):
     assert client.fetch(w.pid, mount=m) == Resource(w.pid, 0, 2, None, None)
     error = raised(client.reset, w.pid, "everything", mount=m)
     assert type(error) is OSError and error.errno == errno.EINVAL
+    assert str(error) == f"[Errno 22] {w.pid}: reset: want 1, all, quota or usage, not 'everything'"
 
 
 def test_resource_cap_twice_is_ebusy(m, daemon, spawn):
@@ -313,6 +314,7 @@ def test_register_no_such_process(m):
 def test_register_invalid_pid(m, pid):
     error = raised(client.register, pid, mount=m)
     assert type(error) is OSError and error.errno == errno.EINVAL
+    assert error.strerror == f"{pid}: not a pid: want an integer >= 1"
 
 
 def test_register_twice(m, spawn):
@@ -324,13 +326,64 @@ def test_register_twice(m, spawn):
 
 
 def test_deregister_untracked(m, spawn):
+    """The daemon answers ESRCH (README, *Errors*); a live process that is not
+    tracked is "not tracked" (ENOENT) for the client, as for every other call."""
     w = spawn()
     error = raised(client.deregister, w.pid, mount=m)
-    assert type(error) is ProcessLookupError and error.errno == errno.ESRCH
-    assert str(w.pid) in str(error)
+    assert type(error) is FileNotFoundError and error.errno == errno.ENOENT
+    assert error.strerror == f"{w.pid}: not tracked"
     client.register(w.pid, mount=m)
     client.deregister(w.pid, mount=m)
-    assert type(raised(client.deregister, w.pid, mount=m)) is ProcessLookupError
+    assert type(raised(client.deregister, w.pid, mount=m)) is FileNotFoundError
+
+
+@pytest.mark.parametrize("call", ["deregister", "fetch", "stat", "resource_cap", "resource_reset"])
+def test_a_pid_that_names_no_process_is_no_such_process(m, call):
+    pid = dead_pid()
+    error = raised(every_call(pid, m)[call])
+    assert type(error) is ProcessLookupError and error.errno == errno.ESRCH
+    assert error.strerror == f"{pid}: no such process"
+
+
+def test_a_zombie_is_no_such_process(m):
+    zombie = subprocess.Popen(["true"])
+    try:
+        wait_until(lambda: b") Z " in Path(f"/proc/{zombie.pid}/stat").read_bytes(), 5, "zombie")
+        error = raised(client.deregister, zombie.pid, mount=m)
+        assert type(error) is ProcessLookupError, error
+    finally:
+        zombie.wait()
+
+
+@pytest.mark.parametrize(
+    "quota, reason",
+    [
+        ({"heap": "10MB"}, "bad size '10MB': want bytes with K/M/G/T suffix, or max"),
+        ({"heap": "1 files=max"}, "bad size '1 files=max'"),
+        ({"files": "ten"}, "bad count 'ten': want a non-negative integer, or max"),
+        ({"files": -2}, "files quota -2: want >= 0, or -1/None for none"),
+        ({"heap": 2**63}, "size '9223372036854775808' is too large"),
+        ({"action": "explode"}, "bad action 'explode': want kill, deny or notify"),
+    ],
+)
+def test_an_invalid_quota_says_why_and_changes_nothing(m, daemon, spawn, quota, reason):
+    w = spawn()
+    client.register(w.pid, mount=m)
+    error = raised(client.set_quota, w.pid, mount=m, **quota)
+    assert type(error) is OSError and error.errno == errno.EINVAL
+    assert error.strerror.startswith(f"{w.pid}: {reason}"), error.strerror
+    assert daemon.read(w.pid, "quota") == NO_QUOTA
+    client.set_quota(w.pid, files=1, mount=m)  # nothing was defined
+
+
+def test_the_client_imports_no_engine():
+    """The client shares the daemon's grammar but stays light: no engine, trio, FUSE."""
+    code = "import sys, restrackfs.client; print(' '.join(sorted(sys.modules)))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "tracker.quota" in loaded
+    assert not {"trio", "pyfuse3", "tracker.engine", "restrackfs.fs"} & set(loaded)
 
 
 @pytest.mark.parametrize("call", ["fetch", "stat", "resource_cap", "resource_reset"])
@@ -349,7 +402,7 @@ def test_fetch_of_an_exited_process(m, spawn):
     w.proc.stdin.flush()
     assert w.wait() == 0
     wait_until(lambda: w.pid not in client.tracked(mount=m), 1, "the exited process to leave")
-    assert type(raised(client.fetch, w.pid, mount=m)) is FileNotFoundError
+    assert type(raised(client.fetch, w.pid, mount=m)) is ProcessLookupError
 
 
 NOBODY_SCRIPT = textwrap.dedent(
@@ -376,8 +429,7 @@ NOBODY_SCRIPT = textwrap.dedent(
 
 
 def as_nobody(pid: int, mount: str, *calls: str) -> dict[str, list]:
-    argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", PYTHON]
-    argv += ["-c", NOBODY_SCRIPT, str(pid), mount, *calls]
+    argv = as_user(NOBODY, [PYTHON, "-c", NOBODY_SCRIPT, pid, mount, *calls])
     result = subprocess.run(argv, capture_output=True, text=True, cwd="/", timeout=30)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)

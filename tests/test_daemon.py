@@ -16,7 +16,7 @@ import pytest
 
 from restrackfs.daemon import default_state_path
 from restrackfs.fs import boundary
-from tests.conftest import NOBODY, MiB, wait_until
+from tests.conftest import NOBODY, MiB, shared_tempdir, wait_until
 from tests.test_fs import errno_of, limits_of
 from tracker import state
 
@@ -143,8 +143,25 @@ def test_refuses_a_live_mount(daemon, tmp_path):
     argv = [sys.executable, "-m", "restrackfs.daemon", "--foreground"]
     argv += ["--state", str(tmp_path / "other.json"), str(daemon.mountpoint)]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=20)
-    assert result.returncode == 1 and "already mounted" in result.stderr
+    assert result.returncode == 1, result.stderr
+    assert f"{daemon.mountpoint}: already mounted (fuse.restrackfs, served by pid " in result.stderr
+    assert f"stop that daemon first (kill {daemon.proc.pid})" in result.stderr
     assert "restrack_tracked_processes" in daemon.read("metrics")
+
+
+def test_refuses_a_mount_of_something_else(daemon_factory, tmp_path):
+    daemon = daemon_factory(start=False)
+    tmpfs = ["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", daemon.mountpoint]
+    subprocess.run(tmpfs, check=True)
+    try:
+        argv = [sys.executable, "-m", "restrackfs.daemon", "--foreground"]
+        argv += ["--state", str(tmp_path / "other.json"), str(daemon.mountpoint)]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        assert result.returncode == 1, result.stderr
+        assert f"{daemon.mountpoint}: already mounted (tmpfs, " in result.stderr
+        assert f"umount {daemon.mountpoint} if it is not wanted" in result.stderr
+    finally:
+        subprocess.run(["umount", daemon.mountpoint], check=True)
 
 
 def test_default_state_path_is_per_mount_point():
@@ -186,3 +203,47 @@ def test_the_daemon_does_not_track_itself(daemon):
     assert daemon.proc is not None
     assert errno_of(lambda: daemon.register(daemon.proc.pid)) == errno.EPERM
     assert str(daemon.proc.pid) not in os.listdir(daemon.mountpoint)
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_a_stop_right_after_exits_logs_no_traceback(daemon, spawn, attempt):
+    """Found by a newcomer (2 of 2 tries): a tracked process that exits just before
+    SIGTERM left an invalidation queued that ran after the unmount, and pyfuse3 logged
+    `Failed to submit invalidate_entry request` with a traceback at a clean stop."""
+    workloads = [spawn() for _ in range(4)]
+    for w in workloads:
+        daemon.register(w.pid)
+    for w in workloads:
+        w.proc.kill()
+    for w in workloads:
+        w.proc.wait()
+    assert daemon.stop(signal.SIGTERM) == 0
+    log = daemon.log_text()
+    after = log[log.index("SIGTERM: unmounting") :]
+    assert "unmounted" in after
+    assert "Traceback" not in after and " ERROR " not in after, after
+
+
+@pytest.mark.parametrize("first", [None, "--hidepid"])
+def test_scripts_run_takes_options_without_a_mount_point(tmp_path, first):
+    """`scripts/run --hidepid` mounted nothing (`mkdir: unrecognized option`): options
+    alone mean the default mount point, $RESTRACK_MOUNT (here) or /restrack."""
+    mount = shared_tempdir("restrack-mnt-")
+    script = Path(__file__).parents[1] / "scripts" / "run"
+    options = ["--hidepid", "--state", str(tmp_path / "state.json")]
+    argv = [str(script), *options] if first else [str(script), str(mount), *options]
+    env = {**os.environ, "RESTRACK_MOUNT": str(mount)}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: os.path.ismount(mount) or proc.poll() is not None, 60, "the mount")
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        # scripts/run execs the daemon: its command line is what scripts/run passed
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        assert cmdline[-4:] == [b"--hidepid", b"--state", os.fsencode(options[-1]), bytes(mount)]
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        if proc.stdout:
+            proc.stdout.close()
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+        mount.rmdir()

@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import threading
@@ -27,7 +28,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NOBODY, Daemon, MiB, Workload, shared_tempdir, wait_until
+from tests.conftest import (
+    NOBODY,
+    Daemon,
+    DaemonFactory,
+    MiB,
+    Workload,
+    shared_tempdir,
+    wait_until,
+)
 from tests.test_fs import errno_of, limits_of
 from tracker import state as state_file
 
@@ -496,15 +505,20 @@ def _blocked_in_fuse(tid: int) -> bool:
 
 
 @pytest.fixture
-def small_disk() -> Iterator[Path]:
-    """A 64 KiB tmpfs, mounted for this test only."""
+def small_disk(daemon_factory: DaemonFactory) -> Iterator[Path]:
+    """A 64 KiB tmpfs, mounted for this test only.
+
+    Its daemons are stopped first: torn down before them, the directory was
+    recreated by a daemon writing its state file anew (as workloads exited),
+    and left in /tmp by every run."""
     path = shared_tempdir("restrack-disk-")
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", path], check=True)
     try:
         yield path
     finally:
+        daemon_factory.stop_all()
         subprocess.run(["umount", "-l", path], check=True)
-        path.rmdir()
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def fill(directory: Path) -> Path:

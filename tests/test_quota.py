@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from restrackfs.files import parse_pid, parse_reset
+from restrackfs.files import parse_pid
 from tracker import limits, procfs
 from tracker.errors import InvalidArgument
 from tracker.procfs import RLIM_INFINITY, NoSuchProcess
@@ -22,6 +22,7 @@ from tracker.quota import (
     Quota,
     parse_count,
     parse_quota,
+    parse_reset,
     parse_size,
 )
 

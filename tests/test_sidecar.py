@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MiB
+from restrackfs.daemon import parse_args
+from tests.conftest import MiB, shared_tempdir, wait_until
+from tracker.autotrack import in_initial_pid_namespace
 
 HERE = Path(__file__).parent
 
@@ -23,7 +26,9 @@ def in_pid_namespace(*daemon_options: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    seen = json.loads(result.stdout)
+    assert not os.path.lexists(seen["mount"]) and not os.path.lexists(seen["state"])
+    return seen
 
 
 def test_track_all_in_a_pid_namespace_with_default_quota():
@@ -60,7 +65,8 @@ def test_default_quota_is_validated_at_start(tmp_path):
     result = subprocess.run(
         [*argv, "--default-quota", "heap=lots", str(tmp_path)], capture_output=True, text=True
     )
-    assert result.returncode == 2 and "--default-quota" in result.stderr
+    assert result.returncode == 2
+    assert "--default-quota: bad size 'lots': want bytes with K/M/G/T suffix" in result.stderr
     result = subprocess.run(
         [*argv[:-1], "--default-quota", "files=1", str(tmp_path)], capture_output=True, text=True
     )
@@ -169,3 +175,92 @@ def test_plain_files_poll_ready(daemon, spawn):
         assert poller.poll(1000) == [(fd, select.POLLIN)]
     finally:
         os.close(fd)
+
+
+# ----- the host's pid namespace ------------------------------------------------------
+
+
+def daemon_argv(*options: str) -> list[str]:
+    return [sys.executable, "-m", "restrackfs.daemon", "--foreground", *options]
+
+
+@pytest.mark.parametrize("quota", ["files=4096", "heap=2G action=deny"])
+def test_track_all_with_a_kill_or_deny_quota_is_refused_on_the_host(tmp_path, quota):
+    """Without `--fork --mount-proc`, or with no namespace at all, --track-all would
+    cap every process of the machine: refused, and nothing is mounted."""
+    assert in_initial_pid_namespace(), "the suite runs in the host's pid namespace"
+    result = subprocess.run(
+        [*daemon_argv("--track-all", "--default-quota", quota), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "refusing --track-all with a kill or deny --default-quota" in result.stderr
+    assert "unshare --pid --fork --mount-proc" in result.stderr
+    assert "--yes-all-host-processes" in result.stderr
+    assert not os.path.ismount(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--track-all", "--default-quota", "files=4096", "--yes-all-host-processes"],
+        ["--track-all", "--default-quota", "files=4096 action=notify"],
+        ["--track-all", "--default-quota", "heap=max files=max"],
+        ["--track-all"],
+        ["--track-all", "--track-comm", "myapp*", "--default-quota", "files=64"],
+        ["--track-children", "1", "--default-quota", "files=64"],
+    ],
+)
+def test_what_cannot_cap_the_whole_host_is_accepted(options):
+    assert in_initial_pid_namespace()
+    args = parse_args([*options, "/restrack"])  # parsing only: nothing starts
+    assert args.policy.enabled
+
+
+def parse_in(unshare: list[str], *options: str) -> subprocess.CompletedProcess[str]:
+    code = f"from restrackfs.daemon import parse_args; parse_args({[*options, '/restrack']!r})"
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    return subprocess.run(
+        [*unshare, sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=20
+    )
+
+
+def test_track_all_with_a_kill_quota_is_accepted_in_a_pid_namespace():
+    result = parse_in(
+        ["unshare", "--pid", "--fork", "--mount-proc"], "--track-all", "--default-quota", "files=64"
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_proc_of_another_pid_namespace_is_refused():
+    """`unshare --pid --fork` without `--mount-proc`: /proc is the host's, whose pids
+    name other processes than the daemon's own namespace gives the same numbers to."""
+    result = parse_in(["unshare", "--pid", "--fork"], "--track-all")
+    assert result.returncode == 2
+    assert "/proc shows another pid namespace than the daemon's" in result.stderr
+
+
+def test_a_mount_made_in_the_namespace_is_shared_through_a_shared_mount_point(tmp_path):
+    """The README's recipe: a mount made inside `--mount-proc` is the namespace's own,
+    unless the mount point is a shared mount and unshare leaves propagation as it is."""
+    point = shared_tempdir("restrack-mnt-")
+    subprocess.run(["mount", "--bind", point, point], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", point], check=True)
+        unshare = ["unshare", "--pid", "--fork", "--mount-proc", "--propagation", "unchanged"]
+        argv = [*unshare, *daemon_argv("--state", str(tmp_path / "state.json"), str(point))]
+        proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        try:
+            wait_until(lambda: (point / "metrics").exists() or proc.poll() is not None, 20)
+            assert "restrack_tracked_processes 0" in (point / "metrics").read_text()
+        finally:  # unshare does not pass SIGTERM on: stop the daemon, its child
+            for daemon in children.read_text().split() if proc.poll() is None else []:
+                os.kill(int(daemon), signal.SIGTERM)
+            proc.wait(20)
+        wait_until(lambda: not (point / "metrics").exists(), 10, "the namespace's unmount")
+    finally:
+        subprocess.run(["umount", point], check=True)
+        point.rmdir()

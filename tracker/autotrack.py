@@ -24,9 +24,30 @@ from tracker import procfs
 from tracker.access import ROOT
 from tracker.engine import Engine
 from tracker.procfs import Stat
-from tracker.quota import Quota
+from tracker.quota import Action, Quota
 
 log = logging.getLogger("restrackfs.autotrack")
+
+# The inode of the kernel's initial pid namespace (PROC_PID_INIT_INO in
+# include/linux/proc_ns.h, fixed since Linux 3.8): every other pid namespace
+# gets a fresh inode. Comparing with /proc/1/ns/pid would not do: inside a
+# namespace, pid 1 is that namespace's own init.
+INITIAL_PID_NAMESPACE_INODE = 0xEFFFFFFC
+
+
+def in_initial_pid_namespace() -> bool:
+    """Is this process in the host's pid namespace (so /proc shows every process)?"""
+    return os.stat("/proc/self/ns/pid").st_ino == INITIAL_PID_NAMESPACE_INODE
+
+
+def proc_matches_my_pid_namespace() -> bool:
+    """Does /proc show this process's own pid namespace?
+
+    Not after `unshare --pid --fork` without `--mount-proc`: /proc is then the
+    parent namespace's, and each pid read there names another process than the
+    same number does for pidfd_open() and kill() here.
+    """
+    return os.readlink("/proc/self") == str(os.getpid())
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +62,19 @@ class Policy:
     @property
     def enabled(self) -> bool:
         return self.track_all or self.comm_glob is not None or self.children_of is not None
+
+    @property
+    def acts_on_everything(self) -> bool:
+        """Every process of the namespace gets a quota that kills or denies."""
+        quota = self.default_quota
+        return (
+            self.track_all
+            and self.comm_glob is None
+            and self.children_of is None
+            and quota is not None
+            and quota.action in (Action.KILL, Action.DENY)
+            and (quota.heap is not None or quota.files is not None)
+        )
 
 
 class AutoTracker:

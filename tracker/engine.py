@@ -70,6 +70,7 @@ class Entry:
     saved_soft: dict[int, int] = field(default_factory=dict)
     applied_soft: dict[int, int] = field(default_factory=dict)
     over: frozenset[str] = frozenset()  # quotas exceeded at the last check
+    killed: bool = False  # SIGKILL sent for a kill quota: answers as exited from then on
     events: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(EVENTS, 0)))
     ended: str | None = None  # "exited" or "deregistered" once it left the registry
 
@@ -189,6 +190,7 @@ class Engine:
         # Permission first: EEXIST would tell a user that another's process is tracked.
         access.check_control(caller_uid, status.real_uid, tgid)
         if tgid in self._entries:
+            self._enforce_before_command(self._entries[tgid])
             raise AlreadyTracked(f"{tgid}: already tracked")
         process = Process.open(tgid)
         try:
@@ -226,6 +228,7 @@ class Engine:
             with suppress(NoSuchProcess, AccessDenied):
                 access.check_control(caller_uid, procfs.read_status(pid).real_uid, pid)
             raise NotTracked(f"{pid}: not tracked")
+        self._enforce_before_command(entry)
         self._check_may_lift(entry, caller_uid)
         self._persist_removal(entry)
         self._restore_limits(entry)
@@ -233,7 +236,7 @@ class Engine:
         log.info("deregistered pid=%d by uid=%d", pid, caller_uid)
 
     def set_quota(self, entry: Entry, quota: Quota, caller_uid: int) -> None:
-        self.check_current(entry)
+        self._enforce_before_command(entry)
         access.check_control(caller_uid, entry.owner_uid, entry.pid)
         if entry.quota is not None:
             raise QuotaBusy(f"{entry.pid}: a quota is already set; reset it first")
@@ -252,7 +255,7 @@ class Engine:
 
     def reset(self, entry: Entry, *, quota: bool, usage: bool, caller_uid: int) -> None:
         """Clear the quota, restart the usage counters, or both."""
-        self.check_current(entry)
+        self._enforce_before_command(entry)
         access.check_control(caller_uid, entry.owner_uid, entry.pid)
         self._check_may_lift(entry, caller_uid)
         before = (entry.quota, entry.quota_uid, entry.heap_base, entry.files_base)
@@ -275,7 +278,8 @@ class Engine:
             self._with_quota.pop(entry.pid, None)
         elif entry.quota is not None and entry.quota.action is Action.DENY:
             self._apply_limits(entry)
-        log.info("reset pid=%d quota=%s usage=%s by uid=%d", entry.pid, quota, usage, caller_uid)
+        what = "all" if quota and usage else "quota" if quota else "usage"  # the file's words
+        log.info("reset pid=%d %s by uid=%d", entry.pid, what, caller_uid)
 
     # ----- lifecycle -----------------------------------------------------
 
@@ -396,8 +400,22 @@ class Engine:
         """Raise unless the entry is still registered and its process alive."""
         if entry.ended == "deregistered":
             raise Deregistered(f"{entry.pid}: deregistered")
-        if entry.ended is not None or not entry.process.is_alive():
+        if entry.ended is not None or entry.killed or not entry.process.is_alive():
             raise NoSuchProcess(entry.pid, "process exited")
+
+    def _enforce_before_command(self, entry: Entry) -> None:
+        """Enforce the quota on the usage of this moment, then let the command act.
+
+        Every command that names a tracked process (register again, deregister, quota,
+        reset) comes through here first: a process that crossed its kill quota a moment
+        ago must not be saved by a reset or a deregister that reaches the daemon before
+        the next periodic check (the kernel patch killed in the crossing call). A process
+        this kills answers as one that exited. Costs one sample per such command.
+        """
+        self.check_current(entry)
+        if entry.quota is not None:
+            self._check(entry)
+            self.check_current(entry)
 
     def _check_may_lift(self, entry: Entry, caller_uid: int) -> None:
         access.check_control(caller_uid, entry.owner_uid, entry.pid)
@@ -497,6 +515,7 @@ class Engine:
                 self._count(entry, _EVENT_OF_ACTION[quota.action])
         if quota.action is Action.KILL:
             entry.process.kill()
+            entry.killed = True
             self._count(entry, KILLED)
         self._announce(entry)
 

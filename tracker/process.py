@@ -118,7 +118,7 @@ class Process:
 
         def read() -> Usage:
             status = procfs.read_status(self.pid, self.via)
-            open_fds = procfs.count_fds(self.pid, self.via)
+            open_fds = self._count_fds()
             self.check_alive()
             return Usage(status.name, procfs.vm_data_of(status), open_fds)
 
@@ -129,11 +129,25 @@ class Process:
 
         def read() -> tuple[int, int]:
             vm_data = procfs.read_vm_data(self.pid, self.via) if heap else 0
-            open_fds = procfs.count_fds(self.pid, self.via) if files else 0
+            open_fds = self._count_fds() if files else 0
             self.check_alive()
             return vm_data, open_fds
 
         return self._through_a_live_thread(read)
+
+    def _count_fds(self) -> int:
+        """Open fds, read through the task in use; `NoSuchProcess` if it has no fd table.
+
+        A task without one (a zombie leader whose threads go on, a thread on its
+        way out) shows /proc/.../fd with st_size 0 and no error, so a zero is only
+        believed from a task that still has its address space: exit_mm() comes
+        before exit_files() in do_exit(), so a task whose table is gone shows no
+        VmData by the time this looks.
+        """
+        count = procfs.count_fds(self.pid, self.via)
+        if count == 0 and procfs.read_status(self.pid, self.via).vm_data is None:
+            raise NoSuchProcess(self.pid, "no fd table (a zombie leader, or exiting)")
+        return count
 
     def _through_a_live_thread(self, read: Callable[[], T]) -> T:
         try:

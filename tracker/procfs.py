@@ -16,6 +16,7 @@ from dataclasses import dataclass
 PROC = "/proc"
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 PF_KTHREAD = 0x00200000
+PID_MAX_LIMIT = 4194304  # the kernel's largest pid_max: no pid is ever above it
 
 
 class NoSuchProcess(ProcessLookupError):
@@ -35,7 +36,12 @@ class AccessDenied(PermissionError):
 
 
 def _task_dir(pid: int, tid: int | None) -> str:
-    """/proc/PID, or one thread's /proc/PID/task/TID (memory and fd table are shared)."""
+    """/proc/PID, or one thread's /proc/PID/task/TID (memory and fd table are shared).
+
+    A number no pid can be is no such process, before it makes a path /proc
+    refuses in its own way (4096 digits: ENAMETOOLONG)."""
+    if not 0 < pid <= PID_MAX_LIMIT or (tid is not None and not 0 < tid <= PID_MAX_LIMIT):
+        raise NoSuchProcess(pid)
     return f"{PROC}/{pid}" if tid is None else f"{PROC}/{pid}/task/{tid}"
 
 
@@ -79,13 +85,55 @@ def _field(raw: bytes, key: bytes) -> bytes:
     return raw[start : end if end >= 0 else len(raw)].strip()
 
 
+def _name_field(raw: bytes) -> bytes:
+    """status's first line, `Name:\\t<comm>`, exactly: a name may begin or end with
+    whitespace, which `_field`'s strip would take."""
+    if not raw.startswith(b"Name:\t"):
+        raise KeyError(b"Name")
+    end = raw.find(b"\n")
+    return raw[6 : end if end >= 0 else len(raw)]
+
+
 _NAME_ESCAPES = {b"\\n": b"\n", b"\\\\": b"\\"}
 
 
+def _escaped(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def escape_unprintable(text: str) -> str:
+    """Every character that is not printable as `\\xHH`, `\\uHHHH` or `\\UHHHHHHHH`
+    (backslashes left alone: for text whose names are escaped already)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
+def _escape_char(char: str) -> str:
+    if char == "\\":
+        return "\\\\"
+    if char == "\n":
+        return "\\n"
+    return char if char.isprintable() else _escaped(char)
+
+
 def escape_comm(comm: str) -> str:
-    """A name as /proc/PID/status shows it: a newline in it cannot forge a line
-    (of a `key value` file, or of the daemon's log)."""
-    return comm.replace("\\", "\\\\").replace("\n", "\\n")
+    """A name as the daemon prints it anywhere (stat, metrics, logs): nothing in it
+    can break a line, move a terminal's cursor or hide as whitespace.
+
+    Backslash and newline are escaped as /proc/PID/status does (`\\\\`, `\\n`);
+    every other character that is not printable (Python's `str.isprintable`: the
+    Unicode categories Cc, Cf, Zl, Zp, Zs but the ASCII space, Cs, Co, Cn; so
+    C0, DEL, C1 with NEL, ESC, U+2028, U+2029, bidi overrides) as `\\xHH`,
+    `\\uHHHH` or `\\UHHHHHHHH`. The result is all printable (the ASCII space
+    is), and the escaping can be undone unambiguously.
+    """
+    if comm.isprintable() and "\\" not in comm:
+        return comm
+    return "".join(map(_escape_char, comm))
 
 
 def _unescape_name(escaped: bytes) -> str:
@@ -101,7 +149,7 @@ def parse_status(pid: int, raw: bytes) -> Status:
         if b"\nVmData:" in raw:
             vm_data = int(_field(raw, b"VmData").split()[0]) * 1024
         return Status(
-            name=_unescape_name(_field(raw, b"Name")),
+            name=_unescape_name(_name_field(raw)),
             tgid=int(_field(raw, b"Tgid")),
             state=_field(raw, b"State")[:1].decode(),
             real_uid=int(_field(raw, b"Uid").split()[0]),

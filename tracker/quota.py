@@ -1,4 +1,12 @@
-"""The quota grammar of SPEC §3: parsing and formatting, nothing else."""
+"""The grammar of what is written to `PID/quota` and `PID/reset`: parsing and
+formatting, nothing else.
+
+The one parser of these values: the daemon's files use it, and so do the client
+and the `restrack` command, to say why a value is invalid before writing it (the
+daemon still decides). So this module stays pure: the standard library and
+`tracker.errors` only, never the engine, trio or pyfuse3
+(`test_the_client_imports_no_engine` checks it).
+"""
 
 from __future__ import annotations
 
@@ -90,3 +98,16 @@ def parse_quota(text: str) -> Quota:
             raise InvalidArgument(f"{key} given twice")
         values[key] = _PARSERS[key](value)
     return Quota(**values)  # type: ignore[arg-type]
+
+
+RESETS = {"1": (True, True), "all": (True, True), "quota": (True, False), "usage": (False, True)}
+
+
+def parse_reset(text: str) -> tuple[bool, bool]:
+    """`1`/`all`, `quota` or `usage` -> (clear quota, restart usage)."""
+    try:
+        return RESETS[text.rstrip(WHITESPACE)]
+    except KeyError:
+        raise InvalidArgument(
+            f"reset: want 1, all, quota or usage, not {text.rstrip(WHITESPACE)!r}"
+        ) from None
