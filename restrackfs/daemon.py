@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
+import functools
 import logging
 import os
 import re
@@ -18,7 +19,8 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from restrackfs import logguard
+from restrackfs import logguard, scrape
+from restrackfs.files import Caller, read_metrics
 from restrackfs.fs import RestrackOperations
 from tracker import state
 from tracker.autotrack import (
@@ -58,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--hidepid", action="store_true", help="non-root callers see only their own processes"
     )
     parser.add_argument(
+        "--over-volume",
+        action="store_true",
+        help="MOUNTPOINT is a volume (a mount of its own, e.g. a pod's emptyDir): mount on top",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -68,6 +75,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         metavar="FILE",
         help="log here (default: stderr; detached, the state file's name with .log)",
+    )
+    endpoint = parser.add_argument_group("scrape endpoint")
+    endpoint.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="also serve root's view of `metrics` at http://HOST:PORT/metrics (off by default)",
+    )
+    endpoint.add_argument(
+        "--hidepid-allow-remote-metrics",
+        action="store_true",
+        help="with --hidepid, allow a non-loopback --metrics-listen (it shows every process)",
     )
     tracking = parser.add_argument_group("automatic tracking (sidecars)")
     tracking.add_argument(
@@ -110,6 +128,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         and in_initial_pid_namespace()
     ):
         parser.error(HOST_NAMESPACE)
+    if args.metrics_listen is not None:
+        try:
+            args.metrics_listen = scrape.check_listen(
+                args.metrics_listen,
+                hidepid=args.hidepid,
+                allow_remote=args.hidepid_allow_remote_metrics,
+            )
+        except ValueError as error:
+            parser.error(f"--metrics-listen: {error}")
     args.mountpoint = args.mountpoint.absolute()
     if args.state is None:
         args.state = default_state_path(args.mountpoint)
@@ -204,6 +231,13 @@ def already_mounted(mountpoint: Path) -> str:
     )
 
 
+def fuse_mounted(mountpoint: Path) -> bool:
+    """A FUSE filesystem (a live daemon's) is on top at `mountpoint`: never mounted
+    over, even with --over-volume."""
+    kind = _mount_type(Path(os.path.realpath(mountpoint)))
+    return kind is not None and kind.startswith("fuse")
+
+
 def mount_options() -> set[str]:
     options = {"fsname=restrackfs", "subtype=restrackfs", "noatime"}
     if os.geteuid() == 0:
@@ -241,6 +275,7 @@ async def serve(args: argparse.Namespace, on_ready: Callable[[], None]) -> None:
         state_path=args.state, interval=args.interval / 1000, helpers_in_background=True
     ) as engine:
         ops = RestrackOperations(engine, hidepid=args.hidepid)
+        listeners = await scrape.open_listeners(*args.metrics_listen) if args.metrics_listen else []
         pyfuse3.init(ops, str(args.mountpoint), mount_options())
         try:
             async with trio.open_nursery() as nursery:
@@ -248,6 +283,13 @@ async def serve(args: argparse.Namespace, on_ready: Callable[[], None]) -> None:
                 nursery.start_soon(ops.run_invalidations)
                 if args.policy.enabled:
                     nursery.start_soon(AutoTracker(engine, args.policy).run)
+                if listeners:
+                    render = functools.partial(read_metrics, engine, None, Caller(0, False))
+                    nursery.start_soon(scrape.MetricsServer(listeners, render).serve)
+                    for address in map(scrape.listener_address, listeners):
+                        log.info("metrics endpoint on http://%s/metrics", address)
+                    if args.hidepid:
+                        log.warning("--hidepid: the endpoint shows every process to its clients")
                 log.info("mounted on %s (state %s)", args.mountpoint, args.state)
                 on_ready()
                 await pyfuse3.main()
@@ -304,7 +346,9 @@ def main(argv: list[str] | None = None) -> None:
         clear_stale_mount(args.mountpoint)
         if not args.mountpoint.is_dir():
             raise OSError(errno.ENOTDIR, f"{args.mountpoint}: not a directory")
-        if os.path.ismount(args.mountpoint):
+        if os.path.ismount(args.mountpoint) and (
+            fuse_mounted(args.mountpoint) or not args.over_volume
+        ):
             raise OSError(errno.EBUSY, already_mounted(args.mountpoint))
         state.check_location(args.state)
         raise_fd_limit()
