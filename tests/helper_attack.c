@@ -1,5 +1,5 @@
-/* helper_attack MODE SECONDS: attack each process of my uid that the daemon runs as a
- * deny-mode helper (comm "prlimit", or "setpriv" once it has taken my uid):
+/* helper_attack MODE SECONDS DAEMON: attack each process of my uid that DAEMON (a pid) runs
+ * as a deny-mode helper (its children only: the machine may run other suites' helpers too) (comm "prlimit", or "setpriv" once it has taken my uid):
  *   stop   SIGSTOP it
  *   trace  PTRACE_SEIZE it, PTRACE_INTERRUPT it, hold it stopped until the end
  *   fork   make it fork (an injected fork syscall) a child that stays stopped,
@@ -29,6 +29,19 @@ static double now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static pid_t parent_of(pid_t pid) {
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return -1;
+    buf[n] = 0;
+    char *end = strrchr(buf, ')'); /* comm may hold spaces and parentheses */
+    return end ? (pid_t)atoi(end + 4) : -1; /* ") S PPID" */
 }
 
 static int trace(pid_t pid, long options) {
@@ -78,6 +91,7 @@ int main(int argc, char **argv) {
     signal(SIGTERM, stop_attacking); /* then report how many it caught, and exit */
     const char *mode = argv[1];
     double end = now() + atof(argv[2]);
+    pid_t daemon = (pid_t)atoi(argv[3]);
     long attacked = 0;
     int ptracing = !strcmp(mode, "trace") || !strcmp(mode, "fork");
     while (now() < end && !stopping) {
@@ -100,6 +114,7 @@ int main(int argc, char **argv) {
                 if (strncmp(comm, "python", 6)) done_with[pid / 8] |= 1 << pid % 8;
                 continue;
             }
+            if (parent_of(pid) != daemon) continue; /* not this daemon's helper */
             /* setpriv may still be root (refused: try again), or already my uid */
             if (ptracing && !is_prlimit) continue;
             int ok;

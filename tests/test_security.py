@@ -615,15 +615,28 @@ def test_a_user_cannot_kill_the_daemon(daemon, spawn, bin_dir, seconds):
 
 
 STOPPER_C = r"""
-/* stopper SECONDS: SIGSTOP every process of my uid named setpriv or prlimit. */
+/* stopper SECONDS DAEMON: SIGSTOP each child of DAEMON of my uid named setpriv or prlimit
+ * (its children only: the machine may run other suites' helpers too). */
 #include <dirent.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+static long parent_of(const char *pid) {
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%s/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *end = strrchr(buf, ')'); /* comm may hold spaces and parentheses */
+    return end ? atol(end + 4) : -1; /* ") S PPID" */
+}
 int main(int argc, char **argv) {
     double limit = atof(argv[1]);
+    long daemon = atol(argv[2]);
     struct timespec t0, t;
     long stopped = 0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -638,7 +651,7 @@ int main(int argc, char **argv) {
             if (!f) continue;
             if (fgets(comm, sizeof comm, f)
                 && (!strncmp(comm, "prlimit", 7) || !strncmp(comm, "setpriv", 7))
-                && kill(atoi(e->d_name), SIGSTOP) == 0)
+                && parent_of(e->d_name) == daemon && kill(atoi(e->d_name), SIGSTOP) == 0)
                 stopped++;
             fclose(f);
         }
@@ -675,7 +688,7 @@ def test_a_user_cannot_freeze_the_daemon(daemon, spawn, bin_dir):
         )
         for argv in (
             ["sh", "-c", f"while echo usage > {m}/{w.pid}/reset; do :; done"],
-            [str(stopper), "1.5"],
+            [str(stopper), "1.5", str(daemon.proc.pid)],
         )
     ]
     worst, began = 0.0, time.monotonic()

@@ -139,7 +139,7 @@ def test_a_user_attacking_helpers_stalls_nothing_but_their_own_request(
         'else echo "failed $(cat quota)"; fi; echo quota > reset; done'
     )
     trigger = as_nobody("sh", "-c", script, stdout=subprocess.PIPE)
-    attack = as_nobody(attacker, mode, seconds + 1, stdout=subprocess.PIPE)
+    attack = as_nobody(attacker, mode, seconds + 1, daemon.proc.pid, stdout=subprocess.PIPE)
     try:
         during = read_latencies(daemon, seconds)
     finally:
@@ -178,7 +178,7 @@ def test_a_helper_holding_its_pipe_through_a_stopped_child_is_given_up_on(
     w = spawn(uid=NOBODY)
     assert sh(f"echo {w.pid} > {m}/register", uid=NOBODY).returncode == 0
     before = nofile_soft(w.pid)
-    attack = as_nobody(attacker, "fork", 30, stdout=subprocess.PIPE)
+    attack = as_nobody(attacker, "fork", 30, daemon.proc.pid, stdout=subprocess.PIPE)
     failures = 0
     try:
         for _ in range(200):
@@ -222,7 +222,7 @@ def test_a_deny_quota_write_succeeds_only_when_the_kernel_shows_its_limit(
     w = spawn(uid=NOBODY)
     daemon.register(w.pid)
     before = nofile_soft(w.pid)
-    killer = as_nobody(attacker, "kill", 30, stdout=subprocess.PIPE)
+    killer = as_nobody(attacker, "kill", 30, daemon.proc.pid, stdout=subprocess.PIPE)
     refused = 0
     try:
         for _ in range(300):
@@ -260,7 +260,11 @@ def test_root_deny_quota_defeated_again_and_again_falls_back_to_kill(
     daemon.register(w.pid)
     daemon.write("files=5 action=deny", w.pid, "quota")
     assert nofile_soft(w.pid) == "8"
-    killer = as_nobody(attacker, "kill", 20, stdout=subprocess.PIPE) if with_killer else None
+    killer = (
+        as_nobody(attacker, "kill", 20, daemon.proc.pid, stdout=subprocess.PIPE)
+        if with_killer
+        else None
+    )
     try:
         deadline = time.monotonic() + 15
         while w.alive() and time.monotonic() < deadline:
