@@ -12,6 +12,7 @@ import ctypes
 import dataclasses
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -198,24 +199,36 @@ class KernelWatch:
         return bool(self._links)
 
     def attach(self) -> None:
-        """Attach every program (missing links only), each link pinned.
+        """Attach every program (the links missing only), each link pinned.
 
         While attached, every syscall of every process on the machine takes the
-        tracepoint slow path: attach only while some process has a quota."""
+        tracepoint slow path: attach only while some process has a quota. On
+        failure the links made by this call are removed, adopted ones kept."""
+        made = []
         try:
-            for name, category, tracepoint in _hook_list():
+            for program, category, tracepoint in _hook_list():
+                name = _pin_name(program, tracepoint)
                 if name not in self._links:
-                    self._attach_one(name, category, tracepoint)
+                    made.append(name)
+                    self._attach_one(name, program, category, tracepoint)
         except BpfUnavailable:
-            self.detach()
+            self._remove_links(made)
             raise
 
     def detach(self) -> None:
-        for link in self._links.values():
-            self._lib.bpf_link__unpin(link)
-            self._lib.bpf_link__destroy(link)
-        self._links.clear()
+        self._remove_links(list(self._links))
         _remove_tree(self._links_dir)
+
+    def _remove_links(self, names: list[str]) -> None:
+        """Unpin and destroy links, in parallel: each perf-event link waits for
+        RCU grace periods as it goes (~70 ms each here, ~5 s for all serially)."""
+        links = [link for link in (self._links.pop(name, None) for name in names) if link]
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(self._remove_link, links))
+
+    def _remove_link(self, link: int) -> None:
+        self._lib.bpf_link__unpin(link)
+        self._lib.bpf_link__destroy(link)
 
     def sync_attachment(self) -> None:
         """Attached exactly while `watched` has an entry: pay only while needed."""
@@ -228,7 +241,7 @@ class KernelWatch:
     def _links_dir(self) -> Path:
         return self.pin_dir / "links"
 
-    def _attach_one(self, program: str, category: str, tracepoint: str) -> None:
+    def _attach_one(self, name: str, program: str, category: str, tracepoint: str) -> None:
         prog = self._lib.bpf_object__find_program_by_name(self._obj, program.encode())
         if tracepoint:
             link = self._lib.bpf_program__attach_tracepoint(
@@ -239,7 +252,6 @@ class KernelWatch:
         if not link:
             where = f"{category}/{tracepoint}" if tracepoint else program
             raise BpfUnavailable(f"attach {where}: {os.strerror(ctypes.get_errno())}")
-        name = _pin_name(program, tracepoint)
         self._links[name] = link
         self._links_dir.mkdir(exist_ok=True)
         error = self._lib.bpf_link__pin(link, str(self._links_dir / name).encode())

@@ -1,0 +1,116 @@
+/* Grows one resource step by step, for the BPF engine's tests and bench.
+ *
+ *   grow MODE STEP COUNT
+ *
+ * Prints "ready PID", waits for one line on stdin (the test watches it
+ * meanwhile), then makes COUNT growth calls of STEP (bytes, or descriptors
+ * per call for the fd modes), printing "step N" after each one returned, and
+ * "done" at the end. A process killed in its crossing call never prints that
+ * call's step line. Memory modes:
+ *   mmap      private anonymous read-write mappings, untouched
+ *   touch     the same, every page written
+ *   brk       sbrk, touched
+ *   mprotect  one PROT_NONE reservation of STEP*COUNT, made writable step by step
+ *   thread    `touch` from a second thread (the leader waits in pthread_join)
+ *   leader    `touch` from a second thread after the leader pthread_exit()ed
+ *   populate  COUNT mappings of STEP with MAP_POPULATE
+ *   mlocked   mlockall(MCL_CURRENT|MCL_FUTURE) then `mmap`
+ * Descriptor modes (STEP ignored; one call each): open, socket, pipe (2 fds), dup.
+ */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static const char *mode;
+static long step, count;
+
+static void report(long i) { printf("step %ld\n", i + 1); }
+
+static int grow_memory(void) {
+    char *reserve = NULL;
+    if (!strcmp(mode, "mprotect")) {
+        reserve = mmap(NULL, step * count, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (reserve == MAP_FAILED) return perror("reserve"), 1;
+    }
+    if (!strcmp(mode, "mlocked") && mlockall(MCL_CURRENT | MCL_FUTURE)) return perror("mlockall"), 1;
+    int touch = strcmp(mode, "mmap") && strcmp(mode, "populate") && strcmp(mode, "mlocked");
+    int flags = MAP_PRIVATE | MAP_ANONYMOUS | (!strcmp(mode, "populate") ? MAP_POPULATE : 0);
+    for (long i = 0; i < count; i++) {
+        char *p;
+        if (reserve) {
+            p = reserve + i * step;
+            if (mprotect(p, step, PROT_READ | PROT_WRITE)) return perror("mprotect"), 1;
+        } else if (!strcmp(mode, "brk")) {
+            p = sbrk(step);
+            if (p == (void *)-1) return perror("sbrk"), 1;
+        } else {
+            p = mmap(NULL, step, PROT_READ | PROT_WRITE, flags, -1, 0);
+            if (p == MAP_FAILED) return perror("mmap"), 1;
+        }
+        if (touch) memset(p, 1, step);
+        report(i);
+    }
+    return 0;
+}
+
+static int grow_files(void) {
+    for (long i = 0; i < count; i++) {
+        int fds[2], rc;
+        if (!strcmp(mode, "open")) rc = open("/dev/null", O_RDONLY);
+        else if (!strcmp(mode, "socket")) rc = socket(AF_UNIX, SOCK_STREAM, 0);
+        else if (!strcmp(mode, "pipe")) rc = pipe(fds);
+        else rc = dup(0);
+        if (rc < 0) return perror(mode), 1;
+        report(i);
+    }
+    return 0;
+}
+
+/* Whether the thread group leader has exited (a zombie while threads remain). */
+static int leader_gone(void) {
+    char buf[256];
+    FILE *f = fopen("/proc/self/stat", "r");
+    size_t n = f ? fread(buf, 1, sizeof buf - 1, f) : 0;
+    if (f) fclose(f);
+    buf[n] = 0;
+    char *end = strrchr(buf, ')');
+    return end && end[2] == 'Z';
+}
+
+static void *in_thread(void *arg) {
+    (void)arg;
+    if (!strcmp(mode, "leader"))
+        while (!leader_gone()) usleep(1000);
+    int rc = grow_memory();
+    printf("done\n");
+    exit(rc);
+}
+
+int main(int argc, char **argv) {
+    char line[16];
+    if (argc != 4) return fprintf(stderr, "usage: grow MODE STEP COUNT\n"), 2;
+    mode = argv[1];
+    step = atol(argv[2]);
+    count = atol(argv[3]);
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    printf("ready %d\n", getpid());
+    if (!fgets(line, sizeof line, stdin)) return 1;
+    if (!strcmp(mode, "thread") || !strcmp(mode, "leader")) {
+        pthread_t t;
+        pthread_create(&t, NULL, in_thread, NULL);
+        if (!strcmp(mode, "leader")) pthread_exit(NULL);
+        pthread_join(t, NULL);
+        return 0;
+    }
+    int memory = strcmp(mode, "open") && strcmp(mode, "socket") && strcmp(mode, "pipe") &&
+                 strcmp(mode, "dup");
+    int rc = memory ? grow_memory() : grow_files();
+    printf("done\n");
+    return rc;
+}
