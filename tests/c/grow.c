@@ -16,6 +16,8 @@
  *   populate  COUNT mappings of STEP with MAP_POPULATE
  *   mlocked   mlockall(MCL_CURRENT|MCL_FUTURE) then `mmap`
  * Descriptor modes (STEP ignored; one call each): open, socket, pipe (2 fds), dup.
+ * With GROW_STAMP=FILE, the CLOCK_MONOTONIC ns before each call is written to
+ * the start of FILE (shared), so a bench can time the crossing call to death.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -25,12 +27,32 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 static const char *mode;
 static long step, count;
 
+static volatile long long *stamp;
+
 static void report(long i) { printf("step %ld\n", i + 1); }
+
+/* Called just before each growth call. */
+static void mark(void) {
+    struct timespec t;
+    if (!stamp) return;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    *stamp = t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+static void open_stamp(void) {
+    const char *path = getenv("GROW_STAMP");
+    int fd = path ? open(path, O_RDWR | O_CREAT, 0600) : -1;
+    if (fd < 0 || ftruncate(fd, 4096)) return;
+    void *p = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p != MAP_FAILED) stamp = p;
+    close(fd);
+}
 
 static int grow_memory(void) {
     char *reserve = NULL;
@@ -43,6 +65,7 @@ static int grow_memory(void) {
     int flags = MAP_PRIVATE | MAP_ANONYMOUS | (!strcmp(mode, "populate") ? MAP_POPULATE : 0);
     for (long i = 0; i < count; i++) {
         char *p;
+        mark();
         if (reserve) {
             p = reserve + i * step;
             if (mprotect(p, step, PROT_READ | PROT_WRITE)) return perror("mprotect"), 1;
@@ -62,6 +85,7 @@ static int grow_memory(void) {
 static int grow_files(void) {
     for (long i = 0; i < count; i++) {
         int fds[2], rc;
+        mark();
         if (!strcmp(mode, "open")) rc = open("/dev/null", O_RDONLY);
         else if (!strcmp(mode, "socket")) rc = socket(AF_UNIX, SOCK_STREAM, 0);
         else if (!strcmp(mode, "pipe")) rc = pipe(fds);
@@ -99,6 +123,7 @@ int main(int argc, char **argv) {
     step = atol(argv[2]);
     count = atol(argv[3]);
     setvbuf(stdout, NULL, _IOLBF, 0);
+    open_stamp();
     printf("ready %d\n", getpid());
     if (!fgets(line, sizeof line, stdin)) return 1;
     if (!strcmp(mode, "thread") || !strcmp(mode, "leader")) {

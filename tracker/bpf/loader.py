@@ -56,7 +56,7 @@ HOOKS: dict[str, tuple[str, ...]] = {
 EXIT_PROGRAM = "group_exit"  # tp_btf/sched_process_exit, attached by its section
 
 _WATCH = struct.Struct("<7Q2I")  # struct watch
-_EVENT = struct.Struct("<4I2Q")  # struct event
+_EVENT = struct.Struct("<4I3Q")  # struct event
 _KEY = struct.Struct("<I")
 _CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
 
@@ -95,6 +95,7 @@ class Event:
     which: Which
     usage: int  # heap: data_vm pages; files: descriptors; raised: the new soft limit
     limit: int
+    time_ns: int  # CLOCK_MONOTONIC (time.monotonic_ns()) when the kernel saw it
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,8 +355,10 @@ class KernelWatch:
         return events
 
     def _collect(self, _ctx: int | None, data: int, size: int) -> int:
-        tgid, kind, which, _pad, usage, limit = _EVENT.unpack(ctypes.string_at(data, _EVENT.size))
-        self._events.append(Event(tgid, Kind(kind), Which(which), usage, limit))
+        tgid, kind, which, _pad, usage, limit, when = _EVENT.unpack(
+            ctypes.string_at(data, _EVENT.size)
+        )
+        self._events.append(Event(tgid, Kind(kind), Which(which), usage, limit, when))
         return 0
 
     # --- for tests and diagnostics ------------------------------------------------

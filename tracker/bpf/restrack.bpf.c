@@ -82,6 +82,7 @@ struct event {
 	__u32 pad;
 	__u64 usage;
 	__u64 limit;
+	__u64 time_ns;	/* CLOCK_MONOTONIC when it happened */
 };
 
 /* A setrlimit/prlimit64 that raises a deny limit, between its entry and exit. */
@@ -111,7 +112,7 @@ struct {
 	__type(value, struct raise);
 } raises SEC(".maps");
 
-static void emit(__u32 tgid, __u32 kind, __u32 which, __u64 usage, __u64 limit)
+static __always_inline void emit(__u32 tgid, __u32 kind, __u32 which, __u64 usage, __u64 limit)
 {
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 
@@ -123,6 +124,7 @@ static void emit(__u32 tgid, __u32 kind, __u32 which, __u64 usage, __u64 limit)
 	e->pad = 0;
 	e->usage = usage;
 	e->limit = limit;
+	e->time_ns = bpf_ktime_get_ns();
 	bpf_ringbuf_submit(e, 0);
 }
 
@@ -147,7 +149,7 @@ static struct watch *current_watch(__u32 *tgid)
 	return w;
 }
 
-static void kill_group(struct watch *w, __u32 tgid, __u32 which, __u64 usage, __u64 limit)
+static __always_inline void kill_group(struct watch *w, __u32 tgid, __u32 which, __u64 usage, __u64 limit)
 {
 	bpf_send_signal(SIGKILL);	/* the whole thread group */
 	if (!(w->flags & F_KILLED)) {
@@ -157,7 +159,7 @@ static void kill_group(struct watch *w, __u32 tgid, __u32 which, __u64 usage, __
 }
 
 /* Act on usage against limit; the over flag makes notify count a crossing once. */
-static void judge(struct watch *w, __u32 tgid, __u32 which, __u32 over, __u64 usage, __u64 limit)
+static __always_inline void judge(struct watch *w, __u32 tgid, __u32 which, __u32 over, __u64 usage, __u64 limit)
 {
 	if (usage <= limit) {
 		w->flags &= ~over;

@@ -1,0 +1,190 @@
+"""What the BPF engine costs and how tightly it holds, on the real kernel.
+
+    .venv/bin/python -m bench.bpf_cost [--rounds N] [--json FILE]
+
+1. Per-syscall cost for a process the engine does not watch (every process on
+   the machine pays it while the programs are attached), detached vs attached,
+   rounds alternating so load from others hits both alike; and the same for a
+   watched process (the tracked workload's overhead).
+2. Per growth path, with a 64 MiB heap quota or a quota of 100 descriptors:
+   the overshoot at the kill (usage - limit, from the kernel's event), and the
+   time from the start of the crossing call to the death seen on a pidfd.
+Root and a kernel that loads tracker/bpf are required.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tracker.bpf.loader import KernelWatch, Kind, start_time_of
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1024 * 1024
+PAGE = 4096
+SETTLE_S = 1.0
+OPS = {"getppid": 2_000_000, "mmap": 100_000, "open": 400_000}  # iterations per run
+PATHS = [  # (grow mode, step, count, which)
+    ("mmap", MiB, 300, "heap"),
+    ("touch", MiB, 300, "heap"),
+    ("brk", MiB, 300, "heap"),
+    ("mprotect", MiB, 300, "heap"),
+    ("thread", MiB, 300, "heap"),
+    ("populate", 512 * MiB, 1, "heap"),
+    ("open", 0, 300, "files"),
+    ("socket", 0, 300, "files"),
+    ("pipe", 0, 300, "files"),
+    ("dup", 0, 300, "files"),
+]
+
+
+def compile_helpers(into: Path) -> dict[str, Path]:
+    sources = {"syscost": ROOT / "bench/c/syscost.c", "grow": ROOT / "tests/c/grow.c"}
+    for name, source in sources.items():
+        subprocess.run(["gcc", "-O2", "-pthread", "-o", into / name, source], check=True)
+    return {name: into / name for name in sources}
+
+
+def syscost(binary: Path, op: str, watch: Callable[[int], None] | None = None) -> float:
+    """ns per op in a fresh process; `watch` is called with its pid before it starts."""
+    argv = [str(binary), op, str(OPS[op])] + (["wait"] if watch else [])
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin and proc.stdout
+    if watch:
+        watch(int(proc.stdout.readline()))
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    out, _ = proc.communicate()
+    return float(out)
+
+
+def per_syscall_cost(kwatch: KernelWatch, binary: Path, rounds: int) -> dict[str, object]:
+    """min and median ns per op: detached, attached (unwatched process), watched."""
+    runs: dict[str, dict[str, list[float]]] = {op: {} for op in OPS}
+
+    def watched(pid: int) -> None:
+        kwatch.watch(pid, start_time_of(pid), 1 << 40, 1 << 30, "notify")
+
+    for _ in range(rounds):
+        for attached in (False, True):
+            kwatch.attach() if attached else kwatch.detach()
+            time.sleep(SETTLE_S)  # let the RCU work of (de)registration finish first
+            for op in OPS:
+                if attached:
+                    runs[op].setdefault("attached", []).append(syscost(binary, op))
+                    runs[op].setdefault("watched", []).append(syscost(binary, op, watched))
+                else:
+                    runs[op].setdefault("detached", []).append(syscost(binary, op))
+    return {
+        op: {state: {"min": min(v), "median": statistics.median(v)} for state, v in by.items()}
+        for op, by in runs.items()
+    }
+
+
+def one_kill(kwatch: KernelWatch, grow: Path, mode: str, step: int, count: int, which: str,
+             stamp: Path) -> dict[str, float]:  # fmt: skip
+    """Overshoot (KiB or fds) and crossing-to-death ms for one grower."""
+    env = {**os.environ, "GROW_STAMP": str(stamp)}
+    argv = [str(grow), mode, str(step), str(count)]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdin and proc.stdout
+    pid = int(proc.stdout.readline().split()[1])
+    pidfd = os.pidfd_open(pid)
+    try:
+        if which == "heap":
+            vm_data = _status(pid, "VmData") // PAGE
+            kwatch.watch(pid, start_time_of(pid), vm_data + 64 * MiB // PAGE, None, "kill")
+        else:
+            kwatch.watch(pid, start_time_of(pid), None, len(os.listdir(f"/proc/{pid}/fd")) + 100,
+                         "kill")  # fmt: skip
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        select.select([pidfd], [], [], 30)
+        dead = time.monotonic_ns()
+        started = int.from_bytes(stamp.read_bytes()[:8], "little")
+        _, status, usage = os.wait4(pid, 0)
+        proc.returncode = status
+    finally:
+        os.close(pidfd)
+        proc.stdout.close()
+        proc.stdin.close()
+    killed = [e for e in kwatch.drain() if e.tgid == pid and e.kind == Kind.KILLED]
+    over = killed[0].usage - killed[0].limit if killed else float("nan")
+    return {
+        "overshoot": over * PAGE / 1024 if which == "heap" else over,
+        "kill_us": (killed[0].time_ns - started) / 1e3 if killed else float("nan"),
+        "death_ms": (dead - started) / 1e6,
+        "maxrss_mib": usage.ru_maxrss / 1024,
+    }
+
+
+def _status(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def enforcement(kwatch: KernelWatch, grow: Path, rounds: int, tmp: Path) -> dict[str, object]:
+    kwatch.attach()
+    results: dict[str, object] = {}
+    for mode, step, count, which in PATHS:
+        runs = [one_kill(kwatch, grow, mode, step, count, which, tmp / "stamp")
+                for _ in range(rounds)]  # fmt: skip
+        results[mode] = {
+            "unit": "KiB" if which == "heap" else "fds",
+            "overshoot_max": max(r["overshoot"] for r in runs),
+            "kill_us_median": statistics.median(r["kill_us"] for r in runs),
+            "kill_us_max": max(r["kill_us"] for r in runs),
+            "death_ms_median": statistics.median(r["death_ms"] for r in runs),
+            "death_ms_max": max(r["death_ms"] for r in runs),
+            "maxrss_mib_max": max(r["maxrss_mib"] for r in runs),
+        }
+    return results
+
+
+def report(costs: dict[str, object], kills: dict[str, object]) -> str:
+    lines = ["per-syscall ns (min / median over rounds)       detached   attached    watched"]
+    for op, by in costs.items():
+        cells = [f"{by[s]['min']:7.0f}/{by[s]['median']:<7.0f}" for s in ("detached", "attached",
+                                                                         "watched")]  # fmt: skip
+        lines.append(f"  {op:<45}{' '.join(cells)}")
+    lines.append("kill at 64 MiB / 100 fds: overshoot (max); from the crossing call's start:")
+    lines.append("  to SIGKILL us (median/max), to death on a pidfd ms (median/max); max RSS MiB")
+    for mode, r in kills.items():
+        lines.append(
+            f"  {mode:<10} {r['overshoot_max']:8.0f} {r['unit']:<4}"
+            f" {r['kill_us_median']:8.1f}/{r['kill_us_max']:<8.1f}"
+            f" {r['death_ms_median']:7.3f}/{r['death_ms_max']:<7.3f} {r['maxrss_mib_max']:6.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        binaries = compile_helpers(Path(tmp))
+        kwatch = KernelWatch.open(Path(f"/sys/fs/bpf/restrackfs-bench-{os.getpid()}"))
+        try:
+            costs = per_syscall_cost(kwatch, binaries["syscost"], args.rounds)
+            kills = enforcement(kwatch, binaries["grow"], args.rounds, Path(tmp))
+        finally:
+            kwatch.close(unpin=True)
+    print(report(costs, kills))
+    if args.json:
+        args.json.write_text(json.dumps({"syscall_ns": costs, "kill": kills}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
