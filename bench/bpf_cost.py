@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tracker.bpf import loader
 from tracker.bpf.loader import KernelWatch, Kind, start_time_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,23 +67,56 @@ def syscost(binary: Path, op: str, watch: Callable[[int], None] | None = None) -
     return float(out)
 
 
-def per_syscall_cost(kwatch: KernelWatch, binary: Path, rounds: int) -> dict[str, object]:
-    """min and median ns per op: detached, attached (unwatched process), watched."""
+class SysExitProbe:
+    """bench/c/sys_exit_probe.bpf.c on tp_btf/sys_exit: the single-hook alternative."""
+
+    def __init__(self, into: Path) -> None:
+        obj = into / "sys_exit_probe.bpf.o"
+        include = f"-I/usr/include/{os.uname().machine}-linux-gnu"
+        source = ROOT / "bench/c/sys_exit_probe.bpf.c"
+        subprocess.run(["clang", "-O2", "-g", "-target", "bpf", include, "-c", source, "-o", obj],
+                       check=True)  # fmt: skip
+        self._lib = loader._library()
+        self._obj = self._lib.bpf_object__open_file(str(obj).encode(), None)
+        if not self._obj or self._lib.bpf_object__load(self._obj):
+            raise RuntimeError("sys_exit_probe does not load")
+        self._prog = self._lib.bpf_object__find_program_by_name(self._obj, b"sys_exit_probe")
+        self._link = 0
+
+    def attach(self, on: bool) -> None:
+        if on and not self._link:
+            self._link = self._lib.bpf_program__attach(self._prog)
+        elif not on and self._link:
+            self._lib.bpf_link__destroy(self._link)
+            self._link = 0
+
+    def close(self) -> None:
+        self.attach(False)
+        self._lib.bpf_object__close(self._obj)
+
+
+def per_syscall_cost(
+    kwatch: KernelWatch, binary: Path, rounds: int, probe: SysExitProbe | None
+) -> dict[str, object]:
+    """min and median ns per op: detached, attached (a process not watched: what
+    every process pays), watched (the tracked workload), and with --compare the
+    single tp_btf/sys_exit hook alone."""
     runs: dict[str, dict[str, list[float]]] = {op: {} for op in OPS}
 
     def watched(pid: int) -> None:
         kwatch.watch(pid, start_time_of(pid), 1 << 40, 1 << 30, "notify")
 
+    states = ["detached", "attached"] + (["tp_btf/sys_exit"] if probe else [])
     for _ in range(rounds):
-        for attached in (False, True):
-            kwatch.attach() if attached else kwatch.detach()
+        for state in states:
+            kwatch.attach() if state == "attached" else kwatch.detach()
+            if probe:
+                probe.attach(state == "tp_btf/sys_exit")
             time.sleep(SETTLE_S)  # let the RCU work of (de)registration finish first
             for op in OPS:
-                if attached:
-                    runs[op].setdefault("attached", []).append(syscost(binary, op))
+                runs[op].setdefault(state, []).append(syscost(binary, op))
+                if state == "attached":
                     runs[op].setdefault("watched", []).append(syscost(binary, op, watched))
-                else:
-                    runs[op].setdefault("detached", []).append(syscost(binary, op))
     return {
         op: {state: {"min": min(v), "median": statistics.median(v)} for state, v in by.items()}
         for op, by in runs.items()
@@ -152,11 +186,13 @@ def enforcement(kwatch: KernelWatch, grow: Path, rounds: int, tmp: Path) -> dict
 
 
 def report(costs: dict[str, object], kills: dict[str, object]) -> str:
-    lines = ["per-syscall ns (min / median over rounds)       detached   attached    watched"]
+    states = list(next(iter(costs.values())))
+    lines = ["per-syscall ns, min/median over rounds: " + ", ".join(states)]
     for op, by in costs.items():
-        cells = [f"{by[s]['min']:7.0f}/{by[s]['median']:<7.0f}" for s in ("detached", "attached",
-                                                                         "watched")]  # fmt: skip
-        lines.append(f"  {op:<45}{' '.join(cells)}")
+        cells = [f"{by[s]['min']:6.0f}/{by[s]['median']:<6.0f}" for s in states]
+        lines.append(f"  {op:<8} {'  '.join(cells)}")
+    if not kills:
+        return "\n".join(lines)
     lines.append("kill at 64 MiB / 100 fds: overshoot (max); from the crossing call's start:")
     lines.append("  to SIGKILL us (median/max), to death on a pidfd ms (median/max); max RSS MiB")
     for mode, r in kills.items():
@@ -170,17 +206,23 @@ def report(costs: dict[str, object], kills: dict[str, object]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="cost rounds (kills: 3 each)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--compare", action="store_true",
+                        help="also price a single tp_btf/sys_exit hook (needs clang)")  # fmt: skip
+    parser.add_argument("--no-kills", action="store_true", help="costs only")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         binaries = compile_helpers(Path(tmp))
         kwatch = KernelWatch.open(Path(f"/sys/fs/bpf/restrackfs-bench-{os.getpid()}"))
+        probe = SysExitProbe(Path(tmp)) if args.compare else None
         try:
-            costs = per_syscall_cost(kwatch, binaries["syscost"], args.rounds)
-            kills = enforcement(kwatch, binaries["grow"], args.rounds, Path(tmp))
+            costs = per_syscall_cost(kwatch, binaries["syscost"], args.rounds, probe)
+            kills = {} if args.no_kills else enforcement(kwatch, binaries["grow"], 3, Path(tmp))
         finally:
             kwatch.close(unpin=True)
+            if probe:
+                probe.close()
     print(report(costs, kills))
     if args.json:
         args.json.write_text(json.dumps({"syscall_ns": costs, "kill": kills}, indent=2))
