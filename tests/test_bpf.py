@@ -338,6 +338,16 @@ def test_recycled_pid_never_inherits(kwatch: KernelWatch, grower) -> None:
 # --- attachment, pinning, adoption -----------------------------------------------------
 
 
+def test_every_hook_exists_on_this_kernel() -> None:
+    """Missing tracepoints are skipped at attach (older kernels), so a misspelt
+    syscall would silently go unchecked: all but the optional ones must exist."""
+    _open(_pin_dir()).close(unpin=True)  # mounts tracefs, or skips where BPF cannot run
+    events = loader.TRACEFS / "events" / "syscalls"
+    wanted = [tp for tracepoints in loader.HOOKS.values() for tp in tracepoints]
+    missing = [tp for tp in wanted if not (events / tp).is_dir()]
+    assert [tp for tp in missing if tp not in loader.OPTIONAL] == []
+
+
 def test_attached_only_while_watching(pin_dir: Path, spawn) -> None:
     watch = _open(pin_dir)
     try:
