@@ -323,6 +323,16 @@ def test_watch_refuses_a_process_that_is_not_the_one_meant(kwatch: KernelWatch, 
     assert kwatch.entry(child.pid) is None
 
 
+def test_watch_refuses_an_exited_unreaped_process(kwatch: KernelWatch, grower) -> None:
+    child = grower("touch", MiB, 1)
+    start = loader.start_time_of(child.pid)
+    child.go()
+    wait_until(lambda: _exited(child.pid), 5, "zombie")
+    with pytest.raises(ProcessLookupError):
+        kwatch.watch(child.pid, start, 1, None, "kill")
+    assert kwatch.entry(child.pid) is None
+
+
 def test_recycled_pid_never_inherits(kwatch: KernelWatch, grower) -> None:
     """An entry left for an earlier owner of the pid (its start time differs)."""
     child = grower("touch", MiB, 32)

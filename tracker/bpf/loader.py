@@ -148,6 +148,22 @@ def start_time_of(tgid: int) -> int:
     return int(stat[stat.rindex(b")") + 2 :].split()[19])
 
 
+def _running(tgid: int, start_time: int) -> bool:
+    """Thread group `tgid` is the one started at `start_time` and has a live thread
+    (its exit, which removes the entry in the kernel, has not run yet). A zombie
+    leader with live threads is running; a wholly dead, unreaped group is not."""
+    try:
+        if start_time_of(tgid) != start_time:
+            return False
+        for task in Path(f"/proc/{tgid}/task").iterdir():
+            stat = (task / "stat").read_bytes()
+            if stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] not in (b"Z", b"X"):
+                return True
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return False
+
+
 class KernelWatch:
     """The loaded object, its pinned maps, and its links while attached."""
 
@@ -298,11 +314,7 @@ class KernelWatch:
             data_soft, nofile_soft, Action[action.upper()], 0,
         )  # fmt: skip
         self._update(tgid, state, libbpf.BPF_ANY)
-        try:
-            alive = start_time_of(tgid) == start_time
-        except (FileNotFoundError, ProcessLookupError):
-            alive = False
-        if not alive:
+        if not _running(tgid, start_time):
             self.unwatch(tgid)
             raise ProcessLookupError(tgid, f"process {tgid} (start {start_time}) is gone")
 
