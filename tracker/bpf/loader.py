@@ -12,6 +12,7 @@ import ctypes
 import dataclasses
 import os
 import struct
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import IntEnum
@@ -437,7 +438,7 @@ def _remove_tree(path: Path) -> None:
 
 # --- loading ---------------------------------------------------------------------
 
-_log: list[str] = []
+_log: deque[str] = deque(maxlen=500)  # libbpf's recent lines, cleared at each load
 
 
 def _capture(level: int, fmt: bytes, args: int | None) -> int:
