@@ -190,9 +190,13 @@ MEMORY_PATHS = [
     ("touch", MiB, 300),
     ("brk", MiB, 300),
     ("mprotect", MiB, 300),
+    ("mremap", MiB, 300),
     ("thread", MiB, 300),
     ("leader", MiB, 300),
     ("mlocked", MiB, 300),
+    ("mlockbrk", MiB, 300),
+    ("mlockremap", MiB, 300),
+    ("mlockprot", MiB, 300),
 ]
 
 
@@ -209,14 +213,16 @@ def test_heap_kill_in_the_crossing_call(kwatch: KernelWatch, grower, mode, step,
     assert 0 < killed[0].usage - heap_limit <= step // PAGE, "overshoot beyond one request"
 
 
-@pytest.mark.parametrize("mode", ["populate", "mlocked"])
-def test_populating_mapping_killed_before_its_pages(kwatch: KernelWatch, grower, mode) -> None:
-    """512 MiB that would be faulted in at once: stopped at syscall entry."""
-    child = grower(mode, 512 * MiB, 1)
+@pytest.mark.parametrize("mode", ["populate", "mlocked", "mlockbrk", "mlockremap", "mlockprot"])
+def test_populating_call_killed_before_its_pages(kwatch: KernelWatch, grower, mode) -> None:
+    """512 MiB that would be faulted in at once: stopped at syscall entry.
+    (mlockremap: a first 48 MiB mmap, then its mremap to 96 MiB is the crossing call.)"""
+    step, count = (48 * MiB, 2) if mode == "mlockremap" else (512 * MiB, 1)
+    child = grower(mode, step, count)
     heap_limit, _ = _watch(kwatch, child.pid, heap=QUOTA)
     child.go()
     sig, steps = child.finish()
-    assert (sig, steps) == (signal.SIGKILL, 0)
+    assert (sig, steps) == (signal.SIGKILL, count - 1)
     assert child.rusage is not None
     assert child.rusage.ru_maxrss * 1024 < QUOTA, f"{child.rusage.ru_maxrss} KiB were resident"
     killed = [e for e in _events(kwatch, child.pid, Kind.KILLED) if e.kind == Kind.KILLED]

@@ -13,8 +13,10 @@
  *   mprotect  one PROT_NONE reservation of STEP*COUNT, made writable step by step
  *   thread    `touch` from a second thread (the leader waits in pthread_join)
  *   leader    `touch` from a second thread after the leader pthread_exit()ed
+ *   mremap    one mapping of STEP grown by STEP per call with mremap, untouched
  *   populate  COUNT mappings of STEP with MAP_POPULATE
- *   mlocked   mlockall(MCL_CURRENT|MCL_FUTURE) then `mmap`
+ *   mlocked   mlockall(MCL_CURRENT|MCL_FUTURE) then `mmap` (each mapping populated)
+ *   mlockbrk, mlockremap, mlockprot   the same before `brk`, `mremap`, `mprotect`
  * Descriptor modes (STEP ignored; one call each): open, socket, pipe (2 fds), dup.
  * With GROW_STAMP=FILE, the CLOCK_MONOTONIC ns before each call is written to
  * the start of FILE (shared), so a bench can time the crossing call to death.
@@ -54,27 +56,41 @@ static void open_stamp(void) {
     close(fd);
 }
 
+static int is(const char *name) { return !strcmp(mode, name); }
+
 static int grow_memory(void) {
-    char *reserve = NULL;
-    if (!strcmp(mode, "mprotect")) {
+    int mlocked = !strncmp(mode, "mlock", 5);
+    int by_brk = is("brk") || is("mlockbrk"), by_remap = is("mremap") || is("mlockremap");
+    int touch = is("touch") || is("brk") || is("mprotect") || is("thread") || is("leader");
+    int flags = MAP_PRIVATE | MAP_ANONYMOUS | (is("populate") ? MAP_POPULATE : 0);
+    char *reserve = NULL, *grown = NULL;
+    size_t size = 0;
+    if (is("mprotect") || is("mlockprot")) {
         reserve = mmap(NULL, step * count, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (reserve == MAP_FAILED) return perror("reserve"), 1;
     }
-    if (!strcmp(mode, "mlocked") && mlockall(MCL_CURRENT | MCL_FUTURE)) return perror("mlockall"), 1;
-    int touch = strcmp(mode, "mmap") && strcmp(mode, "populate") && strcmp(mode, "mlocked");
-    int flags = MAP_PRIVATE | MAP_ANONYMOUS | (!strcmp(mode, "populate") ? MAP_POPULATE : 0);
+    if (mlocked && mlockall(MCL_CURRENT | MCL_FUTURE)) return perror("mlockall"), 1;
     for (long i = 0; i < count; i++) {
         char *p;
         mark();
         if (reserve) {
             p = reserve + i * step;
             if (mprotect(p, step, PROT_READ | PROT_WRITE)) return perror("mprotect"), 1;
-        } else if (!strcmp(mode, "brk")) {
+        } else if (by_brk) {
             p = sbrk(step);
             if (p == (void *)-1) return perror("sbrk"), 1;
+        } else if (by_remap && grown) {
+            p = mremap(grown, size, size + step, MREMAP_MAYMOVE);
+            if (p == MAP_FAILED) return perror("mremap"), 1;
+            grown = p;
+            size += step;
         } else {
             p = mmap(NULL, step, PROT_READ | PROT_WRITE, flags, -1, 0);
             if (p == MAP_FAILED) return perror("mmap"), 1;
+            if (by_remap) {
+                grown = p;
+                size = step;
+            }
         }
         if (touch) memset(p, 1, step);
         report(i);
