@@ -15,11 +15,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.conftest import HERE, MiB, Workload, wait_until
 from tracker.bpf import loader
@@ -305,6 +307,22 @@ def test_deny_sees_a_raised_soft_limit(kwatch: KernelWatch, spawn) -> None:
     wait_until(both_raised, 5, "two raises")
     assert sorted(seen) == [(Kind.RAISED, Which.HEAP), (Kind.RAISED, Which.FILES)]
     assert child.alive()
+
+
+async def test_ring_fd_wakes_a_trio_loop(kwatch: KernelWatch, spawn) -> None:
+    """The daemon waits on ring_fd() in its trio loop: a breach wakes it, no polling."""
+    child: Workload = spawn()
+    _watch(kwatch, child.pid, heap=2 * MiB, action="notify")
+    kwatch.drain()
+    ours: list[Event] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, child.do, "mmap", 4 * MiB)
+        with trio.fail_after(5):
+            while not ours:  # other tests' children may wake it too
+                await trio.lowlevel.wait_readable(kwatch.ring_fd())
+                ours = [e for e in kwatch.drain() if e.tgid == child.pid]
+    assert [e.kind for e in ours] == [Kind.NOTIFIED]
+    assert 0 <= time.monotonic_ns() - ours[0].time_ns < 5e9
 
 
 # --- lifetime of entries --------------------------------------------------------------
