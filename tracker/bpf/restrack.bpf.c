@@ -149,7 +149,8 @@ static struct watch *current_watch(__u32 *tgid)
 	return w;
 }
 
-static __always_inline void kill_group(struct watch *w, __u32 tgid, __u32 which, __u64 usage, __u64 limit)
+static __always_inline void kill_group(struct watch *w, __u32 tgid, __u32 which,
+				       __u64 usage, __u64 limit)
 {
 	bpf_send_signal(SIGKILL);	/* the whole thread group */
 	if (!(w->flags & F_KILLED)) {
@@ -159,7 +160,8 @@ static __always_inline void kill_group(struct watch *w, __u32 tgid, __u32 which,
 }
 
 /* Act on usage against limit; the over flag makes notify count a crossing once. */
-static __always_inline void judge(struct watch *w, __u32 tgid, __u32 which, __u32 over, __u64 usage, __u64 limit)
+static __always_inline void judge(struct watch *w, __u32 tgid, __u32 which, __u32 over,
+				  __u64 usage, __u64 limit)
 {
 	if (usage <= limit) {
 		w->flags &= ~over;
@@ -291,12 +293,21 @@ int brk_enter(struct sys_enter *ctx)
 	return 0;
 }
 
+/* A cheap first test before the costlier mapping lookup. */
+static int watched_now(void)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+
+	return bpf_map_lookup_elem(&watched, &tgid) != 0;
+}
+
 struct vma_probe {
 	unsigned long flags;
 	int found;
 };
 
-static long read_vma_flags(struct task_struct *task, struct vm_area_struct *vma, struct vma_probe *p)
+static long read_vma_flags(struct task_struct *task, struct vm_area_struct *vma,
+			   struct vma_probe *p)
 {
 	p->flags = BPF_CORE_READ(vma, vm_flags);
 	p->found = 1;
@@ -317,7 +328,7 @@ int mremap_enter(struct sys_enter *ctx)
 {
 	unsigned long old_len = ctx->args[1], new_len = ctx->args[2], flags;
 
-	if (new_len <= old_len || !bpf_map_lookup_elem(&watched, &(__u32){bpf_get_current_pid_tgid() >> 32}))
+	if (new_len <= old_len || !watched_now())
 		return 0;
 	flags = vma_flags(ctx->args[0]);
 	/* The grown part of a locked data mapping is populated. */
@@ -332,7 +343,7 @@ int mprotect_enter(struct sys_enter *ctx)
 {
 	unsigned long flags;
 
-	if (!(ctx->args[2] & PROT_WRITE) || !bpf_map_lookup_elem(&watched, &(__u32){bpf_get_current_pid_tgid() >> 32}))
+	if (!(ctx->args[2] & PROT_WRITE) || !watched_now())
 		return 0;
 	flags = vma_flags(ctx->args[0]);
 	/* Making a locked private mapping writable populates it (mprotect_fixup). */
