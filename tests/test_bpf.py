@@ -231,7 +231,7 @@ def test_populating_call_killed_before_its_pages(kwatch: KernelWatch, grower, mo
     assert killed[0].usage > heap_limit
 
 
-FD_PATHS = [("open", 1), ("socket", 1), ("pipe", 2), ("dup", 1)]
+FD_PATHS = [("open", 1), ("socket", 1), ("pipe", 2), ("dup", 1), ("ioctl", 1)]
 
 
 @pytest.mark.parametrize(("mode", "per_call"), FD_PATHS, ids=[p[0] for p in FD_PATHS])

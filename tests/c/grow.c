@@ -17,7 +17,8 @@
  *   populate  COUNT mappings of STEP with MAP_POPULATE
  *   mlocked   mlockall(MCL_CURRENT|MCL_FUTURE) then `mmap` (each mapping populated)
  *   mlockbrk, mlockremap, mlockprot   the same before `brk`, `mremap`, `mprotect`
- * Descriptor modes (STEP ignored; one call each): open, socket, pipe (2 fds), dup.
+ * Descriptor modes (STEP ignored; one call each): open, socket, pipe (2 fds), dup,
+ * ioctl (NS_GET_USERNS on a namespace fd returns a new descriptor).
  * With GROW_STAMP=FILE, the CLOCK_MONOTONIC ns before each call is written to
  * the start of FILE (shared), so a bench can time the crossing call to death.
  */
@@ -27,6 +28,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -98,13 +100,17 @@ static int grow_memory(void) {
     return 0;
 }
 
+#define NS_GET_USERNS _IO(0xb7, 0x1)
+
 static int grow_files(void) {
+    int ns = is("ioctl") ? open("/proc/self/ns/net", O_RDONLY) : -1;
     for (long i = 0; i < count; i++) {
         int fds[2], rc;
         mark();
         if (!strcmp(mode, "open")) rc = open("/dev/null", O_RDONLY);
         else if (!strcmp(mode, "socket")) rc = socket(AF_UNIX, SOCK_STREAM, 0);
         else if (!strcmp(mode, "pipe")) rc = pipe(fds);
+        else if (ns >= 0) rc = ioctl(ns, NS_GET_USERNS);
         else rc = dup(0);
         if (rc < 0) return perror(mode), 1;
         report(i);
@@ -149,8 +155,7 @@ int main(int argc, char **argv) {
         pthread_join(t, NULL);
         return 0;
     }
-    int memory = strcmp(mode, "open") && strcmp(mode, "socket") && strcmp(mode, "pipe") &&
-                 strcmp(mode, "dup");
+    int memory = !is("open") && !is("socket") && !is("pipe") && !is("dup") && !is("ioctl");
     int rc = memory ? grow_memory() : grow_files();
     printf("done\n");
     return rc;
