@@ -488,6 +488,24 @@ def test_missing_object_is_one_line(
     assert "object missing" in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_without_capabilities_is_one_line(pin_dir: Path) -> None:
+    """A real privilege drop: root without CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN."""
+    drop = "-bpf,-perfmon,-sys_admin"
+    code = (
+        "import sys\nfrom pathlib import Path\n"
+        "from tracker.bpf.loader import KernelWatch, BpfUnavailable\n"
+        "try:\n    KernelWatch.open(Path(sys.argv[1]))\n"
+        "except BpfUnavailable as error:\n    print(error)\n"
+    )
+    result = subprocess.run(
+        ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", sys.executable, "-c", code,
+         str(pin_dir)],
+        capture_output=True, text=True, cwd=HERE.parent, check=True,
+    )  # fmt: skip
+    assert result.stdout == "no CAP_BPF/CAP_PERFMON (nor CAP_SYS_ADMIN)\n", result.stderr
+    assert not pin_dir.exists()
+
+
 BAD_PROGRAM = """
 #include <linux/types.h>
 #include <linux/bpf.h>

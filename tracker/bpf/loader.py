@@ -190,8 +190,14 @@ class KernelWatch:
         """Load the object, reusing the maps (and links) pinned in `pin_dir` if any."""
         _check_prerequisites()
         lib = _library()
+        created = not pin_dir.exists()
         pin_dir.mkdir(parents=True, exist_ok=True)
-        obj = _load(lib, pin_dir)
+        try:
+            obj = _load(lib, pin_dir)
+        except BpfUnavailable:
+            if created:
+                _remove_tree(pin_dir)
+            raise
         watch = cls(lib, obj, pin_dir)
         watch._adopt_links()
         return watch
