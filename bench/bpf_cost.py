@@ -68,12 +68,12 @@ def syscost(binary: Path, op: str, watch: Callable[[int], None] | None = None) -
 
 
 class SysExitProbe:
-    """bench/c/sys_exit_probe.bpf.c on tp_btf/sys_exit: the single-hook alternative."""
+    """bench/bpf/sys_exit_probe.bpf.c on tp_btf/sys_exit: the single-hook alternative."""
 
     def __init__(self, into: Path) -> None:
         obj = into / "sys_exit_probe.bpf.o"
         include = f"-I/usr/include/{os.uname().machine}-linux-gnu"
-        source = ROOT / "bench/c/sys_exit_probe.bpf.c"
+        source = ROOT / "bench/bpf/sys_exit_probe.bpf.c"
         subprocess.run(["clang", "-O2", "-g", "-target", "bpf", include, "-c", source, "-o", obj],
                        check=True)  # fmt: skip
         self._lib = loader._library()
@@ -144,19 +144,18 @@ def one_kill(kwatch: KernelWatch, grow: Path, mode: str, step: int, count: int, 
         select.select([pidfd], [], [], 30)
         dead = time.monotonic_ns()
         started = int.from_bytes(stamp.read_bytes()[:8], "little")
-        _, status, usage = os.wait4(pid, 0)
-        proc.returncode = status
+        out, _ = proc.communicate(timeout=30)  # grow's reaper: "end SIGNAL MAXRSS_KIB"
     finally:
         os.close(pidfd)
-        proc.stdout.close()
-        proc.stdin.close()
+        proc.kill()
+    maxrss_kib = int(next(line for line in out.splitlines() if line.startswith("end ")).split()[2])
     killed = [e for e in kwatch.drain() if e.tgid == pid and e.kind == Kind.KILLED]
     over = killed[0].usage - killed[0].limit if killed else float("nan")
     return {
         "overshoot": over * PAGE / 1024 if which == "heap" else over,
         "kill_us": (killed[0].time_ns - started) / 1e3 if killed else float("nan"),
         "death_ms": (dead - started) / 1e6,
-        "maxrss_mib": usage.ru_maxrss / 1024,
+        "maxrss_mib": maxrss_kib / 1024,
     }
 
 

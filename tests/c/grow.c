@@ -2,7 +2,8 @@
  *
  *   grow MODE STEP COUNT
  *
- * Prints "ready PID", waits for one line on stdin (the test watches it
+ * Prints "ready PID" (of a forked child that does the work: see reap_grower),
+ * waits for one line on stdin (the test watches it
  * meanwhile), then makes COUNT growth calls of STEP (bytes, or descriptors
  * per call for the fd modes), printing "step N" after each one returned, and
  * "done" at the end. A process killed in its crossing call never prints that
@@ -30,6 +31,8 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -138,6 +141,20 @@ static void *in_thread(void *arg) {
     exit(rc);
 }
 
+/* The grower runs in a forked child, so that its max RSS is its own: a process
+ * started by vfork (Python's subprocess) inherits its parent's in ru_maxrss.
+ * This parent waits and prints "end SIGNAL MAXRSS_KIB" (SIGNAL 0: exited). */
+static void reap_grower(void) {
+    int status;
+    struct rusage usage;
+    pid_t pid = fork();
+    if (pid < 0) perror("fork"), exit(1);
+    if (pid == 0) return;
+    if (wait4(pid, &status, 0, &usage) < 0) perror("wait4"), exit(1);
+    printf("end %d %ld\n", WIFSIGNALED(status) ? WTERMSIG(status) : 0, usage.ru_maxrss);
+    exit(WIFEXITED(status) ? WEXITSTATUS(status) : 0);
+}
+
 int main(int argc, char **argv) {
     char line[16];
     if (argc != 4) return fprintf(stderr, "usage: grow MODE STEP COUNT\n"), 2;
@@ -145,6 +162,7 @@ int main(int argc, char **argv) {
     step = atol(argv[2]);
     count = atol(argv[3]);
     setvbuf(stdout, NULL, _IOLBF, 0);
+    reap_grower();
     open_stamp();
     printf("ready %d\n", getpid());
     if (!fgets(line, sizeof line, stdin)) return 1;
