@@ -25,6 +25,7 @@ BPFFS = Path("/sys/fs/bpf")
 TRACEFS = Path("/sys/kernel/tracing")
 NONE = (1 << 64) - 1
 MAPS = ("watched", "events", "raises")
+WATCHED_MAX = 65536  # max_entries of `watched` in restrack.bpf.c
 
 # Syscalls whose exit is checked. Heap: every call that can grow mm->data_vm,
 # plus munmap and execve so a notify crossing re-arms when usage falls back.
@@ -205,6 +206,8 @@ class KernelWatch:
     def close(self, unpin: bool) -> None:
         """Stop: with `unpin`, detach and remove every pin (enforcement ends); without,
         leave maps and links pinned so the kernel keeps enforcing for a successor."""
+        if not self._obj:
+            return  # closed already
         if unpin:
             self.detach()
             for bpf_map in self._maps.values():
@@ -359,11 +362,16 @@ class KernelWatch:
             raise OSError(errno, f"watched[{tgid}]: {os.strerror(errno)}")
 
     def _keys(self) -> list[int]:
-        keys, key, following = [], None, ctypes.create_string_buffer(_KEY.size)
-        while self._lib.bpf_map_get_next_key(self._watched, key, following) == 0:
+        """Every key. A key deleted under our feet (an exit) restarts the walk from
+        the first key: duplicates are dropped, and the walk is bounded."""
+        keys: dict[int, None] = {}
+        key, following = None, ctypes.create_string_buffer(_KEY.size)
+        for _ in range(4 * WATCHED_MAX):
+            if self._lib.bpf_map_get_next_key(self._watched, key, following):
+                break
             key = following.raw
-            keys.append(_KEY.unpack(key)[0])
-        return keys
+            keys[_KEY.unpack(key)[0]] = None
+        return list(keys)
 
     # --- events ----------------------------------------------------------------
 
