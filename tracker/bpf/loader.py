@@ -317,8 +317,8 @@ class KernelWatch:
     ) -> None:
         """Watch thread group `tgid` (replacing its entry, flags cleared).
 
-        Limits are absolute: data_vm pages and descriptors at which usage is
-        over (baseline + quota). Raises ProcessLookupError, leaving no entry,
+        Limits are absolute data_vm pages and descriptors (baseline + quota);
+        usage is over a limit when it exceeds it. Raises ProcessLookupError, leaving no entry,
         if `tgid` is no longer the process that started at `start_time`: an
         entry inserted after its exit would otherwise never be removed."""
         state = WatchState(
