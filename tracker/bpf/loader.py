@@ -1,0 +1,540 @@
+"""User space of the BPF engine: load restrack.bpf.o, attach it, fill `watched`,
+read `events`. Everything enforcing happens in the kernel; this only steers it.
+
+Maps and links are pinned under one bpffs directory per mount, so quotas keep
+being enforced while no daemon runs; `KernelWatch.open()` on a directory left
+by a killed daemon adopts them. See README.md next to this file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import struct
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+from tracker.bpf import libbpf
+
+OBJECT = Path(__file__).with_name("restrack.bpf.o")
+BPFFS = Path("/sys/fs/bpf")
+TRACEFS = Path("/sys/kernel/tracing")
+NONE = (1 << 64) - 1
+MAPS = ("watched", "events", "raises")
+WATCHED_MAX = 65536  # max_entries of `watched` in restrack.bpf.c
+
+# Syscalls whose exit is checked. Heap: every call that can grow mm->data_vm,
+# plus munmap and execve so a notify crossing re-arms when usage falls back.
+HEAP_EXIT = ("mmap", "brk", "mremap", "mprotect", "pkey_mprotect", "munmap", "execve", "execveat")
+# Files: every call that can add a descriptor (clone: CLONE_PIDFD; ioctl: KVM,
+# pidfd and namespace ioctls; io_uring_enter: IORING_OP_OPENAT/ACCEPT/SOCKET),
+# plus close, close_range and execve (close-on-exec) to re-arm notify.
+FILES_EXIT = (
+    "open", "openat", "openat2", "creat", "open_by_handle_at", "dup", "dup2", "dup3",
+    "fcntl", "socket", "socketpair", "accept", "accept4", "recvmsg", "recvmmsg", "pipe",
+    "pipe2", "eventfd", "eventfd2", "epoll_create", "epoll_create1", "signalfd", "signalfd4",
+    "timerfd_create", "inotify_init", "inotify_init1", "fanotify_init", "memfd_create",
+    "memfd_secret", "pidfd_open", "pidfd_getfd", "userfaultfd", "perf_event_open", "bpf",
+    "io_uring_setup", "io_uring_enter", "mq_open", "fsopen", "fsmount", "fspick", "open_tree",
+    "open_tree_attr", "landlock_create_ruleset", "seccomp", "ioctl", "clone", "clone3",
+    "close", "close_range", "execve", "execveat",
+)  # fmt: skip
+# Absent on some kernels (open_tree_attr: 6.15; memfd_secret: a config option).
+OPTIONAL = frozenset({"sys_exit_open_tree_attr", "sys_exit_memfd_secret"})
+# Program -> the syscall tracepoints it is attached to.
+HOOKS: dict[str, tuple[str, ...]] = {
+    "heap_exit": tuple(f"sys_exit_{name}" for name in HEAP_EXIT),
+    "files_exit": tuple(f"sys_exit_{name}" for name in FILES_EXIT),
+    "mmap_enter": ("sys_enter_mmap",),
+    "brk_enter": ("sys_enter_brk",),
+    "mremap_enter": ("sys_enter_mremap",),
+    "mprotect_enter": ("sys_enter_mprotect", "sys_enter_pkey_mprotect"),
+    "setrlimit_enter": ("sys_enter_setrlimit",),
+    "prlimit_enter": ("sys_enter_prlimit64",),
+    "rlimit_exit": ("sys_exit_setrlimit", "sys_exit_prlimit64"),
+}
+EXIT_PROGRAM = "group_exit"  # tp_btf/sched_process_exit, attached by its section
+
+_WATCH = struct.Struct("<7Q2I")  # struct watch
+_EVENT = struct.Struct("<4I3Q")  # struct event
+_KEY = struct.Struct("<I")
+_CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
+
+
+class BpfUnavailable(Exception):
+    """The BPF engine cannot run here; str() is one line saying why."""
+
+
+class Action(IntEnum):
+    KILL = 0
+    DENY = 1
+    NOTIFY = 2
+
+
+class Kind(IntEnum):
+    EXCEEDED = 1  # deny: usage passed the limit anyway (counted once per crossing)
+    KILLED = 2
+    NOTIFIED = 3
+    RAISED = 4  # deny: the process raised its soft limit above the one set
+    EXITED = 5  # the thread group is gone; its entry was removed in the kernel
+
+
+class Which(IntEnum):
+    NONE = 0
+    HEAP = 1
+    FILES = 2
+
+
+FLAG_HEAP_OVER, FLAG_FILES_OVER, FLAG_KILLED = 1, 2, 4
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    tgid: int
+    kind: Kind
+    which: Which
+    usage: int  # heap: data_vm pages; files: descriptors; raised: the new soft limit
+    limit: int
+    time_ns: int  # CLOCK_MONOTONIC (time.monotonic_ns()) when the kernel saw it
+
+
+@dataclass(frozen=True, slots=True)
+class WatchState:
+    """One `watched` entry; limits and soft limits are None for "none"."""
+
+    start_time: int
+    heap_limit_pages: int | None
+    fd_limit: int | None
+    heap_peak_pages: int
+    fd_peak: int
+    data_soft: int | None
+    nofile_soft: int | None
+    action: Action
+    flags: int
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> WatchState:
+        start, heap, fds, heap_peak, fd_peak, data, nofile, action, flags = _WATCH.unpack(raw)
+        return cls(
+            start, _opt(heap), _opt(fds), heap_peak, fd_peak, _opt(data), _opt(nofile),
+            Action(action), flags,
+        )  # fmt: skip
+
+    def pack(self) -> bytes:
+        return _WATCH.pack(
+            self.start_time, _raw(self.heap_limit_pages), _raw(self.fd_limit),
+            self.heap_peak_pages, self.fd_peak, _raw(self.data_soft), _raw(self.nofile_soft),
+            int(self.action), self.flags,
+        )  # fmt: skip
+
+    @property
+    def killed(self) -> bool:
+        return bool(self.flags & FLAG_KILLED)
+
+
+def _opt(value: int) -> int | None:
+    return None if value == NONE else value
+
+
+def _raw(value: int | None) -> int:
+    return NONE if value is None else value
+
+
+def start_time_of(tgid: int) -> int:
+    """/proc/PID/stat field 22, clock ticks since boot: what the kernel side compares."""
+    stat = Path(f"/proc/{tgid}/stat").read_bytes()
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+def _running(tgid: int, start_time: int) -> bool:
+    """Thread group `tgid` is the one started at `start_time` and has a live thread
+    (its exit, which removes the entry in the kernel, has not run yet). A zombie
+    leader with live threads is running; a wholly dead, unreaped group is not."""
+    try:
+        if start_time_of(tgid) != start_time:
+            return False
+        for task in Path(f"/proc/{tgid}/task").iterdir():
+            stat = (task / "stat").read_bytes()
+            if stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] not in (b"Z", b"X"):
+                return True
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return False
+
+
+class KernelWatch:
+    """The loaded object, its pinned maps, and its links while attached."""
+
+    def __init__(self, lib: ctypes.CDLL, obj: int, pin_dir: Path) -> None:
+        self._lib = lib
+        self._obj = obj
+        self.pin_dir = pin_dir
+        self._maps = {name: lib.bpf_object__find_map_by_name(obj, name.encode()) for name in MAPS}
+        self._watched = lib.bpf_map__fd(self._maps["watched"])
+        self._links: dict[str, int] = {}  # pin name -> struct bpf_link *
+        self._events: list[Event] = []
+        self._sample = libbpf.SAMPLE_FN(self._collect)  # referenced: libbpf calls it
+        self._ring = lib.ring_buffer__new(
+            lib.bpf_map__fd(self._maps["events"]), self._sample, None, None
+        )
+        if not self._ring:
+            raise BpfUnavailable(f"ring_buffer__new: {os.strerror(ctypes.get_errno())}")
+
+    # --- life cycle -------------------------------------------------------------
+
+    @classmethod
+    def open(cls, pin_dir: Path) -> KernelWatch:
+        """Load the object, reusing the maps (and links) pinned in `pin_dir` if any."""
+        _check_prerequisites()
+        lib = _library()
+        created = not pin_dir.exists()
+        pin_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            obj = _load(lib, pin_dir)
+        except BpfUnavailable:
+            if created:
+                _remove_tree(pin_dir)
+            raise
+        watch = cls(lib, obj, pin_dir)
+        watch._adopt_links()
+        return watch
+
+    def close(self, unpin: bool) -> None:
+        """Stop: with `unpin`, detach and remove every pin (enforcement ends); without,
+        leave maps and links pinned so the kernel keeps enforcing for a successor."""
+        if not self._obj:
+            return  # closed already
+        if unpin:
+            self.detach()
+            for bpf_map in self._maps.values():
+                self._lib.bpf_map__unpin(bpf_map, None)
+            _remove_tree(self.pin_dir)
+        else:
+            for link in self._links.values():
+                self._lib.bpf_link__destroy(link)  # closes our fd; the pin keeps it attached
+            self._links.clear()
+        self._lib.ring_buffer__free(self._ring)
+        self._lib.bpf_object__close(self._obj)
+        self._ring = self._obj = 0
+
+    # --- attachment ----------------------------------------------------------
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._links)
+
+    def attach(self) -> None:
+        """Attach every program (the links missing only), each link pinned.
+
+        While attached, every syscall of every process on the machine takes the
+        tracepoint slow path: attach only while some process has a quota. On
+        failure the links made by this call are removed, adopted ones kept."""
+        made = []
+        try:
+            for program, category, tracepoint in _hook_list():
+                name = _pin_name(program, tracepoint)
+                if name not in self._links:
+                    made.append(name)
+                    self._attach_one(name, program, category, tracepoint)
+        except BpfUnavailable:
+            self._remove_links(made)
+            raise
+
+    def detach(self) -> None:
+        """Remove every link (blocks ~3 s: see _remove_links); enforcement stops."""
+        self._remove_links(list(self._links))
+        _remove_tree(self._links_dir)
+
+    def _remove_links(self, names: list[str]) -> None:
+        """Unpin and destroy links, in parallel: the last perf event of each
+        tracepoint waits for RCU grace periods as it goes (~4.5 s for all
+        serially here, ~3 s in parallel). Blocking: run it off the trio loop."""
+        links = [link for link in (self._links.pop(name, None) for name in names) if link]
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(self._remove_link, links))
+
+    def _remove_link(self, link: int) -> None:
+        self._lib.bpf_link__unpin(link)
+        self._lib.bpf_link__destroy(link)
+
+    def sync_attachment(self) -> None:
+        """Attached exactly while `watched` has an entry: pay only while needed."""
+        if self.entries():
+            self.attach()
+        else:
+            self.detach()
+
+    @property
+    def _links_dir(self) -> Path:
+        return self.pin_dir / "links"
+
+    def _attach_one(self, name: str, program: str, category: str, tracepoint: str) -> None:
+        prog = self._lib.bpf_object__find_program_by_name(self._obj, program.encode())
+        if tracepoint:
+            link = self._lib.bpf_program__attach_tracepoint(
+                prog, category.encode(), tracepoint.encode()
+            )
+        else:
+            link = self._lib.bpf_program__attach(prog)
+        if not link:
+            where = f"{category}/{tracepoint}" if tracepoint else program
+            raise BpfUnavailable(f"attach {where}: {os.strerror(ctypes.get_errno())}")
+        self._links[name] = link
+        self._links_dir.mkdir(exist_ok=True)
+        error = self._lib.bpf_link__pin(link, str(self._links_dir / name).encode())
+        if error:
+            raise BpfUnavailable(f"pin link {name}: {os.strerror(libbpf.errno_of(error))}")
+
+    def _adopt_links(self) -> None:
+        """Take over the links a previous holder pinned; complete a partial set."""
+        if not self._links_dir.is_dir():
+            return
+        for path in sorted(self._links_dir.iterdir()):
+            link = self._lib.bpf_link__open(str(path).encode())
+            if link:
+                self._links[path.name] = link
+        if self._links:
+            self.attach()
+
+    # --- the watched map -------------------------------------------------------
+
+    def watch(
+        self,
+        tgid: int,
+        start_time: int,
+        heap_limit_pages: int | None,
+        fd_limit: int | None,
+        action: str,
+        *,
+        data_soft: int | None = None,
+        nofile_soft: int | None = None,
+        heap_peak_pages: int = 0,
+        fd_peak: int = 0,
+    ) -> None:
+        """Watch thread group `tgid` (replacing its entry, flags cleared).
+
+        Limits are absolute data_vm pages and descriptors (baseline + quota);
+        usage is over a limit when it exceeds it. Raises ProcessLookupError, leaving no entry,
+        if `tgid` is no longer the process that started at `start_time`: an
+        entry inserted after its exit would otherwise never be removed."""
+        state = WatchState(
+            start_time, heap_limit_pages, fd_limit, heap_peak_pages, fd_peak,
+            data_soft, nofile_soft, Action[action.upper()], 0,
+        )  # fmt: skip
+        self._update(tgid, state, libbpf.BPF_ANY)
+        if not _running(tgid, start_time):
+            self.unwatch(tgid)
+            raise ProcessLookupError(tgid, f"process {tgid} (start {start_time}) is gone")
+
+    def unwatch(self, tgid: int) -> None:
+        self._lib.bpf_map_delete_elem(self._watched, _KEY.pack(tgid))
+
+    def entry(self, tgid: int) -> WatchState | None:
+        value = ctypes.create_string_buffer(_WATCH.size)
+        if self._lib.bpf_map_lookup_elem(self._watched, _KEY.pack(tgid), value):
+            return None
+        return WatchState.unpack(value.raw)
+
+    def entries(self) -> dict[int, WatchState]:
+        found = {}
+        for tgid in self._keys():
+            state = self.entry(tgid)
+            if state is not None:
+                found[tgid] = state
+        return found
+
+    def reset_peaks(self, tgid: int, heap_peak_pages: int = 0, fd_peak: int = 0) -> None:
+        """Restart the watermarks from the given current values."""
+        state = self.entry(tgid)
+        if state is None:
+            raise ProcessLookupError(tgid, f"process {tgid} is not watched")
+        fresh = dataclasses.replace(state, heap_peak_pages=heap_peak_pages, fd_peak=fd_peak)
+        self._update(tgid, fresh, libbpf.BPF_EXIST)
+
+    def _update(self, tgid: int, state: WatchState, flags: int) -> None:
+        error = self._lib.bpf_map_update_elem(self._watched, _KEY.pack(tgid), state.pack(), flags)
+        if error:
+            errno = libbpf.errno_of(error)
+            raise OSError(errno, f"watched[{tgid}]: {os.strerror(errno)}")
+
+    def _keys(self) -> list[int]:
+        """Every key. A key deleted under our feet (an exit) restarts the walk from
+        the first key: duplicates are dropped, and the walk is bounded."""
+        keys: dict[int, None] = {}
+        key, following = None, ctypes.create_string_buffer(_KEY.size)
+        for _ in range(4 * WATCHED_MAX):
+            if self._lib.bpf_map_get_next_key(self._watched, key, following):
+                break
+            key = following.raw
+            keys[_KEY.unpack(key)[0]] = None
+        return list(keys)
+
+    # --- events ----------------------------------------------------------------
+
+    def ring_fd(self) -> int:
+        """Readable when events wait: `await trio.lowlevel.wait_readable(fd)`."""
+        return self._lib.ring_buffer__epoll_fd(self._ring)
+
+    def drain(self) -> list[Event]:
+        """Every event the kernel has queued, oldest first."""
+        self._lib.ring_buffer__consume(self._ring)
+        events, self._events = self._events, []
+        return events
+
+    def _collect(self, _ctx: int | None, data: int, size: int) -> int:
+        tgid, kind, which, _pad, usage, limit, when = _EVENT.unpack(
+            ctypes.string_at(data, _EVENT.size)
+        )
+        self._events.append(Event(tgid, Kind(kind), Which(which), usage, limit, when))
+        return 0
+
+    # --- for tests and diagnostics ------------------------------------------------
+
+    def program_ids(self) -> list[int]:
+        names = (*HOOKS, EXIT_PROGRAM)
+        progs = [self._lib.bpf_object__find_program_by_name(self._obj, n.encode()) for n in names]
+        return [_object_id(self._lib, self._lib.bpf_program__fd(prog)) for prog in progs]
+
+    def link_ids(self) -> list[int]:
+        links = self._links.values()
+        return [_object_id(self._lib, self._lib.bpf_link__fd(link)) for link in links]
+
+
+def _pin_name(program: str, tracepoint: str) -> str:
+    return f"{program}-{tracepoint}" if tracepoint else program  # bpffs forbids "."
+
+
+def _hook_list() -> list[tuple[str, str, str]]:
+    """(program, category, tracepoint) for every tracepoint this kernel has."""
+    events = TRACEFS / "events" / "syscalls"
+    hooks = [
+        (program, "syscalls", tracepoint)
+        for program, tracepoints in HOOKS.items()
+        for tracepoint in tracepoints
+        if (events / tracepoint).is_dir()
+    ]
+    return [*hooks, (EXIT_PROGRAM, "", "")]
+
+
+def _object_id(lib: ctypes.CDLL, fd: int) -> int:
+    """The kernel id of a prog or link fd (both info structs start with type, id)."""
+    info = ctypes.create_string_buffer(256)
+    size = ctypes.c_uint(len(info))
+    if lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)):
+        raise OSError(ctypes.get_errno(), "bpf_obj_get_info_by_fd")
+    return struct.unpack_from("<I", info.raw, 4)[0]
+
+
+def object_exists(kind: str, object_id: int) -> bool:
+    """Whether a prog or link with this id still exists anywhere on the machine."""
+    lib = _library()
+    get = lib.bpf_prog_get_fd_by_id if kind == "prog" else lib.bpf_link_get_fd_by_id
+    fd = get(object_id)
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a pin directory bottom-up (bpffs has files and dirs only)."""
+    if not path.exists():
+        return
+    for child in path.iterdir():
+        if child.is_dir():
+            _remove_tree(child)
+        else:
+            child.unlink(missing_ok=True)
+    path.rmdir()
+
+
+# --- loading ---------------------------------------------------------------------
+
+_log: deque[str] = deque(maxlen=500)  # libbpf's recent lines, cleared at each load
+
+
+def _capture(level: int, fmt: bytes, args: int | None) -> int:
+    if level <= libbpf.LIBBPF_INFO:
+        _log.append(libbpf.format_va(fmt, args))
+    return 0
+
+
+_PRINT = libbpf.PRINT_FN(_capture)
+_lib: ctypes.CDLL | None = None
+
+
+def _library() -> ctypes.CDLL:
+    global _lib
+    if _lib is None:
+        try:
+            _lib = libbpf.load()
+        except OSError as error:
+            raise BpfUnavailable(f"libbpf.so.1 not loadable: {error}") from None
+        _lib.libbpf_set_print(_PRINT)
+    return _lib
+
+
+def _check_prerequisites() -> None:
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        raise BpfUnavailable("no kernel BTF (/sys/kernel/btf/vmlinux): CO-RE cannot relocate")
+    if not OBJECT.exists():
+        raise BpfUnavailable(f"BPF object missing: {OBJECT} (tracker/bpf/build.sh)")
+    caps = _effective_caps()
+    if not (caps >> _CAP_SYS_ADMIN & 1 or (caps >> _CAP_BPF & 1 and caps >> _CAP_PERFMON & 1)):
+        raise BpfUnavailable("no CAP_BPF/CAP_PERFMON (nor CAP_SYS_ADMIN)")
+    _ensure_mounted(BPFFS, "bpf")
+    _ensure_mounted(TRACEFS, "tracefs")
+
+
+def _effective_caps() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def _ensure_mounted(target: Path, fstype: str) -> None:
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    if any(line.split()[1:3] == [str(target), fstype] for line in mounts):
+        return
+    try:
+        libbpf.mount("nodev" if fstype == "tracefs" else fstype, str(target), fstype)
+    except OSError as error:
+        raise BpfUnavailable(str(error)) from None
+
+
+def _load(lib: ctypes.CDLL, pin_dir: Path) -> int:
+    """Open and load the object with every map pinned in (or reused from) pin_dir."""
+    _log.clear()
+    obj = lib.bpf_object__open_file(str(OBJECT).encode(), None)
+    if not obj:
+        raise BpfUnavailable(f"cannot open {OBJECT.name}: {_reason(ctypes.get_errno())}")
+    for name in MAPS:
+        bpf_map = lib.bpf_object__find_map_by_name(obj, name.encode())
+        lib.bpf_map__set_pin_path(bpf_map, str(pin_dir / name).encode())
+    error = lib.bpf_object__load(obj)
+    if error:
+        lib.bpf_object__close(obj)
+        raise BpfUnavailable(f"load failed: {_reason(libbpf.errno_of(error))}")
+    return obj
+
+
+def _reason(errno: int) -> str:
+    """The one line that says why libbpf failed: the verifier's verdict if any.
+
+    The verifier log replays the program and ends with the rejection, then
+    "processed N insns"; the line before that is the reason."""
+    lines = [line.strip() for text in _log for line in text.splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        if line.startswith(("processed ", "verification time")) and index:
+            verdict = lines[index - 1]
+            program = next((x for x in lines if "BPF program load failed" in x), "")
+            prog = program.split(":")[1].strip() if program.count(":") >= 2 else ""
+            return f"verifier: {prog + ': ' if prog else ''}{verdict}"
+    failures = [line for line in lines if "failed" in line or "error" in line.lower()]
+    detail = failures[0].removeprefix("libbpf: ") if failures else ""
+    return f"{os.strerror(errno)}{' (' + detail + ')' if detail else ''}"

@@ -1,0 +1,428 @@
+// SPDX-License-Identifier: GPL-2.0
+/* restrackfs kernel side: check a watched thread group's VmData (mm->data_vm)
+ * and open-descriptor count at the exit of every syscall that can grow them,
+ * and at the entry of the calls that would populate pages past the quota.
+ *
+ * One program per kind of check; user space (loader.py) attaches each one to
+ * the list of syscall tracepoints it covers, so the hook set lives there.
+ * All sys_enter_* / sys_exit_* tracepoints share one record layout.
+ *
+ * Kernel types are declared here by hand, only the fields read, with
+ * preserve_access_index: libbpf relocates each access against the running
+ * kernel's BTF (CO-RE), so no vmlinux.h is needed.
+ */
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+
+#define PAI __attribute__((preserve_access_index))
+
+struct rlimit { __u64 rlim_cur; __u64 rlim_max; } PAI;
+struct signal_struct { struct { int counter; } live; struct rlimit rlim[16]; } PAI;
+struct fdtable { unsigned int max_fds; unsigned long *open_fds; } PAI;
+struct files_struct { struct fdtable *fdt; } PAI;
+struct mm_struct { unsigned long data_vm; unsigned long def_flags; unsigned long brk; } PAI;
+struct vm_area_struct { unsigned long vm_flags; } PAI;
+struct task_struct {
+	int tgid;
+	unsigned long long start_boottime;
+	struct task_struct *group_leader;
+	struct mm_struct *mm;
+	struct files_struct *files;
+	struct signal_struct *signal;
+} PAI;
+
+/* The shared layout of syscalls/sys_enter_* and sys_exit_* records. */
+struct sys_enter { __u64 common; int nr; unsigned long args[6]; };
+struct sys_exit { __u64 common; int nr; long ret; };
+
+#define NONE (~0ULL)
+#define PAGE_SHIFT 12
+#define SIGKILL 9
+#define CLOCK_TICK_NS 10000000ULL /* USER_HZ = 100: /proc/PID/stat start time */
+#define RLIMIT_DATA 2
+#define RLIMIT_NOFILE 7
+#define PROT_WRITE 0x2
+#define MAP_SHARED 0x1
+#define MAP_GROWSDOWN 0x100
+#define MAP_LOCKED 0x2000
+#define MAP_POPULATE 0x8000
+#define VM_WRITE 0x2
+#define VM_SHARED 0x8
+#define VM_STACK 0x100
+#define VM_LOCKED 0x2000
+#define VM_LOCKONFAULT 0x80000
+#define MAX_FD_WORDS (1 << 20) /* 64 Mi descriptors */
+
+enum action { ACT_KILL = 0, ACT_DENY = 1, ACT_NOTIFY = 2 };
+enum kind { EV_EXCEEDED = 1, EV_KILLED = 2, EV_NOTIFIED = 3, EV_RAISED = 4, EV_EXITED = 5 };
+enum which { W_NONE = 0, W_HEAP = 1, W_FILES = 2 };
+enum flag { F_HEAP_OVER = 1, F_FILES_OVER = 2, F_KILLED = 4 };
+
+/* One watched thread group. Limits are absolute (baseline + quota), NONE if unset;
+ * "over" means usage > limit. */
+struct watch {
+	__u64 start_time;	/* clock ticks since boot, /proc/PID/stat field 22 */
+	__u64 heap_limit_pages;	/* mm->data_vm pages */
+	__u64 fd_limit;		/* open descriptors */
+	__u64 heap_peak_pages;	/* watermarks, raised at every check */
+	__u64 fd_peak;
+	__u64 data_soft;	/* deny: the soft RLIMIT_DATA set, bytes */
+	__u64 nofile_soft;	/* deny: the soft RLIMIT_NOFILE set */
+	__u32 action;
+	__u32 flags;		/* enum flag */
+};
+
+struct event {
+	__u32 tgid;
+	__u32 kind;
+	__u32 which;
+	__u32 pad;
+	__u64 usage;
+	__u64 limit;
+	__u64 time_ns;	/* CLOCK_MONOTONIC when it happened */
+};
+
+/* A setrlimit/prlimit64 that raises a deny limit, between its entry and exit. */
+struct raise {
+	__u32 tgid;
+	__u32 which;
+	__u64 value;
+	__u64 wanted;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct watch);
+} watched SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);	/* tid */
+	__type(value, struct raise);
+} raises SEC(".maps");
+
+static __always_inline void emit(__u32 tgid, __u32 kind, __u32 which, __u64 usage, __u64 limit)
+{
+	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+
+	if (!e)
+		return;	/* ring full: the daemon is gone or behind; state stays in the map */
+	e->tgid = tgid;
+	e->kind = kind;
+	e->which = which;
+	e->pad = 0;
+	e->usage = usage;
+	e->limit = limit;
+	e->time_ns = bpf_ktime_get_ns();
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* The entry for the current thread group, if it is the process that was watched. */
+static struct watch *current_watch(__u32 *tgid)
+{
+	struct task_struct *task = (void *)bpf_get_current_task();
+	struct watch *w;
+	__u64 start;
+
+	*tgid = bpf_get_current_pid_tgid() >> 32;
+	w = bpf_map_lookup_elem(&watched, tgid);
+	if (!w)
+		return 0;
+	start = BPF_CORE_READ(task, group_leader, start_boottime) / CLOCK_TICK_NS;
+	if (start != w->start_time) {
+		/* A recycled pid whose old owner's entry was never removed. */
+		bpf_map_delete_elem(&watched, tgid);
+		emit(*tgid, EV_EXITED, W_NONE, 0, 0);
+		return 0;
+	}
+	return w;
+}
+
+static __always_inline void kill_group(struct watch *w, __u32 tgid, __u32 which,
+				       __u64 usage, __u64 limit)
+{
+	bpf_send_signal(SIGKILL);	/* the whole thread group */
+	if (!(w->flags & F_KILLED)) {
+		w->flags |= F_KILLED;
+		emit(tgid, EV_KILLED, which, usage, limit);
+	}
+}
+
+/* Act on usage against limit; the over flag makes notify count a crossing once. */
+static __always_inline void judge(struct watch *w, __u32 tgid, __u32 which, __u32 over,
+				  __u64 usage, __u64 limit)
+{
+	if (usage <= limit) {
+		w->flags &= ~over;
+		return;
+	}
+	if (w->action == ACT_KILL) {
+		kill_group(w, tgid, which, usage, limit);
+		return;
+	}
+	if (w->flags & over)
+		return;
+	w->flags |= over;
+	emit(tgid, w->action == ACT_NOTIFY ? EV_NOTIFIED : EV_EXCEEDED, which, usage, limit);
+}
+
+static __u64 data_vm_pages(void)
+{
+	struct task_struct *task = (void *)bpf_get_current_task();
+
+	return BPF_CORE_READ(task, mm, data_vm);
+}
+
+SEC("tracepoint")
+int heap_exit(struct sys_exit *ctx)
+{
+	struct watch *w;
+	__u32 tgid;
+	__u64 pages;
+
+	w = current_watch(&tgid);
+	if (!w)
+		return 0;
+	pages = data_vm_pages();
+	if (pages > w->heap_peak_pages)
+		w->heap_peak_pages = pages;
+	judge(w, tgid, W_HEAP, F_HEAP_OVER, pages, w->heap_limit_pages);
+	return 0;
+}
+
+struct fd_count {
+	unsigned long *words;
+	__u64 count;
+};
+
+static long count_word(__u32 i, struct fd_count *c)
+{
+	unsigned long word = 0;
+
+	bpf_probe_read_kernel(&word, sizeof(word), c->words + i);
+	c->count += __builtin_popcountl(word);
+	return 0;
+}
+
+/* Exactly the bits set in the descriptor table's open_fds bitmap. */
+static __u64 open_fds(void)
+{
+	struct task_struct *task = (void *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct fd_count c = { .words = BPF_CORE_READ(fdt, open_fds), .count = 0 };
+	__u32 words = BPF_CORE_READ(fdt, max_fds) / (8 * sizeof(unsigned long));
+
+	if (words > MAX_FD_WORDS)
+		words = MAX_FD_WORDS;
+	bpf_loop(words, count_word, &c, 0);
+	return c.count;
+}
+
+SEC("tracepoint")
+int files_exit(struct sys_exit *ctx)
+{
+	struct watch *w;
+	__u32 tgid;
+	__u64 fds;
+
+	w = current_watch(&tgid);
+	if (!w)
+		return 0;
+	fds = open_fds();
+	if (fds > w->fd_peak)
+		w->fd_peak = fds;
+	judge(w, tgid, W_FILES, F_FILES_OVER, fds, w->fd_limit);
+	return 0;
+}
+
+/* Kill before a call that populates `grow` bytes of data mapping past the quota. */
+static void stop_populate(__u64 grow)
+{
+	struct watch *w;
+	__u32 tgid;
+	__u64 pages;
+
+	w = current_watch(&tgid);
+	if (!w || w->action != ACT_KILL || w->heap_limit_pages == NONE)
+		return;
+	pages = data_vm_pages() + ((grow + (1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT);
+	if (pages > w->heap_limit_pages)
+		kill_group(w, tgid, W_HEAP, pages, w->heap_limit_pages);
+}
+
+/* mlockall(MCL_FUTURE) without MCL_ONFAULT: every new mapping is populated. */
+static int locked_future(void)
+{
+	struct task_struct *task = (void *)bpf_get_current_task();
+	unsigned long def = BPF_CORE_READ(task, mm, def_flags);
+
+	return (def & (VM_LOCKED | VM_LOCKONFAULT)) == VM_LOCKED;
+}
+
+SEC("tracepoint")
+int mmap_enter(struct sys_enter *ctx)
+{
+	unsigned long prot = ctx->args[2], flags = ctx->args[3];
+
+	if (!(prot & PROT_WRITE) || (flags & (MAP_SHARED | MAP_GROWSDOWN)))
+		return 0;	/* not a data mapping: data_vm does not grow */
+	if ((flags & (MAP_POPULATE | MAP_LOCKED)) || locked_future())
+		stop_populate(ctx->args[1]);
+	return 0;
+}
+
+SEC("tracepoint")
+int brk_enter(struct sys_enter *ctx)
+{
+	struct task_struct *task = (void *)bpf_get_current_task();
+	unsigned long old = BPF_CORE_READ(task, mm, brk), new = ctx->args[0];
+
+	if (new > old && locked_future())
+		stop_populate(new - old);
+	return 0;
+}
+
+/* A cheap first test before the costlier mapping lookup. */
+static int watched_now(void)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+
+	return bpf_map_lookup_elem(&watched, &tgid) != 0;
+}
+
+struct vma_probe {
+	unsigned long flags;
+	int found;
+};
+
+static long read_vma_flags(struct task_struct *task, struct vm_area_struct *vma,
+			   struct vma_probe *p)
+{
+	p->flags = BPF_CORE_READ(vma, vm_flags);
+	p->found = 1;
+	return 0;
+}
+
+/* The vm_flags of the mapping at addr, or 0 when none (or mmap_lock is busy). */
+static unsigned long vma_flags(unsigned long addr)
+{
+	struct vma_probe p = {};
+
+	bpf_find_vma(bpf_get_current_task_btf(), addr, read_vma_flags, &p, 0);
+	return p.found ? p.flags : 0;
+}
+
+SEC("tracepoint")
+int mremap_enter(struct sys_enter *ctx)
+{
+	unsigned long old_len = ctx->args[1], new_len = ctx->args[2], flags;
+
+	if (new_len <= old_len || !watched_now())
+		return 0;
+	flags = vma_flags(ctx->args[0]);
+	/* The grown part of a locked data mapping is populated. */
+	if ((flags & (VM_WRITE | VM_SHARED | VM_STACK)) == VM_WRITE &&
+	    (flags & (VM_LOCKED | VM_LOCKONFAULT)) == VM_LOCKED)
+		stop_populate(new_len - old_len);
+	return 0;
+}
+
+SEC("tracepoint")
+int mprotect_enter(struct sys_enter *ctx)
+{
+	unsigned long flags;
+
+	if (!(ctx->args[2] & PROT_WRITE) || !watched_now())
+		return 0;
+	flags = vma_flags(ctx->args[0]);
+	/* Making a locked private mapping writable populates it (mprotect_fixup). */
+	if ((flags & (VM_WRITE | VM_SHARED | VM_STACK | VM_LOCKED | VM_LOCKONFAULT)) == VM_LOCKED)
+		stop_populate(ctx->args[1]);
+	return 0;
+}
+
+/* A deny quota's soft limit raised by (resource, new) on thread group tgid. */
+static void note_raise(__u32 tgid, unsigned long resource, const struct rlimit *new)
+{
+	struct watch *w = bpf_map_lookup_elem(&watched, &tgid);
+	struct raise r = { .tgid = tgid };
+	__u32 tid = bpf_get_current_pid_tgid();
+	__u64 cur = 0;
+
+	if (!w || w->action != ACT_DENY || !new)
+		return;
+	if (resource == RLIMIT_DATA) {
+		r.which = W_HEAP;
+		r.wanted = w->data_soft;
+	} else if (resource == RLIMIT_NOFILE) {
+		r.which = W_FILES;
+		r.wanted = w->nofile_soft;
+	} else {
+		return;
+	}
+	bpf_probe_read_user(&cur, sizeof(cur), &new->rlim_cur);
+	if (r.wanted == NONE || cur <= r.wanted)
+		return;
+	r.value = cur;
+	bpf_map_update_elem(&raises, &tid, &r, BPF_ANY);
+}
+
+SEC("tracepoint")
+int setrlimit_enter(struct sys_enter *ctx)
+{
+	note_raise(bpf_get_current_pid_tgid() >> 32, ctx->args[0], (void *)ctx->args[1]);
+	return 0;
+}
+
+SEC("tracepoint")
+int prlimit_enter(struct sys_enter *ctx)
+{
+	__u32 pid = ctx->args[0];
+
+	/* pid is taken as a thread-group id: a prlimit64 on a non-leader tid is missed. */
+	note_raise(pid ? pid : bpf_get_current_pid_tgid() >> 32, ctx->args[1], (void *)ctx->args[2]);
+	return 0;
+}
+
+SEC("tracepoint")
+int rlimit_exit(struct sys_exit *ctx)
+{
+	__u32 tid = bpf_get_current_pid_tgid();
+	struct raise *r = bpf_map_lookup_elem(&raises, &tid);
+
+	if (!r)
+		return 0;
+	if (ctx->ret == 0)
+		emit(r->tgid, EV_RAISED, r->which, r->value, r->wanted);
+	bpf_map_delete_elem(&raises, &tid);
+	return 0;
+}
+
+/* The last thread of a group is gone: the entry goes with it, so a recycled
+ * pid never inherits a quota. */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(group_exit, struct task_struct *task)
+{
+	__u32 tgid = BPF_CORE_READ(task, tgid);
+	struct watch *w = bpf_map_lookup_elem(&watched, &tgid);
+
+	/* Whatever its start time: a pid is never held by two live processes. */
+	if (!w || BPF_CORE_READ(task, signal, live.counter) != 0)
+		return 0;
+	bpf_map_delete_elem(&watched, &tgid);
+	emit(tgid, EV_EXITED, W_NONE, 0, 0);
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "GPL";
