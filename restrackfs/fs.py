@@ -26,7 +26,6 @@ import trio
 
 from restrackfs.files import MAX_WRITE, PROCESS_FILES, TOP_FILES, Caller, FileSpec, parse_pid_name
 from restrackfs.handles import HandleTable, Kept, TooManyHandles
-from tracker.access import may_see
 from tracker.engine import Engine, Entry
 from tracker.errors import AccessDenied, InvalidArgument, NoSuchProcess, TrackerError
 
@@ -221,7 +220,7 @@ class RestrackOperations(pyfuse3.Operations):
                 await trio.to_thread.run_sync(pyfuse3.invalidate_entry, ROOT, name)
 
     def _visible(self, entry: Entry, uid: int) -> bool:
-        return may_see(uid, entry.owner_uid, self.hidepid)
+        return Caller(uid, self.hidepid).sees(entry)
 
     def _checked_node(self, inode: int, uid: int) -> Node:
         node = self.inodes.node(inode)

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 from tracker import procfs
 from tracker.procfs import RLIM_INFINITY, AccessDenied, NoSuchProcess
+from tracker.vocabulary import LIMIT_MAX
 
 DATA = resource.RLIMIT_DATA
 NOFILE = resource.RLIMIT_NOFILE
@@ -62,9 +63,6 @@ def set_soft_limit(
         argv += ["prlimit", f"--pid={pid}", f"{_PRLIMIT_OPTIONS[which]}={value}:"]
         raise NeedsHelper(argv, soft) from None
     return soft
-
-
-LIMIT_MAX = 2**63 - 1
 
 
 def clamp(limit: int) -> int:
