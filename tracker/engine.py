@@ -1,39 +1,37 @@
-"""The tracking engine: the registry of tracked processes and the policy that acts on them.
+"""The tracking engine: the commands on the registry, and its lifecycle.
 
-The engine decides (who may do what, when a quota is enforced, what a command
-changes) and keeps the registry; what it delegates has a room of its own:
-acting on usage (enforce.py), deny mode's limits (deny.py), the state file
-(state.py), and watching the processes under quota (a backend: backend.py, today
-procfs_backend.py). Everything here is synchronous but for the background tasks
-in the engine's nursery: one exit watcher per tracked process (waiting on its
-pidfd, so an exit is seen at once), the backend's task, and the finishing of
-limit changes no request awaited. Callers (the filesystem) hold `Entry` objects
-and call the engine with them; the engine never knows it is behind FUSE.
+The engine decides what a command changes and who may give it; each thing it
+relies on has a room of its own: the registry and its exit watchers
+(registry.py), the policy every backend shares (policy.py: reading with
+enforcement, the one-sample check), acting on usage (enforce.py), deny mode's
+limits (deny.py), the state file (state.py), and watching the processes under
+quota (a backend, backend.py: today procfs_backend.py). Everything here is
+synchronous but for the background tasks in the engine's nursery: the exit
+watchers, the backend's task, and the finishing of limit changes no request
+awaited. Callers (the filesystem) hold `Entry` objects and call the engine with
+them; the engine never knows it is behind FUSE.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractContextManager, asynccontextmanager, suppress
 from pathlib import Path
-from typing import TypeVar
 
 import trio
 
 from tracker import access, procfs, state
-from tracker.backend import Backend, Report, choose
+from tracker.backend import Backend, choose
 from tracker.deny import DEFEATS_BEFORE_KILL, DenyKeeper
 from tracker.enforce import Enforcer
 from tracker.entry import Entry, Measurement, QuotaSetting
 from tracker.errors import (
     AccessDenied,
     AlreadyTracked,
-    Deregistered,
     InvalidArgument,
     LimitNotInForce,
     NoSuchProcess,
@@ -43,69 +41,21 @@ from tracker.errors import (
     StateNotSaved,
 )
 from tracker.helpers import LimitChange, Pending
+from tracker.policy import Policy
 from tracker.process import Process
 from tracker.procfs import escape_comm
 from tracker.quota import Action, Quota
-from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE, RESOURCES, Counters, Resource, sample
+from tracker.registry import Registry
+from tracker.resources import Counters
 from tracker.vocabulary import EVENTS, FILES, HEAP
 
 __all__ = ["DEFEATS_BEFORE_KILL", "EVENTS", "FILES", "HEAP", "Engine", "Entry", "Measurement"]
 
-T = TypeVar("T")
-
 log = logging.getLogger("restrackfs.engine")
 
 
-class Registry:
-    """The tracked entries by pid, in registration (`serial`) order, and those with a quota."""
-
-    def __init__(self) -> None:
-        self._entries: dict[int, Entry] = {}
-        self._with_quota: dict[int, Entry] = {}
-        self._serials = itertools.count(1)
-
-    def entries(self) -> Collection[Entry]:
-        return self._entries.values()
-
-    def get(self, pid: int) -> Entry | None:
-        return self._entries.get(pid)
-
-    def watched(self) -> Collection[Entry]:
-        """The entries with a quota."""
-        return self._with_quota.values()
-
-    def next_serial(self) -> int:
-        return next(self._serials)
-
-    def add(self, entry: Entry) -> None:
-        self._entries[entry.pid] = entry
-        self.quota_changed(entry)
-
-    def quota_changed(self, entry: Entry) -> None:
-        if entry.quota is None:
-            self._with_quota.pop(entry.pid, None)
-        elif self._entries.get(entry.pid) is entry:
-            self._with_quota[entry.pid] = entry
-
-    def remove(self, entry: Entry, why: str) -> bool:
-        """Take `entry` out, saying why; False if it was not (or no longer) in."""
-        if self._entries.get(entry.pid) is not entry:
-            return False
-        entry.ended = why
-        del self._entries[entry.pid]
-        self._with_quota.pop(entry.pid, None)
-        return True
-
-    def clear(self) -> list[Entry]:
-        """Empty the registry; the entries it held."""
-        entries = list(self._entries.values())
-        self._entries.clear()
-        self._with_quota.clear()
-        return entries
-
-
-class Engine:
-    """Registry and policy: the commands, enforcement on read, and the backend's `Policy`."""
+class Engine(Policy):
+    """The registry's commands and lifecycle, on top of the shared policy."""
 
     def __init__(
         self,
@@ -115,17 +65,14 @@ class Engine:
         helpers_in_background: bool = False,
         backend: str = "procfs",
     ) -> None:
+        enforcer = Enforcer()
+        deny = DenyKeeper(enforcer, interval=interval, in_background=helpers_in_background)
+        super().__init__(Registry(), enforcer, deny)
         self.state_path = state_path
         self.interval = interval
-        self.registry = Registry()
-        self.enforcer = Enforcer()
-        self.deny = DenyKeeper(
-            self.enforcer, interval=interval, in_background=helpers_in_background
-        )
         self.store = state.Store(state_path, self.registry.entries)
         self.backend: Backend = choose(backend, self, interval)
-        self._removal_listeners: list[Callable[[Entry], None]] = []
-        self._nursery: trio.Nursery | None = None
+        self.registry.on_removal(self._removed)
 
     # ----- queries -------------------------------------------------------
 
@@ -146,41 +93,9 @@ class Engine:
         """Enforcement actions taken since the start, by action."""
         return self.enforcer.enforcements
 
-    def measure(self, entry: Entry) -> Measurement:
-        """Read the process now; enforce its quota if the reading breaks it."""
-        usage = self._read_counters(entry, entry.process.usage)
-        absolute = Counters.of_usage(usage)
-        relative = absolute.since(entry.baseline)
-        if entry.quota is not None:
-            self.enforcer.enforce(entry, relative, usage.comm)
-        return Measurement(
-            pid=entry.pid,
-            comm=usage.comm,
-            heapsize=relative.heap or 0,
-            openfile_count=relative.files or 0,
-            heap_total=usage.vm_data,
-            openfile_total=usage.open_fds,
-            quota=entry.effective_quota,
-            registered=entry.registered,
-        )
-
-    def heapsize(self, entry: Entry) -> int:
-        """heapsize alone: reads VmData and nothing else (the hot path of `cat`)."""
-        return self._one(entry, HEAP_RESOURCE)
-
-    def openfile_count(self, entry: Entry) -> int:
-        """openfile_count alone: one stat() of /proc/PID/fd."""
-        return self._one(entry, FILES_RESOURCE)
-
-    def _one(self, entry: Entry, resource: Resource) -> int:
-        absolute = self._sample(entry, (resource,))
-        relative = absolute.since(entry.baseline)
-        self.enforcer.enforce(entry, relative)
-        return relative.of(resource) or 0
-
     def on_removal(self, listener: Callable[[Entry], None]) -> None:
         """Call `listener(entry)` whenever an entry leaves the registry."""
-        self._removal_listeners.append(listener)
+        self.registry.on_removal(listener)
 
     def on_event(self, listener: Callable[[Entry], None]) -> None:
         """Call `listener(entry)` whenever one of the entry's event counters moves."""
@@ -189,13 +104,6 @@ class Engine:
     def limit_changes(self) -> AbstractContextManager[Pending]:
         """Collect the rlimit helpers a call starts, for its caller to `settle()`."""
         return self.deny.limit_changes()
-
-    def check_current(self, entry: Entry) -> None:
-        """Raise unless the entry is still registered and its process alive."""
-        if entry.ended == "deregistered":
-            raise Deregistered(f"{entry.pid}: deregistered")
-        if entry.ended is not None or entry.killed or not entry.process.is_alive():
-            raise NoSuchProcess(entry.pid, "process exited")
 
     # ----- commands ------------------------------------------------------
 
@@ -219,7 +127,7 @@ class Engine:
         except StateNotSaved:
             entry.process.close()
             raise
-        self._add(entry)
+        self.registry.add(entry)
         log.info("registered pid=%d comm=%s by uid=%d", tgid, escape_comm(entry.comm), caller_uid)
         return entry
 
@@ -256,7 +164,7 @@ class Engine:
         self._check_may_lift(entry, caller_uid)
         self.store.drop(entry)
         self.deny.restore(entry)
-        self._remove(entry, "deregistered")
+        self.registry.remove(entry, "deregistered")
         log.info("deregistered pid=%d by uid=%d", pid, caller_uid)
 
     def set_quota(self, entry: Entry, quota: Quota, caller_uid: int) -> None:
@@ -342,83 +250,11 @@ class Engine:
         what = "all" if quota and usage else "quota" if quota else "usage"  # the file's words
         log.info("reset pid=%d %s by uid=%d", entry.pid, what, caller_uid)
 
-    # ----- policy (what every backend shares) ------------------------------
-
-    def watched(self) -> Iterable[Entry]:
-        return self.registry.watched()
-
-    def check(self, entry: Entry) -> None:
-        """One check: sample what the quota limits, enforce, keep deny limits."""
-        quota = entry.quota
-        if quota is None or entry.ended is not None:
-            return
-        try:
-            deny = quota.action is Action.DENY
-            wanted = [r for r in RESOURCES if deny or r.limit(quota) is not None]
-            absolute = self._sample(entry, wanted)
-            self.enforcer.enforce(entry, absolute.since(entry.baseline))
-            if deny:
-                self.deny.recheck(entry, absolute)
-        except NoSuchProcess:
-            pass
-        except AccessDenied as error:
-            log.warning("check pid=%d: %s", entry.pid, error)
-
-    def reported(self, report: Report) -> None:
-        """A pushed backend's report: the kernel acted; log, count, announce (or keep limits)."""
-        entry = report.entry
-        if self.registry.get(entry.pid) is not entry:
-            return
-        if report.kind == "raised":
-            self.check(entry)  # lowers it back, counts it denied, a defeat
-        elif report.kind != "peak":
-            self.enforcer.reported(report)
-
-    def _enforce_before_command(self, entry: Entry) -> None:
-        """Enforce the quota on the usage of this moment, then let the command act.
-
-        Every command that names a tracked process (register again, deregister, quota,
-        reset) comes through here first: a process that crossed its kill quota a moment
-        ago must not be saved by a reset or a deregister that reaches the daemon before
-        the next periodic check (the kernel patch killed in the crossing call). A process
-        this kills answers as one that exited. Costs one sample per such command.
-        """
-        self.check_current(entry)
-        if entry.quota is not None:
-            self.check(entry)
-            self.check_current(entry)
-
-    def _owner(self, entry: Entry) -> int:
-        """The process's real uid now: kill(2) judges by it, not by who it was at registration."""
-        try:
-            status = entry.process.status()
-        except NoSuchProcess:
-            return entry.owner_uid  # reaped: its ids cannot change any more
-        entry.owner_uid, entry.owner_gid = status.real_uid, status.real_gid
-        return status.real_uid
-
-    def _check_may_lift(self, entry: Entry, caller_uid: int) -> None:
-        access.check_control(caller_uid, self._owner(entry), entry.pid)
-        access.check_lift_quota(caller_uid, entry.quota_uid, entry.pid)
-
-    def _sample(self, entry: Entry, wanted: Collection[Resource]) -> Counters:
-        return self._read_counters(entry, lambda: sample(entry.process, wanted))
-
-    def _read_counters(self, entry: Entry, read: Callable[[], T]) -> T:
-        """Read through the entry's pidfd; an exit seen on the way removes the entry."""
-        if entry.ended is not None:
-            self.check_current(entry)  # says deregistered or exited
-        try:
-            return read()  # checks the pidfd after reading
-        except NoSuchProcess:
-            self._remove(entry, "exited")
-            raise
-
     # ----- lifecycle -----------------------------------------------------
 
     def start(self, nursery: trio.Nursery) -> None:
         """Run in `nursery`: resume the state file, then the backend's task."""
-        self._nursery = nursery
+        self.registry.start(nursery)
         self.deny.start(nursery)
         with self.deny.helpers.batch():  # nothing is served yet: helpers run synchronously
             restored = self._restore_entries()
@@ -442,7 +278,7 @@ class Engine:
             except (AttributeError, KeyError, TypeError, ValueError):
                 log.error("state: dropped a malformed record: %.200r", record)
                 continue
-            self._add(entry)
+            self.registry.add(entry)
             if entry.quota is not None and entry.quota.action is Action.DENY:
                 self.deny.apply_and_keep(entry)
             log.info("state: resumed pid=%d comm=%s", entry.pid, escape_comm(entry.comm))
@@ -457,39 +293,16 @@ class Engine:
                 self.deny.restore(entry)
                 entry.ended = "stopped"
         self.deny.helpers.inline = True
-        for entry in self.registry.clear():
-            trio.lowlevel.notify_closing(entry.process.pidfd)
-            entry.process.close()
+        self.registry.close_all()
         self.backend.close()
         self.store.close()
 
-    def _add(self, entry: Entry) -> None:
-        self.registry.add(entry)
-        assert self._nursery is not None, "the engine is not running"
-        self._nursery.start_soon(self._watch_exit, entry)
-
-    async def _watch_exit(self, entry: Entry) -> None:
-        if entry.ended is not None:
-            return  # removed before this task got to run
-        try:
-            await trio.lowlevel.wait_readable(entry.process.pidfd)
-        except trio.ClosedResourceError:
-            return  # deregistered: the pidfd was closed under us
-        if entry.ended is None:
-            self._remove(entry, "exited")
-
-    def _remove(self, entry: Entry, why: str) -> None:
-        if not self.registry.remove(entry, why):
-            return
-        if why == "exited":
+    def _removed(self, entry: Entry) -> None:
+        """An entry left the registry: the state file forgets an exited one, the backend all."""
+        if entry.ended == "exited":
             with suppress(StateNotSaved):  # nobody to tell; the next start drops it anyway
                 self.store.drop(entry)
         self.backend.removed(entry)
-        trio.lowlevel.notify_closing(entry.process.pidfd)
-        entry.process.close()
-        log.info("removed pid=%d (%s)", entry.pid, why)
-        for listener in self._removal_listeners:
-            listener(entry)
 
 
 @asynccontextmanager
