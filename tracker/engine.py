@@ -110,7 +110,9 @@ class Engine(Policy):
     def register(self, pid: int, caller_uid: int) -> Entry:
         if pid < 1:
             raise InvalidArgument(f"{pid}: not a valid pid")
-        status = procfs.read_status(pid)  # by number, before any pidfd: the checks
+        # By number, before pinning: only to name the thread group and refuse early;
+        # the reads through the pidfd (`_new_entry`) decide.
+        status = procfs.read_status(pid)
         tgid = status.tgid  # a thread's TID names its thread group
         if tgid == os.getpid():
             # a kill quota on the daemon would take the mount down with it

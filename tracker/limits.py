@@ -50,6 +50,8 @@ def set_soft_limit(
     uids, gids = ids
     if len(set(uids)) != 1 or len(set(gids)) != 1:
         raise AccessDenied(pid)  # prlimit(2) without the capability needs uid == euid == suid
+    # By number, as prlimit(2) itself goes (it takes no pidfd): the caller checked
+    # the pidfd just before (Process.ids), and verifies the result through it after.
     _, hard = procfs.read_limits(pid)[PROC_LIMIT_NAMES[which]]
     if hard != RLIM_INFINITY and (soft == RLIM_INFINITY or soft > hard):
         soft = hard
