@@ -29,8 +29,12 @@ class Caller:
     hidepid: bool
 
     def sees(self, entry: Entry) -> bool:
-        """Whether this caller may see `entry` at all: the one place --hidepid is decided."""
-        return may_see(self.uid, entry.owner_uid, self.hidepid)
+        return visible(entry, self.uid, self.hidepid)
+
+
+def visible(entry: Entry, uid: int, hidepid: bool) -> bool:
+    """Whether `uid` may see `entry` at all: the one place --hidepid is decided."""
+    return may_see(uid, entry.owner_uid, hidepid)
 
 
 Reader = Callable[[Engine, Entry | None, Caller], str]

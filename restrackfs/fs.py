@@ -24,7 +24,15 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from restrackfs.files import MAX_WRITE, PROCESS_FILES, TOP_FILES, Caller, FileSpec, parse_pid_name
+from restrackfs.files import (
+    MAX_WRITE,
+    PROCESS_FILES,
+    TOP_FILES,
+    Caller,
+    FileSpec,
+    parse_pid_name,
+    visible,
+)
 from restrackfs.handles import HandleTable, Kept, TooManyHandles
 from tracker.engine import Engine, Entry
 from tracker.errors import AccessDenied, InvalidArgument, NoSuchProcess, TrackerError
@@ -243,7 +251,7 @@ class RestrackOperations(pyfuse3.Operations):
         self.notices.detach()
 
     def _visible(self, entry: Entry, uid: int) -> bool:
-        return Caller(uid, self.hidepid).sees(entry)
+        return visible(entry, uid, self.hidepid)
 
     def _checked_node(self, inode: int, uid: int) -> Node:
         node = self.inodes.node(inode)

@@ -41,12 +41,12 @@ class Enforcer:
 
     def enforce(self, entry: Entry, usage: Counters, comm: str | None = None) -> None:
         """Act on quotas newly exceeded; a resource not sampled (None) keeps its state."""
-        quota = entry.quota
-        if quota is None:
+        setting = entry.setting
+        if setting is None:
             return
+        quota = setting.quota
         over = set(entry.over)
-        for resource in RESOURCES:
-            used = usage.of(resource)
+        for resource, used in zip(RESOURCES, usage, strict=True):
             if used is not None:
                 over.discard(resource.name)
                 limit = resource.limit(quota)

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from tracker import limits
 from tracker.process import Process, Usage
 from tracker.vocabulary import FILES, HEAP
 
 
-@dataclass(frozen=True, slots=True)
-class Counters:
-    """One value per resource (bytes of VmData, open descriptors); None: not read."""
+class Counters(NamedTuple):
+    """One value per resource (bytes of VmData, open descriptors); None: not read.
+
+    Immutable, and a tuple: cheap to make on the hot path of every read."""
 
     heap: int | None = None
     files: int | None = None
@@ -30,15 +32,12 @@ class Counters:
 
     def since(self, baseline: Counters) -> Counters:
         """Usage relative to `baseline`, never below 0 (a process may give back more)."""
-        return Counters(
-            *(
+        return Counters._make(
+            [
                 None if now is None else max(0, now - (base or 0))
-                for now, base in zip(self._values(), baseline._values(), strict=True)
-            )
+                for now, base in zip(self, baseline, strict=True)
+            ]
         )
-
-    def _values(self) -> tuple[int | None, ...]:
-        return tuple(self.of(resource) for resource in RESOURCES)
 
     @classmethod
     def of_usage(cls, usage: Usage) -> Counters:
@@ -56,9 +55,11 @@ def _nofile_soft(process: Process, baseline: int, quota: int) -> int:
     return limits.nofile_soft_limit(fds, baseline + quota - len(fds))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # one object per resource: compared by identity
 class Resource:
     name: str  # the quota's field and the Counters' one
+    # its sampler: the absolute value now, read through the pidfd-guarded process
+    read: Callable[[Process], int]
     rlimit: int  # the soft limit deny mode lowers
     # deny mode's soft limit for (process, baseline, quota): refuses what the quota forbids
     soft_limit: Callable[[Process, int, int], int]
@@ -72,15 +73,28 @@ class Resource:
         """This resource's limit in a `Quota` (None: no limit)."""
         return getattr(quota, self.name)  # type: ignore[no-any-return]
 
+    def alone(self, value: int) -> Counters:
+        """Counters with this resource's value alone (the others not read)."""
+        return Counters._make([value if other is self else None for other in RESOURCES])
 
-HEAP_RESOURCE = Resource(HEAP, limits.DATA, _data_soft)
-FILES_RESOURCE = Resource(FILES, limits.NOFILE, _nofile_soft)
+
+def _vm_data(process: Process) -> int:
+    return process.sample(heap=True, files=False)[0]
+
+
+def _open_fds(process: Process) -> int:
+    return process.sample(heap=False, files=True)[1]
+
+
+HEAP_RESOURCE = Resource(HEAP, _vm_data, limits.DATA, _data_soft)
+FILES_RESOURCE = Resource(FILES, _open_fds, limits.NOFILE, _nofile_soft)
 RESOURCES = (HEAP_RESOURCE, FILES_RESOURCE)
 BY_RLIMIT = {resource.rlimit: resource for resource in RESOURCES}
 
 
 def sample(process: Process, wanted: Collection[Resource]) -> Counters:
-    """Read only the `wanted` resources, through the pidfd-guarded process."""
+    """Read only the `wanted` resources, through the pidfd-guarded process, at once
+    (one live-thread fallback, one pidfd check for them all)."""
     heap, files = HEAP_RESOURCE in wanted, FILES_RESOURCE in wanted
     vm_data, open_fds = process.sample(heap=heap, files=files)
     return Counters(vm_data if heap else None, open_fds if files else None)
