@@ -18,7 +18,16 @@ Two kinds of backend fit it:
   `policy.reported(Report(...))`: the kernel already acted, the engine logs,
   counts and announces (a "raised" deny limit is lowered back by the policy).
   Peaks (issue 13) come the same way (`Report` kind "peak"), or from a
-  `peaks(entry)` the policy asks when a file is read.
+  `peaks(entry)` the policy asks when a file is read. What it needs to fill
+  the kernel's map it reads from the entry: `process.start_time`,
+  `heap_base`/`files_base` + the `quota`'s limits, the action, and deny's
+  soft limits in force (`entry.deny.applied_soft`). Nothing polls under it:
+  deny mode's retries after a failed set (`entry.deny.retry_at`) and a quota
+  already exceeded when set ride on `policy.check(entry)`, which the engine
+  calls at each command and when a quota is confirmed; a pushed backend calls
+  it too on a "raised" report (via `reported`) and may schedule one when a
+  retry is due. `quota_cleared` may come for a quota never confirmed (one
+  reset while its helpers ran): nothing to unwatch then.
 
 What is policy stays in the engine, shared by both: enforcement when a file is
 read (a fresh sample that breaks a quota is acted on at once), the "enforce
