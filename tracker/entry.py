@@ -75,7 +75,7 @@ class Entry:
 
     @property
     def effective_quota(self) -> Quota:
-        return self.quota or NO_QUOTA
+        return NO_QUOTA if self.setting is None else self.setting.quota
 
     @property
     def heap_base(self) -> int:

@@ -41,7 +41,7 @@ class Policy:
         usage = self._read_counters(entry, entry.process.usage)
         absolute = Counters.of_usage(usage)
         relative = absolute.since(entry.baseline)
-        if entry.quota is not None:
+        if entry.setting is not None:
             self.enforcer.enforce(entry, relative, usage.comm)
         return Measurement(
             pid=entry.pid,

@@ -32,16 +32,18 @@ class Counters(NamedTuple):
 
     def since(self, baseline: Counters) -> Counters:
         """Usage relative to `baseline`, never below 0 (a process may give back more)."""
-        return Counters._make(
-            [
-                None if now is None else max(0, now - (base or 0))
-                for now, base in zip(self, baseline, strict=True)
-            ]
-        )
+        return tuple.__new__(Counters, map(_relative, self, baseline))
 
     @classmethod
     def of_usage(cls, usage: Usage) -> Counters:
-        return cls(heap=usage.vm_data, files=usage.open_fds)
+        return tuple.__new__(cls, (usage.vm_data, usage.open_fds))  # heap, files
+
+
+def _relative(now: int | None, base: int | None) -> int | None:
+    """`now` over `base`, never below 0; None (not read) stays None."""
+    if now is None or not base:
+        return now
+    return now - base if now > base else 0
 
 
 def _data_soft(process: Process, baseline: int, quota: int) -> int:
