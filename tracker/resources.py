@@ -1,8 +1,9 @@
 """The resources a quota limits, one row each: a third resource is one more row.
 
 A row says what the resource is called (the quota's field, the `Counters`
-field, the log's `quota=` word), which soft rlimit deny mode lowers for it and
-how that limit is computed from the baseline and the quota. `Counters` holds
+field, the log's `quota=` word), how it is sampled alone, which soft rlimit
+deny mode lowers for it and how that limit is computed from the baseline and
+the quota. `Counters` holds
 one value per resource: a sample (absolute, as the kernel counts) or a
 baseline; `since` makes a sample relative to the baseline, the usage a quota
 is compared with. A resource not sampled is None, and keeps its state.
