@@ -22,6 +22,7 @@ from typing import TextIO
 
 from restrackfs import client
 from restrackfs.client import NotMountedError, Stat
+from tracker.vocabulary import UNLIMITED
 
 EXIT_CODES = {
     errno.EINVAL: 2,
@@ -173,7 +174,7 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
     fields["quota_use"] = _use_text(quota_use(s))
     width = max(map(len, fields))
     for key, value in fields.items():
-        value = "max" if value is None else value
+        value = UNLIMITED if value is None else value
         out.write(f"{key.ljust(width)}  {shown(str(value))}\n")
     return 0
 

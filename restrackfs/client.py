@@ -17,7 +17,8 @@ asking the kernel whether the pid names a live process.
 
 Values are checked with the daemon's own grammar (`tracker.quota`, which is
 pure) before anything is written, so an error says what is wrong with it; the
-daemon still decides.
+daemon still decides. The words both sides use (the stat fields, "max") are
+`tracker.vocabulary`'s, which imports nothing but the standard library.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from tracker.quota import parse_action, parse_count, parse_reset, parse_size
+from tracker.vocabulary import FILES, HEAP, STAT_FIELDS, UNLIMITED, parse_limit
 
 DEFAULT_MOUNT = "/restrack"
-UNLIMITED = "max"
 _NOT_SERVED = (errno.ENOTCONN, errno.ECONNABORTED)
 _REASONS = {
     errno.ENOENT: "not tracked",
@@ -60,7 +61,7 @@ class Resource:
 
 @dataclass(frozen=True, slots=True)
 class Stat:
-    """Every field of `PID/stat`."""
+    """Every field of `PID/stat`, in its order (`STAT_FIELDS`)."""
 
     pid: int
     comm: str
@@ -189,10 +190,6 @@ def _check_pid(pid: int) -> int:
     return pid
 
 
-def _limit(text: str) -> int | None:
-    return None if text == UNLIMITED else int(text)
-
-
 def _checked(pid: int, parse: Callable[[str], object], text: str) -> None:
     """Refuse a value the daemon would refuse, saying why (the daemon's own parser)."""
     try:
@@ -208,7 +205,7 @@ def _quota_token(pid: int, key: str, value: int | str | None) -> str:
         raise TypeError(f"{key} quota must be an int, a str or None, not {type(value).__name__}")
     if isinstance(value, int) and value < -1:
         raise OSError(errno.EINVAL, f"{pid}: {key} quota {value}: want >= 0, or -1/None for none")
-    _checked(pid, parse_size if key == "heap" else parse_count, str(value))
+    _checked(pid, parse_count if key == FILES else parse_size, str(value))
     return f"{key}={value}"
 
 
@@ -260,7 +257,7 @@ def set_quota(
 ) -> None:
     """Write a quota; sizes may be bytes or strings the daemon parses (`40M`)."""
     _check_pid(pid)
-    tokens = [_quota_token(pid, "heap", heap), _quota_token(pid, "files", files)]
+    tokens = [_quota_token(pid, HEAP, heap), _quota_token(pid, FILES, files)]
     if action is not None:
         _checked(pid, parse_action, action)
         tokens.append(f"action={action}")
@@ -294,18 +291,16 @@ def parse_stat(text: str) -> Stat:
         if key in fields:
             raise OSError(errno.EIO, f"stat: {key!r} given twice (a forged line?)")
         fields[key] = value
-    return Stat(
-        pid=int(fields["pid"]),
-        comm=fields["comm"],
-        heapsize=int(fields["heapsize"]),
-        openfile_count=int(fields["openfile_count"]),
-        heap_quota=_limit(fields["heap_quota"]),
-        file_quota=_limit(fields["file_quota"]),
-        action=fields["action"],
-        heap_total=int(fields["heap_total"]),
-        openfile_total=int(fields["openfile_total"]),
-        registered=int(fields["registered"]),
-    )
+    return Stat(**{name: _STAT_VALUE.get(name, int)(fields[name]) for name in STAT_FIELDS})
+
+
+# How each stat field's text is read (int unless said here).
+_STAT_VALUE: dict[str, Callable[[str], object]] = {
+    "comm": str,
+    "action": str,
+    "heap_quota": parse_limit,
+    "file_quota": parse_limit,
+}
 
 
 def tracked(*, mount: str | os.PathLike[str] | None = None) -> list[int]:

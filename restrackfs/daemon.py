@@ -87,6 +87,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="with --hidepid, allow a non-loopback --metrics-listen (it shows every process)",
     )
+    _add_tracking_options(parser)
+    args = parser.parse_args(argv)
+    if args.interval < 1:
+        parser.error("--interval must be at least 1 ms")
+    args.policy = _tracking_policy(parser, args)
+    if args.metrics_listen is not None:
+        try:
+            args.metrics_listen = scrape.check_listen(
+                args.metrics_listen,
+                hidepid=args.hidepid,
+                allow_remote=args.hidepid_allow_remote_metrics,
+            )
+        except ValueError as error:
+            parser.error(f"--metrics-listen: {error}")
+    args.mountpoint = args.mountpoint.absolute()
+    if args.state is None:
+        args.state = default_state_path(args.mountpoint)
+    if args.log_file is None and not args.foreground:
+        args.log_file = args.state.with_suffix(".log")
+    return args
+
+
+def _add_tracking_options(parser: argparse.ArgumentParser) -> None:
     tracking = parser.add_argument_group("automatic tracking (sidecars)")
     tracking.add_argument(
         "--track-all",
@@ -110,39 +133,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="allow --track-all with a kill or deny --default-quota in the host's pid "
         "namespace, where it caps every process of the machine",
     )
-    args = parser.parse_args(argv)
-    if args.interval < 1:
-        parser.error("--interval must be at least 1 ms")
+
+
+def _tracking_policy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Policy:
+    """The automatic tracking the options ask for; a usage error if they contradict."""
     try:
         default_quota = parse_quota(args.default_quota) if args.default_quota else None
     except InvalidArgument as error:
         parser.error(f"--default-quota: {error}")
-    args.policy = Policy(args.track_all, args.track_comm, args.track_children, default_quota)
-    if default_quota is not None and not args.policy.enabled:
+    policy = Policy(args.track_all, args.track_comm, args.track_children, default_quota)
+    if default_quota is not None and not policy.enabled:
         parser.error("--default-quota needs --track-all, --track-comm or --track-children")
-    if args.policy.enabled and not proc_matches_my_pid_namespace():
+    if policy.enabled and not proc_matches_my_pid_namespace():
         parser.error(MISMATCHED_PROC)
-    if (
-        args.policy.acts_on_everything
-        and not args.yes_all_host_processes
-        and in_initial_pid_namespace()
-    ):
+    if policy.acts_on_everything and not args.yes_all_host_processes and in_initial_pid_namespace():
         parser.error(HOST_NAMESPACE)
-    if args.metrics_listen is not None:
-        try:
-            args.metrics_listen = scrape.check_listen(
-                args.metrics_listen,
-                hidepid=args.hidepid,
-                allow_remote=args.hidepid_allow_remote_metrics,
-            )
-        except ValueError as error:
-            parser.error(f"--metrics-listen: {error}")
-    args.mountpoint = args.mountpoint.absolute()
-    if args.state is None:
-        args.state = default_state_path(args.mountpoint)
-    if args.log_file is None and not args.foreground:
-        args.log_file = args.state.with_suffix(".log")
-    return args
+    return policy
 
 
 HOST_NAMESPACE = (

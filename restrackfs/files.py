@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 from restrackfs import metrics
 from tracker.access import may_see
-from tracker.engine import EVENTS, Engine, Entry
+from tracker.engine import Engine, Entry
 from tracker.errors import InvalidArgument, NoSuchProcess
 from tracker.procfs import escape_comm
 from tracker.quota import WHITESPACE, parse_quota, parse_reset
+from tracker.vocabulary import EVENTS, STAT_FIELDS, format_limit
 
 MAX_WRITE = 4096
 _DECIMAL = re.compile(r"[0-9]+", re.ASCII)
@@ -26,6 +27,14 @@ _DECIMAL = re.compile(r"[0-9]+", re.ASCII)
 class Caller:
     uid: int
     hidepid: bool
+
+    def sees(self, entry: Entry) -> bool:
+        return visible(entry, self.uid, self.hidepid)
+
+
+def visible(entry: Entry, uid: int, hidepid: bool) -> bool:
+    """Whether `uid` may see `entry` at all: the one place --hidepid is decided."""
+    return may_see(uid, entry.owner_uid, hidepid)
 
 
 Reader = Callable[[Engine, Entry | None, Caller], str]
@@ -58,10 +67,6 @@ def parse_pid_name(name: str) -> int:
     return pid
 
 
-def _limit(value: int | None) -> str:
-    return "max" if value is None else str(value)
-
-
 def read_heapsize(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     assert entry is not None
     return f"{engine.heapsize(entry)}\n"
@@ -75,25 +80,25 @@ def read_openfile_count(engine: Engine, entry: Entry | None, caller: Caller) -> 
 def read_stat(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     assert entry is not None
     m = engine.measure(entry)
-    fields = {
+    values = {
         "pid": m.pid,
         "comm": escape_comm(m.comm),
         "heapsize": m.heapsize,
         "openfile_count": m.openfile_count,
-        "heap_quota": _limit(m.quota.heap),
-        "file_quota": _limit(m.quota.files),
+        "heap_quota": format_limit(m.quota.heap),
+        "file_quota": format_limit(m.quota.files),
         "action": m.quota.action,
         "heap_total": m.heap_total,
         "openfile_total": m.openfile_total,
         "registered": int(m.registered),
     }
-    return "".join(f"{key} {value}\n" for key, value in fields.items())
+    return "".join(f"{key} {values[key]}\n" for key in STAT_FIELDS)
 
 
 def read_metrics(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     measurements = []
     for tracked in list(engine.entries()):
-        if not may_see(caller.uid, tracked.owner_uid, caller.hidepid):
+        if not caller.sees(tracked):
             continue
         try:
             measurements.append(engine.measure(tracked))

@@ -24,9 +24,16 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from restrackfs.files import MAX_WRITE, PROCESS_FILES, TOP_FILES, Caller, FileSpec, parse_pid_name
+from restrackfs.files import (
+    MAX_WRITE,
+    PROCESS_FILES,
+    TOP_FILES,
+    Caller,
+    FileSpec,
+    parse_pid_name,
+    visible,
+)
 from restrackfs.handles import HandleTable, Kept, TooManyHandles
-from tracker.access import may_see
 from tracker.engine import Engine, Entry
 from tracker.errors import AccessDenied, InvalidArgument, NoSuchProcess, TrackerError
 
@@ -128,50 +135,38 @@ class Inodes:
         return Node(inode, spec, entry)
 
 
-class RestrackOperations(pyfuse3.Operations):
-    supports_dot_lookup = False
-    enable_writeback_cache = False
-    enable_acl = False
+class KernelNotices:
+    """What the daemon tells the kernel unasked: directories gone, `events` changed.
 
-    def __init__(self, engine: Engine, *, hidepid: bool = False) -> None:
-        super().__init__()
-        self.engine = engine
-        self.hidepid = hidepid
-        self.inodes = Inodes()
-        self.handles = HandleTable()
-        self._removed_by_request: list[bytes] | None = None  # collected during a write
-        # poll handles of readers waiting on an `events` file, by entry serial (0: top)
-        self._pollers: dict[int, dict[int, pyfuse3.PollHandle]] = {}
-        self._mounted_at = time.time_ns()
-        # With hidepid the kernel's shared dentry cache would show one user's
-        # lookups to another, so process directories are not cached at all.
-        self._dir_timeout = 0.0 if hidepid else STABLE_TIMEOUT
+    Poll handles of readers waiting on an `events` file (by entry serial, 0 for
+    the top one) are notified when its counters move or its process leaves; a
+    removed process directory is invalidated in the kernel's cache, at once for
+    the request that removed it, in the background otherwise."""
+
+    def __init__(self) -> None:
+        self.removed_by_request: list[bytes] | None = None  # collected during a write
+        self.pollers: dict[int, dict[int, pyfuse3.PollHandle]] = {}
         # Names of removed directories for `run_invalidations`; None while it does not run.
         self._invalidations: trio.MemorySendChannel[bytes] | None = None
         self._attached = True  # False once the session closes: no kernel notification then
-        engine.on_removal(self._entry_removed)
-        engine.on_event(self._events_moved)
 
-    # ----- helpers -------------------------------------------------------
-
-    def _entry_removed(self, entry: Entry) -> None:
-        self.inodes.forget(entry)
-        pollers = self._pollers.pop(entry.serial, {}).values()
+    def entry_removed(self, entry: Entry) -> None:
+        pollers = self.pollers.pop(entry.serial, {}).values()
         if not self._attached:
             return
         for poll_handle in pollers:
             poll_handle.notify()
         name = str(entry.pid).encode()
-        if self._removed_by_request is not None:
-            self._removed_by_request.append(name)
+        if self.removed_by_request is not None:
+            self.removed_by_request.append(name)
         if self._invalidations is None:
             return  # not mounted (engine-only use), or the session is ending
         with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
             self._invalidations.send_nowait(name)
 
-    def _events_moved(self, entry: Entry) -> None:
+    def events_moved(self, entry: Entry) -> None:
         for serial in (entry.serial, 0):
-            pollers = self._pollers.pop(serial, {}).values()
+            pollers = self.pollers.pop(serial, {}).values()
             if self._attached:
                 for poll_handle in pollers:
                     poll_handle.notify()
@@ -208,7 +203,8 @@ class RestrackOperations(pyfuse3.Operations):
         self._attached = False
         self._invalidations = None
 
-    async def _invalidate_now(self, names: list[bytes]) -> None:
+    @staticmethod
+    async def invalidate_now(names: list[bytes]) -> None:
         """Make the kernel forget directories removed by this request before it returns.
 
         The background invalidation would race the caller's next lookup (the
@@ -220,8 +216,42 @@ class RestrackOperations(pyfuse3.Operations):
             with contextlib.suppress(OSError):
                 await trio.to_thread.run_sync(pyfuse3.invalidate_entry, ROOT, name)
 
+
+class RestrackOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, engine: Engine, *, hidepid: bool = False) -> None:
+        super().__init__()
+        self.engine = engine
+        self.hidepid = hidepid
+        self.inodes = Inodes()
+        self.handles = HandleTable()
+        self.notices = KernelNotices()
+        self._mounted_at = time.time_ns()
+        # With hidepid the kernel's shared dentry cache would show one user's
+        # lookups to another, so process directories are not cached at all.
+        self._dir_timeout = 0.0 if hidepid else STABLE_TIMEOUT
+        engine.on_removal(self._entry_removed)
+        engine.on_event(self.notices.events_moved)
+
+    def _entry_removed(self, entry: Entry) -> None:
+        self.inodes.forget(entry)
+        self.notices.entry_removed(entry)
+
+    # ----- helpers -------------------------------------------------------
+
+    async def run_invalidations(self) -> None:
+        """Make the kernel forget removed process directories (see `KernelNotices`)."""
+        await self.notices.run_invalidations()
+
+    def detach(self) -> None:
+        """The session is about to close: send the kernel nothing more."""
+        self.notices.detach()
+
     def _visible(self, entry: Entry, uid: int) -> bool:
-        return may_see(uid, entry.owner_uid, self.hidepid)
+        return visible(entry, uid, self.hidepid)
 
     def _checked_node(self, inode: int, uid: int) -> Node:
         node = self.inodes.node(inode)
@@ -426,13 +456,13 @@ class RestrackOperations(pyfuse3.Operations):
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         # The write runs without a checkpoint, so only its own removals are collected.
-        self._removed_by_request = removed = []
+        self.notices.removed_by_request = removed = []
         try:
             with self.engine.limit_changes() as helpers:
                 spec.write(self.engine, handle.node.entry, text, handle.caller)
         finally:
-            self._removed_by_request = None
-            await self._invalidate_now(removed)
+            self.notices.removed_by_request = None
+            await self.notices.invalidate_now(removed)
         # deny mode: answer once the rlimits are in force or given up on (only this
         # request waits, HELPER_TIMEOUT at most); a quota not in force fails here
         await helpers.settle()
@@ -442,7 +472,7 @@ class RestrackOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh)
         if handle is not None and handle.node.spec is not None and handle.node.spec.pollable:
-            self._pollers.get(self._poll_key(handle), {}).pop(fh, None)
+            self.notices.pollers.get(self._poll_key(handle), {}).pop(fh, None)
 
     @staticmethod
     def _poll_key(handle: Handle) -> int:
@@ -470,7 +500,7 @@ class RestrackOperations(pyfuse3.Operations):
         if changed:
             return select.POLLIN | select.POLLPRI
         if poll_handle is not None:
-            self._pollers.setdefault(self._poll_key(handle), {})[fh] = poll_handle
+            self.notices.pollers.setdefault(self._poll_key(handle), {})[fh] = poll_handle
         return 0
 
     # ----- refused -------------------------------------------------------

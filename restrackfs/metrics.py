@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
-from tracker.engine import Measurement
+from tracker.entry import Measurement
 from tracker.procfs import escape_unprintable
 from tracker.quota import Action
 
-_GAUGES = (
-    ("restrack_heap_bytes", "Heap bytes gained since registration or the last usage reset."),
-    ("restrack_open_files", "Open file descriptors gained since registration or the last reset."),
-    ("restrack_heap_quota_bytes", "Heap quota in bytes (present only when set)."),
-    ("restrack_open_files_quota", "Open file quota (present only when set)."),
+# Each gauge: its name, its help, and its value in a measurement (None: not shown).
+_GAUGES: tuple[tuple[str, str, Callable[[Measurement], int | None]], ...] = (
+    (
+        "restrack_heap_bytes",
+        "Heap bytes gained since registration or the last usage reset.",
+        lambda m: m.heapsize,
+    ),
+    (
+        "restrack_open_files",
+        "Open file descriptors gained since registration or the last reset.",
+        lambda m: m.openfile_count,
+    ),
+    (
+        "restrack_heap_quota_bytes",
+        "Heap quota in bytes (present only when set).",
+        lambda m: m.quota.heap,
+    ),
+    (
+        "restrack_open_files_quota",
+        "Open file quota (present only when set).",
+        lambda m: m.quota.files,
+    ),
 )
 
 
@@ -25,19 +42,15 @@ def _comm_label(comm: str) -> str:
     return _escape(escape_unprintable(comm))
 
 
-def _values(m: Measurement) -> tuple[int | None, ...]:
-    return (m.heapsize, m.openfile_count, m.quota.heap, m.quota.files)
-
-
 def render(measurements: Iterable[Measurement], enforcements: Mapping[Action, int]) -> str:
     """The exposition; a `comm` label's value is the name itself, but for its
     unprintable characters, written `\\xHH`... (the format's own escapes cover only
     backslash, quote and newline), then escaped by the format's rules."""
-    rows = [(f'pid="{m.pid}",comm="{_comm_label(m.comm)}"', _values(m)) for m in measurements]
+    rows = [(f'pid="{m.pid}",comm="{_comm_label(m.comm)}"', m) for m in measurements]
     lines: list[str] = []
-    for column, (name, help_text) in enumerate(_GAUGES):
+    for name, help_text, value in _GAUGES:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-        lines += [f"{name}{{{labels}}} {v[column]}" for labels, v in rows if v[column] is not None]
+        lines += [f"{name}{{{labels}}} {value(m)}" for labels, m in rows if value(m) is not None]
     lines += [
         "# HELP restrack_enforcements_total Quota enforcement actions taken, by action.",
         "# TYPE restrack_enforcements_total counter",

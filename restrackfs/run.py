@@ -24,8 +24,9 @@ from contextlib import contextmanager, suppress
 
 from restrackfs import client, seccomp
 from restrackfs.client import NotMountedError
+from tracker import vocabulary
+from tracker.vocabulary import SYS_SANITY
 
-SYS_SANITY, SYS_REGISTER, SYS_FETCH, SYS_DEREGISTER, SYS_CAP, SYS_RESET = range(548, 554)
 MiB_SHIFT = 20
 NO_LIMIT = 2**64 - 1  # (unsigned long)-1
 FETCH_STRUCT = struct.Struct("=i4xQQQQ")  # struct per_proc_resource, 40 bytes on x86_64
@@ -173,18 +174,18 @@ class Supervisor:
     def answer(self, note: seccomp.Notification) -> int:
         args = note.args
         match note.nr:
-            case 548:
+            case vocabulary.SYS_SANITY:
                 return 0
-            case 549:
+            case vocabulary.SYS_REGISTER:
                 return sys_register(_pid_arg(args[0]), self.mount)
-            case 550:
+            case vocabulary.SYS_FETCH:
                 return self._fetch(note, args[0], _pid_arg(args[1]))
-            case 551:
+            case vocabulary.SYS_DEREGISTER:
                 return sys_deregister(_pid_arg(args[0]), self.mount)
-            case 552:
+            case vocabulary.SYS_CAP:
                 heap, files = _long_arg(args[1]), _long_arg(args[2])
                 return sys_cap(_pid_arg(args[0]), heap, files, self.mount)
-            case 553:
+            case vocabulary.SYS_RESET:
                 return sys_reset(_pid_arg(args[0]), self.mount)
         return -errno.ENOSYS
 

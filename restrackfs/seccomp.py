@@ -1,6 +1,7 @@
 """Seccomp user notification, in ctypes: the mechanics `restrack run` stands on.
 
-A small classic-BPF filter sends syscalls 548-553 (the kernel patch's numbers)
+A small classic-BPF filter sends syscalls 548-553 (the kernel patch's numbers,
+`tracker.vocabulary.SYSCALLS`)
 to a listener fd and lets every other syscall run natively. The supervisor
 receives each trapped call with `receive()` and answers it with `respond()`.
 x86_64 only, like the patch's syscall table.
@@ -15,8 +16,10 @@ import os
 import struct
 from dataclasses import dataclass
 
+from tracker.vocabulary import FIRST_SYSCALL, LAST_SYSCALL
+
 AUDIT_ARCH_X86_64 = 0xC000003E
-FIRST_NR, LAST_NR = 548, 553
+FIRST_NR, LAST_NR = FIRST_SYSCALL, LAST_SYSCALL
 
 _SYS_SECCOMP = 317
 _PR_SET_NO_NEW_PRIVS = 38

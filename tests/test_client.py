@@ -17,6 +17,7 @@ import pytest
 from restrackfs import client
 from restrackfs.client import NotMountedError, Resource
 from tests.conftest import NOBODY, MiB, as_user, shared_tempdir, wait_until
+from tracker.vocabulary import STAT_FIELDS
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 NO_QUOTA = "heap=max files=max action=kill\n"
@@ -384,6 +385,25 @@ def test_the_client_imports_no_engine():
     ).stdout.split()
     assert "tracker.quota" in loaded
     assert not {"trio", "pyfuse3", "tracker.engine", "restrackfs.fs"} & set(loaded)
+
+
+def test_the_vocabulary_imports_only_the_standard_library():
+    """Shared by the daemon, the client and the CLI: it must pull in none of them."""
+    code = "import sys, tracker.vocabulary; print(' '.join(sorted(sys.modules)))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    ours = {name for name in loaded if name.split(".")[0] in ("tracker", "restrackfs")}
+    assert ours == {"tracker", "tracker.vocabulary"}
+
+
+def test_stat_has_the_vocabulary_fields_in_order(m, spawn):
+    """The daemon writes, and the client reads, the one list of stat fields."""
+    w = spawn()
+    client.register(w.pid, mount=m)
+    written = [line.split(" ")[0] for line in Path(m, str(w.pid), "stat").read_text().splitlines()]
+    assert written == list(STAT_FIELDS)
+    assert [field.name for field in dataclasses.fields(client.Stat)] == list(STAT_FIELDS)
 
 
 @pytest.mark.parametrize("call", ["fetch", "stat", "resource_cap", "resource_reset"])

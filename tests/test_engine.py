@@ -101,13 +101,13 @@ async def settle() -> None:
 def count_checks(engine: Engine) -> list[Entry]:
     """Record every periodic quota check from now on."""
     checked: list[Entry] = []
-    original = engine._check
+    original = engine.check
 
     def check(entry: Entry) -> None:
         checked.append(entry)
         original(entry)
 
-    engine._check = check  # type: ignore[method-assign]
+    engine.check = check  # type: ignore[method-assign]
     return checked
 
 

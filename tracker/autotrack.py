@@ -106,7 +106,7 @@ class AutoTracker:
             if known is not None and self._still_tracked(pid, known):
                 stats[pid] = known  # its pidfd vouches for it: no need to read it again
                 continue
-            try:
+            try:  # by number: only to choose; register() pins by pidfd and reads again
                 stats[pid] = procfs.read_stat(pid)
             except (procfs.NoSuchProcess, procfs.AccessDenied):
                 continue

@@ -1,32 +1,37 @@
-"""The tracking engine: the registry of tracked processes and what acts on them.
+"""The tracking engine: the commands on the registry, and its lifecycle.
 
-Everything here is synchronous except the two kinds of background task, which
-live in the engine's nursery: one exit watcher per tracked process (waiting on
-its pidfd, so an exit is seen at once) and the periodic quota check. Callers
-(the filesystem) hold `Entry` objects and call the engine with them; the engine
-never knows it is behind FUSE.
+The engine decides what a command changes and who may give it; each thing it
+relies on has a room of its own: the registry and its exit watchers
+(registry.py), the policy every backend shares (policy.py: reading with
+enforcement, the one-sample check), acting on usage (enforce.py), deny mode's
+limits (deny.py), the state file (state.py), and watching the processes under
+quota (a backend, backend.py: today procfs_backend.py). Everything here is
+synchronous but for the background tasks in the engine's nursery: the exit
+watchers, the backend's task, and the finishing of limit changes no request
+awaited. Callers (the filesystem) hold `Entry` objects and call the engine with
+them; the engine never knows it is behind FUSE.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractContextManager, asynccontextmanager, suppress
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import trio
 
-from tracker import access, limits, procfs, state
+from tracker import access, procfs, state
+from tracker.backend import Backend, choose
+from tracker.deny import DEFEATS_BEFORE_KILL, DenyKeeper
+from tracker.enforce import Enforcer
+from tracker.entry import Entry, Measurement, QuotaSetting
 from tracker.errors import (
     AccessDenied,
     AlreadyTracked,
-    Deregistered,
     InvalidArgument,
     LimitNotInForce,
     NoSuchProcess,
@@ -35,165 +40,78 @@ from tracker.errors import (
     QuotaBusy,
     StateNotSaved,
 )
-from tracker.helpers import HelperRunner, LimitChange, Pending
-from tracker.process import Process, Usage
+from tracker.helpers import LimitChange, Pending
+from tracker.policy import Policy
+from tracker.process import Process
 from tracker.procfs import escape_comm
-from tracker.quota import NO_QUOTA, Action, Quota
+from tracker.quota import Action, Quota
+from tracker.registry import Registry
+from tracker.resources import Counters
+from tracker.vocabulary import EVENTS, FILES, HEAP
 
-T = TypeVar("T")
+__all__ = ["DEFEATS_BEFORE_KILL", "EVENTS", "FILES", "HEAP", "Engine", "Entry", "Measurement"]
 
 log = logging.getLogger("restrackfs.engine")
-enforcement_log = logging.getLogger("restrackfs.enforce")
-
-HEAP = "heap"
-FILES = "files"
-# Counters in the manner of cgroup v2's memory.events: a quota crossed (from
-# under to over), and what was done about it.
-EXCEEDED, KILLED, DENIED, NOTIFIED = EVENTS = ("exceeded", "killed", "denied", "notified")
-_EVENT_OF_ACTION = {Action.KILL: KILLED, Action.DENY: DENIED, Action.NOTIFY: NOTIFIED}
-# A deny quota root set, defeated this many times (a soft limit found raised, a
-# limit the kernel does not show after it was set), falls back to kill.
-DEFEATS_BEFORE_KILL = 3
-_RETRY_BACKOFF_MAX = 10.0  # seconds between tries to set a limit that keeps failing
 
 
-@dataclass(eq=False)
-class Entry:
-    """One tracked process: its identity, baselines, quota and deny-mode limits."""
+class Engine(Policy):
+    """The registry's commands and lifecycle, on top of the shared policy."""
 
-    process: Process
-    serial: int  # unique for each registration: a re-registered pid is a new entry
-    # the owner last read: for display and --hidepid; control checks and helpers
-    # read it afresh (a process may change its uids, and kill(2) goes by the ones now)
-    owner_uid: int
-    owner_gid: int
-    heap_base: int
-    files_base: int
-    registered: float
-    comm: str
-    quota: Quota | None = None
-    quota_uid: int | None = None
-    # deny mode: the soft limits the process had before, the ones last seen in
-    # force after a set (verified in /proc/PID/limits), the sets under way
-    saved_soft: dict[int, int] = field(default_factory=dict)
-    applied_soft: dict[int, int] = field(default_factory=dict)
-    pending: dict[int, LimitChange] = field(default_factory=dict)
-    defeats: int = 0  # of this deny quota: limits found raised, or not in force after a set
-    failures: int = 0  # sets failed in a row: retries back off
-    retry_at: float = 0.0  # monotonic time before which no set is retried
-    over: frozenset[str] = frozenset()  # quotas exceeded at the last check
-    killed: bool = False  # SIGKILL sent for a kill quota: answers as exited from then on
-    events: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(EVENTS, 0)))
-    ended: str | None = None  # "exited" or "deregistered" once it left the registry
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def effective_quota(self) -> Quota:
-        return self.quota or NO_QUOTA
-
-    def to_record(self) -> state.Record:
-        quota = self.quota
-        return {
-            "pid": self.pid,
-            "start_time": self.process.start_time,
-            "pidfd_inode": self.process.inode,
-            "heap_base": self.heap_base,
-            "files_base": self.files_base,
-            "registered": self.registered,
-            "quota": None
-            if quota is None
-            else {"heap": quota.heap, "files": quota.files, "action": str(quota.action)},
-            "quota_uid": self.quota_uid,
-            "saved_soft": {str(k): v for k, v in self.saved_soft.items()},
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Measurement:
-    """One fresh reading of a tracked process, relative to its baselines."""
-
-    pid: int
-    comm: str
-    heapsize: int
-    openfile_count: int
-    heap_total: int
-    openfile_total: int
-    quota: Quota
-    registered: float
-
-
-class Engine:
     def __init__(
         self,
         *,
         state_path: Path | None = None,
         interval: float = 0.1,
         helpers_in_background: bool = False,
+        backend: str = "procfs",
     ) -> None:
+        enforcer = Enforcer()
+        deny = DenyKeeper(enforcer, interval=interval, in_background=helpers_in_background)
+        super().__init__(Registry(), enforcer, deny)
         self.state_path = state_path
-        self._journal = None if state_path is None else state.Journal(state_path)
         self.interval = interval
-        self.events: Counter[str] = Counter(dict.fromkeys(EVENTS, 0))  # since the start
-        self._entries: dict[int, Entry] = {}
-        self._with_quota: dict[int, Entry] = {}
-        self._serials = itertools.count(1)
-        self._removal_listeners: list[Callable[[Entry], None]] = []
-        self._event_listeners: list[Callable[[Entry], None]] = []
-        self._nursery: trio.Nursery | None = None
-        self._helpers = HelperRunner(in_background=helpers_in_background)
+        self.store = state.Store(state_path, self.registry.entries)
+        self.backend: Backend = choose(backend, self, interval)
+        self.registry.on_removal(self._removed)
 
     # ----- queries -------------------------------------------------------
 
     def entries(self) -> Iterable[Entry]:
         """The tracked entries in registration order, which is `serial` order."""
-        return self._entries.values()
+        return self.registry.entries()
 
     def get(self, pid: int) -> Entry | None:
-        return self._entries.get(pid)
+        return self.registry.get(pid)
 
-    def measure(self, entry: Entry) -> Measurement:
-        """Read the process now; enforce its quota if the reading breaks it."""
-        usage = self._usage(entry)
-        measurement = self._measurement(entry, usage)
-        if entry.quota is not None:
-            self._enforce(entry, measurement.heapsize, measurement.openfile_count, measurement.comm)
-        return measurement
-
-    def heapsize(self, entry: Entry) -> int:
-        """heapsize alone: reads VmData and nothing else (the hot path of `cat`)."""
-        vm_data, _ = self._sample(entry, heap=True, files=False)
-        heapsize = max(0, vm_data - entry.heap_base)
-        self._enforce(entry, heapsize, None)
-        return heapsize
-
-    def openfile_count(self, entry: Entry) -> int:
-        """openfile_count alone: one stat() of /proc/PID/fd."""
-        _, open_fds = self._sample(entry, heap=False, files=True)
-        openfile_count = max(0, open_fds - entry.files_base)
-        self._enforce(entry, None, openfile_count)
-        return openfile_count
+    @property
+    def events(self) -> Counter[str]:
+        """The event counters since the start, of all entries."""
+        return self.enforcer.events
 
     @property
     def enforcements(self) -> dict[Action, int]:
         """Enforcement actions taken since the start, by action."""
-        return {action: self.events[event] for action, event in _EVENT_OF_ACTION.items()}
+        return self.enforcer.enforcements
 
     def on_removal(self, listener: Callable[[Entry], None]) -> None:
         """Call `listener(entry)` whenever an entry leaves the registry."""
-        self._removal_listeners.append(listener)
+        self.registry.on_removal(listener)
 
     def on_event(self, listener: Callable[[Entry], None]) -> None:
         """Call `listener(entry)` whenever one of the entry's event counters moves."""
-        self._event_listeners.append(listener)
+        self.enforcer.on_event(listener)
+
+    def limit_changes(self) -> AbstractContextManager[Pending]:
+        """Collect the rlimit helpers a call starts, for its caller to `settle()`."""
+        return self.deny.limit_changes()
 
     # ----- commands ------------------------------------------------------
 
     def register(self, pid: int, caller_uid: int) -> Entry:
         if pid < 1:
             raise InvalidArgument(f"{pid}: not a valid pid")
+        # By number, before pinning: only to name the thread group and refuse early;
+        # the reads through the pidfd (`_new_entry`) decide.
         status = procfs.read_status(pid)
         tgid = status.tgid  # a thread's TID names its thread group
         if tgid == os.getpid():
@@ -201,50 +119,54 @@ class Engine:
             raise NotPermitted(f"{tgid}: the daemon does not track itself")
         # Permission first: EEXIST would tell a user that another's process is tracked.
         access.check_control(caller_uid, status.real_uid, tgid)
-        if tgid in self._entries:
-            self._enforce_before_command(self._entries[tgid])
+        known = self.registry.get(tgid)
+        if known is not None:
+            self._enforce_before_command(known)
             raise AlreadyTracked(f"{tgid}: already tracked")
-        process = Process.open(tgid)
+        entry = self._new_entry(Process.open(tgid), caller_uid)
+        try:
+            self.store.put(entry)
+        except StateNotSaved:
+            entry.process.close()
+            raise
+        self.registry.add(entry)
+        log.info("registered pid=%d comm=%s by uid=%d", tgid, escape_comm(entry.comm), caller_uid)
+        return entry
+
+    def _new_entry(self, process: Process, caller_uid: int) -> Entry:
+        """An entry for the pinned `process`, its baselines read now (the pinned reads decide)."""
         try:
             status = process.status()
-            access.check_control(caller_uid, status.real_uid, tgid)
+            access.check_control(caller_uid, status.real_uid, process.pid)
             usage = process.usage()
         except BaseException:
             process.close()
             raise
-        entry = Entry(
+        return Entry(
             process=process,
-            serial=next(self._serials),
+            serial=self.registry.next_serial(),
             owner_uid=status.real_uid,
             owner_gid=status.real_gid,
-            heap_base=usage.vm_data,
-            files_base=usage.open_fds,
+            baseline=Counters.of_usage(usage),
             registered=time.time(),
             comm=usage.comm,
         )
-        try:
-            self._persist(entry)
-        except StateNotSaved:
-            process.close()
-            raise
-        self._add(entry)
-        log.info("registered pid=%d comm=%s by uid=%d", tgid, escape_comm(entry.comm), caller_uid)
-        return entry
 
     def deregister(self, pid: int, caller_uid: int) -> None:
         if pid < 1:
             raise InvalidArgument(f"{pid}: not a valid pid")
-        entry = self._entries.get(pid)
+        entry = self.registry.get(pid)
         if entry is None:
             # EPERM for another's process, tracked or not: the errno tells nothing
+            # (a bare-pid read: it decides only which of two errors to answer)
             with suppress(NoSuchProcess, AccessDenied):
                 access.check_control(caller_uid, procfs.read_status(pid).real_uid, pid)
             raise NotTracked(f"{pid}: not tracked")
         self._enforce_before_command(entry)
         self._check_may_lift(entry, caller_uid)
-        self._persist_removal(entry)
-        self._restore_limits(entry)
-        self._remove(entry, "deregistered")
+        self.store.drop(entry)
+        self.deny.restore(entry)
+        self.registry.remove(entry, "deregistered")
         log.info("deregistered pid=%d by uid=%d", pid, caller_uid)
 
     def set_quota(self, entry: Entry, quota: Quota, caller_uid: int) -> None:
@@ -255,605 +177,153 @@ class Engine:
         quota is undone and the request fails with EAGAIN (LimitNotInForce)."""
         self._enforce_before_command(entry)
         access.check_control(caller_uid, self._owner(entry), entry.pid)
-        if entry.quota is not None:
+        if entry.setting is not None:
             raise QuotaBusy(f"{entry.pid}: a quota is already set; reset it first")
-        entry.quota, entry.quota_uid = quota, caller_uid
+        setting = entry.setting = QuotaSetting(quota, caller_uid)
         changes: list[LimitChange] = []
         try:
             if quota.action is Action.DENY:
-                changes = self._apply_limits(entry)
-            self._persist(entry)
+                changes = self.deny.apply(entry)
+            self.store.put(entry)
         except BaseException:
             self._undo_quota(entry)
             raise
-        self._with_quota[entry.pid] = entry
-        self._after(changes, lambda: self._confirm_quota(entry, quota, changes, caller_uid))
+        self.registry.quota_changed(entry)
+        self.deny.after(changes, lambda: self._confirm_quota(entry, setting, changes))
 
     def _confirm_quota(
-        self, entry: Entry, quota: Quota, changes: list[LimitChange], caller_uid: int
+        self, entry: Entry, setting: QuotaSetting, changes: list[LimitChange]
     ) -> None:
         """The quota's limits are set or given up on: keep the quota, or undo it."""
         if entry.ended is not None:
             self.check_current(entry)  # deregistered or exited meanwhile: say which
-        if entry.quota is not quota:
+        if entry.setting is not setting:
             return  # reset meanwhile: nothing left to keep or undo
+        quota, uid = setting.quota.format(), setting.uid
         error = next((change.error for change in changes if change.error is not None), None)
         if error is not None:
             self._undo_quota(entry)
             with suppress(StateNotSaved):  # logged; a restart finds the limits given back
-                self._persist(entry)
-            log.warning(
-                "quota pid=%d %s by uid=%d not set: %s",
-                entry.pid,
-                quota.format(),
-                caller_uid,
-                error,
-            )
+                self.store.put(entry)
+            log.warning("quota pid=%d %s by uid=%d not set: %s", entry.pid, quota, uid, error)
             if isinstance(error, NoSuchProcess):
                 raise error
             raise LimitNotInForce(f"{entry.pid}: deny limits not in force: {error}")
-        log.info("quota pid=%d %s by uid=%d", entry.pid, quota.format(), caller_uid)
-        self._check(entry)
+        log.info("quota pid=%d %s by uid=%d", entry.pid, quota, uid)
+        self.backend.quota_set(entry)
+        self.check(entry)
 
     def _undo_quota(self, entry: Entry) -> None:
-        saved_soft = dict(entry.saved_soft)
-        entry.quota = entry.quota_uid = None
+        saved_soft = dict(entry.deny.saved_soft)
+        entry.setting = None
         entry.over = frozenset()
-        entry.defeats = entry.failures = 0
-        self._with_quota.pop(entry.pid, None)
-        self._restore_limits(entry, saved_soft)
+        self.deny.forget(entry)
+        self.registry.quota_changed(entry)
+        self.deny.restore(entry, saved_soft)
 
     def reset(self, entry: Entry, *, quota: bool, usage: bool, caller_uid: int) -> None:
         """Clear the quota, restart the usage counters, or both."""
         self._enforce_before_command(entry)
         self._check_may_lift(entry, caller_uid)
-        before = (entry.quota, entry.quota_uid, entry.heap_base, entry.files_base)
-        saved_soft = dict(entry.saved_soft)
+        before = (entry.setting, entry.baseline)
+        saved_soft = dict(entry.deny.saved_soft)
         if usage:
-            now = self._usage(entry)
-            entry.heap_base, entry.files_base = now.vm_data, now.open_fds
+            now = self._read_counters(entry, entry.process.usage)
+            entry.baseline = Counters.of_usage(now)
         if quota:
-            entry.quota = entry.quota_uid = None
-            entry.saved_soft.clear()
-            entry.defeats = entry.failures = 0
+            entry.setting = None
+            entry.deny.saved_soft = {}
         try:
-            self._persist(entry)
+            self.store.put(entry)
         except StateNotSaved:
-            entry.quota, entry.quota_uid, entry.heap_base, entry.files_base = before
-            entry.saved_soft = saved_soft
+            entry.setting, entry.baseline = before
+            entry.deny.saved_soft = saved_soft
             raise
         entry.over = frozenset()
         if quota:
-            self._restore_limits(entry, saved_soft)
-            self._with_quota.pop(entry.pid, None)
-        elif entry.quota is not None and entry.quota.action is Action.DENY:
-            # the usage reset stands; limits not in force yet are the periodic check's to retry
-            changes = self._apply_limits(entry)
-            self._after(changes, lambda: self._kept(entry, changes))
+            self.deny.forget(entry)
+            self.deny.restore(entry, saved_soft)
+            self.registry.quota_changed(entry)
+            self.backend.quota_cleared(entry)
+        elif entry.quota is not None:
+            if entry.quota.action is Action.DENY:
+                self.deny.apply_and_keep(entry)
+            self.backend.baseline_reset(entry)
         what = "all" if quota and usage else "quota" if quota else "usage"  # the file's words
         log.info("reset pid=%d %s by uid=%d", entry.pid, what, caller_uid)
 
     # ----- lifecycle -----------------------------------------------------
 
-    async def _check_loop(self) -> None:
-        while True:
-            await trio.sleep(self.interval)
-            for entry in list(self._with_quota.values()):
-                try:
-                    self._check(entry)
-                except Exception:  # a bug must not stop the checks of all the others
-                    log.exception("check of pid=%d failed", entry.pid)
-
-    async def _watch_exit(self, entry: Entry) -> None:
-        if entry.ended is not None:
-            return  # removed before this task got to run
-        try:
-            await trio.lowlevel.wait_readable(entry.process.pidfd)
-        except trio.ClosedResourceError:
-            return  # deregistered: the pidfd was closed under us
-        if entry.ended is None:
-            self._remove(entry, "exited")
-
-    def _restore_state(self) -> None:
-        if self._journal is None:
-            return
-        with self._helpers.batch():  # nothing is served yet: helpers run synchronously
-            self._restore_entries()
-
-    def _restore_entries(self) -> None:
-        assert self._journal is not None
-        for record in state.load(self._journal.path):
+    def start(self, nursery: trio.Nursery) -> None:
+        """Run in `nursery`: resume the state file, then the backend's task."""
+        self.registry.start(nursery)
+        self.deny.start(nursery)
+        with self.deny.helpers.batch():  # nothing is served yet: helpers run synchronously
+            restored = self._restore_entries()
             try:
-                entry = self._entry_from_record(record)
+                self.store.compact()
+            except OSError as error:
+                log.error(
+                    "state file %s not writable: changes will fail: %s", self.state_path, error
+                )
+        self.backend.adopt(restored)
+        nursery.start_soon(self.backend.run)
+
+    def _restore_entries(self) -> list[Entry]:
+        restored = []
+        for record in self.store.load():
+            try:
+                entry = state.entry_of(record, self.registry.next_serial())
             except (NoSuchProcess, AccessDenied):
                 log.info("state: dropped pid=%s (gone or recycled)", record.get("pid"))
                 continue
             except (AttributeError, KeyError, TypeError, ValueError):
                 log.error("state: dropped a malformed record: %.200r", record)
                 continue
-            self._add(entry)
-            if entry.quota is not None:
-                self._with_quota[entry.pid] = entry
-                if entry.quota.action is Action.DENY:
-                    changes = self._apply_limits(entry)
-                    self._after(changes, lambda e=entry, c=changes: self._kept(e, c))
+            self.registry.add(entry)
+            if entry.quota is not None and entry.quota.action is Action.DENY:
+                self.deny.apply_and_keep(entry)
             log.info("state: resumed pid=%d comm=%s", entry.pid, escape_comm(entry.comm))
-        try:
-            self._compact()
-        except OSError as error:
-            log.error("state file %s not writable: changes will fail: %s", self.state_path, error)
-
-    def _entry_from_record(self, record: state.Record) -> Entry:
-        inode = record.get("pidfd_inode")
-        process = Process.open(
-            int(record["pid"]), int(record["start_time"]), None if inode is None else int(inode)
-        )
-        try:
-            status = process.status()
-            quota = record.get("quota")
-            return Entry(
-                process=process,
-                serial=next(self._serials),
-                owner_uid=status.real_uid,
-                owner_gid=status.real_gid,
-                heap_base=int(record["heap_base"]),
-                files_base=int(record["files_base"]),
-                registered=float(record["registered"]),
-                comm=status.name,
-                quota=None
-                if quota is None
-                else Quota(quota["heap"], quota["files"], Action(quota["action"])),
-                quota_uid=record.get("quota_uid"),
-                saved_soft={int(k): int(v) for k, v in record.get("saved_soft", {}).items()},
-            )
-        except BaseException:
-            process.close()
-            raise
+            restored.append(entry)
+        return restored
 
     def shutdown(self) -> None:
         """Give back every soft limit deny mode lowered; keep the state file."""
-        self._helpers.stop_all()
-        with self._helpers.batch():
-            for entry in list(self._entries.values()):
-                self._restore_limits(entry)
+        self.deny.helpers.stop_all()
+        with self.deny.helpers.batch():
+            for entry in list(self.registry.entries()):
+                self.deny.restore(entry)
                 entry.ended = "stopped"
-        self._helpers.inline = True
-        for entry in list(self._entries.values()):
-            trio.lowlevel.notify_closing(entry.process.pidfd)
-            entry.process.close()
-        self._entries.clear()
-        self._with_quota.clear()
-        if self._journal is not None:
-            self._journal.close()
+        self.deny.helpers.inline = True
+        self.registry.close_all()
+        self.backend.close()
+        self.store.close()
 
-    # ----- internals -----------------------------------------------------
-
-    def _add(self, entry: Entry) -> None:
-        self._entries[entry.pid] = entry
-        assert self._nursery is not None, "the engine is not running"
-        self._nursery.start_soon(self._watch_exit, entry)
-
-    def _remove(self, entry: Entry, why: str) -> None:
-        if self._entries.get(entry.pid) is not entry:
-            return
-        entry.ended = why
-        del self._entries[entry.pid]
-        if why == "exited":
+    def _removed(self, entry: Entry) -> None:
+        """An entry left the registry: the state file forgets an exited one, the backend all."""
+        if entry.ended == "exited":
             with suppress(StateNotSaved):  # nobody to tell; the next start drops it anyway
-                self._persist_removal(entry)
-        self._with_quota.pop(entry.pid, None)
-        trio.lowlevel.notify_closing(entry.process.pidfd)
-        entry.process.close()
-        log.info("removed pid=%d (%s)", entry.pid, why)
-        for listener in self._removal_listeners:
-            listener(entry)
-
-    def check_current(self, entry: Entry) -> None:
-        """Raise unless the entry is still registered and its process alive."""
-        if entry.ended == "deregistered":
-            raise Deregistered(f"{entry.pid}: deregistered")
-        if entry.ended is not None or entry.killed or not entry.process.is_alive():
-            raise NoSuchProcess(entry.pid, "process exited")
-
-    def _owner(self, entry: Entry) -> int:
-        """The process's real uid now: kill(2) judges by it, not by who it was at registration."""
-        try:
-            status = entry.process.status()
-        except NoSuchProcess:
-            return entry.owner_uid  # reaped: its ids cannot change any more
-        entry.owner_uid, entry.owner_gid = status.real_uid, status.real_gid
-        return status.real_uid
-
-    def _enforce_before_command(self, entry: Entry) -> None:
-        """Enforce the quota on the usage of this moment, then let the command act.
-
-        Every command that names a tracked process (register again, deregister, quota,
-        reset) comes through here first: a process that crossed its kill quota a moment
-        ago must not be saved by a reset or a deregister that reaches the daemon before
-        the next periodic check (the kernel patch killed in the crossing call). A process
-        this kills answers as one that exited. Costs one sample per such command.
-        """
-        self.check_current(entry)
-        if entry.quota is not None:
-            self._check(entry)
-            self.check_current(entry)
-
-    def _check_may_lift(self, entry: Entry, caller_uid: int) -> None:
-        access.check_control(caller_uid, self._owner(entry), entry.pid)
-        access.check_lift_quota(caller_uid, entry.quota_uid if entry.quota else None, entry.pid)
-
-    def _usage(self, entry: Entry) -> Usage:
-        return self._read_counters(entry, entry.process.usage)
-
-    def _sample(self, entry: Entry, *, heap: bool, files: bool) -> tuple[int, int]:
-        return self._read_counters(entry, lambda: entry.process.sample(heap=heap, files=files))
-
-    def _read_counters(self, entry: Entry, read: Callable[[], T]) -> T:
-        """Read through the entry's pidfd; an exit seen on the way removes the entry."""
-        if entry.ended is not None:
-            self.check_current(entry)  # says deregistered or exited
-        try:
-            return read()  # checks the pidfd after reading
-        except NoSuchProcess:
-            self._remove(entry, "exited")
-            raise
-
-    @staticmethod
-    def _measurement(entry: Entry, usage: Usage) -> Measurement:
-        return Measurement(
-            pid=entry.pid,
-            comm=usage.comm,
-            heapsize=max(0, usage.vm_data - entry.heap_base),
-            openfile_count=max(0, usage.open_fds - entry.files_base),
-            heap_total=usage.vm_data,
-            openfile_total=usage.open_fds,
-            quota=entry.effective_quota,
-            registered=entry.registered,
-        )
-
-    def _check(self, entry: Entry) -> None:
-        """One periodic check: sample what the quota limits, enforce, keep deny limits."""
-        quota = entry.quota
-        if quota is None or entry.ended is not None:
-            return
-        try:
-            deny = quota.action is Action.DENY
-            heap, files = quota.heap is not None or deny, quota.files is not None or deny
-            vm_data, open_fds = self._sample(entry, heap=heap, files=files)
-            self._enforce(
-                entry,
-                max(0, vm_data - entry.heap_base) if heap else None,
-                max(0, open_fds - entry.files_base) if files else None,
-            )
-            if deny:
-                self._recheck_limits(entry, vm_data, open_fds)
-        except NoSuchProcess:
-            pass
-        except AccessDenied as error:
-            log.warning("check pid=%d: %s", entry.pid, error)
-
-    def _enforce(
-        self,
-        entry: Entry,
-        heapsize: int | None,
-        openfile_count: int | None,
-        comm: str | None = None,
-    ) -> None:
-        """Act on quotas newly exceeded; a usage not sampled (None) keeps its state."""
-        quota = entry.quota
-        if quota is None:
-            return
-        over = set(entry.over)
-        for which, usage, limit in (
-            (HEAP, heapsize, quota.heap),
-            (FILES, openfile_count, quota.files),
-        ):
-            if usage is not None:
-                over.discard(which)
-                if limit is not None and usage > limit:
-                    over.add(which)
-        newly_over = over - entry.over
-        entry.over = frozenset(over)
-        if not newly_over:
-            return
-        if comm is None:
-            comm = self._comm(entry)
-        for which in sorted(newly_over):
-            usage, limit = (
-                (heapsize, quota.heap) if which == HEAP else (openfile_count, quota.files)
-            )
-            enforcement_log.warning(
-                "pid=%d comm=%s quota=%s usage=%d limit=%d action=%s",
-                entry.pid,
-                escape_comm(comm),
-                which,
-                usage,
-                limit,
-                quota.action,
-            )
-            self._count(entry, EXCEEDED)
-            if quota.action is not Action.KILL:
-                self._count(entry, _EVENT_OF_ACTION[quota.action])
-        if quota.action is Action.KILL:
-            entry.process.kill()
-            entry.killed = True
-            self._count(entry, KILLED)
-        self._announce(entry)
-
-    @staticmethod
-    def _comm(entry: Entry) -> str:
-        """The name now (an exec changes it); the one at registration if it is gone."""
-        try:
-            return procfs.read_comm(entry.pid)
-        except (NoSuchProcess, AccessDenied):
-            return entry.comm
-
-    def _count(self, entry: Entry, event: str) -> None:
-        entry.events[event] += 1
-        self.events[event] += 1
-
-    def _announce(self, entry: Entry) -> None:
-        for listener in self._event_listeners:
-            listener(entry)
-
-    # ----- deny mode -----------------------------------------------------
-
-    def _wanted_limits(self, entry: Entry) -> dict[int, int]:
-        """The soft limits that make the kernel refuse what the quota forbids."""
-        quota = entry.effective_quota
-        wanted = {}
-        if quota.heap is not None:
-            wanted[limits.DATA] = entry.heap_base + quota.heap
-        if quota.files is not None:
-            fds = procfs.list_fds(entry.pid, entry.process.via)
-            allowance = entry.files_base + quota.files - len(fds)
-            wanted[limits.NOFILE] = limits.nofile_soft_limit(fds, allowance)
-        return {
-            which: limits.lower(
-                limits.clamp(soft), entry.saved_soft.get(which, procfs.RLIM_INFINITY)
-            )
-            for which, soft in wanted.items()
-        }
-
-    def _apply_limits(self, entry: Entry) -> list[LimitChange]:
-        """Lower the soft limits; the first time, remember the process's own."""
-        wanted = self._wanted_limits(entry)
-        if not entry.saved_soft:
-            current = procfs.read_limits(entry.pid)
-            for which in wanted:
-                entry.saved_soft[which] = current[limits.PROC_LIMIT_NAMES[which]][0]
-            wanted = {
-                which: limits.lower(soft, entry.saved_soft[which]) for which, soft in wanted.items()
-            }
-        try:
-            return [self._set_soft(entry, which, soft) for which, soft in wanted.items()]
-        except AccessDenied:
-            raise NotPermitted(
-                f"{entry.pid}: cannot change its rlimits (its uids or gids differ)"
-            ) from None
-
-    def _set_soft(
-        self, entry: Entry, which: int, soft: int, *, restore: bool = False
-    ) -> LimitChange:
-        """Set a soft limit, now or through a helper: done once the kernel shows it, or not."""
-        entry.process.check_alive()
-        ids = procfs.read_ids(entry.pid)  # who owns it now: the helper takes these ids
-        entry.process.check_alive()  # prlimit goes by number: never to a recycled pid
-        previous = entry.pending.pop(which, None)
-        if previous is not None:
-            self._helpers.cancel(previous)  # this change replaces it
-        change = LimitChange(entry.pid, which, soft, restore=restore)
-        try:
-            change.soft = limits.set_soft_limit(entry.pid, ids, which, soft)
-        except limits.NeedsHelper as needed:
-            change.soft = needed.soft
-            entry.pending[which] = change
-            self._helpers.start(
-                change, needed.argv, lambda failure: self._verify(entry, change, failure)
-            )
-            return change
-        self._verify(entry, change, None)
-        return change
-
-    def _verify(self, entry: Entry, change: LimitChange, failure: str | None) -> None:
-        """A limit is in force only when the kernel shows it in /proc/PID/limits."""
-        if entry.pending.get(change.which) is change:
-            del entry.pending[change.which]
-        name = limits.PROC_LIMIT_NAMES[change.which]
-        if entry.ended is not None:  # gone or deregistered: only the helper can tell
-            change.finish(None if failure is None else LimitNotInForce(f"helper {failure}"))
-            return
-        try:
-            shown = procfs.read_limits(entry.pid)[name][0]
-            entry.process.check_alive()
-        except (NoSuchProcess, AccessDenied) as error:
-            change.finish(error)
-            return
-        if change.superseded:
-            change.finish(LimitNotInForce(f"{entry.pid}: replaced by a later change"))
-        elif shown != change.soft:
-            why = f": helper {failure}" if failure else ""
-            change.finish(
-                LimitNotInForce(
-                    f"{name.lower()} soft limit is {_limit_text(shown)},"
-                    f" not {_limit_text(change.soft)}{why}"
-                )
-            )
-        else:
-            if not change.restore:
-                entry.applied_soft[change.which] = change.soft
-            change.finish(None)
-
-    def _after(self, changes: list[LimitChange], then: Callable[[], None]) -> None:
-        """Run `then` once `changes` are done: at once, when the request that started
-        them has awaited them (`limit_changes`), or else in the background."""
-        if all(change.done.is_set() for change in changes):
-            then()
-        elif self._helpers.collecting is not None:
-            self._helpers.collecting.then.append(then)
-        else:
-            assert self._nursery is not None, "the engine is not running"
-            self._nursery.start_soon(self._then_after, changes, then)
-
-    @staticmethod
-    async def _then_after(changes: list[LimitChange], then: Callable[[], None]) -> None:
-        for change in changes:
-            await change.done.wait()
-        try:
-            then()
-        except OSError:
-            pass  # nobody to answer; `then` logged it
-        except Exception:  # a bug must not take the nursery, and the daemon, down
-            log.exception("after a limit change")
-
-    def limit_changes(self) -> AbstractContextManager[Pending]:
-        """Collect the rlimit helpers a call starts, for its caller to `settle()`."""
-        return self._helpers.collect()
-
-    def _recheck_limits(self, entry: Entry, vm_data: int, open_fds: int) -> None:
-        """Keep the deny limits: a raise is lowered back, counted, and a defeat."""
-        if time.monotonic() < entry.retry_at:
-            return  # the last set failed: retries back off
-        current = procfs.read_limits(entry.pid)
-        changes = []
-        for which, wanted in self._wanted_limits(entry).items():
-            if which in entry.pending:
-                continue  # a set under way: /proc shows the old value until it is done
-            soft = current[limits.PROC_LIMIT_NAMES[which]][0]
-            if soft == wanted:
-                continue
-            applied = entry.applied_soft.get(which)
-            above = limits.lower(soft, wanted) == wanted  # it lets the process have more
-            if above and applied is not None and soft != applied:
-                usage = vm_data if which == limits.DATA else open_fds
-                self._count(entry, DENIED)
-                self._announce(entry)
-                self._defeated(
-                    entry,
-                    f"quota={HEAP if which == limits.DATA else FILES} usage={usage}"
-                    f" limit={wanted} action=deny (process raised its soft limit to"
-                    f" {_limit_text(soft)}; lowered back",
-                )
-            elif soft != applied and applied is not None:
-                continue  # the process lowered it further itself: its own choice
-            try:
-                changes.append(self._set_soft(entry, which, wanted))
-            except AccessDenied:  # it changed its ids so that no prlimit() may set them
-                refused = LimitChange(entry.pid, which, wanted)
-                refused.finish(LimitNotInForce(f"{entry.pid}: its uids or gids differ"))
-                changes.append(refused)
-        if changes:
-            self._after(changes, lambda: self._kept(entry, changes))
-
-    def _kept(self, entry: Entry, changes: list[LimitChange]) -> None:
-        """After sets that keep a deny quota: each one not in force is a defeat."""
-        failed = [
-            change.error
-            for change in changes
-            if change.error is not None
-            and not change.superseded
-            and not isinstance(change.error, NoSuchProcess)
-        ]
-        if entry.quota is None or entry.ended is not None:
-            return
-        if not failed:
-            entry.failures, entry.retry_at = 0, 0.0
-            return
-        entry.failures += 1
-        backoff = min(self.interval * 2**entry.failures, _RETRY_BACKOFF_MAX)
-        entry.retry_at = time.monotonic() + backoff
-        for error in failed:
-            self._defeated(
-                entry, f"action=deny (limit not in force: {error}; retry in {backoff:g} s"
-            )
-
-    def _defeated(self, entry: Entry, what: str) -> None:
-        """One log line; a deny quota root set falls back to kill at the bounded count."""
-        entry.defeats += 1
-        by_root = entry.quota_uid == access.ROOT
-        count = f"{entry.defeats} of {DEFEATS_BEFORE_KILL}" if by_root else str(entry.defeats)
-        comm = escape_comm(self._comm(entry))
-        enforcement_log.warning("pid=%d comm=%s %s; defeat %s)", entry.pid, comm, what, count)
-        if by_root and entry.defeats >= DEFEATS_BEFORE_KILL and entry.process.is_alive():
-            enforcement_log.warning(
-                "pid=%d comm=%s action=kill (root's deny quota defeated %d times)",
-                entry.pid,
-                comm,
-                entry.defeats,
-            )
-            entry.process.kill()
-            self._count(entry, KILLED)
-            self._announce(entry)
-
-    def _restore_limits(self, entry: Entry, saved_soft: dict[int, int] | None = None) -> None:
-        """Give back the soft limits deny mode saved (by default, the entry's)."""
-        for change in list(entry.pending.values()):
-            self._helpers.cancel(change)  # none may lower a limit after the restore
-        entry.pending.clear()
-        for which, soft in (entry.saved_soft if saved_soft is None else saved_soft).items():
-            try:
-                change = self._set_soft(entry, which, soft, restore=True)
-            except (NoSuchProcess, AccessDenied) as error:
-                log.info("pid=%d: limits not restored: %s", entry.pid, error)
-                continue
-            self._after([change], lambda change=change: self._restored(entry, change))
-        entry.saved_soft.clear()
-        entry.applied_soft.clear()
-
-    @staticmethod
-    def _restored(entry: Entry, change: LimitChange) -> None:
-        if change.error is not None and not isinstance(change.error, NoSuchProcess):
-            log.info("pid=%d: limit not restored: %s", entry.pid, change.error)
-
-    # ----- persistence ---------------------------------------------------
-
-    def _persist(self, entry: Entry) -> None:
-        """Journal the entry as it is now; StateNotSaved (nothing saved) if impossible."""
-        self._journal_change(lambda journal: journal.put(entry.to_record()))
-
-    def _persist_removal(self, entry: Entry) -> None:
-        self._journal_change(lambda journal: journal.drop(entry.pid))
-
-    def _journal_change(self, change: Callable[[state.Journal], None]) -> None:
-        journal = self._journal
-        if journal is None:
-            return
-        try:
-            if not journal.is_attached():
-                # deleted or replaced under us: appending to the old inode would lose it all
-                log.warning("state file %s was replaced or removed: writing it anew", journal.path)
-                self._compact()
-            change(journal)
-        except OSError as error:
-            log.error("state file %s not saved: %s", journal.path, error)
-            raise StateNotSaved(error) from error
-        if journal.wants_compaction(len(self._entries)):
-            try:
-                self._compact()
-            except OSError as error:
-                log.error("state file %s not compacted: %s", journal.path, error)
-
-    def _compact(self) -> None:
-        assert self._journal is not None
-        self._journal.rewrite([entry.to_record() for entry in self._entries.values()])
-
-
-def _limit_text(soft: int) -> str:
-    return "unlimited" if soft == procfs.RLIM_INFINITY else str(soft)
+                self.store.drop(entry)
+        self.backend.removed(entry)
 
 
 @asynccontextmanager
 async def open_engine(
-    *, state_path: Path | None = None, interval: float = 0.1, helpers_in_background: bool = False
+    *,
+    state_path: Path | None = None,
+    interval: float = 0.1,
+    helpers_in_background: bool = False,
+    backend: str = "procfs",
 ) -> AsyncIterator[Engine]:
     """Run an engine for the duration of the block: resume state, watch, check."""
     engine = Engine(
-        state_path=state_path, interval=interval, helpers_in_background=helpers_in_background
+        state_path=state_path,
+        interval=interval,
+        helpers_in_background=helpers_in_background,
+        backend=backend,
     )
     async with trio.open_nursery() as nursery:
-        engine._nursery = engine._helpers.nursery = nursery
-        engine._restore_state()
-        nursery.start_soon(engine._check_loop)
+        engine.start(nursery)
         try:
             yield engine
         finally:

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 from tracker import procfs
 from tracker.procfs import RLIM_INFINITY, AccessDenied, NoSuchProcess
+from tracker.vocabulary import LIMIT_MAX
 
 DATA = resource.RLIMIT_DATA
 NOFILE = resource.RLIMIT_NOFILE
@@ -49,6 +50,8 @@ def set_soft_limit(
     uids, gids = ids
     if len(set(uids)) != 1 or len(set(gids)) != 1:
         raise AccessDenied(pid)  # prlimit(2) without the capability needs uid == euid == suid
+    # By number, as prlimit(2) itself goes (it takes no pidfd): the caller checked
+    # the pidfd just before (Process.ids), and verifies the result through it after.
     _, hard = procfs.read_limits(pid)[PROC_LIMIT_NAMES[which]]
     if hard != RLIM_INFINITY and (soft == RLIM_INFINITY or soft > hard):
         soft = hard
@@ -62,9 +65,6 @@ def set_soft_limit(
         argv += ["prlimit", f"--pid={pid}", f"{_PRLIMIT_OPTIONS[which]}={value}:"]
         raise NeedsHelper(argv, soft) from None
     return soft
-
-
-LIMIT_MAX = 2**63 - 1
 
 
 def clamp(limit: int) -> int:

@@ -173,6 +173,29 @@ class Process:
         self.check_alive()
         return status
 
+    # Reads by number, each followed by `check_alive()`: the values were this process's.
+
+    def limits(self) -> dict[str, tuple[int, int]]:
+        """/proc/PID/limits: (soft, hard) by the limit's name."""
+        return self._checked(lambda: procfs.read_limits(self.pid))
+
+    def fds(self) -> list[int]:
+        """The open descriptor numbers, through the live thread in use."""
+        return self._checked(lambda: procfs.list_fds(self.pid, self.via))
+
+    def comm(self) -> str:
+        """The name now (an exec changes it)."""
+        return self._checked(lambda: procfs.read_comm(self.pid))
+
+    def ids(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(uids, gids) now: who owns it, as prlimit(2) judges."""
+        return self._checked(lambda: procfs.read_ids(self.pid))
+
+    def _checked(self, read: Callable[[], T]) -> T:
+        value = read()
+        self.check_alive()
+        return value
+
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)

@@ -4,7 +4,7 @@ formatting, nothing else.
 The one parser of these values: the daemon's files use it, and so do the client
 and the `restrack` command, to say why a value is invalid before writing it (the
 daemon still decides). So this module stays pure: the standard library and
-`tracker.errors` only, never the engine, trio or pyfuse3
+`tracker.errors` and `tracker.vocabulary` only, never the engine, trio or pyfuse3
 (`test_the_client_imports_no_engine` checks it).
 """
 
@@ -15,8 +15,9 @@ import re
 from dataclasses import dataclass
 
 from tracker.errors import InvalidArgument
+from tracker.vocabulary import FILES, HEAP, LIMIT_MAX, UNLIMITED, format_limit
 
-UNLIMITED = "max"
+__all__ = ["LIMIT_MAX", "NO_QUOTA", "UNLIMITED", "Action", "Quota"]  # and the parse_* functions
 # Leading zeros, then at most 20 significant digits: anything longer is past
 # LIMIT_MAX anyway, and int() of a huge digit string is slow (refused past 4300).
 _SIZE = re.compile(r"0*([0-9]{1,20})([KMGTkmgt]?)", re.ASCII)
@@ -26,7 +27,6 @@ _COUNT = re.compile(r"0*([0-9]{1,20})", re.ASCII)
 WHITESPACE = " \t\n\v\f\r"
 _WORDS = re.compile(r"[^ \t\n\v\f\r]+")
 _SUFFIX = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
-LIMIT_MAX = 2**63 - 1  # what fits the kernel's signed 64-bit sizes
 
 
 class Action(enum.StrEnum):
@@ -42,14 +42,11 @@ class Quota:
     action: Action = Action.KILL
 
     def format(self) -> str:
-        return f"heap={_fmt(self.heap)} files={_fmt(self.files)} action={self.action}"
+        heap, files = format_limit(self.heap), format_limit(self.files)
+        return f"{HEAP}={heap} {FILES}={files} action={self.action}"
 
 
 NO_QUOTA = Quota()
-
-
-def _fmt(limit: int | None) -> str:
-    return UNLIMITED if limit is None else str(limit)
 
 
 def parse_size(text: str) -> int | None:
@@ -81,7 +78,7 @@ def parse_action(text: str) -> Action:
         raise InvalidArgument(f"bad action {text!r}: want kill, deny or notify") from None
 
 
-_PARSERS = {"heap": parse_size, "files": parse_count, "action": parse_action}
+_PARSERS = {HEAP: parse_size, FILES: parse_count, "action": parse_action}
 
 
 def parse_quota(text: str) -> Quota:

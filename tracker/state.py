@@ -9,6 +9,9 @@ fresh snapshot, written to a temp file and renamed over, at start and when it
 has grown to several times the live entries. A crash leaves at worst a torn
 last line, which loading ignores; a failed append is cut off again, so the
 file never holds half a change.
+
+This module owns both directions of a record (`record_of`: Entry -> record,
+`entry_of`: record -> Entry) and the engine's side of the journal (`Store`).
 """
 
 from __future__ import annotations
@@ -19,10 +22,18 @@ import json
 import logging
 import os
 import stat
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
+from tracker.entry import DenyState, Entry, QuotaSetting
+from tracker.errors import StateNotSaved
+from tracker.process import Process
+from tracker.quota import Action, Quota
+from tracker.resources import Counters
+
 log = logging.getLogger(__name__)
+engine_log = logging.getLogger("restrackfs.engine")
 
 HEADER = {"restrackfs_state": 2}
 Record = dict[str, Any]
@@ -195,3 +206,106 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def record_of(entry: Entry) -> Record:
+    """The entry as the state file keeps it."""
+    quota = entry.quota
+    return {
+        "pid": entry.pid,
+        "start_time": entry.process.start_time,
+        "pidfd_inode": entry.process.inode,
+        "heap_base": entry.heap_base,
+        "files_base": entry.files_base,
+        "registered": entry.registered,
+        "quota": None
+        if quota is None
+        else {"heap": quota.heap, "files": quota.files, "action": str(quota.action)},
+        "quota_uid": entry.quota_uid,
+        "saved_soft": {str(k): v for k, v in entry.deny.saved_soft.items()},
+    }
+
+
+def entry_of(record: Record, serial: int) -> Entry:
+    """The entry a record names, if its process is still the one it was.
+
+    NoSuchProcess or AccessDenied when it is gone or recycled; KeyError,
+    TypeError, ValueError (or AttributeError) for a malformed record."""
+    inode = record.get("pidfd_inode")
+    process = Process.open(
+        int(record["pid"]), int(record["start_time"]), None if inode is None else int(inode)
+    )
+    try:
+        status = process.status()
+        quota = record.get("quota")
+        uid = record.get("quota_uid")
+        return Entry(
+            process=process,
+            serial=serial,
+            owner_uid=status.real_uid,
+            owner_gid=status.real_gid,
+            baseline=Counters(heap=int(record["heap_base"]), files=int(record["files_base"])),
+            registered=float(record["registered"]),
+            comm=status.name,
+            setting=None
+            if quota is None
+            else QuotaSetting(
+                Quota(quota["heap"], quota["files"], Action(quota["action"])),
+                uid,  # type: ignore[arg-type]
+            ),
+            deny=DenyState(
+                saved_soft={int(k): int(v) for k, v in record.get("saved_soft", {}).items()}
+            ),
+        )
+    except BaseException:
+        process.close()
+        raise
+
+
+class Store:
+    """The engine's journal: each change saved before it is answered, or StateNotSaved."""
+
+    def __init__(self, path: Path | None, live: Callable[[], Collection[Entry]]) -> None:
+        self.path = path
+        self._journal = None if path is None else Journal(path)
+        self._live = live  # the entries a compaction writes
+
+    def load(self) -> list[Record]:
+        return [] if self.path is None else load(self.path)
+
+    def put(self, entry: Entry) -> None:
+        """Journal the entry as it is now; StateNotSaved (nothing saved) if impossible."""
+        self._change(lambda journal: journal.put(record_of(entry)))
+
+    def drop(self, entry: Entry) -> None:
+        self._change(lambda journal: journal.drop(entry.pid))
+
+    def _change(self, change: Callable[[Journal], None]) -> None:
+        journal = self._journal
+        if journal is None:
+            return
+        try:
+            if not journal.is_attached():
+                # deleted or replaced under us: appending to the old inode would lose it all
+                engine_log.warning(
+                    "state file %s was replaced or removed: writing it anew", journal.path
+                )
+                self.compact()
+            change(journal)
+        except OSError as error:
+            engine_log.error("state file %s not saved: %s", journal.path, error)
+            raise StateNotSaved(error) from error
+        if journal.wants_compaction(len(self._live())):
+            try:
+                self.compact()
+            except OSError as error:
+                engine_log.error("state file %s not compacted: %s", journal.path, error)
+
+    def compact(self) -> None:
+        """Write a fresh snapshot of the live entries (OSError if impossible)."""
+        if self._journal is not None:
+            self._journal.rewrite([record_of(entry) for entry in self._live()])
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()

@@ -1,0 +1,181 @@
+"""The seam between the engine and a backend (tracker/backend.py), from a pushed
+backend's side: what it is told, and what the engine does with its reports.
+
+The backend here is this module's `Backend` class, chosen by name as the BPF
+one will be: it records every notification and hands the engine the reports a
+test gives it, as the BPF backend hands what its ring buffer says. The
+processes are real workloads and the kills real signals; only the kernel
+program is not there (the test plays it, on its own process).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Iterable
+
+import pytest
+import trio
+import trio.testing
+
+from tests.conftest import MiB
+from tracker import backend as backends
+from tracker.backend import KILLED, NOTIFIED, Policy, Report
+from tracker.engine import Entry, open_engine
+from tracker.errors import NoSuchProcess
+from tracker.quota import Action, Quota
+from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE
+
+ROOT = 0
+INTERVAL = 0.01
+created: list[Backend] = []
+
+
+class Backend:
+    """A pushed backend: told every change, it reports what it is given."""
+
+    name = "pushed"
+
+    def __init__(self, policy: Policy, interval: float) -> None:
+        self.policy = policy
+        self.told: list[tuple[object, ...]] = []
+        self.reports, self._received = trio.open_memory_channel[Report](16)
+        created.append(self)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for report in self._received:
+            self.policy.reported(report)
+
+    def adopt(self, entries: Iterable[Entry]) -> None:
+        self.told.append(("adopt", tuple(entry.pid for entry in entries)))
+
+    def quota_set(self, entry: Entry) -> None:
+        self.told.append(("quota_set", entry.pid, entry.quota))
+
+    def quota_cleared(self, entry: Entry) -> None:
+        self.told.append(("quota_cleared", entry.pid))
+
+    def baseline_reset(self, entry: Entry) -> None:
+        self.told.append(("baseline_reset", entry.pid, entry.heap_base, entry.files_base))
+
+    def removed(self, entry: Entry) -> None:
+        self.told.append(("removed", entry.pid, entry.ended))
+
+    def close(self) -> None:
+        self.told.append(("close",))
+
+
+@pytest.fixture
+def pushed(monkeypatch):
+    """Make this module's backend choosable as "pushed"; the one created, by the test."""
+    monkeypatch.setitem(backends.BACKENDS, "pushed", __name__)
+    created.clear()
+    return lambda: created[-1]
+
+
+def engine(tmp_path, name="pushed"):
+    return open_engine(state_path=tmp_path / "s.json", interval=INTERVAL, backend=name)
+
+
+async def settle() -> None:
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_a_pushed_backend_is_told_each_change(spawn, tmp_path, pushed):
+    w, other = spawn(), spawn()
+    quota = Quota(heap=100 * MiB, files=50, action=Action.NOTIFY)
+    async with engine(tmp_path) as eng:
+        told = pushed().told
+        entry = eng.register(w.pid, ROOT)
+        eng.register(other.pid, ROOT)
+        await settle()
+        eng.set_quota(entry, quota, ROOT)
+        files_before = entry.files_base
+        w.do("open", 2)
+        eng.reset(entry, quota=False, usage=True, caller_uid=ROOT)
+        eng.reset(entry, quota=True, usage=False, caller_uid=ROOT)
+        eng.deregister(w.pid, ROOT)
+        other.proc.kill()
+        other.proc.wait()
+        with trio.fail_after(2):
+            while told[-1][0] != "removed" or told[-1][1] != other.pid:
+                await trio.sleep(0.001)
+        assert told == [
+            ("adopt", ()),
+            ("quota_set", w.pid, quota),
+            ("baseline_reset", w.pid, entry.heap_base, files_before + 2),
+            ("quota_cleared", w.pid),
+            ("removed", w.pid, "deregistered"),
+            ("removed", other.pid, "exited"),
+        ]
+    assert told[-1] == ("close",)
+
+
+async def test_a_restart_hands_the_backend_the_restored_entries(spawn, tmp_path, pushed):
+    w = spawn()
+    async with engine(tmp_path, "procfs") as eng:
+        eng.register(w.pid, ROOT)
+    async with engine(tmp_path) as eng:
+        assert pushed().told[0] == ("adopt", (w.pid,))
+        assert eng.get(w.pid) is not None
+
+
+async def test_a_report_is_logged_counted_and_announced(spawn, tmp_path, pushed, caplog):
+    w = spawn()
+    async with engine(tmp_path) as eng:
+        announced: list[Entry] = []
+        eng.on_event(announced.append)
+        entry = eng.register(w.pid, ROOT)
+        await settle()
+        eng.set_quota(entry, Quota(files=1, action=Action.NOTIFY), ROOT)
+        caplog.set_level(logging.WARNING, "restrackfs.enforce")
+        await pushed().reports.send(Report(entry, NOTIFIED, FILES_RESOURCE, 2, 1))
+        with trio.fail_after(2):
+            while not announced:
+                await trio.sleep(0.001)
+        assert announced == [entry]
+        assert entry.events["exceeded"] == entry.events["notified"] == 1
+        assert eng.enforcements[Action.NOTIFY] == 1
+        assert entry.over == {"files"}
+        assert f"pid={w.pid} comm=workload quota=files usage=2 limit=1 action=notify" in (
+            caplog.text
+        )
+
+
+async def test_a_kill_the_kernel_made_answers_as_exited(spawn, tmp_path, pushed):
+    w = spawn()
+    async with engine(tmp_path) as eng:
+        entry = eng.register(w.pid, ROOT)
+        await settle()
+        eng.set_quota(entry, Quota(heap=1 * MiB, action=Action.KILL), ROOT)
+        os.kill(w.pid, signal.SIGKILL)  # what bpf_send_signal did in the crossing call
+        eng.reported(Report(entry, KILLED, HEAP_RESOURCE, 2 * MiB, 1 * MiB))
+        assert entry.killed
+        assert entry.events["killed"] == entry.events["exceeded"] == 1
+        assert eng.enforcements[Action.KILL] == 1
+        with pytest.raises(NoSuchProcess):
+            eng.check_current(entry)
+        w.proc.wait()
+
+
+async def test_a_report_of_an_entry_gone_is_ignored(spawn, tmp_path, pushed):
+    w = spawn()
+    async with engine(tmp_path) as eng:
+        entry = eng.register(w.pid, ROOT)
+        await settle()
+        eng.set_quota(entry, Quota(files=1, action=Action.NOTIFY), ROOT)
+        eng.deregister(w.pid, ROOT)
+        eng.reported(Report(entry, NOTIFIED, FILES_RESOURCE, 2, 1))
+        assert entry.events["notified"] == 0
+
+
+def test_an_engine_is_chosen_by_name():
+    class NoPolicy:
+        pass
+
+    assert backends.choose("procfs", NoPolicy(), INTERVAL).name == "procfs"  # type: ignore[arg-type]
+    assert backends.choose("auto", NoPolicy(), INTERVAL).name == "procfs"  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown engine 'nope'"):
+        backends.choose("nope", NoPolicy(), INTERVAL)  # type: ignore[arg-type]

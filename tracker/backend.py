@@ -1,0 +1,149 @@
+"""The seam between the engine (registry, policy, who may do what) and a backend
+(what watches the processes under quota, and how).
+
+Two kinds of backend fit it:
+
+- **procfs** (tracker/procfs_backend.py): polls. Its trio task, every
+  `interval`, asks the policy to `check` each entry with a quota (one sample
+  from /proc through the entry's pidfd, then enforcement and, in deny mode,
+  keeping the soft limits). The engine's notifications are nothing to it: it
+  reads `policy.watched()` afresh each period.
+- **bpf** (issue 12, tracker/bpf/): pushed. The kernel checks each watched
+  process at its own syscalls and kills in the crossing call; the backend must
+  be *told* what to watch, with absolute limits (baseline + quota, so a
+  baseline reset changes them): `adopt` at start (the entries restored from the
+  state file; compare with the pinned map, unwatch the rest), `quota_set`,
+  `quota_cleared`, `baseline_reset`, `removed` (deregistered or exited). Its
+  trio task awaits the ring buffer's fd and hands each event to
+  `policy.reported(Report(...))`: the kernel already acted, the engine logs,
+  counts and announces (a "raised" deny limit is lowered back by the policy).
+  Peaks (issue 13) come the same way (`Report` kind "peak"), or from a
+  `peaks(entry)` the policy asks when a file is read. What it needs to fill
+  the kernel's map it reads from the entry: `process.start_time`,
+  `heap_base`/`files_base` + the `quota`'s limits, the action, and deny's
+  soft limits in force (`entry.deny.applied_soft`). Nothing polls under it:
+  deny mode's retries after a failed set (`entry.deny.retry_at`) and a quota
+  already exceeded when set ride on `policy.check(entry)`, which the engine
+  calls at each command and when a quota is confirmed; a pushed backend calls
+  it too on a "raised" report (via `reported`) and may schedule one when a
+  retry is due. `quota_cleared` may come for a quota never confirmed (one
+  reset while its helpers ran): nothing to unwatch then.
+
+What is policy stays in the engine, shared by both: enforcement when a file is
+read (a fresh sample that breaks a quota is acted on at once), the "enforce
+before a command" rule (issue 15), deny mode's limits and their verification,
+the registry and its exit watchers (pidfds), persistence, permissions. A
+backend never kills nor counts on its own, and touches an `Entry` only by
+reading it.
+
+A backend is chosen by name (`open_engine(backend=...)`, later the daemon's
+`--engine auto|bpf|procfs`): `BACKENDS` maps each name to its module, imported
+only when chosen; "auto" tries `AUTO_ORDER` and takes the first whose
+constructor does not raise `BackendUnavailable`. Adding one is one new module
+with a class `Backend` and one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from tracker.entry import Entry
+from tracker.resources import Resource
+
+log = logging.getLogger("restrackfs.engine")
+
+# What a pushed backend reports about an entry.
+EXCEEDED, KILLED, NOTIFIED, RAISED, PEAK = REPORT_KINDS = (
+    "exceeded",  # deny: usage passed the limit anyway
+    "killed",  # a kill quota: the kernel sent SIGKILL in the crossing call
+    "notified",  # a notify quota crossed
+    "raised",  # deny: the process raised its soft limit above the one set
+    "peak",  # a new high-water mark (issue 13)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One thing a backend saw happen to an entry; `usage` and `limit` relative to the baseline."""
+
+    entry: Entry
+    kind: str  # one of REPORT_KINDS
+    resource: Resource
+    usage: int
+    limit: int
+
+
+class BackendUnavailable(Exception):
+    """This backend cannot run here; str() is one line saying why (for "auto" to log)."""
+
+
+class Policy(Protocol):
+    """What the engine offers a backend."""
+
+    def watched(self) -> Iterable[Entry]:
+        """The entries with a quota, now."""
+
+    def check(self, entry: Entry) -> None:
+        """Sample `entry` now and enforce its quota (polling backends)."""
+
+    def reported(self, report: Report) -> None:
+        """Log, count and announce what the backend saw (pushed backends)."""
+
+
+class Backend(Protocol):
+    """What the engine asks of a backend. Each notification is synchronous and
+    cheap (the engine calls them while answering a request); slow work goes to
+    the backend's own task."""
+
+    name: str
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The backend's trio task, for as long as the engine runs."""
+
+    def adopt(self, entries: Iterable[Entry]) -> None:
+        """At start: the entries restored from the state file."""
+
+    def quota_set(self, entry: Entry) -> None:
+        """`entry` has a quota now (its deny limits, if any, are in force)."""
+
+    def quota_cleared(self, entry: Entry) -> None:
+        """`entry` has no quota any more."""
+
+    def baseline_reset(self, entry: Entry) -> None:
+        """`entry`'s baseline changed: its absolute limits too."""
+
+    def removed(self, entry: Entry) -> None:
+        """`entry` left the registry (`entry.ended` says why)."""
+
+    def close(self) -> None:
+        """The engine stops: give back what the backend holds."""
+
+
+BACKENDS = {"procfs": "tracker.procfs_backend"}
+AUTO_ORDER = ("procfs",)
+
+
+def choose(name: str, policy: Policy, interval: float) -> Backend:
+    """The backend `name` ("auto": the first of AUTO_ORDER that can run here)."""
+    if name != "auto":
+        return _create(name, policy, interval)
+    for candidate in AUTO_ORDER:
+        try:
+            return _create(candidate, policy, interval)
+        except BackendUnavailable as why:
+            log.warning("engine %s unavailable: %s", candidate, why)
+    raise BackendUnavailable("no engine can run here")
+
+
+def _create(name: str, policy: Policy, interval: float) -> Backend:
+    try:
+        module = importlib.import_module(BACKENDS[name])
+    except KeyError:
+        raise ValueError(f"unknown engine {name!r}: want auto or {', '.join(BACKENDS)}") from None
+    return module.Backend(policy, interval)  # type: ignore[no-any-return]

@@ -1,0 +1,100 @@
+"""One tracked process as the engine keeps it, and one reading of it.
+
+An `Entry` is written by the engine's rooms only (engine.py, enforce.py,
+deny.py, state.py); the outer layers (the filesystem, the files, autotrack)
+read it through its properties. The quota with its setter and the baselines
+are whole immutable values, replaced at once: a command that fails puts the
+old value back, nothing to undo field by field.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tracker.helpers import LimitChange
+from tracker.process import Process
+from tracker.quota import NO_QUOTA, Quota
+from tracker.resources import Counters
+from tracker.vocabulary import EVENTS
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaSetting:
+    """A quota and who set it (root's binds: only root lifts it)."""
+
+    quota: Quota
+    uid: int
+
+
+@dataclass(eq=False)
+class DenyState:
+    """Deny mode's bookkeeping for one entry (tracker/deny.py's alone)."""
+
+    # the soft limits the process had before, the ones last seen in force after
+    # a set (verified in /proc/PID/limits), the sets under way
+    saved_soft: dict[int, int] = field(default_factory=dict)
+    applied_soft: dict[int, int] = field(default_factory=dict)
+    pending: dict[int, LimitChange] = field(default_factory=dict)
+    defeats: int = 0  # of this deny quota: limits found raised, or not in force after a set
+    failures: int = 0  # sets failed in a row: retries back off
+    retry_at: float = 0.0  # monotonic time before which no set is retried
+
+
+@dataclass(eq=False)
+class Entry:
+    """One tracked process: its identity, baselines, quota and deny-mode limits."""
+
+    process: Process
+    serial: int  # unique for each registration: a re-registered pid is a new entry
+    # the owner last read: for display and --hidepid; control checks and helpers
+    # read it afresh (a process may change its uids, and kill(2) goes by the ones now)
+    owner_uid: int
+    owner_gid: int
+    baseline: Counters  # absolute values at registration or the last usage reset
+    registered: float
+    comm: str
+    setting: QuotaSetting | None = None
+    deny: DenyState = field(default_factory=DenyState)
+    over: frozenset[str] = frozenset()  # resources over their quota at the last check
+    killed: bool = False  # SIGKILL sent for a kill quota: answers as exited from then on
+    events: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(EVENTS, 0)))
+    ended: str | None = None  # "exited", "deregistered" or "stopped" once it left
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def quota(self) -> Quota | None:
+        return None if self.setting is None else self.setting.quota
+
+    @property
+    def quota_uid(self) -> int | None:
+        return None if self.setting is None else self.setting.uid
+
+    @property
+    def effective_quota(self) -> Quota:
+        return NO_QUOTA if self.setting is None else self.setting.quota
+
+    @property
+    def heap_base(self) -> int:
+        return self.baseline.heap or 0
+
+    @property
+    def files_base(self) -> int:
+        return self.baseline.files or 0
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """One fresh reading of a tracked process, relative to its baselines."""
+
+    pid: int
+    comm: str
+    heapsize: int
+    openfile_count: int
+    heap_total: int
+    openfile_total: int
+    quota: Quota
+    registered: float

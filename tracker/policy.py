@@ -1,0 +1,152 @@
+"""The policy every backend shares: reading with enforcement, the one-sample
+check, what a pushed backend reports, and who the owner is now.
+
+A fresh reading that breaks a quota is acted on at once, whoever asked for it
+(a `cat` of a file, the metrics, a command, the procfs backend's period). The
+`Engine` (tracker/engine.py) is a `Policy` with the commands and the lifecycle
+on top; a backend sees it through the `backend.Policy` protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Iterable
+from typing import TypeVar
+
+from tracker import access
+from tracker.backend import PEAK, RAISED, Report
+from tracker.deny import DenyKeeper
+from tracker.enforce import Enforcer
+from tracker.entry import Entry, Measurement
+from tracker.errors import AccessDenied, Deregistered, NoSuchProcess
+from tracker.quota import Action
+from tracker.registry import Registry
+from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE, RESOURCES, Counters, Resource, sample
+
+T = TypeVar("T")
+
+log = logging.getLogger("restrackfs.engine")
+
+
+class Policy:
+    def __init__(self, registry: Registry, enforcer: Enforcer, deny: DenyKeeper) -> None:
+        self.registry = registry
+        self.enforcer = enforcer
+        self.deny = deny
+
+    # ----- reading, with enforcement ----------------------------------------
+
+    def measure(self, entry: Entry) -> Measurement:
+        """Read the process now; enforce its quota if the reading breaks it."""
+        usage = self._read_counters(entry, entry.process.usage)
+        absolute = Counters.of_usage(usage)
+        relative = absolute.since(entry.baseline)
+        if entry.setting is not None:
+            self.enforcer.enforce(entry, relative, usage.comm)
+        return Measurement(
+            pid=entry.pid,
+            comm=usage.comm,
+            heapsize=relative.heap or 0,
+            openfile_count=relative.files or 0,
+            heap_total=usage.vm_data,
+            openfile_total=usage.open_fds,
+            quota=entry.effective_quota,
+            registered=entry.registered,
+        )
+
+    def heapsize(self, entry: Entry) -> int:
+        """heapsize alone: reads VmData and nothing else (the hot path of `cat`)."""
+        return self._one(entry, HEAP_RESOURCE)
+
+    def openfile_count(self, entry: Entry) -> int:
+        """openfile_count alone: one stat() of /proc/PID/fd."""
+        return self._one(entry, FILES_RESOURCE)
+
+    def _one(self, entry: Entry, resource: Resource) -> int:
+        """One resource read alone (the hot path: no more work than that read)."""
+        now = self._read_counters(entry, lambda: resource.read(entry.process))
+        used = max(0, now - (entry.baseline.of(resource) or 0))
+        if entry.setting is not None:
+            self.enforcer.enforce(entry, resource.alone(used))
+        return used
+
+    def check_current(self, entry: Entry) -> None:
+        """Raise unless the entry is still registered and its process alive."""
+        if entry.ended == "deregistered":
+            raise Deregistered(f"{entry.pid}: deregistered")
+        if entry.ended is not None or entry.killed or not entry.process.is_alive():
+            raise NoSuchProcess(entry.pid, "process exited")
+
+    # ----- what backends call (backend.Policy) ------------------------------
+
+    def watched(self) -> Iterable[Entry]:
+        return self.registry.watched()
+
+    def check(self, entry: Entry) -> None:
+        """One check: sample what the quota limits, enforce, keep deny limits."""
+        quota = entry.quota
+        if quota is None or entry.ended is not None:
+            return
+        try:
+            deny = quota.action is Action.DENY
+            wanted = [r for r in RESOURCES if deny or r.limit(quota) is not None]
+            absolute = self._sample(entry, wanted)
+            self.enforcer.enforce(entry, absolute.since(entry.baseline))
+            if deny:
+                self.deny.recheck(entry, absolute)
+        except NoSuchProcess:
+            pass
+        except AccessDenied as error:
+            log.warning("check pid=%d: %s", entry.pid, error)
+
+    def reported(self, report: Report) -> None:
+        """A pushed backend's report: the kernel acted; log, count, announce (or keep limits)."""
+        entry = report.entry
+        if self.registry.get(entry.pid) is not entry:
+            return  # it left meanwhile: the report is of no entry any more
+        if report.kind == RAISED:
+            self.check(entry)  # lowers it back, counts it denied, a defeat
+        elif report.kind != PEAK:  # exceeded, killed, notified
+            self.enforcer.reported(report)
+
+    # ----- shared by the commands -------------------------------------------
+
+    def _enforce_before_command(self, entry: Entry) -> None:
+        """Enforce the quota on the usage of this moment, then let the command act.
+
+        Every command that names a tracked process (register again, deregister, quota,
+        reset) comes through here first: a process that crossed its kill quota a moment
+        ago must not be saved by a reset or a deregister that reaches the daemon before
+        the next periodic check (the kernel patch killed in the crossing call). A process
+        this kills answers as one that exited. Costs one sample per such command.
+        """
+        self.check_current(entry)
+        if entry.quota is not None:
+            self.check(entry)
+            self.check_current(entry)
+
+    def _owner(self, entry: Entry) -> int:
+        """The process's real uid now: kill(2) judges by it, not by who it was at registration."""
+        try:
+            status = entry.process.status()
+        except NoSuchProcess:
+            return entry.owner_uid  # reaped: its ids cannot change any more
+        entry.owner_uid, entry.owner_gid = status.real_uid, status.real_gid
+        return status.real_uid
+
+    def _check_may_lift(self, entry: Entry, caller_uid: int) -> None:
+        access.check_control(caller_uid, self._owner(entry), entry.pid)
+        access.check_lift_quota(caller_uid, entry.quota_uid, entry.pid)
+
+    def _sample(self, entry: Entry, wanted: Collection[Resource]) -> Counters:
+        return self._read_counters(entry, lambda: sample(entry.process, wanted))
+
+    def _read_counters(self, entry: Entry, read: Callable[[], T]) -> T:
+        """Read through the entry's pidfd; an exit seen on the way removes the entry."""
+        if entry.ended is not None:
+            self.check_current(entry)  # says deregistered or exited
+        try:
+            return read()  # checks the pidfd after reading
+        except NoSuchProcess:
+            self.registry.remove(entry, "exited")
+            raise

@@ -1,0 +1,56 @@
+"""The procfs backend: polls /proc every `interval` (see tracker/backend.py).
+
+Its whole job is time: every period it asks the policy to `check` each entry
+with a quota (one sample through the entry's pidfd, enforcement, deny limits
+kept). It needs no notification: the registry is read afresh each period.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import trio
+
+from tracker.backend import Policy
+from tracker.entry import Entry
+
+log = logging.getLogger("restrackfs.engine")
+
+
+class Backend:
+    name = "procfs"
+
+    def __init__(self, policy: Policy, interval: float) -> None:
+        self.policy = policy
+        self.interval = interval
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(self.interval)
+            for entry in list(self.policy.watched()):
+                try:
+                    self.policy.check(entry)
+                except Exception:  # a bug must not stop the checks of all the others
+                    log.exception("check of pid=%d failed", entry.pid)
+
+    # Polling needs to be told nothing: each period reads the registry.
+
+    def adopt(self, entries: Iterable[Entry]) -> None:
+        pass
+
+    def quota_set(self, entry: Entry) -> None:
+        pass
+
+    def quota_cleared(self, entry: Entry) -> None:
+        pass
+
+    def baseline_reset(self, entry: Entry) -> None:
+        pass
+
+    def removed(self, entry: Entry) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

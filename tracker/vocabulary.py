@@ -1,0 +1,54 @@
+"""The words the daemon, the client and the `restrack` command share.
+
+The stat file's fields, how "no limit" is written, the largest limit, the
+syscall numbers of the kernel patch (and of `restrack run`), the names of the
+resources and of the event counters. One definition each, so the two sides of
+the mount cannot drift apart. This module imports the standard library only,
+never anything of `tracker/` or `restrackfs/`: the client imports it and stays
+light (`test_the_client_imports_no_engine`).
+"""
+
+from __future__ import annotations
+
+# What `PID/stat` holds, in order: "field value" lines (SPEC §3).
+STAT_FIELDS = (
+    "pid",
+    "comm",
+    "heapsize",
+    "openfile_count",
+    "heap_quota",
+    "file_quota",
+    "action",
+    "heap_total",
+    "openfile_total",
+    "registered",
+)
+
+# A limit not set is written "max" (as cgroup v2 writes it).
+UNLIMITED = "max"
+LIMIT_MAX = 2**63 - 1  # what fits the kernel's signed 64-bit sizes
+
+
+def format_limit(limit: int | None) -> str:
+    """A limit as the files write it: a number, or "max" for none."""
+    return UNLIMITED if limit is None else str(limit)
+
+
+def parse_limit(text: str) -> int | None:
+    """The inverse of `format_limit` for values the daemon wrote (trusted, not user input)."""
+    return None if text == UNLIMITED else int(text)
+
+
+# The resources a quota limits: the quota's keys, the log's `quota=` word.
+HEAP = "heap"
+FILES = "files"
+
+# Event counters in the manner of cgroup v2's memory.events: a quota crossed
+# (from under to over), and what was done about it.
+EXCEEDED, KILLED, DENIED, NOTIFIED = EVENTS = ("exceeded", "killed", "denied", "notified")
+
+# The kernel patch's syscalls (x86_64), answered by `restrack run` for unmodified binaries.
+SYS_SANITY, SYS_REGISTER, SYS_FETCH, SYS_DEREGISTER, SYS_CAP, SYS_RESET = SYSCALLS = tuple(
+    range(548, 554)
+)
+FIRST_SYSCALL, LAST_SYSCALL = SYSCALLS[0], SYSCALLS[-1]
