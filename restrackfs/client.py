@@ -115,13 +115,18 @@ def _process_exists(pid: int) -> bool:
     return text[text.rfind(b")") + 2 : text.rfind(b")") + 3] not in (b"Z", b"X")
 
 
-def _meaning(code: int, pid: int | None, untracked: int) -> int:
+def _meaning(code: int, root: Path, pid: int | None, untracked: int) -> int:
     """ESRCH for no such process, ENOENT for a live one that is not tracked.
 
     `untracked` is the errno by which the daemon said "not tracked" for this
     call: ESRCH for deregister, ENOENT for the files of a process directory.
+    A deregister answered ESRCH while the pid is still tracked means the process
+    exited, or was killed by its quota that moment (it may not be reaped yet,
+    so it would still look alive): no such process.
     """
     if pid is None or code != untracked:
+        return code
+    if untracked == errno.ESRCH and os.path.lexists(root / str(pid)):
         return code
     return errno.ENOENT if _process_exists(pid) else errno.ESRCH
 
@@ -139,7 +144,7 @@ def _raise(
             errno.ENOENT,
             f"no restrackfs daemon serves {root} (start restrackfs, or set RESTRACK_MOUNT)",
         ) from None
-    code = _meaning(code, pid, untracked)
+    code = _meaning(code, root, pid, untracked)
     reason = _REASONS.get(code) or os.strerror(code).lower()
     raise OSError(code, f"{subject}: {reason}") from None
 
