@@ -136,10 +136,22 @@ def machine() -> dict[str, str]:
         "cores (nproc)": _run("nproc") or str(os.cpu_count()),
         "memory": _meminfo(),
         "Python": platform.python_version(),
+        "pyfuse3": _pyfuse3_version(),
         "restrackfs": _revision(),
         "lxcfs": (_run(lxcfs, "--version").strip('"') or "installed") if lxcfs else "not installed",
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
     }
+
+
+def _pyfuse3_version() -> str:
+    """`3.5.0+restrack.<hash>` is the build of scripts/setup with patches/ applied."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("pyfuse3")
+    except metadata.PackageNotFoundError:
+        return "not installed"
+    return f"{version} (patched: patches/)" if "+restrack." in version else version
 
 
 def busy_share(seconds: float = 1.0) -> float:
