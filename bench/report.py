@@ -202,6 +202,9 @@ def goal_lines(results: list[GroupResult]) -> list[str]:
     return [goal.line() for result in results for goal in result.goals]
 
 
+LEVERS = Path(__file__).resolve().parent / "levers.md"
+
+
 def markdown(
     results: list[GroupResult],
     info: dict[str, str],
@@ -249,6 +252,8 @@ def markdown(
         if result.method:
             out += ["How it is measured: " + " ".join(result.method.split()), ""]
         out += [f"(group run time {result.seconds:.0f} s)", ""]
+    if LEVERS.exists():  # what was changed for speed, measured A/B when it was changed
+        out += ["", LEVERS.read_text().strip(), ""]
     return "\n".join(out)
 
 
