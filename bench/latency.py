@@ -143,6 +143,27 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
             stretch=0.5,
         )
     )
+    p99_vs_lxcfs = p99[HEAPSIZE] / p99[LXCFS] if LXCFS in p99 else None
+    result.goals.append(
+        Goal(
+            "read p99 of PID/heapsize <= 1.0 x lxcfs uptime read",
+            p99_vs_lxcfs,
+            1.0,
+            "x",
+            f"{p99[HEAPSIZE]:.0f} µs vs {p99[LXCFS]:.0f} µs"
+            if p99_vs_lxcfs is not None
+            else f"lxcfs unavailable: {lxcfs.reason}",
+        )
+    )
+    result.goals.append(
+        Goal(
+            "read p50 of PID/heapsize <= 1.1 x the minimal pyfuse3 file",
+            p50[HEAPSIZE] / p50[FLOOR],
+            1.1,
+            "x",
+            f"{p50[HEAPSIZE]:.0f} µs vs {p50[FLOOR]:.0f} µs",
+        )
+    )
     result.plot = {"latencies": {label: values for label, values in lat.items()}}
     result.method = f"""
 A compiled C reader (bench/c/reader.c) times each `open` + `read` to EOF + `close`

@@ -136,10 +136,22 @@ def machine() -> dict[str, str]:
         "cores (nproc)": _run("nproc") or str(os.cpu_count()),
         "memory": _meminfo(),
         "Python": platform.python_version(),
+        "pyfuse3": _pyfuse3_version(),
         "restrackfs": _revision(),
         "lxcfs": (_run(lxcfs, "--version").strip('"') or "installed") if lxcfs else "not installed",
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
     }
+
+
+def _pyfuse3_version() -> str:
+    """`3.5.0+restrack.<hash>` is the build of scripts/setup with patches/ applied."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("pyfuse3")
+    except metadata.PackageNotFoundError:
+        return "not installed"
+    return f"{version} (patched: patches/)" if "+restrack." in version else version
 
 
 def busy_share(seconds: float = 1.0) -> float:
@@ -190,6 +202,9 @@ def goal_lines(results: list[GroupResult]) -> list[str]:
     return [goal.line() for result in results for goal in result.goals]
 
 
+LEVERS = Path(__file__).resolve().parent / "levers.md"
+
+
 def markdown(
     results: list[GroupResult],
     info: dict[str, str],
@@ -237,6 +252,8 @@ def markdown(
         if result.method:
             out += ["How it is measured: " + " ".join(result.method.split()), ""]
         out += [f"(group run time {result.seconds:.0f} s)", ""]
+    if LEVERS.exists():  # what was changed for speed, measured A/B when it was changed
+        out += ["", LEVERS.read_text().strip(), ""]
     return "\n".join(out)
 
 

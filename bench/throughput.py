@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from bench.harness import Config, Daemon, Lxcfs, Sleepers, median
-from bench.report import GroupResult, Row
+from bench.report import Goal, GroupResult, Row
 
 NAME = "throughput"
 TITLE = "2. Read throughput"
@@ -116,6 +116,19 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
                 f"% of one core; {cpu_per_read[readers] * 1e6:.0f} µs of daemon CPU per read",
             )
         )
+    goal_readers = 4 if 4 in cfg.readers else cfg.readers[-1]
+    if LXCFS in rate:
+        ours, theirs = rate[HEAPSIZE][goal_readers], rate[LXCFS][goal_readers]
+        goal = Goal(
+            f"reads/s of PID/heapsize >= lxcfs's, {goal_readers} readers (lxcfs / ours <= 1.0)",
+            theirs / ours,
+            1.0,
+            "x",
+            f"{ours:,.0f} vs {theirs:,.0f} reads/s",
+        )
+    else:
+        goal = Goal("reads/s of PID/heapsize >= lxcfs's", None, 1.0, "x", lxcfs.reason or "")
+    result.goals.append(goal)
     result.plot = {"throughput": rate, "daemon_cpu": cpu}
     result.method = f"""
 K copies of the C reader (`reader tput`), separate processes started to begin at

@@ -12,6 +12,7 @@ import bisect
 import contextlib
 import errno
 import functools
+import inspect
 import logging
 import os
 import select
@@ -19,7 +20,7 @@ import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, overload
 
 import pyfuse3
 import trio
@@ -52,22 +53,45 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def boundary(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Answer every failure with an errno: no request may take the daemon down."""
+@overload
+def boundary(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]: ...
+@overload
+def boundary(handler: Callable[P, R]) -> Callable[P, Awaitable[R]]: ...
+def boundary(handler: Callable[P, Any]) -> Callable[P, Awaitable[Any]]:
+    """Answer every failure with an errno: no request may take the daemon down.
+
+    `handler` may be a plain function: a handler that never waits (open, read,
+    release...) is called directly, which spares a coroutine per request.
+    """
+    if inspect.iscoroutinefunction(handler):
+
+        @functools.wraps(handler)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+            try:
+                return await handler(*args, **kwargs)
+            except Exception as error:
+                raise _errno_of(error, handler) from None
+
+        return wrapper
 
     @functools.wraps(handler)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+    async def direct(*args: P.args, **kwargs: P.kwargs) -> Any:
         try:
-            return await handler(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except (TrackerError, NoSuchProcess, AccessDenied) as error:
-            raise pyfuse3.FUSEError(error.errno) from None
-        except Exception:
-            log.exception("unexpected error in %s", handler.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            return handler(*args, **kwargs)
+        except Exception as error:
+            raise _errno_of(error, handler) from None
 
-    return wrapper
+    return direct
+
+
+def _errno_of(error: Exception, handler: Callable[..., Any]) -> pyfuse3.FUSEError:
+    """What the kernel is answered for `error`; an unexpected one is logged (EIO)."""
+    if isinstance(error, pyfuse3.FUSEError):
+        return error
+    if isinstance(error, (TrackerError, NoSuchProcess, AccessDenied)):
+        return pyfuse3.FUSEError(error.errno)
+    log.error("unexpected error in %s", handler.__name__, exc_info=error)
+    return pyfuse3.FUSEError(errno.EIO)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +120,8 @@ class Inodes:
     """The one place that maps inode numbers to nodes and back."""
 
     by_serial: dict[int, Entry] = field(default_factory=dict)
+    # Nodes are immutable: each is made once per inode, not once per request.
+    _nodes: dict[int, Node] = field(default_factory=dict)
 
     @staticmethod
     def dir_inode(entry: Entry) -> int:
@@ -107,6 +133,9 @@ class Inodes:
 
     def forget(self, entry: Entry) -> None:
         self.by_serial.pop(entry.serial, None)
+        first = self.dir_inode(entry)
+        for inode in range(first, first + STRIDE):
+            self._nodes.pop(inode, None)
 
     @staticmethod
     def top_files() -> list[tuple[str, Node]]:
@@ -123,6 +152,12 @@ class Inodes:
         return next((node for child, node in self.process_files(entry) if child == name), None)
 
     def node(self, inode: int) -> Node:
+        node = self._nodes.get(inode)
+        if node is None:
+            node = self._nodes[inode] = self._make_node(inode)
+        return node
+
+    def _make_node(self, inode: int) -> Node:
         if inode == ROOT:
             return Node(ROOT)
         if FIRST_TOP <= inode < FIRST_TOP + len(TOP_FILES):
@@ -286,7 +321,7 @@ class RestrackOperations(pyfuse3.Operations):
     # ----- lookups -------------------------------------------------------
 
     @boundary
-    async def lookup(
+    def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self._checked_node(parent_inode, ctx.uid)
@@ -312,7 +347,7 @@ class RestrackOperations(pyfuse3.Operations):
         return self.inodes.remember(entry)
 
     @boundary
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attributes(self._checked_node(inode, ctx.uid))
 
     @boundary
@@ -405,7 +440,7 @@ class RestrackOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(error.errno) from None
 
     @boundary
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._checked_node(inode, ctx.uid)
         if node.spec is None:
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -427,7 +462,7 @@ class RestrackOperations(pyfuse3.Operations):
         return spec.read(self.engine, handle.node.entry, handle.caller).encode()
 
     @boundary
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.handles[fh]
         kept = handle.kept
         # Like seq_file: a read at offset 0 computes the value afresh; reads
@@ -469,7 +504,7 @@ class RestrackOperations(pyfuse3.Operations):
         return len(buf)
 
     @boundary
-    async def release(self, fh: int) -> None:
+    def release(self, fh: int) -> None:
         handle = self.handles.pop(fh)
         if handle is not None and handle.node.spec is not None and handle.node.spec.pollable:
             self.notices.pollers.get(self._poll_key(handle), {}).pop(fh, None)

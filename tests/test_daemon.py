@@ -19,6 +19,7 @@ from restrackfs.fs import boundary
 from tests.conftest import NOBODY, MiB, shared_tempdir, wait_until
 from tests.test_fs import errno_of, limits_of
 from tracker import state
+from tracker.procfs import NoSuchProcess
 
 
 def test_sigterm_unmounts_cleanly(daemon):
@@ -178,6 +179,32 @@ async def test_boundary_turns_unexpected_errors_into_eio(caplog):
         await broken()
     assert info.value.errno == errno.EIO
     assert "RuntimeError: bug" in caplog.text
+
+
+async def test_boundary_serves_plain_handlers_as_coroutines(caplog):
+    """A handler that never waits is a plain function; pyfuse3 still gets a coroutine
+    and the same errno mapping."""
+
+    @boundary
+    def broken() -> None:
+        raise RuntimeError("plain bug")
+
+    @boundary
+    def gone() -> None:
+        raise NoSuchProcess(4242, "process exited")
+
+    @boundary
+    def fine(value: int) -> int:
+        return value + 1
+
+    assert await fine(41) == 42
+    with caplog.at_level(logging.ERROR), pytest.raises(pyfuse3.FUSEError) as info:
+        await broken()
+    assert info.value.errno == errno.EIO
+    assert "RuntimeError: plain bug" in caplog.text
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await gone()
+    assert info.value.errno == errno.ESRCH
 
 
 def test_daemon_survives_every_kind_of_request(daemon, spawn):
