@@ -157,7 +157,14 @@ def test_engine_bpf_that_cannot_load_exits_with_the_reason(tmp_path: Path) -> No
 
 # ----- a 64 MiB kill quota holds, polling every 2 s ------------------------------------
 
-MEMORY_PATHS = [("mmap", MiB), ("touch", MiB), ("brk", MiB), ("mprotect", MiB), ("thread", MiB)]
+MEMORY_PATHS = [
+    ("mmap", MiB),
+    ("touch", MiB),
+    ("brk", MiB),
+    ("mprotect", MiB),
+    ("thread", MiB),
+    ("leader", MiB),  # from a second thread after the leader exited
+]
 
 
 @pytest.mark.parametrize(("mode", "step"), MEMORY_PATHS, ids=[p[0] for p in MEMORY_PATHS])
@@ -311,6 +318,17 @@ def test_killed_daemon_leaves_quotas_enforced_and_is_adopted(
     survivor.do("close", 5)
     survivor.do("open", 5)
     wait_until(lambda: events_of_path(daemon, survivor.pid)["notified"] == 2, 1, "live again")
+
+
+def test_restart_unwatches_what_the_state_file_lost(bpf_factory: DaemonFactory, grower) -> None:
+    daemon = bpf_factory(*BPF)
+    child = capped(daemon, grower("touch", MiB, 100), "heap=64M action=kill")
+    daemon.stop(signal.SIGKILL)
+    daemon.state.unlink()  # the state is gone: nothing may stay enforced for it
+    daemon.start(*BPF)
+    assert f"bpf: unwatched pid={child.pid} (not in the state file)" in daemon.log_text()
+    child.go()
+    assert child.finish() == (0, 100)
 
 
 def test_clean_stop_leaves_no_pins_and_no_links(bpf_factory: DaemonFactory, spawn) -> None:
