@@ -8,7 +8,7 @@ Two kinds of backend fit it:
   from /proc through the entry's pidfd, then enforcement and, in deny mode,
   keeping the soft limits). The engine's notifications are nothing to it: it
   reads `policy.watched()` afresh each period.
-- **bpf** (issue 12, tracker/bpf/): pushed. The kernel checks each watched
+- **bpf** (tracker/bpf_backend.py over tracker/bpf/): pushed. The kernel checks each watched
   process at its own syscalls and kills in the crossing call; the backend must
   be *told* what to watch, with absolute limits (baseline + quota, so a
   baseline reset changes them): `adopt` at start (the entries restored from the

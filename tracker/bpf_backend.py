@@ -84,6 +84,8 @@ class Backend:
         try:
             self.kw = KernelWatch.open(pin_dir_of(state_path))
         except BpfUnavailable as why:
+            with contextlib.suppress(OSError):  # made for this one, left empty by the failure
+                PIN_ROOT.rmdir()
             raise BackendUnavailable(str(why)) from None
         self._watched: dict[int, Entry] = {}  # pid -> the entry its map entry is for
         self._lock = threading.Lock()  # attach/detach/close: never two at once
