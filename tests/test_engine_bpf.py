@@ -112,6 +112,15 @@ def test_engine_file_metric_and_log_line(bpf_daemon: Daemon) -> None:
     assert status.endswith("\nengine: bpf\n")
 
 
+def test_auto_takes_bpf_where_it_loads(bpf_factory: DaemonFactory) -> None:
+    daemon = bpf_factory("--engine", "auto")  # the default, named: conftest adds procfs
+    assert daemon.read("engine") == "bpf\n"
+    assert [line for line in daemon.log_text().splitlines() if "engine bpf" in line][0].endswith(
+        "engine bpf (auto)"
+    )
+    assert pin_dir(daemon).is_dir() and not (pin_dir(daemon) / "links").exists()  # no quota
+
+
 def test_procfs_engine_still_polls(bpf_factory: DaemonFactory, spawn) -> None:
     daemon = bpf_factory("--engine", "procfs", "--interval", "20")
     assert daemon.read("engine") == "procfs\n"
@@ -183,6 +192,15 @@ def test_heap_kill_quota_holds(bpf_daemon: Daemon, grower, mode: str, step: int)
     after = top_events(bpf_daemon)
     assert after["killed"] == before["killed"] + 1
     assert after["exceeded"] == before["exceeded"] + 1
+
+
+def test_a_quota_already_exceeded_when_set_kills_at_once(bpf_daemon: Daemon, spawn) -> None:
+    """The kernel looks at the next growth call only: the check at set time decides."""
+    w: Workload = spawn()
+    bpf_daemon.register(w.pid)
+    w.do("mmap", 8 * MiB)
+    bpf_daemon.write("heap=4M action=kill", w.pid, "quota")
+    assert w.wait() == -signal.SIGKILL
 
 
 def test_populate_killed_before_its_pages(bpf_daemon: Daemon, grower) -> None:
