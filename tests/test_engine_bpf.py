@@ -271,6 +271,27 @@ def test_notify_once_per_crossing_and_pollers_wake_at_once(bpf_daemon: Daemon, s
         os.close(own)
 
 
+def test_notify_over_when_set_is_counted_once(bpf_daemon: Daemon, spawn) -> None:
+    """The check at set time counts it; the kernel's report of the same crossing,
+    at the next growth call, is not counted again."""
+    w: Workload = spawn()
+    bpf_daemon.register(w.pid)
+    w.do("mmap", 8 * MiB)
+    bpf_daemon.write("heap=4M action=notify", w.pid, "quota")
+    assert events_of_path(bpf_daemon, w.pid)["notified"] == 1
+    w.do("mmap", MiB)  # 9 MiB: the kernel sees it over now, its first look
+    w.do("munmap")  # 8 MiB: still over, the same crossing
+    w.do("munmap")  # 0: back under
+    w.do("mmap", 5 * MiB)  # a new crossing
+    wait_until(lambda: events_of_path(bpf_daemon, w.pid)["notified"] >= 2, 1, "the crossing")
+    assert events_of_path(bpf_daemon, w.pid) == {
+        "exceeded": 2,
+        "killed": 0,
+        "denied": 0,
+        "notified": 2,
+    }
+
+
 def _soft_data_limit(pid: int) -> int:
     for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
         if line.startswith("Max data size"):

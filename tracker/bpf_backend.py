@@ -88,6 +88,9 @@ class Backend:
                 PIN_ROOT.rmdir()
             raise BackendUnavailable(str(why)) from None
         self._watched: dict[int, Entry] = {}  # pid -> the entry its map entry is for
+        # pid -> its "exceeded" count when the kernel's last crossing was handed over
+        # (or it was watched): a count beyond it was a sample's (see _counted_already)
+        self._exceeded_seen: dict[int, int] = {}
         self._lock = threading.Lock()  # attach/detach/close: never two at once
         self._detaching = False
         self._changed = trio.Event()
@@ -182,10 +185,12 @@ class Backend:
             log.error("bpf: cannot watch pid=%d: %s", entry.pid, error)
             return
         self._watched[entry.pid] = entry
+        self._exceeded_seen[entry.pid] = entry.events[EXCEEDED]
 
     def _unwatch(self, entry: Entry) -> None:
         if self._watched.get(entry.pid) is entry:
             del self._watched[entry.pid]
+            self._exceeded_seen.pop(entry.pid, None)
             if not self._closed:
                 self.kw.unwatch(entry.pid)
                 self._sync()
@@ -254,6 +259,7 @@ class Backend:
         if event.kind is Kind.EXITED:
             if entry is not None:
                 del self._watched[event.tgid]  # the kernel removed its map entry
+                self._exceeded_seen.pop(event.tgid, None)
                 self._changed.set()
             return
         if meanwhile:
@@ -270,7 +276,21 @@ class Backend:
         report = self._report(entry, event)
         if report.kind == KILLED and entry.killed:
             return  # a read's sample killed it first and counted it
+        if report.kind in (NOTIFIED, EXCEEDED) and self._counted_already(entry, report):
+            return
         self.policy.reported(report)
+        self._exceeded_seen[entry.pid] = entry.events[EXCEEDED]
+
+    def _counted_already(self, entry: Entry, report: Report) -> bool:
+        """This crossing was counted by a sample (a read of the process's files, the
+        check when the quota was set) before its report came through the ring: the
+        entry's "exceeded" moved since the kernel's last report, and the resource
+        is over. Once per crossing, whoever saw it first."""
+        seen = self._exceeded_seen.get(entry.pid, entry.events[EXCEEDED])
+        if entry.events[EXCEEDED] > seen and report.resource.name in entry.over:
+            self._exceeded_seen[entry.pid] = entry.events[EXCEEDED]
+            return True
+        return False
 
     @staticmethod
     def _report(entry: Entry, event: Event) -> Report:
