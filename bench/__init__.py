@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bench import enforcement, latency, overhead, scale, throughput
+from bench import enforcement, engines, latency, overhead, scale, throughput
 
 GROUPS: dict[str, ModuleType] = {
-    module.NAME: module for module in (latency, throughput, enforcement, overhead, scale)
+    module.NAME: module for module in (latency, throughput, enforcement, overhead, scale, engines)
 }

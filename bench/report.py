@@ -22,6 +22,10 @@ UNITS = {
     "MB": "MB",
     "/s": "reads/s",
     "req": "requests",
+    "ns": "ns",
+    "KiB": "KiB",
+    "MiB": "MiB",
+    "fds": "fds",
     "": "",
 }
 

@@ -186,6 +186,9 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         out.write("\n")
     else:
         out.write(table(stats) + "\n")
+        engine = client.engine(mount=args.mount)
+        if engine is not None:
+            out.write(f"\nengine: {engine}\n")
     return 0
 
 

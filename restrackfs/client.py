@@ -318,6 +318,17 @@ def tracked(*, mount: str | os.PathLike[str] | None = None) -> list[int]:
     return sorted(int(name) for name in names if name.isascii() and name.isdigit())
 
 
+def engine(*, mount: str | os.PathLike[str] | None = None) -> str | None:
+    """The engine in force, `bpf` or `procfs` (None: a daemon without the `engine` file)."""
+    root = mount_point(mount)
+    try:
+        return _read(root, "engine", str(root)).strip()
+    except FileNotFoundError as error:
+        if isinstance(error, NotMountedError):
+            raise
+        return None
+
+
 def metrics(*, mount: str | os.PathLike[str] | None = None) -> str:
     """The Prometheus exposition text of `metrics`."""
     root = mount_point(mount)

@@ -30,6 +30,7 @@ from tracker.autotrack import (
     in_initial_pid_namespace,
     proc_matches_my_pid_namespace,
 )
+from tracker.backend import BackendUnavailable
 from tracker.engine import open_engine
 from tracker.errors import InvalidArgument
 from tracker.quota import parse_quota
@@ -55,6 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=100,
         metavar="MS",
         help="quota check period in milliseconds (default 100)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=["auto", "bpf", "procfs"],
+        default="auto",
+        help="how quotas are watched: bpf (kernel programs, exact), procfs (polling "
+        "every --interval), auto (bpf where it loads; default)",
     )
     parser.add_argument("--state", type=Path, metavar="FILE", help="state file to persist to")
     parser.add_argument(
@@ -295,7 +303,10 @@ async def _terminate_on_signal() -> None:
 
 async def serve(args: argparse.Namespace, on_ready: Callable[[], None]) -> None:
     async with open_engine(
-        state_path=args.state, interval=args.interval / 1000, helpers_in_background=True
+        state_path=args.state,
+        interval=args.interval / 1000,
+        helpers_in_background=True,
+        backend=args.engine,
     ) as engine:
         ops = RestrackOperations(engine, hidepid=args.hidepid)
         listeners = await scrape.open_listeners(*args.metrics_listen) if args.metrics_listen else []
@@ -383,6 +394,10 @@ def main(argv: list[str] | None = None) -> None:
         trio.run(serve, args, ready)
     except OSError as error:  # our own errors say it all in words, without [Errno N]
         log.error("%s", error.strerror if error.strerror and error.filename is None else error)
+        report(1)
+        sys.exit(1)
+    except BackendUnavailable as why:  # --engine bpf where it cannot load: the reason only
+        log.error("engine %s unavailable: %s", args.engine, why)
         report(1)
         sys.exit(1)
     except KeyboardInterrupt:

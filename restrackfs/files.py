@@ -104,7 +104,7 @@ def read_metrics(engine: Engine, entry: Entry | None, caller: Caller) -> str:
             measurements.append(engine.measure(tracked))
         except NoSuchProcess:
             continue  # exited while we were reading the others
-    return metrics.render(measurements, engine.enforcements)
+    return metrics.render(measurements, engine.enforcements, engine.backend.name)
 
 
 def write_register(engine: Engine, entry: Entry | None, text: str, caller: Caller) -> None:
@@ -138,6 +138,11 @@ def read_events(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     return _events_text(entry.events)
 
 
+def read_engine(engine: Engine, entry: Entry | None, caller: Caller) -> str:
+    """`bpf` or `procfs`: the engine in force (SPEC §3.1)."""
+    return f"{engine.backend.name}\n"
+
+
 def read_quota(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     assert entry is not None
     engine.check_current(entry)
@@ -149,6 +154,7 @@ TOP_FILES = (
     FileSpec("deregister", 0o222, write=write_deregister),
     FileSpec("metrics", 0o444, read=read_metrics),
     FileSpec("events", 0o444, read=read_events, pollable=True),
+    FileSpec("engine", 0o444, read=read_engine),
 )
 
 PROCESS_FILES = (

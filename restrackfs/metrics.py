@@ -42,7 +42,11 @@ def _comm_label(comm: str) -> str:
     return _escape(escape_unprintable(comm))
 
 
-def render(measurements: Iterable[Measurement], enforcements: Mapping[Action, int]) -> str:
+def render(
+    measurements: Iterable[Measurement],
+    enforcements: Mapping[Action, int],
+    engine: str | None = None,
+) -> str:
     """The exposition; a `comm` label's value is the name itself, but for its
     unprintable characters, written `\\xHH`... (the format's own escapes cover only
     backslash, quote and newline), then escaped by the format's rules."""
@@ -61,4 +65,10 @@ def render(measurements: Iterable[Measurement], enforcements: Mapping[Action, in
         "# TYPE restrack_tracked_processes gauge",
         f"restrack_tracked_processes {len(rows)}",
     ]
+    if engine is not None:
+        lines += [
+            "# HELP restrack_engine_info The engine watching quotas (bpf or procfs).",
+            "# TYPE restrack_engine_info gauge",
+            f'restrack_engine_info{{engine="{_escape(engine)}"}} 1',
+        ]
     return "\n".join(lines) + "\n"

@@ -248,6 +248,10 @@ class Daemon:
     def start(self, *options: str) -> None:
         argv = [sys.executable, "-m", "restrackfs.daemon", "--foreground"]
         argv += ["--state", str(self.state), "--log-level", "debug", *options]
+        if not any(option.startswith("--engine") for option in options):
+            # procfs unless a test asks: a bpf daemon that had a quota takes ~3 s to
+            # stop (detaching waits for RCU); tests/test_engine_bpf.py runs bpf.
+            argv += ["--engine", "procfs"]
         argv.append(str(self.mountpoint))
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -342,3 +346,26 @@ def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
 @pytest.fixture
 def daemon(daemon_factory: DaemonFactory) -> Daemon:
     return daemon_factory()
+
+
+BPF_TEST_MODULES = ("tests/test_bpf.py", "tests/test_engine_bpf.py")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say how many BPF tests ran: a skip on a machine that loads BPF must be seen."""
+    ran, skipped = 0, []
+    for outcome in ("passed", "failed", "error", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            nodeid = getattr(report, "nodeid", "")
+            if not nodeid.startswith(BPF_TEST_MODULES) or report.when not in ("call", "setup"):
+                continue
+            if outcome == "skipped":
+                longrepr = report.longrepr
+                skipped.append(longrepr[2] if isinstance(longrepr, tuple) else str(longrepr))
+            elif report.when == "call" or outcome == "error":
+                ran += 1
+    if not ran and not skipped:
+        return
+    reasons = sorted(set(skipped))
+    why = f" ({'; '.join(reasons)})" if reasons else ""
+    terminalreporter.write_line(f"BPF tests: {ran} ran, {len(skipped)} skipped{why}")

@@ -86,7 +86,9 @@ def show_fields(text: str) -> dict[str, str]:
 
 def rows(text: str) -> dict[int, list[str]]:
     """The data rows of a status table, by pid."""
-    lines = text.splitlines()
+    lines, _, footer = text.partition("\n\n")
+    assert footer in ("engine: procfs\n", "engine: bpf\n"), footer
+    lines = lines.splitlines()
     assert lines[0].split() == [
         "PID", "COMMAND", "HEAP", "FILES", "HEAP-QUOTA", "FILE-QUOTA", "USE", "ACTION",
     ]  # fmt: skip
@@ -354,7 +356,7 @@ def test_hostile_comm_keeps_one_row(m):
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
         ok(restrack(m, "register", proc.pid))
-        lines = ok(restrack(m, "status")).splitlines()
+        lines = ok(restrack(m, "status")).partition("\n\n")[0].splitlines()
         assert len(lines) == 2 and lines[1].startswith(f"{proc.pid}  a b")
         record = json.loads(ok(restrack(m, "show", proc.pid, "--json")))
         assert record["pid"] == proc.pid and "\n" not in record["comm"]

@@ -8,7 +8,7 @@ Two kinds of backend fit it:
   from /proc through the entry's pidfd, then enforcement and, in deny mode,
   keeping the soft limits). The engine's notifications are nothing to it: it
   reads `policy.watched()` afresh each period.
-- **bpf** (issue 12, tracker/bpf/): pushed. The kernel checks each watched
+- **bpf** (tracker/bpf_backend.py over tracker/bpf/): pushed. The kernel checks each watched
   process at its own syscalls and kills in the crossing call; the backend must
   be *told* what to watch, with absolute limits (baseline + quota, so a
   baseline reset changes them): `adopt` at start (the entries restored from the
@@ -49,6 +49,7 @@ import importlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import trio
@@ -86,6 +87,10 @@ class BackendUnavailable(Exception):
 class Policy(Protocol):
     """What the engine offers a backend."""
 
+    # The state file (None: not kept). A backend that keeps state outside the
+    # daemon (bpf: pins in bpffs, adopted by the next daemon) names it after this.
+    state_path: Path | None
+
     def watched(self) -> Iterable[Entry]:
         """The entries with a quota, now."""
 
@@ -121,24 +126,38 @@ class Backend(Protocol):
     def removed(self, entry: Entry) -> None:
         """`entry` left the registry (`entry.ended` says why)."""
 
+    def flush(self) -> None:
+        """Hand `policy.reported` every report queued now. Called when an exit is
+        seen, before the entry is removed: the kernel's report of the kill that
+        made it exit may still wait in the ring, and would then find no entry."""
+
     def close(self) -> None:
         """The engine stops: give back what the backend holds."""
 
 
-BACKENDS = {"procfs": "tracker.procfs_backend"}
-AUTO_ORDER = ("procfs",)
+BACKENDS = {"bpf": "tracker.bpf_backend", "procfs": "tracker.procfs_backend"}
+AUTO_ORDER = ("bpf", "procfs")
 
 
 def choose(name: str, policy: Policy, interval: float) -> Backend:
-    """The backend `name` ("auto": the first of AUTO_ORDER that can run here)."""
+    """The backend `name` ("auto": the first of AUTO_ORDER that can run here).
+
+    Logs one line: the engine in force and, under "auto", why those before it
+    were not taken. A named backend that cannot run raises BackendUnavailable."""
     if name != "auto":
-        return _create(name, policy, interval)
+        backend = _create(name, policy, interval)
+        log.info("engine %s (--engine %s)", backend.name, name)
+        return backend
+    passed: list[str] = []
     for candidate in AUTO_ORDER:
         try:
-            return _create(candidate, policy, interval)
+            backend = _create(candidate, policy, interval)
         except BackendUnavailable as why:
-            log.warning("engine %s unavailable: %s", candidate, why)
-    raise BackendUnavailable("no engine can run here")
+            passed.append(f"{candidate} unavailable: {why}")
+            continue
+        log.info("engine %s (auto%s)", backend.name, "".join(f"; {p}" for p in passed))
+        return backend
+    raise BackendUnavailable("no engine can run here: " + "; ".join(passed))
 
 
 def _create(name: str, policy: Policy, interval: float) -> Backend:

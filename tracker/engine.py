@@ -73,6 +73,7 @@ class Engine(Policy):
         self.store = state.Store(state_path, self.registry.entries)
         self.backend: Backend = choose(backend, self, interval)
         self.registry.on_removal(self._removed)
+        self.registry.before_exit(self.backend.flush)
 
     # ----- queries -------------------------------------------------------
 

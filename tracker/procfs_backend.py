@@ -52,5 +52,8 @@ class Backend:
     def removed(self, entry: Entry) -> None:
         pass
 
+    def flush(self) -> None:
+        pass
+
     def close(self) -> None:
         pass

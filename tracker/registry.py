@@ -28,6 +28,7 @@ class Registry:
         self._with_quota: dict[int, Entry] = {}
         self._serials = itertools.count(1)
         self._removal_listeners: list[Callable[[Entry], None]] = []
+        self._before_exit: list[Callable[[], None]] = []
         self._nursery: trio.Nursery | None = None
 
     def start(self, nursery: trio.Nursery) -> None:
@@ -51,6 +52,11 @@ class Registry:
         """Call `listener(entry)` whenever an entry leaves the registry."""
         self._removal_listeners.append(listener)
 
+    def before_exit(self, hook: Callable[[], None]) -> None:
+        """Call `hook()` when an exit is seen, before the entry is removed: a pushed
+        backend hands over what it has queued (a kill's report is its entry's)."""
+        self._before_exit.append(hook)
+
     def add(self, entry: Entry) -> None:
         """Take `entry` in and watch its exit."""
         self._entries[entry.pid] = entry
@@ -73,6 +79,8 @@ class Registry:
         except trio.ClosedResourceError:
             return  # deregistered: the pidfd was closed under us
         if entry.ended is None:
+            for hook in self._before_exit:
+                hook()
             self.remove(entry, "exited")
 
     def remove(self, entry: Entry, why: str) -> None:

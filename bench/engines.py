@@ -1,0 +1,238 @@
+"""6. The two engines side by side (issue 12): how tightly a kill quota holds,
+what the daemon costs at 1,000 quota'd processes, and what every syscall on
+the machine pays while the bpf programs are attached."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from bench import bpf_cost
+from bench.harness import Config, Daemon, MiB, Sleepers, raise_limits, wait_dead
+from bench.report import Goal, GroupResult, Row
+from tracker.bpf.loader import BpfUnavailable, KernelWatch
+
+NAME = "engines"
+TITLE = "6. Engines side by side: bpf and procfs"
+
+ENGINES = (("procfs", "100"), ("bpf", "2000"))  # (engine, --interval ms)
+HEAP_QUOTA, FD_QUOTA = 64 * MiB, 100
+BACKGROUND_QUOTA = "heap=1G files=1000 action=kill"
+CPU_N = 1000
+# (grow mode, step, count, what the quota limits): tests/c/grow.c
+PATHS = [
+    ("mmap", MiB, 300, "heap"),
+    ("touch", MiB, 300, "heap"),
+    ("brk", MiB, 300, "heap"),
+    ("mprotect", MiB, 300, "heap"),
+    ("thread", MiB, 300, "heap"),
+    ("populate", 512 * MiB, 1, "heap"),
+    ("open", 0, 300, "files"),
+    ("socket", 0, 300, "files"),
+    ("pipe", 0, 300, "files"),
+    ("dup", 0, 300, "files"),
+]
+WORKLOAD_OPS = ("getppid", "mmap", "open")
+
+
+def one_kill(daemon: Daemon, grow: Path, mode: str, step: int, count: int, which: str,
+             stamp: Path) -> dict[str, float]:  # fmt: skip
+    """One grower under a kill quota through the daemon: what it got, how fast it died."""
+    env = {**os.environ, "GROW_STAMP": str(stamp)}
+    argv = [str(grow), mode, str(step), str(count)]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdin and proc.stdout
+    pid = int(proc.stdout.readline().split()[1])
+    pidfd = os.pidfd_open(pid)
+    try:
+        daemon.register(pid)
+        quota = f"heap={HEAP_QUOTA}" if which == "heap" else f"files={FD_QUOTA}"
+        daemon.set_quota(pid, quota + " action=kill")
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        dead = wait_dead(pidfd, 30) or time.monotonic_ns()
+        last_call = int.from_bytes(stamp.read_bytes()[:8], "little")
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        os.close(pidfd)
+        proc.kill()
+    end = next(line for line in out.splitlines() if line.startswith("end ")).split()
+    steps = sum(1 for line in out.splitlines() if line.startswith("step "))
+    per_step = step if which == "heap" else (2 if mode == "pipe" else 1)
+    limit = HEAP_QUOTA if which == "heap" else FD_QUOTA
+    got = max(0, steps * per_step - limit)  # granted beyond the quota: calls that returned
+    logged = _logged_usage(daemon.log, pid)
+    scale = MiB if which == "heap" else 1  # heap in MiB, files in descriptors
+    return {
+        "killed": float(int(end[1]) == signal.SIGKILL),
+        "returned_over": got / scale,
+        "usage_over": (logged - limit) / scale if logged is not None else float("inf"),
+        "death_ms": (dead - last_call) / 1e6,
+        "maxrss_mib": int(end[2]) / 1024,
+    }
+
+
+def _logged_usage(log: Path, pid: int) -> int | None:
+    for _ in range(200):  # the log line follows within ms under bpf, at the check under procfs
+        found = re.search(rf"pid={pid} comm=\S+ quota=\S+ usage=(\d+)", log.read_text())
+        if found:
+            return int(found[1])
+        time.sleep(0.01)
+    return None
+
+
+def daemon_cpu(daemon: Daemon, sleepers: Sleepers, seconds: float) -> float:
+    for pid in sleepers.pids:
+        daemon.register(pid)
+        daemon.set_quota(pid, BACKGROUND_QUOTA)
+    time.sleep(1.0)  # registration's own work done
+    meter = daemon.cpu()
+    time.sleep(seconds)
+    return meter.share() * 100
+
+
+def workload_ns(daemon: Daemon | None, syscost: Path, op: str) -> float:
+    """ns per op of a fresh process, tracked under a quota by `daemon` (None: untracked)."""
+
+    def tracked(pid: int) -> None:
+        assert daemon is not None
+        daemon.register(pid)
+        daemon.set_quota(pid, "heap=1G files=1000 action=notify")
+
+    return bpf_cost.syscost(syscost, op, tracked if daemon else None)
+
+
+def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
+    result = GroupResult(NAME, TITLE)
+    rows = result.rows
+    n = CPU_N if not cfg.quick else 20
+    rounds = 1 if cfg.quick else 3
+    cost_rounds = 1 if cfg.quick else 7
+    paths = [p for p in PATHS if p[0] in ("touch", "open")] if cfg.quick else PATHS
+    ops = WORKLOAD_OPS[:1] if cfg.quick else WORKLOAD_OPS
+    reason = raise_limits(n + 50)
+    if reason:
+        raise RuntimeError(reason)
+    tmp = Path(tempfile.mkdtemp(prefix="engines-", dir=cfg.work))
+    binaries = bpf_cost.compile_helpers(tmp)
+    kills: dict[str, dict[str, dict[str, float]]] = {}
+    cpu: dict[str, float] = {}
+    for engine, interval in ENGINES:
+        with Daemon(cfg.work, "--engine", engine, "--interval", interval) as daemon:
+            if (daemon.path("engine")).read_text().strip() != engine:
+                raise RuntimeError(f"--engine {engine} not in force")
+            for mode, step, count, which in paths:
+                runs = [one_kill(daemon, binaries["grow"], mode, step, count, which,
+                                 tmp / "stamp") for _ in range(rounds)]  # fmt: skip
+                kills.setdefault(mode, {})[engine] = {
+                    key: max(r[key] for r in runs) for key in runs[0]
+                } | {
+                    "death_ms": statistics.median(r["death_ms"] for r in runs),
+                    "killed": min(r["killed"] for r in runs),
+                }
+            for op in ops:
+                bare = statistics.median(workload_ns(None, binaries["syscost"], op)
+                                         for _ in range(rounds))  # fmt: skip
+                tracked = statistics.median(workload_ns(daemon, binaries["syscost"], op)
+                                            for _ in range(rounds))  # fmt: skip
+                note = f"{tracked:.0f} vs {bare:.0f} ns untracked, same daemon"
+                rows.append(Row(f"tracked workload {op}, {engine}", tracked - bare, "ns", note))
+            with Sleepers(helpers["sleepers"], n) as sleepers:
+                cpu[engine] = daemon_cpu(daemon, sleepers, cfg.cpu_window_seconds)
+            rows.append(Row(f"daemon CPU, {n} under kill quotas, {engine} (--interval {interval})",
+                            cpu[engine], "%", "% of one core, nobody reading"))  # fmt: skip
+    for mode, by in kills.items():
+        unit = "MiB" if next(w for m, _, _, w in PATHS if m == mode) == "heap" else "fds"
+        for engine, r in by.items():
+            killed = "every run killed" if r["killed"] else "NOT KILLED in some run"
+            note = f"{killed}; max RSS {r['maxrss_mib']:.1f} MiB"
+            over = None if r["usage_over"] == float("inf") else r["usage_over"]
+            rows.append(Row(f"{mode}: usage at kill over quota, {engine}", over, unit, note))
+            rows.append(Row(f"{mode}: granted past quota (calls returned), {engine}",
+                            r["returned_over"], unit))  # fmt: skip
+            rows.append(Row(f"{mode}: last call's start to death, {engine}", r["death_ms"], "ms"))
+    result.method = f"""
+Both engines in one run, each in a fresh daemon: procfs at its default
+`--interval 100`, bpf at `--interval 2000` (nothing polls under it). Growth
+paths: tests/c/grow.c (1 MiB steps by mmap untouched/touched, brk, mprotect of
+a PROT_NONE reservation, a second thread; one 512 MiB MAP_POPULATE mapping;
+descriptors by open, socket, pipe (2 per call), dup), registered and given
+`heap=64M` or `files=100` with `action=kill` through the mount, {rounds} run(s)
+each (the worst shown). "usage at kill over quota" is the usage in the daemon's
+enforcement log line minus the quota (bpf: the kernel's reading in the crossing
+call; procfs: the sample that decided); "granted" counts calls that returned
+beyond the quota. "last call's start to death": GROW_STAMP's last
+CLOCK_MONOTONIC stamp to the pidfd (for bpf that call is the crossing one; for
+procfs, see group 3 for kill latency against the interval). Daemon CPU:
+{n} sleepers under `{BACKGROUND_QUOTA}`, utime+stime over
+{cfg.cpu_window_seconds:g} s with nobody reading. Tracked workload: bench/c/syscost.c
+(100k-2M ops) registered with a notify quota vs untracked, medians of {rounds}.
+Per-syscall cost machine-wide: bench/bpf_cost.py's rounds (detached / attached
+with the process not watched / watched), alternating, min of {cost_rounds} rounds.
+A procfs row "unavailable" with "NOT KILLED": the grower finished all its calls
+and exited before a check saw it.
+"""
+    costs = _syscall_costs(binaries["syscost"], cost_rounds, rows)
+    bpf = {mode: by["bpf"] for mode, by in kills.items()}
+    one_request = all(
+        r["usage_over"] <= (2 if m == "pipe" else 1) and r["killed"]
+        for m, r in bpf.items() if m != "populate"
+    )  # fmt: skip
+    if cfg.quick:
+        return result  # the smoke test: too few paths and rounds for the goals
+    result.goals += [
+        Goal(
+            "bpf: overshoot <= one syscall's request (every growth path)",
+            1.0 if one_request else 0.0,
+            1.0,
+            "x",
+            "1 = held on every path",
+        ),  # fmt: skip
+        Goal(
+            "bpf: no page populated past the quota (512 MiB MAP_POPULATE, max RSS)",
+            bpf["populate"]["maxrss_mib"],
+            HEAP_QUOTA / MiB,
+            "MiB",
+        ),  # fmt: skip
+        Goal(f"bpf: daemon CPU <= 1 % of a core at {n} quota'd", cpu["bpf"], 1.0, "%"),
+    ]
+    if costs:
+        result.goals.append(
+            Goal(
+                "bpf: getppid +ns while attached, process not watched <= 150",
+                costs["getppid"],
+                150.0,
+                "ns",
+            )  # fmt: skip
+        )
+    return result
+
+
+def _syscall_costs(syscost: Path, rounds: int, rows: list[Row]) -> dict[str, float]:
+    """Attached minus detached ns per op (a process not watched: what all pay)."""
+    pin = Path(f"/sys/fs/bpf/restrackfs-bench-{os.getpid()}")
+    try:
+        kwatch = KernelWatch.open(pin)
+    except BpfUnavailable as why:
+        rows.append(Row("per-syscall cost attached", None, "ns", str(why)))
+        return {}
+    try:
+        costs = bpf_cost.per_syscall_cost(kwatch, syscost, rounds, None)
+    finally:
+        kwatch.close(unpin=True)
+    extra = {}
+    for op, by in costs.items():
+        detached, attached = by["detached"]["min"], by["attached"]["min"]  # type: ignore[index]
+        watched = by["watched"]["min"]  # type: ignore[index]
+        extra[op] = attached - detached
+        rows.append(Row(f"per-syscall {op}: attached - detached (all processes)",
+                        attached - detached, "ns", f"{detached:.0f} ns detached"))  # fmt: skip
+        rows.append(Row(f"per-syscall {op}: watched - detached (tracked process)",
+                        watched - detached, "ns"))  # fmt: skip
+    return extra

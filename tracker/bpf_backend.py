@@ -1,0 +1,326 @@
+"""The bpf backend: the kernel checks each watched process at its own syscalls
+(tracker/bpf/, see its README) and this steers it (see tracker/backend.py).
+
+What it does with what the engine tells it:
+
+- a quota confirmed (`quota_set`), a baseline reset, an adopted entry: the
+  process's `watched` map entry with absolute limits (baseline + quota; heap in
+  pages), deny's soft limits in force, and the action;
+- a quota cleared, an entry removed: the map entry deleted;
+- the programs are attached while at least one entry is watched (at once, on
+  the loop: 5-10 ms), and detached when none has been for `IDLE_DETACH`
+  seconds, in a thread: detaching waits ~3 s for RCU grace periods;
+- its task waits on the ring buffer's fd and hands each event to
+  `policy.reported` (the kernel already acted): the log line, the counters and
+  the `events` pollers follow a crossing within milliseconds, with no polling.
+
+Nothing polls a watched process. The one periodic thing is cheap: every
+`RETRY_PERIOD` the deny entries whose last limit set failed and whose retry is
+due (`entry.deny.retry_at`) get one `policy.check`, as the procfs backend's
+period would have given them; no /proc read for any other entry.
+
+The maps and links are pinned in one directory per state file under
+/sys/fs/bpf/restrackfs/, so a daemon killed with SIGKILL leaves its quotas
+enforced; the next one adopts the directory (`adopt`: entries the state file
+no longer has are unwatched, the events queued meanwhile counted). A clean stop
+(`close`) detaches and unpins everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import trio
+
+from tracker import limits
+from tracker.backend import EXCEEDED, KILLED, NOTIFIED, RAISED, BackendUnavailable, Policy, Report
+from tracker.bpf.loader import NONE, BpfUnavailable, Event, KernelWatch, Kind, WatchState, Which
+from tracker.bpf.loader import Action as BpfAction
+from tracker.entry import Entry
+from tracker.quota import Action
+from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE
+
+log = logging.getLogger("restrackfs.engine")
+
+PIN_ROOT = Path("/sys/fs/bpf/restrackfs")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+IDLE_DETACH = 10.0  # seconds with nothing watched before the programs are detached
+RETRY_PERIOD = 1.0  # seconds between looks for deny limit sets due a retry
+_KINDS = {
+    Kind.EXCEEDED: EXCEEDED,
+    Kind.KILLED: KILLED,
+    Kind.NOTIFIED: NOTIFIED,
+    Kind.RAISED: RAISED,
+}
+
+
+def pin_name(state_path: Path) -> str:
+    """A bpffs name for the state file (one per mount point): its path without
+    the suffix, escaped as the state file's own name is (bpffs refuses ".")."""
+    text = str(state_path.with_suffix("")).strip("/")
+    name = text.replace("-", "--").replace("/", "-").replace(".", "_") or "root"
+    return name[-200:]
+
+
+def pin_dir_of(state_path: Path | None) -> Path:
+    """The pin directory of a daemon with this state file (none: one per process)."""
+    if state_path is None:
+        return PIN_ROOT / f"pid-{os.getpid()}"
+    return PIN_ROOT / pin_name(state_path)
+
+
+class Backend:
+    name = "bpf"
+
+    def __init__(self, policy: Policy, interval: float) -> None:
+        self.policy = policy
+        state_path: Path | None = getattr(policy, "state_path", None)
+        try:
+            self.kw = KernelWatch.open(pin_dir_of(state_path))
+        except BpfUnavailable as why:
+            with contextlib.suppress(OSError):  # made for this one, left empty by the failure
+                PIN_ROOT.rmdir()
+            raise BackendUnavailable(str(why)) from None
+        self._watched: dict[int, Entry] = {}  # pid -> the entry its map entry is for
+        # pid -> its "exceeded" count when the kernel's last crossing was handed over
+        # (or it was watched): a count beyond it was a sample's (see _counted_already)
+        self._exceeded_seen: dict[int, int] = {}
+        self._lock = threading.Lock()  # attach/detach/close: never two at once
+        self._detaching = False
+        self._changed = trio.Event()
+        self._closed = False
+
+    # ----- the engine's notifications (synchronous, cheap) ------------------
+
+    def adopt(self, entries: Iterable[Entry]) -> None:
+        """At start: keep what the kernel holds for the restored entries (peaks and
+        crossing flags included), watch the rest, unwatch what the state lost,
+        and count what happened while no daemon ran."""
+        restored = {entry.pid: entry for entry in entries if entry.quota is not None}
+        held = self.kw.entries()
+        for pid in held.keys() - restored.keys():
+            self.kw.unwatch(pid)
+            log.info("bpf: unwatched pid=%d (not in the state file)", pid)
+        for pid, entry in restored.items():
+            wanted = self._state_of(entry)
+            old = held.get(pid)
+            if old is not None and _same_limits(old, wanted):
+                self._watched[pid] = entry
+            else:
+                self._watch(entry)
+        if held:
+            log.info("bpf: adopted %d pinned entries in %s", len(held), self.kw.pin_dir)
+        self._handle_all(self.kw.drain(), meanwhile=True)
+        self._sync()
+
+    def quota_set(self, entry: Entry) -> None:
+        self._watch(entry)
+        self._sync()
+
+    def baseline_reset(self, entry: Entry) -> None:
+        self._watch(entry)  # flags cleared: the next crossing counts afresh, as in procfs
+        self._sync()
+
+    def quota_cleared(self, entry: Entry) -> None:
+        self._unwatch(entry)
+
+    def removed(self, entry: Entry) -> None:
+        self._unwatch(entry)
+
+    def flush(self) -> None:
+        if not self._closed:
+            self._handle_all(self.kw.drain())
+
+    def close(self) -> None:
+        """A clean stop: detach, unpin, remove the directory (waits for a detach under way)."""
+        self._closed = True
+        with self._lock:
+            self.kw.close(unpin=True)
+        with contextlib.suppress(OSError):  # others' directories still there: keep it
+            PIN_ROOT.rmdir()
+        log.info("bpf: detached and unpinned %s", self.kw.pin_dir)
+
+    # ----- the map --------------------------------------------------------
+
+    def _state_of(self, entry: Entry) -> WatchState:
+        quota = entry.quota
+        assert quota is not None
+        heap = None if quota.heap is None else (entry.heap_base + quota.heap) // PAGE
+        files = None if quota.files is None else entry.files_base + quota.files
+        soft = entry.deny.applied_soft if quota.action is Action.DENY else {}
+        return WatchState(
+            entry.process.start_time,
+            heap,
+            files,
+            0,
+            0,
+            soft.get(limits.DATA),
+            soft.get(limits.NOFILE),
+            BpfAction[quota.action.name],
+            0,
+        )
+
+    def _watch(self, entry: Entry) -> None:
+        s = self._state_of(entry)
+        try:
+            self.kw.watch(
+                entry.pid,
+                s.start_time,
+                s.heap_limit_pages,
+                s.fd_limit,
+                s.action.name.lower(),
+                data_soft=s.data_soft,
+                nofile_soft=s.nofile_soft,
+            )
+        except ProcessLookupError:
+            self._watched.pop(entry.pid, None)  # exited: its exit watcher removes it
+            return
+        except OSError as error:  # the map is full (65,536): a quota the kernel cannot keep
+            log.error("bpf: cannot watch pid=%d: %s", entry.pid, error)
+            return
+        self._watched[entry.pid] = entry
+        self._exceeded_seen[entry.pid] = entry.events[EXCEEDED]
+
+    def _unwatch(self, entry: Entry) -> None:
+        if self._watched.get(entry.pid) is entry:
+            del self._watched[entry.pid]
+            self._exceeded_seen.pop(entry.pid, None)
+            if not self._closed:
+                self.kw.unwatch(entry.pid)
+                self._sync()
+
+    # ----- attachment -------------------------------------------------------
+
+    def _sync(self) -> None:
+        """Attach at once when something is watched; a detach waits for the task."""
+        if self._watched and not self.kw.attached and not self._detaching:
+            with self._lock:
+                try:
+                    self.kw.attach()
+                except BpfUnavailable as why:
+                    log.error("bpf: attach failed, quotas not enforced in the kernel: %s", why)
+        self._changed.set()
+
+    async def _attachment(self) -> None:
+        """Detach after IDLE_DETACH seconds with nothing watched; reattach after
+        a detach if a quota came meanwhile."""
+        while True:
+            await self._changed.wait()
+            self._changed = trio.Event()
+            if self._watched or not self.kw.attached:
+                continue
+            with trio.move_on_after(IDLE_DETACH):
+                while not self._watched:
+                    await self._changed.wait()
+                    self._changed = trio.Event()
+            if self._watched or self._closed:
+                continue
+            self._detaching = True
+            try:
+                started = time.monotonic()
+                await trio.to_thread.run_sync(self._detach)
+                log.info("bpf: detached (nothing watched), %.1f s", time.monotonic() - started)
+            finally:
+                self._detaching = False
+            self._sync()  # a quota set while detaching is attached now
+
+    def _detach(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self.kw.detach()
+
+    # ----- events -----------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._attachment)
+            nursery.start_soon(self._retries)
+            task_status.started()
+            fd = self.kw.ring_fd()
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                self._handle_all(self.kw.drain())
+
+    def _handle_all(self, events: list[Event], meanwhile: bool = False) -> None:
+        for event in events:
+            try:
+                self._handle(event, meanwhile)
+            except Exception:  # a bug must not stop the events of all the others
+                log.exception("bpf: event %s failed", event)
+
+    def _handle(self, event: Event, meanwhile: bool) -> None:
+        entry = self._watched.get(event.tgid)
+        if event.kind is Kind.EXITED:
+            if entry is not None:
+                del self._watched[event.tgid]  # the kernel removed its map entry
+                self._exceeded_seen.pop(event.tgid, None)
+                self._changed.set()
+            return
+        if meanwhile:
+            log.warning(
+                "bpf: while no daemon ran: pid=%d %s %s usage=%d limit=%d",
+                event.tgid,
+                event.kind.name.lower(),
+                event.which.name.lower(),
+                event.usage,
+                event.limit,
+            )
+        if entry is None:
+            return  # an entry gone meanwhile (reaped, deregistered)
+        report = self._report(entry, event)
+        if report.kind == KILLED and entry.killed:
+            return  # a read's sample killed it first and counted it
+        if report.kind in (NOTIFIED, EXCEEDED) and self._counted_already(entry, report):
+            return
+        self.policy.reported(report)
+        self._exceeded_seen[entry.pid] = entry.events[EXCEEDED]
+
+    def _counted_already(self, entry: Entry, report: Report) -> bool:
+        """This crossing was counted by a sample (a read of the process's files, the
+        check when the quota was set) before its report came through the ring: the
+        entry's "exceeded" moved since the kernel's last report, and the resource
+        is over. Once per crossing, whoever saw it first."""
+        seen = self._exceeded_seen.get(entry.pid, entry.events[EXCEEDED])
+        if entry.events[EXCEEDED] > seen and report.resource.name in entry.over:
+            self._exceeded_seen[entry.pid] = entry.events[EXCEEDED]
+            return True
+        return False
+
+    @staticmethod
+    def _report(entry: Entry, event: Event) -> Report:
+        """The kernel's absolute values as the policy's: relative to the baseline, bytes."""
+        quota = entry.effective_quota
+        if event.which is Which.HEAP:
+            resource, scale, base, limit = HEAP_RESOURCE, PAGE, entry.heap_base, quota.heap
+        else:
+            resource, scale, base, limit = FILES_RESOURCE, 1, entry.files_base, quota.files
+        usage = event.usage * scale if event.usage != NONE else 0
+        if event.kind is Kind.RAISED:
+            return Report(entry, RAISED, resource, usage, limit or 0)
+        return Report(entry, _KINDS[event.kind], resource, max(0, usage - base), limit or 0)
+
+    async def _retries(self) -> None:
+        """Deny limit sets that failed are retried when due (no /proc read otherwise)."""
+        while True:
+            await trio.sleep(RETRY_PERIOD)
+            now = time.monotonic()
+            for entry in list(self._watched.values()):
+                deny = entry.deny
+                if deny.failures and deny.retry_at <= now:
+                    self.policy.check(entry)
+
+
+def _same_limits(old: WatchState, new: WatchState) -> bool:
+    """What the kernel holds is what the entry asks (peaks and flags aside)."""
+    return (old.start_time, old.heap_limit_pages, old.fd_limit, old.action) == (
+        new.start_time,
+        new.heap_limit_pages,
+        new.fd_limit,
+        new.action,
+    ) and (old.data_soft, old.nofile_soft) == (new.data_soft, new.nofile_soft)
