@@ -41,7 +41,7 @@ log = logging.getLogger("restrackfs.fs")
 
 ROOT = pyfuse3.ROOT_INODE
 FIRST_TOP = ROOT + 1
-STRIDE = 8  # inodes per registration: the directory, then its files
+STRIDE = 16  # inodes per registration: the directory, then its files (room to grow)
 FIRST_DIR = 1024
 assert len(PROCESS_FILES) < STRIDE
 # Names that never change meaning can be cached by the kernel for long; a
@@ -412,7 +412,7 @@ class RestrackOperations(pyfuse3.Operations):
         access_mode = flags & os.O_ACCMODE
         wants_read = access_mode in (os.O_RDONLY, os.O_RDWR)
         wants_write = access_mode in (os.O_WRONLY, os.O_RDWR)
-        if (wants_read and node.spec.read is None) or (wants_write and node.spec.write is None):
+        if (wants_read and not node.spec.readable) or (wants_write and node.spec.write is None):
             raise pyfuse3.FUSEError(errno.EACCES)
         handle = Handle(node, Caller(ctx.uid, self.hidepid))
         if node.spec.pollable:
@@ -426,6 +426,12 @@ class RestrackOperations(pyfuse3.Operations):
         assert spec is not None and spec.read is not None
         return spec.read(self.engine, handle.node.entry, handle.caller).encode()
 
+    async def _render_async(self, handle: Handle) -> bytes:
+        """A slow file's text: awaited, so the loop serves other requests meanwhile."""
+        spec = handle.node.spec
+        assert spec is not None and spec.read_async is not None
+        return (await spec.read_async(self.engine, handle.node.entry, handle.caller)).encode()
+
     @boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.handles[fh]
@@ -437,6 +443,9 @@ class RestrackOperations(pyfuse3.Operations):
             content = kept.content
         elif off and kept.end is not None and off >= kept.end:
             return b""  # past the end of a text dropped for its uid's budget
+        elif handle.node.spec is not None and handle.node.spec.read_async is not None:
+            content = await self._render_async(handle)
+            self.handles.keep(fh, content=content)
         else:
             content = self._render(handle)
             if handle.node.spec is not None and handle.node.spec.pollable:
@@ -492,7 +501,7 @@ class RestrackOperations(pyfuse3.Operations):
         spec = handle.node.spec
         assert spec is not None
         if not spec.pollable:
-            return (select.POLLIN if spec.read else 0) | (select.POLLOUT if spec.write else 0)
+            return (select.POLLIN if spec.readable else 0) | (select.POLLOUT if spec.write else 0)
         try:
             changed = self._render(handle) != handle.seen
         except (TrackerError, NoSuchProcess):
