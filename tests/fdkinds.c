@@ -4,6 +4,8 @@
  *                          an epoll fd, DIR opened O_DIRECTORY, FILE opened read-only
  *   many N         -> ok OPENED [ERRNO]   dup()s of /dev/null (kind "other") up to N
  *   churn          -> ok   a thread that opens and closes descriptors in a loop
+ *   leader-exit    -> ok   a new thread answers from now on; the main one pthread_exit()s
+ *                          (the leader becomes a zombie, the process lives on)
  *   exit           -> exits 0
  */
 #define _GNU_SOURCE
@@ -30,9 +32,16 @@ static void *churn(void *arg) {
     return NULL;
 }
 
-int main(void) {
-    char line[4096], word[32], a[2048], b[2048];
-    setvbuf(stdout, NULL, _IOLBF, 0);
+static void *serve(void *arg);
+
+static void *serve_after_leader(void *arg) {
+    printf("ok\n");
+    return serve(arg);
+}
+
+static void *serve(void *arg) {
+    (void)arg;
+    static char line[4096], word[32], a[2048], b[2048];
     while (fgets(line, sizeof line, stdin)) {
         a[0] = b[0] = 0;
         if (sscanf(line, "%31s %2047s %2047s", word, a, b) < 1) continue;
@@ -54,11 +63,21 @@ int main(void) {
             pthread_t t;
             if (pthread_create(&t, NULL, churn, NULL)) printf("err %d\n", errno);
             else printf("ok\n");
+        } else if (!strcmp(word, "leader-exit")) {
+            pthread_t t;
+            if (pthread_create(&t, NULL, serve_after_leader, NULL)) printf("err %d\n", errno);
+            else pthread_exit(NULL);
         } else if (!strcmp(word, "exit")) {
-            return 0;
+            exit(0);
         } else {
             printf("err %d\n", EINVAL);
         }
     }
+    exit(0);
+}
+
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    serve(NULL);
     return 0;
 }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -25,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from restrackfs import client
 from tests.conftest import HERE, NOBODY, Daemon, MiB, wait_until
 from tests.test_fs import sh
+from tracker import procfs
 from tracker.vocabulary import FD_KINDS, OPENFILE_TOTAL
 
 SPIKE = 30 * MiB
@@ -79,19 +81,19 @@ def test_stat_metrics_and_fds_reads_raise_the_peaks_too(daemon, spawn):
     w = spawn()
     daemon.register(w.pid)
     w.do("mmap", 2 * SPIKE)
-    stat = client.stat(w.pid, mount=daemon.mountpoint)
-    assert stat.heap_peak == stat.heapsize >= 2 * SPIKE
+    first = client.stat(w.pid, mount=daemon.mountpoint)
+    assert first.heap_peak == first.heapsize >= 2 * SPIKE
     w.do("munmap")
     w.do("open", 4)
     samples = metric_samples(daemon.read("metrics"))
     pid = str(w.pid)
-    assert samples[("restrack_heap_peak_bytes", pid)] == stat.heap_peak  # kept from stat
+    assert samples[("restrack_heap_peak_bytes", pid)] == first.heap_peak  # kept from stat
     assert samples[("restrack_open_files_peak", pid)] == 4  # the metrics' own sample
     w.do("open", 2)
-    assert fds(daemon, w.pid)[OPENFILE_TOTAL] == stat.openfile_total + 6
+    assert fds(daemon, w.pid)[OPENFILE_TOTAL] == first.openfile_total + 6
     w.do("close", 6)
     after = client.stat(w.pid, mount=daemon.mountpoint)
-    assert (after.heap_peak, after.openfile_peak, after.openfile_count) == (stat.heap_peak, 6, 0)
+    assert (after.heap_peak, after.openfile_peak, after.openfile_count) == (first.heap_peak, 6, 0)
     lines = daemon.read(w.pid, "stat").splitlines()
     assert [line.split()[0] for line in lines][-2:] == ["heap_peak", "openfile_peak"]
 
@@ -329,3 +331,37 @@ def test_a_listing_of_very_many_descriptors_does_not_stall_other_reads(daemon, h
     # other reads went on during the listings, each far quicker than one listing
     assert len(latencies) >= 20
     assert median < min(listings) / 5
+
+
+def test_fds_of_a_process_whose_leader_exited_is_read_through_a_live_thread(daemon, holder):
+    h = holder()
+    daemon.register(h.pid)
+    h.do("many", 10)
+    h.do("leader-exit")
+    wait_until(lambda: b") Z " in Path(f"/proc/{h.pid}/stat").read_bytes(), what="zombie leader")
+    assert fds(daemon, h.pid) == {
+        "file": 0, "dir": 0, "socket": 0, "pipe": 2, "anon": 0, "other": 11,
+        OPENFILE_TOTAL: 13,
+    }  # fmt: skip
+    assert peak(daemon, h.pid, "openfile_peak") == 10
+
+
+@pytest.mark.parametrize(
+    ("target", "file_type", "kind"),
+    [
+        ("socket:[2077881]", None, "socket"),
+        ("pipe:[2077880]", None, "pipe"),
+        ("anon_inode:[eventfd]", None, "anon"),
+        ("anon_inode:inotify", None, "anon"),
+        ("anon_inode:[pidfd]", None, "anon"),
+        ("net:[4026531833]", None, "other"),
+        ("/etc/passwd", stat.S_IFREG, "file"),
+        ("/memfd:x (deleted)", stat.S_IFREG, "file"),
+        ("/tmp", stat.S_IFDIR, "dir"),
+        ("/run/fifo", stat.S_IFIFO, "pipe"),
+        ("/dev/null", stat.S_IFCHR, "other"),
+        ("/dev/sda", stat.S_IFBLK, "other"),
+    ],
+)
+def test_each_link_target_has_one_kind(target, file_type, kind):
+    assert procfs.fd_kind(target, file_type) == kind
