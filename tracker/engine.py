@@ -297,7 +297,7 @@ class Engine(Policy):
         for entry in self.registry.entries():
             self.fold_exact_peaks(entry)  # before the backend closes
         try:
-            self.store.compact()
+            self.store.save_at_stop()
         except OSError as error:
             log.error("state file %s: peaks not saved at stop: %s", self.state_path, error)
         with self.deny.helpers.batch():

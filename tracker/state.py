@@ -322,6 +322,14 @@ class Store:
         if self._journal is not None:
             self._journal.rewrite([record_of(entry) for entry in self._live()])
 
+    def save_at_stop(self) -> None:
+        """At a clean stop: a snapshot, so the peaks as they are now are kept (they
+        are journaled only with other changes). Only into the file still ours: one
+        deleted or replaced under us (its directory removed, say) is not made anew
+        at a stop, where no change asks for it (OSError if it cannot be written)."""
+        if self._journal is not None and self._journal.is_attached():
+            self.compact()
+
     def close(self) -> None:
         if self._journal is not None:
             self._journal.close()
