@@ -240,6 +240,16 @@ def test_fds_counts_each_kind_exactly(daemon, holder, tmp_path):
     assert peak(daemon, h.pid, "openfile_peak") == 8  # the fds read sampled it
 
 
+def test_fds_of_descriptors_on_the_mount_itself(daemon, holder):
+    """A file and a directory of this very mount: their type is known without asking
+    the filesystem (statx AT_STATX_DONT_SYNC), so the listing cannot wait on itself."""
+    h = holder()
+    daemon.register(h.pid)
+    h.do("kinds", daemon.path(h.pid, "stat"), daemon.mountpoint)
+    kinds = fds(daemon, h.pid)
+    assert (kinds["file"], kinds["dir"], kinds[OPENFILE_TOTAL]) == (1, 1, 11)
+
+
 def test_fds_sums_to_its_own_total_under_concurrent_open_and_close(daemon, holder):
     h = holder()
     daemon.register(h.pid)
