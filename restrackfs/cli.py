@@ -22,7 +22,7 @@ from typing import TextIO
 
 from restrackfs import client
 from restrackfs.client import NotMountedError, Stat
-from tracker.vocabulary import UNLIMITED
+from tracker.vocabulary import OPENFILE_TOTAL, UNLIMITED
 
 EXIT_CODES = {
     errno.EINVAL: 2,
@@ -81,7 +81,8 @@ def _use_text(use: float | None) -> str:
     return "-" if use is None else f"{use:.0f}%"
 
 
-COLUMNS = ("PID", "COMMAND", "HEAP", "FILES", "HEAP-QUOTA", "FILE-QUOTA", "USE", "ACTION")
+# PEAK: the highest HEAP since registration or the last usage reset (heap_peak)
+COLUMNS = ("PID", "COMMAND", "HEAP", "PEAK", "FILES", "HEAP-QUOTA", "FILE-QUOTA", "USE", "ACTION")
 
 
 def shown(text: str) -> str:
@@ -98,6 +99,7 @@ def _row(s: Stat) -> tuple[str, ...]:
         str(s.pid),
         shown(s.comm),
         human_size(s.heapsize),
+        human_size(s.heap_peak),
         str(s.openfile_count),
         human_size(s.heap_quota),
         "-" if s.file_quota is None else str(s.file_quota),
@@ -164,14 +166,22 @@ def cmd_reset(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def fds_text(kinds: dict[str, int]) -> str:
+    """`file 3, dir 1, ... (openfile_total 9)`: one line for `show`."""
+    total = kinds.pop(OPENFILE_TOTAL)
+    return ", ".join(f"{kind} {count}" for kind, count in kinds.items()) + f" (total {total})"
+
+
 def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
     s = client.stat(args.pid, mount=args.mount)
+    kinds = client.fds(args.pid, mount=args.mount)  # a listing of its own moment
     if args.json:
-        json.dump(stat_json(s), out)
+        json.dump({**stat_json(s), "fds": kinds}, out)
         out.write("\n")
         return 0
-    fields = asdict(s)
+    fields: dict[str, object] = asdict(s)
     fields["quota_use"] = _use_text(quota_use(s))
+    fields["fds"] = fds_text(kinds)
     width = max(map(len, fields))
     for key, value in fields.items():
         value = UNLIMITED if value is None else value

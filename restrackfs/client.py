@@ -31,7 +31,15 @@ from pathlib import Path
 from typing import NoReturn
 
 from tracker.quota import parse_action, parse_count, parse_reset, parse_size
-from tracker.vocabulary import FILES, HEAP, STAT_FIELDS, UNLIMITED, parse_limit
+from tracker.vocabulary import (
+    FD_KINDS,
+    FILES,
+    HEAP,
+    OPENFILE_TOTAL,
+    STAT_FIELDS,
+    UNLIMITED,
+    parse_limit,
+)
 
 DEFAULT_MOUNT = "/restrack"
 _NOT_SERVED = (errno.ENOTCONN, errno.ECONNABORTED)
@@ -73,6 +81,8 @@ class Stat:
     heap_total: int
     openfile_total: int
     registered: int  # when it was registered, in unix seconds
+    heap_peak: int  # the highest heapsize since registration or the last usage reset
+    openfile_peak: int  # the highest openfile_count, likewise
 
     def resource(self) -> Resource:
         return Resource(
@@ -278,6 +288,24 @@ def reset(pid: int, what: str = "all", *, mount: str | os.PathLike[str] | None =
 def stat(pid: int, *, mount: str | os.PathLike[str] | None = None) -> Stat:
     """Every field of `PID/stat`, read at once (one consistent reading)."""
     return parse_stat(_read(mount_point(mount), f"{_check_pid(pid)}/stat", str(pid)))
+
+
+def fds(pid: int, *, mount: str | os.PathLike[str] | None = None) -> dict[str, int]:
+    """The open descriptors of a tracked process by kind (`FD_KINDS`, in order), and
+    `openfile_total`, their sum: one read of `PID/fds`, one listing."""
+    text = _read(mount_point(mount), f"{_check_pid(pid)}/fds", str(pid))
+    return parse_fds(text)
+
+
+def parse_fds(text: str) -> dict[str, int]:
+    """`PID/fds`'s `kind count` lines; a kind missing or given twice is refused."""
+    counts: dict[str, int] = {}
+    for line in lines(text):
+        key, _, value = line.partition(" ")
+        if key in counts:
+            raise OSError(errno.EIO, f"fds: {key!r} given twice")
+        counts[key] = int(value)
+    return {key: counts[key] for key in (*FD_KINDS, OPENFILE_TOTAL)}
 
 
 def lines(text: str) -> list[str]:

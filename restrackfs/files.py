@@ -8,7 +8,7 @@ decoded) and raise the engine's errors, which carry the errno to answer.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from restrackfs import metrics
@@ -17,7 +17,7 @@ from tracker.engine import Engine, Entry
 from tracker.errors import InvalidArgument, NoSuchProcess
 from tracker.procfs import escape_comm
 from tracker.quota import WHITESPACE, parse_quota, parse_reset
-from tracker.vocabulary import EVENTS, STAT_FIELDS, format_limit
+from tracker.vocabulary import EVENTS, FD_KINDS, OPENFILE_TOTAL, STAT_FIELDS, format_limit
 
 MAX_WRITE = 4096
 _DECIMAL = re.compile(r"[0-9]+", re.ASCII)
@@ -38,6 +38,7 @@ def visible(entry: Entry, uid: int, hidepid: bool) -> bool:
 
 
 Reader = Callable[[Engine, Entry | None, Caller], str]
+AsyncReader = Callable[[Engine, Entry | None, Caller], Awaitable[str]]
 Writer = Callable[[Engine, Entry | None, str, Caller], None]
 
 
@@ -48,6 +49,12 @@ class FileSpec:
     read: Reader | None = None
     write: Writer | None = None
     pollable: bool = False  # poll() reports a change since the reader last looked
+    # a read that takes long (O(descriptors)): awaited, so other requests go on meanwhile
+    read_async: AsyncReader | None = None
+
+    @property
+    def readable(self) -> bool:
+        return self.read is not None or self.read_async is not None
 
 
 def parse_pid(text: str) -> int:
@@ -77,6 +84,25 @@ def read_openfile_count(engine: Engine, entry: Entry | None, caller: Caller) -> 
     return f"{engine.openfile_count(entry)}\n"
 
 
+def read_heap_peak(engine: Engine, entry: Entry | None, caller: Caller) -> str:
+    assert entry is not None
+    return f"{engine.heap_peak(entry)}\n"
+
+
+def read_openfile_peak(engine: Engine, entry: Entry | None, caller: Caller) -> str:
+    assert entry is not None
+    return f"{engine.openfile_peak(entry)}\n"
+
+
+async def read_fds(engine: Engine, entry: Entry | None, caller: Caller) -> str:
+    """The descriptors by kind, then `openfile_total`: their sum, the size of the
+    one listing they come from (kinds only: no path is ever shown)."""
+    assert entry is not None
+    kinds = await engine.fds(entry)
+    lines = [f"{kind} {kinds[kind]}\n" for kind in FD_KINDS]
+    return "".join(lines) + f"{OPENFILE_TOTAL} {sum(kinds.values())}\n"
+
+
 def read_stat(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     assert entry is not None
     m = engine.measure(entry)
@@ -91,6 +117,8 @@ def read_stat(engine: Engine, entry: Entry | None, caller: Caller) -> str:
         "heap_total": m.heap_total,
         "openfile_total": m.openfile_total,
         "registered": int(m.registered),
+        "heap_peak": m.heap_peak,
+        "openfile_peak": m.openfile_peak,
     }
     return "".join(f"{key} {values[key]}\n" for key in STAT_FIELDS)
 
@@ -164,4 +192,7 @@ PROCESS_FILES = (
     FileSpec("reset", 0o200, write=write_reset),
     FileSpec("stat", 0o444, read=read_stat),
     FileSpec("events", 0o444, read=read_events, pollable=True),
+    FileSpec("heap_peak", 0o444, read=read_heap_peak),
+    FileSpec("openfile_peak", 0o444, read=read_openfile_peak),
+    FileSpec("fds", 0o444, read_async=read_fds),
 )

@@ -20,6 +20,7 @@ import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from types import CoroutineType
 from typing import Any, ParamSpec, TypeVar, overload
 
 import pyfuse3
@@ -42,7 +43,7 @@ log = logging.getLogger("restrackfs.fs")
 
 ROOT = pyfuse3.ROOT_INODE
 FIRST_TOP = ROOT + 1
-STRIDE = 8  # inodes per registration: the directory, then its files
+STRIDE = 16  # inodes per registration: the directory, then its files (room to grow)
 FIRST_DIR = 1024
 assert len(PROCESS_FILES) < STRIDE
 # Names that never change meaning can be cached by the kernel for long; a
@@ -61,7 +62,8 @@ def boundary(handler: Callable[P, Any]) -> Callable[P, Awaitable[Any]]:
     """Answer every failure with an errno: no request may take the daemon down.
 
     `handler` may be a plain function: a handler that never waits (open, read,
-    release...) is called directly, which spares a coroutine per request.
+    release...) is called directly, which spares a coroutine per request; one
+    that must wait for a particular request returns a coroutine, awaited here.
     """
     if inspect.iscoroutinefunction(handler):
 
@@ -77,7 +79,10 @@ def boundary(handler: Callable[P, Any]) -> Callable[P, Awaitable[Any]]:
     @functools.wraps(handler)
     async def direct(*args: P.args, **kwargs: P.kwargs) -> Any:
         try:
-            return handler(*args, **kwargs)
+            result = handler(*args, **kwargs)
+            if type(result) is CoroutineType:  # this request must wait after all (`fds`)
+                result = await result
+            return result
         except Exception as error:
             raise _errno_of(error, handler) from None
 
@@ -447,7 +452,7 @@ class RestrackOperations(pyfuse3.Operations):
         access_mode = flags & os.O_ACCMODE
         wants_read = access_mode in (os.O_RDONLY, os.O_RDWR)
         wants_write = access_mode in (os.O_WRONLY, os.O_RDWR)
-        if (wants_read and node.spec.read is None) or (wants_write and node.spec.write is None):
+        if (wants_read and not node.spec.readable) or (wants_write and node.spec.write is None):
             raise pyfuse3.FUSEError(errno.EACCES)
         handle = Handle(node, Caller(ctx.uid, self.hidepid))
         if node.spec.pollable:
@@ -461,8 +466,14 @@ class RestrackOperations(pyfuse3.Operations):
         assert spec is not None and spec.read is not None
         return spec.read(self.engine, handle.node.entry, handle.caller).encode()
 
+    async def _render_async(self, handle: Handle) -> bytes:
+        """A slow file's text: awaited, so the loop serves other requests meanwhile."""
+        spec = handle.node.spec
+        assert spec is not None and spec.read_async is not None
+        return (await spec.read_async(self.engine, handle.node.entry, handle.caller)).encode()
+
     @boundary
-    def read(self, fh: int, off: int, size: int) -> bytes:
+    def read(self, fh: int, off: int, size: int) -> bytes | Awaitable[bytes]:
         handle = self.handles[fh]
         kept = handle.kept
         # Like seq_file: a read at offset 0 computes the value afresh; reads
@@ -472,11 +483,20 @@ class RestrackOperations(pyfuse3.Operations):
             content = kept.content
         elif off and kept.end is not None and off >= kept.end:
             return b""  # past the end of a text dropped for its uid's budget
+        elif handle.node.spec is not None and handle.node.spec.read_async is not None:
+            return self._read_slow(fh, handle, off, size)
         else:
             content = self._render(handle)
             if handle.node.spec is not None and handle.node.spec.pollable:
                 handle.seen = content
             self.handles.keep(fh, content=content)
+        return content[off : off + size]
+
+    async def _read_slow(self, fh: int, handle: Handle, off: int, size: int) -> bytes:
+        """A read at offset 0 of a file whose text takes long (read_async): awaited,
+        so the loop serves other requests meanwhile."""
+        content = await self._render_async(handle)
+        self.handles.keep(fh, content=content)
         return content[off : off + size]
 
     @boundary
@@ -527,7 +547,7 @@ class RestrackOperations(pyfuse3.Operations):
         spec = handle.node.spec
         assert spec is not None
         if not spec.pollable:
-            return (select.POLLIN if spec.read else 0) | (select.POLLOUT if spec.write else 0)
+            return (select.POLLIN if spec.readable else 0) | (select.POLLOUT if spec.write else 0)
         try:
             changed = self._render(handle) != handle.seen
         except (TrackerError, NoSuchProcess):

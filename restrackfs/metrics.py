@@ -21,6 +21,18 @@ _GAUGES: tuple[tuple[str, str, Callable[[Measurement], int | None]], ...] = (
         lambda m: m.openfile_count,
     ),
     (
+        "restrack_heap_peak_bytes",
+        "Highest heap bytes gained since registration or the last usage reset"
+        " (sampled at each read and check under procfs).",
+        lambda m: m.heap_peak,
+    ),
+    (
+        "restrack_open_files_peak",
+        "Highest open file descriptors gained since registration or the last usage reset"
+        " (sampled at each read and check under procfs).",
+        lambda m: m.openfile_peak,
+    ),
+    (
         "restrack_heap_quota_bytes",
         "Heap quota in bytes (present only when set).",
         lambda m: m.quota.heap,

@@ -21,11 +21,11 @@ import trio.testing
 
 from tests.conftest import MiB
 from tracker import backend as backends
-from tracker.backend import KILLED, NOTIFIED, Policy, Report
+from tracker.backend import KILLED, NOTIFIED, PEAK, Policy, Report
 from tracker.engine import Entry, open_engine
 from tracker.errors import NoSuchProcess
 from tracker.quota import Action, Quota
-from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE
+from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE, Counters
 
 ROOT = 0
 INTERVAL = 0.01
@@ -41,6 +41,8 @@ class Backend:
         self.policy = policy
         self.told: list[tuple[object, ...]] = []
         self.reports, self._received = trio.open_memory_channel[Report](16)
+        # the exact peaks "the kernel" keeps, absolute, by pid (the test plays the kernel)
+        self.exact: dict[int, Counters] = {}
         created.append(self)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -56,9 +58,15 @@ class Backend:
 
     def quota_cleared(self, entry: Entry) -> None:
         self.told.append(("quota_cleared", entry.pid))
+        self.exact.pop(entry.pid, None)  # unwatched: the kernel's map entry is gone
 
     def baseline_reset(self, entry: Entry) -> None:
         self.told.append(("baseline_reset", entry.pid, entry.heap_base, entry.files_base))
+        self.exact.pop(entry.pid, None)  # the peaks restart (KernelWatch.reset_peaks)
+
+    def peaks(self, entry: Entry) -> Counters | None:
+        """backend.ExactPeaks: what the kernel's map says (None: not watched)."""
+        return self.exact.get(entry.pid)
 
     def removed(self, entry: Entry) -> None:
         self.told.append(("removed", entry.pid, entry.ended))
@@ -172,6 +180,57 @@ async def test_a_report_of_an_entry_gone_is_ignored(spawn, tmp_path, pushed):
         eng.deregister(w.pid, ROOT)
         eng.reported(Report(entry, NOTIFIED, FILES_RESOURCE, 2, 1))
         assert entry.events["notified"] == 0
+
+
+async def test_a_backends_exact_peaks_are_folded_into_the_sampled_ones(spawn, tmp_path, pushed):
+    """A spike no sample saw (mapped and unmapped between two reads), which the
+    kernel's watermark caught: heap_peak shows it; a usage reset restarts it."""
+    w = spawn()
+    async with engine(tmp_path) as eng:
+        entry = eng.register(w.pid, ROOT)
+        await settle()
+        eng.set_quota(entry, Quota(heap=1024 * MiB, action=Action.NOTIFY), ROOT)
+        backend = pushed()
+        assert eng.heap_peak(entry) == 0
+        spike = Counters(entry.heap_base + 30 * MiB, entry.files_base + 7)
+        backend.exact[w.pid] = spike  # what the kernel's map says now
+        assert (eng.heap_peak(entry), eng.openfile_peak(entry)) == (30 * MiB, 7)
+        m = eng.measure(entry)
+        assert (m.heap_peak, m.openfile_peak, m.heapsize) == (30 * MiB, 7, 0)
+
+        w.do("mmap", 40 * MiB)  # a sample above the exact peak: the higher wins
+        assert eng.heapsize(entry) >= 40 * MiB
+        assert eng.heap_peak(entry) == eng.heapsize(entry)
+        w.do("munmap")
+
+        eng.reset(entry, quota=False, usage=True, caller_uid=ROOT)
+        assert backend.told[-1][0] == "baseline_reset"
+        assert (eng.heap_peak(entry), eng.openfile_peak(entry)) == (0, 0)
+
+        # a quota cleared: the peaks are taken before the backend forgets them
+        backend.exact[w.pid] = Counters(entry.heap_base + 5 * MiB, None)
+        eng.reset(entry, quota=True, usage=False, caller_uid=ROOT)
+        assert backend.told[-1] == ("quota_cleared", w.pid) and w.pid not in backend.exact
+        assert eng.heap_peak(entry) == 5 * MiB
+
+        # a "peak" report (relative, as every report) is folded in too
+        eng.reported(Report(entry, PEAK, FILES_RESOURCE, 9, 0))
+        assert eng.openfile_peak(entry) == 9
+
+
+async def test_a_clean_stop_saves_the_exact_peaks_before_the_backend_closes(
+    spawn, tmp_path, pushed
+):
+    w = spawn()
+    async with engine(tmp_path) as eng:
+        entry = eng.register(w.pid, ROOT)
+        await settle()
+        eng.set_quota(entry, Quota(files=100, action=Action.NOTIFY), ROOT)
+        pushed().exact[w.pid] = Counters(entry.heap_base + 12 * MiB, entry.files_base + 3)
+    async with engine(tmp_path, "procfs") as eng:  # nothing exact now: the saved ones
+        entry = eng.get(w.pid)
+        assert entry is not None
+        assert (eng.heap_peak(entry), eng.openfile_peak(entry)) == (12 * MiB, 3)
 
 
 def test_an_engine_is_chosen_by_name():

@@ -19,14 +19,19 @@ import pytest
 from restrackfs import client
 from restrackfs.cli import human_size
 from tests.conftest import NOBODY, MiB, as_user, shared_tempdir
+from tracker.vocabulary import FD_KINDS
 
 VENV_BIN = Path(sys.executable).parent
 CONSOLE_SCRIPT = VENV_BIN / "restrack"
 JSON_KEYS = {
     "pid", "comm", "heapsize", "openfile_count", "heap_quota", "file_quota", "action",
-    "heap_total", "openfile_total", "registered", "quota_use", "over_quota",
+    "heap_total", "openfile_total", "registered", "heap_peak", "openfile_peak", "quota_use",
+    "over_quota",
 }  # fmt: skip
-INT_KEYS = ("pid", "heapsize", "openfile_count", "heap_total", "openfile_total", "registered")
+INT_KEYS = (
+    "pid", "heapsize", "openfile_count", "heap_total", "openfile_total", "registered",
+    "heap_peak", "openfile_peak",
+)  # fmt: skip
 NO_QUOTA = "heap=max files=max action=kill\n"
 ROW = re.compile(r"^(\d+)\s")
 
@@ -90,7 +95,7 @@ def rows(text: str) -> dict[int, list[str]]:
     assert footer in ("engine: procfs\n", "engine: bpf\n"), footer
     lines = lines.splitlines()
     assert lines[0].split() == [
-        "PID", "COMMAND", "HEAP", "FILES", "HEAP-QUOTA", "FILE-QUOTA", "USE", "ACTION",
+        "PID", "COMMAND", "HEAP", "PEAK", "FILES", "HEAP-QUOTA", "FILE-QUOTA", "USE", "ACTION",
     ]  # fmt: skip
     return {int(line.split()[0]): line.split() for line in lines[1:]}
 
@@ -133,8 +138,20 @@ def test_cap_and_show(m, daemon, spawn):
     )
     assert fields["quota_use"] == "50%"
 
+    assert fields["heap_peak"] == fields["heapsize"] and fields["openfile_peak"] == "2"
+    kinds = re.fullmatch(
+        r"file (\d+), dir (\d+), socket (\d+), pipe (\d+), anon (\d+), other (\d+) \(total (\d+)\)",
+        fields["fds"],
+    )
+    assert kinds, fields["fds"]
+    *counts, total = map(int, kinds.groups())
+    assert sum(counts) == total == int(fields["openfile_total"])
+    assert counts[1:3] == [0, 0] and counts[3] >= 2 and counts[5] >= 2  # stdio pipes, /dev/null
+
     record = json.loads(ok(restrack(m, "show", w.pid, "--json")))
-    assert set(record) == JSON_KEYS
+    assert set(record) == JSON_KEYS | {"fds"}
+    assert list(record["fds"]) == [*FD_KINDS, "openfile_total"]
+    assert record["fds"]["openfile_total"] == total
     for key in INT_KEYS:
         assert type(record[key]) is int, key
     assert record["pid"] == w.pid and record["comm"] == "workload"
@@ -180,15 +197,15 @@ def test_status_table_and_json(m, spawn):
     by_pid = rows(table)
     assert sorted(by_pid) == sorted([big.pid, small.pid, free.pid])
     assert by_pid[big.pid] == [
-        str(big.pid), "workload", "20M" if heap == 20 * MiB else "20.0M", "0", "40M", "10",
-        "50%", "kill",
+        str(big.pid), "workload", *["20M" if heap == 20 * MiB else "20.0M"] * 2, "0", "40M",
+        "10", "50%", "kill",
     ]  # fmt: skip
     assert by_pid[small.pid] == [
-        str(small.pid), "workload", "0", "3", "1.5K", "4", "75%", "notify",
+        str(small.pid), "workload", "0", "0", "3", "1.5K", "4", "75%", "notify",
     ]  # fmt: skip
     cells = by_pid[free.pid]
-    assert cells[:4] == [str(free.pid), "workload", "0", "0"]
-    assert cells[4] in ("-", "max") and cells[5] in ("-", "max") and cells[6] in ("-", "0%")
+    assert cells[:5] == [str(free.pid), "workload", "0", "0", "0"]
+    assert cells[5] in ("-", "max") and cells[6] in ("-", "max") and cells[7] in ("-", "0%")
 
     listing = json.loads(ok(restrack(m, "status", "--json")))
     assert isinstance(listing, list)
@@ -225,7 +242,7 @@ def test_human_sizes_in_the_table(m, spawn):
         ok(restrack(m, "cap", w.pid, "--heap", text))
     by_pid = rows(ok(restrack(m, "status")))
     for text, shown in sizes.items():
-        assert by_pid[workloads[text].pid][4] == shown, text
+        assert by_pid[workloads[text].pid][5] == shown, text
 
 
 def test_one_size_format():
@@ -327,8 +344,8 @@ def test_exceeded_zero_quota_sorts_first(m, spawn):
     ok(restrack(m, "cap", half.pid, "--files", "2"))
     half.do("open", 1)
     by_pid = rows(ok(restrack(m, "status")))
-    assert by_pid[over.pid][5:] == ["0", "100%", "notify"]  # a zero quota counts as one
-    assert by_pid[half.pid][6] == "50%"
+    assert by_pid[over.pid][6:] == ["0", "100%", "notify"]  # a zero quota counts as one
+    assert by_pid[half.pid][7] == "50%"
     assert top_frames(ok(restrack(m, "top", "-n", "1"))) == [[over.pid, half.pid]]
 
 

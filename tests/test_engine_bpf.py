@@ -23,6 +23,7 @@ import pytest
 
 from tests.conftest import HERE, Daemon, DaemonFactory, MiB, Workload, wait_until
 from tests.test_bpf import Grower, _prerequisites_missing, grow_binary  # noqa: F401
+from tests.test_peaks import SPIKE, peak, spike_is_caught
 from tracker import bpf_backend
 from tracker.bpf import loader
 
@@ -393,3 +394,43 @@ def test_attached_only_while_a_quota_is_set(bpf_factory: DaemonFactory, spawn) -
     daemon.write("quota", w.pid, "reset")
     wait_until(lambda: "bpf: detached (nothing watched)" in daemon.log_text(), 25, "detached")
     assert not links.exists()
+
+
+# ----- exact peaks (issue 13): the kernel raises them at the syscall ------------------
+
+
+def test_a_spike_between_two_reads_shows_in_the_peak(bpf_daemon: Daemon, spawn) -> None:
+    """Mapped and unmapped with no read between: only the kernel saw it (under
+    procfs, tests/test_peaks.py shows the same spike missed without a quota)."""
+    spike_is_caught(bpf_daemon, spawn(), exact=True)
+
+
+def test_an_fd_spike_shows_and_reset_usage_restarts_the_peaks(bpf_daemon: Daemon, spawn) -> None:
+    w = spawn()
+    bpf_daemon.register(w.pid)
+    bpf_daemon.write("files=1000 action=notify", w.pid, "quota")
+    w.do("open", 40)
+    w.do("close", 40)
+    assert peak(bpf_daemon, w.pid, "openfile_peak") == 40
+    bpf_daemon.write("usage", w.pid, "reset")
+    assert peak(bpf_daemon, w.pid, "openfile_peak") == 0
+    w.do("open", 3)
+    w.do("close", 3)
+    assert peak(bpf_daemon, w.pid, "openfile_peak") == 3
+
+
+def test_the_pinned_map_keeps_the_peak_across_a_kill_of_the_daemon(
+    bpf_factory: DaemonFactory, spawn
+) -> None:
+    """Under procfs a kill -9 loses the peaks since the last journaled change; under
+    bpf the kernel kept raising them meanwhile, and the restarted daemon adopts them."""
+    daemon = bpf_factory(*BPF)
+    w = spawn()
+    daemon.register(w.pid)
+    daemon.write(f"heap={4 * SPIKE} action=notify", w.pid, "quota")
+    daemon.stop(signal.SIGKILL)
+    w.do("mmap", SPIKE)  # while no daemon runs
+    w.do("munmap")
+    daemon.start(*BPF)
+    assert peak(daemon, w.pid) >= SPIKE
+    assert daemon.read(w.pid, "heapsize") == "0\n"

@@ -15,7 +15,10 @@ import pytest
 from tests.conftest import Daemon, MiB, wait_until
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-PROCESS_FILES = ["heapsize", "openfile_count", "quota", "reset", "stat", "events"]
+PROCESS_FILES = [
+    "heapsize", "openfile_count", "quota", "reset", "stat", "events", "heap_peak",
+    "openfile_peak", "fds",
+]  # fmt: skip
 
 
 def errno_of(action) -> int:
@@ -73,8 +76,9 @@ def test_process_dir_owned_by_process_owner(daemon, spawn):
 def test_values_end_with_newline(daemon, spawn):
     w = spawn()
     daemon.register(w.pid)
-    for name in ["heapsize", "openfile_count", "quota", "stat"]:
+    for name in ["heapsize", "openfile_count", "quota", "stat", "heap_peak", "openfile_peak"]:
         assert daemon.read(w.pid, name).endswith("\n")
+    assert daemon.read(w.pid, "fds").endswith("\n")
     assert daemon.read("metrics").endswith("\n")
 
 
@@ -151,8 +155,9 @@ def test_stat_file(daemon, spawn):
     fields = stat_fields(daemon, w.pid)
     assert list(fields) == [
         "pid", "comm", "heapsize", "openfile_count", "heap_quota", "file_quota",
-        "action", "heap_total", "openfile_total", "registered",
+        "action", "heap_total", "openfile_total", "registered", "heap_peak", "openfile_peak",
     ]  # fmt: skip
+    assert fields["heap_peak"] == fields["heapsize"] and fields["openfile_peak"] == "2"
     assert fields["pid"] == str(w.pid)
     assert fields["comm"] == "workload"
     assert int(fields["heapsize"]) == 2 * MiB

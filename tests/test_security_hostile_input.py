@@ -269,7 +269,7 @@ def stat_text(pid: int, comm: str) -> str:
     """A `PID/stat` as the daemon writes it, comm as given."""
     fields = {"pid": pid, "comm": comm, "heapsize": 1, "openfile_count": 2}
     fields |= {"heap_quota": "max", "file_quota": 3, "action": "kill", "heap_total": 4}
-    fields |= {"openfile_total": 5, "registered": 6}
+    fields |= {"openfile_total": 5, "registered": 6, "heap_peak": 7, "openfile_peak": 8}
     return "".join(f"{key} {value}\n" for key, value in fields.items())
 
 
@@ -288,7 +288,7 @@ def test_the_client_parses_stat_whatever_the_name(pid, name):
 @given(st.text(EVERY_CODE_POINT, max_size=20))
 @settings(max_examples=1000, deadline=None)
 def test_metrics_labels_follow_the_exposition_rules_whatever_the_name(name):
-    measurement = Measurement(7, name, 1, 2, 3, 4, Quota(5, None, Action.KILL), 0.0)
+    measurement = Measurement(7, name, 1, 2, 3, 4, Quota(5, None, Action.KILL), 0.0, 6, 7)
     text = metrics.render([measurement], dict.fromkeys(Action, 0))
     assert text.count("\n") == len(client.lines(text))
     samples = [s for f in text_string_to_metric_families(text) for s in f.samples]

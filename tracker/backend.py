@@ -17,8 +17,19 @@ Two kinds of backend fit it:
   trio task awaits the ring buffer's fd and hands each event to
   `policy.reported(Report(...))`: the kernel already acted, the engine logs,
   counts and announces (a "raised" deny limit is lowered back by the policy).
-  Peaks (issue 13) come the same way (`Report` kind "peak"), or from a
-  `peaks(entry)` the policy asks when a file is read. What it needs to fill
+  Exact peaks (issue 13): the policy samples at every read and check and
+  keeps the high-water mark (`entry.high`); a backend that knows better
+  offers `peaks(entry) -> Counters | None` (`ExactPeaks`, optional): the
+  highest absolute values (VmData bytes, descriptors: as a sample counts
+  them, not relative to the baseline) the process reached since its
+  baseline, None where it does not watch the entry or does not know. The
+  policy folds them into `entry.high` (the higher wins) whenever a peak is
+  read (`heap_peak`, `openfile_peak`, `stat`, `metrics`), before a quota is
+  cleared (`quota_cleared` may forget them) and at a clean stop (before the
+  last snapshot and `close()`). `baseline_reset` means the peaks restart
+  too: from then on `peaks` must not return anything reached before it (the
+  engine has already set `entry.high` to the new baseline). A `Report` of
+  kind "peak" (usage relative to the baseline) is folded the same way. What it needs to fill
   the kernel's map it reads from the entry: `process.start_time`,
   `heap_base`/`files_base` + the `quota`'s limits, the action, and deny's
   soft limits in force (`entry.deny.applied_soft`). Nothing polls under it:
@@ -55,7 +66,7 @@ from typing import Protocol
 import trio
 
 from tracker.entry import Entry
-from tracker.resources import Resource
+from tracker.resources import Counters, Resource
 
 log = logging.getLogger("restrackfs.engine")
 
@@ -121,7 +132,8 @@ class Backend(Protocol):
         """`entry` has no quota any more."""
 
     def baseline_reset(self, entry: Entry) -> None:
-        """`entry`'s baseline changed: its absolute limits too."""
+        """`entry`'s baseline changed: its absolute limits too, and its peaks restart
+        (at `entry.baseline`, which is `entry.high` now)."""
 
     def removed(self, entry: Entry) -> None:
         """`entry` left the registry (`entry.ended` says why)."""
@@ -133,6 +145,16 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """The engine stops: give back what the backend holds."""
+
+
+class ExactPeaks(Protocol):
+    """What a backend that measures peaks exactly adds (optional: `Engine` looks
+    for the method, so a backend without it samples like procfs)."""
+
+    def peaks(self, entry: Entry) -> Counters | None:
+        """The highest absolute values since `entry`'s baseline (Counters fields
+        None where unknown); None if the entry is not watched. Cheap and synchronous:
+        called on the event loop at each read of a peak."""
 
 
 BACKENDS = {"bpf": "tracker.bpf_backend", "procfs": "tracker.procfs_backend"}

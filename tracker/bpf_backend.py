@@ -44,7 +44,7 @@ from tracker.bpf.loader import NONE, BpfUnavailable, Event, KernelWatch, Kind, W
 from tracker.bpf.loader import Action as BpfAction
 from tracker.entry import Entry
 from tracker.quota import Action
-from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE
+from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE, Counters
 
 log = logging.getLogger("restrackfs.engine")
 
@@ -132,6 +132,18 @@ class Backend:
 
     def removed(self, entry: Entry) -> None:
         self._unwatch(entry)
+
+    def peaks(self, entry: Entry) -> Counters | None:
+        """The kernel's watermarks (backend.ExactPeaks): raised at every checked syscall,
+        so a spike between two reads shows. Absolute, as a sample is; restarted by
+        `baseline_reset` (re-watched with zero peaks) and kept across a restart (adopt
+        keeps the pinned entry)."""
+        if self._closed or self._watched.get(entry.pid) is not entry:
+            return None
+        state = self.kw.entry(entry.pid)
+        if state is None or state.start_time != entry.process.start_time:
+            return None
+        return Counters(heap=state.heap_peak_pages * PAGE, files=state.fd_peak)
 
     def flush(self) -> None:
         if not self._closed:

@@ -72,6 +72,7 @@ class Engine(Policy):
         self.interval = interval
         self.store = state.Store(state_path, self.registry.entries)
         self.backend: Backend = choose(backend, self, interval)
+        self.exact_peaks = getattr(self.backend, "peaks", None)  # backend.ExactPeaks
         self.registry.on_removal(self._removed)
         self.registry.before_exit(self.backend.flush)
 
@@ -226,18 +227,20 @@ class Engine(Policy):
         """Clear the quota, restart the usage counters, or both."""
         self._enforce_before_command(entry)
         self._check_may_lift(entry, caller_uid)
-        before = (entry.setting, entry.baseline)
+        if quota:
+            self.fold_exact_peaks(entry)  # the backend forgets them with the quota
+        before = (entry.setting, entry.baseline, entry.high)
         saved_soft = dict(entry.deny.saved_soft)
         if usage:
             now = self._read_counters(entry, entry.process.usage)
-            entry.baseline = Counters.of_usage(now)
+            entry.baseline = entry.high = Counters.of_usage(now)  # the peaks restart too
         if quota:
             entry.setting = None
             entry.deny.saved_soft = {}
         try:
             self.store.put(entry)
         except StateNotSaved:
-            entry.setting, entry.baseline = before
+            entry.setting, entry.baseline, entry.high = before
             entry.deny.saved_soft = saved_soft
             raise
         entry.over = frozenset()
@@ -289,8 +292,15 @@ class Engine(Policy):
         return restored
 
     def shutdown(self) -> None:
-        """Give back every soft limit deny mode lowered; keep the state file."""
+        """Give back every soft limit deny mode lowered; keep the state file, with
+        the peaks as they are now (they are journaled only with other changes)."""
         self.deny.helpers.stop_all()
+        for entry in self.registry.entries():
+            self.fold_exact_peaks(entry)  # before the backend closes
+        try:
+            self.store.save_at_stop()
+        except OSError as error:
+            log.error("state file %s: peaks not saved at stop: %s", self.state_path, error)
         with self.deny.helpers.batch():
             for entry in list(self.registry.entries()):
                 self.deny.restore(entry)

@@ -54,6 +54,10 @@ class Entry:
     baseline: Counters  # absolute values at registration or the last usage reset
     registered: float
     comm: str
+    # The high-water mark since the baseline, absolute (as the kernel counts): raised
+    # by every sample the policy takes and by a backend's exact peaks; restarted at
+    # the baseline by a usage reset. Never below the baseline.
+    high: Counters = Counters()
     setting: QuotaSetting | None = None
     deny: DenyState = field(default_factory=DenyState)
     over: frozenset[str] = frozenset()  # resources over their quota at the last check
@@ -77,6 +81,14 @@ class Entry:
     def effective_quota(self) -> Quota:
         return NO_QUOTA if self.setting is None else self.setting.quota
 
+    def __post_init__(self) -> None:
+        self.high = self.high.highest(self.baseline)
+
+    @property
+    def peaks(self) -> Counters:
+        """heap_peak and openfile_peak: the high-water mark over the baseline, floored at 0."""
+        return self.high.since(self.baseline)
+
     @property
     def heap_base(self) -> int:
         return self.baseline.heap or 0
@@ -98,3 +110,5 @@ class Measurement:
     openfile_total: int
     quota: Quota
     registered: float
+    heap_peak: int
+    openfile_peak: int

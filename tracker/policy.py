@@ -2,7 +2,9 @@
 check, what a pushed backend reports, and who the owner is now.
 
 A fresh reading that breaks a quota is acted on at once, whoever asked for it
-(a `cat` of a file, the metrics, a command, the procfs backend's period). The
+(a `cat` of a file, the metrics, a command, the procfs backend's period), and
+raises the entry's high-water mark (`entry.high`: heap_peak, openfile_peak),
+into which a backend's exact peaks are folded when a peak is read. The
 `Engine` (tracker/engine.py) is a `Policy` with the commands and the lifecycle
 on top; a backend sees it through the `backend.Policy` protocol.
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Iterable
 from typing import TypeVar
+
+import trio
 
 from tracker import access
 from tracker.backend import PEAK, RAISED, Report
@@ -23,6 +27,10 @@ from tracker.quota import Action
 from tracker.registry import Registry
 from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE, RESOURCES, Counters, Resource, sample
 
+# fds listings at once in worker threads (each holds the GIL for its Python loop
+# part of the time: two keep the event loop's share large; the others wait, async)
+FD_LISTINGS = 2
+
 T = TypeVar("T")
 
 log = logging.getLogger("restrackfs.engine")
@@ -33,6 +41,9 @@ class Policy:
         self.registry = registry
         self.enforcer = enforcer
         self.deny = deny
+        # a backend's exact peaks (backend.ExactPeaks), if it has them; set by the Engine
+        self.exact_peaks: Callable[[Entry], Counters | None] | None = None
+        self._fd_listings: trio.CapacityLimiter | None = None  # made in the trio run
 
     # ----- reading, with enforcement ----------------------------------------
 
@@ -40,9 +51,11 @@ class Policy:
         """Read the process now; enforce its quota if the reading breaks it."""
         usage = self._read_counters(entry, entry.process.usage)
         absolute = Counters.of_usage(usage)
+        self._raise_high(entry, absolute)
         relative = absolute.since(entry.baseline)
         if entry.setting is not None:
             self.enforcer.enforce(entry, relative, usage.comm)
+        peaks = self.peaks(entry)
         return Measurement(
             pid=entry.pid,
             comm=usage.comm,
@@ -52,6 +65,8 @@ class Policy:
             openfile_total=usage.open_fds,
             quota=entry.effective_quota,
             registered=entry.registered,
+            heap_peak=peaks.heap or 0,
+            openfile_peak=peaks.files or 0,
         )
 
     def heapsize(self, entry: Entry) -> int:
@@ -65,10 +80,73 @@ class Policy:
     def _one(self, entry: Entry, resource: Resource) -> int:
         """One resource read alone (the hot path: no more work than that read)."""
         now = self._read_counters(entry, lambda: resource.read(entry.process))
+        if now > (entry.high.of(resource) or 0):
+            entry.high = entry.high.highest(resource.alone(now))
         used = max(0, now - (entry.baseline.of(resource) or 0))
         if entry.setting is not None:
             self.enforcer.enforce(entry, resource.alone(used))
         return used
+
+    # ----- peaks and descriptors ---------------------------------------------
+
+    def heap_peak(self, entry: Entry) -> int:
+        """heap_peak: sampled now (so never below the heapsize of this moment), then
+        the high-water mark, with the backend's exact one folded in."""
+        self._one(entry, HEAP_RESOURCE)
+        return self.peaks(entry).heap or 0
+
+    def openfile_peak(self, entry: Entry) -> int:
+        self._one(entry, FILES_RESOURCE)
+        return self.peaks(entry).files or 0
+
+    def peaks(self, entry: Entry) -> Counters:
+        """The peaks over the baseline (no sample of its own): the samples' high-water
+        mark and the backend's exact peaks, whichever is higher."""
+        self.fold_exact_peaks(entry)
+        return entry.peaks
+
+    def fold_exact_peaks(self, entry: Entry) -> None:
+        """Take the backend's exact peaks into `entry.high` (before they may be lost)."""
+        if self.exact_peaks is not None:
+            exact = self.exact_peaks(entry)
+            if exact is not None:
+                self._raise_high(entry, exact)
+
+    async def fds(self, entry: Entry) -> dict[str, int]:
+        """The open descriptors by kind (`vocabulary.FD_KINDS`), from one listing.
+
+        O(descriptors) (a readlink each, a statx for a path): made in a worker
+        thread, on a duplicate of the entry's pidfd, at most FD_LISTINGS at once, so
+        a process with 100,000 descriptors does not hold up other requests. The sum
+        is a fresh files sample: it raises openfile_peak and is enforced like one.
+        """
+        self.check_current(entry)
+        if self._fd_listings is None:
+            self._fd_listings = trio.CapacityLimiter(FD_LISTINGS)
+        worker = entry.process.duplicate()
+        try:
+            kinds = await trio.to_thread.run_sync(worker.fd_kinds, limiter=self._fd_listings)
+        except NoSuchProcess:
+            if entry.ended is None:
+                self.registry.remove(entry, "exited")
+            self.check_current(entry)  # deregistered meanwhile: ENOENT, not ESRCH
+            raise
+        finally:
+            worker.close()
+        self.check_current(entry)  # deregistered, killed or exited during the listing
+        if entry.process.via is None:
+            entry.process.via = worker.via  # a zombie leader: the thread it went through
+        total = sum(kinds.values())
+        self._raise_high(entry, FILES_RESOURCE.alone(total))
+        if entry.setting is not None:
+            used = max(0, total - entry.files_base)
+            self.enforcer.enforce(entry, FILES_RESOURCE.alone(used))
+        return kinds
+
+    @staticmethod
+    def _raise_high(entry: Entry, absolute: Counters) -> None:
+        if absolute.exceeds(entry.high):
+            entry.high = entry.high.highest(absolute)
 
     def check_current(self, entry: Entry) -> None:
         """Raise unless the entry is still registered and its process alive."""
@@ -91,6 +169,7 @@ class Policy:
             deny = quota.action is Action.DENY
             wanted = [r for r in RESOURCES if deny or r.limit(quota) is not None]
             absolute = self._sample(entry, wanted)
+            self._raise_high(entry, absolute)
             self.enforcer.enforce(entry, absolute.since(entry.baseline))
             if deny:
                 self.deny.recheck(entry, absolute)
@@ -106,7 +185,10 @@ class Policy:
             return  # it left meanwhile: the report is of no entry any more
         if report.kind == RAISED:
             self.check(entry)  # lowers it back, counts it denied, a defeat
-        elif report.kind != PEAK:  # exceeded, killed, notified
+        elif report.kind == PEAK:  # usage relative to the baseline, as every report's
+            base = entry.baseline.of(report.resource) or 0
+            self._raise_high(entry, report.resource.alone(base + report.usage))
+        else:  # exceeded, killed, notified
             self.enforcer.reported(report)
 
     # ----- shared by the commands -------------------------------------------

@@ -135,6 +135,32 @@ class Process:
 
         return self._through_a_live_thread(read)
 
+    def fd_kinds(self) -> dict[str, int]:
+        """The open descriptors by kind, from one listing (`procfs.read_fd_kinds`),
+        through a live thread when the leader is a zombie; `NoSuchProcess` once exited.
+
+        O(descriptors): callers with the event loop to keep free run it in a worker
+        thread, on a `duplicate()`."""
+
+        def read() -> dict[str, int]:
+            kinds = procfs.read_fd_kinds(self.pid, self.via)
+            if not any(kinds.values()) and procfs.read_status(self.pid, self.via).vm_data is None:
+                raise NoSuchProcess(self.pid, "no fd table (a zombie leader, or exiting)")
+            self.check_alive()
+            return kinds
+
+        return self._through_a_live_thread(read)
+
+    def duplicate(self) -> Process:
+        """The same process on a pidfd of its own, for a read in a worker thread.
+
+        The event loop closes an entry's pidfd when the entry leaves; a thread still
+        using that number could then check whatever the number names next. The
+        duplicate's pidfd lives until its own `close()`."""
+        twin = Process(self.pid, self.start_time, self.inode, os.dup(self.pidfd))
+        twin.via = self.via
+        return twin
+
     def _count_fds(self) -> int:
         """Open fds, read through the task in use; `NoSuchProcess` if it has no fd table.
 

@@ -35,9 +35,25 @@ class Counters(NamedTuple):
         """Usage relative to `baseline`, never below 0 (a process may give back more)."""
         return tuple.__new__(Counters, map(_relative, self, baseline))
 
+    def highest(self, other: Counters) -> Counters:
+        """Each value the higher of the two (a high-water mark raised by a sample);
+        None (not read) gives way to a value."""
+        return tuple.__new__(Counters, map(_higher, self, other))
+
+    def exceeds(self, other: Counters) -> bool:
+        """Is any value read here higher than `other`'s (would `highest` change it)?"""
+        pairs = zip(self, other, strict=True)
+        return any(now is not None and now > (was or 0) for now, was in pairs)
+
     @classmethod
     def of_usage(cls, usage: Usage) -> Counters:
         return tuple.__new__(cls, (usage.vm_data, usage.open_fds))  # heap, files
+
+
+def _higher(one: int | None, other: int | None) -> int | None:
+    if one is None:
+        return other
+    return one if other is None or one > other else other
 
 
 def _relative(now: int | None, base: int | None) -> int | None:

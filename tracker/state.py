@@ -10,6 +10,11 @@ has grown to several times the live entries. A crash leaves at worst a torn
 last line, which loading ignores; a failed append is cut off again, so the
 file never holds half a change.
 
+The peaks ride along: a record holds the entry's high-water mark as of its
+line. They are never journaled on their own (every read may raise them: a
+fsync per read), so a crash loses what they rose since the entry's last line
+or the last compaction; a clean stop writes a snapshot with them.
+
 This module owns both directions of a record (`record_of`: Entry -> record,
 `entry_of`: record -> Entry) and the engine's side of the journal (`Store`).
 """
@@ -217,6 +222,10 @@ def record_of(entry: Entry) -> Record:
         "pidfd_inode": entry.process.inode,
         "heap_base": entry.heap_base,
         "files_base": entry.files_base,
+        # the high-water marks (absolute), as of this line: journaled with the
+        # changes that are written anyway, at compaction and at a clean stop
+        "heap_high": entry.high.heap,
+        "files_high": entry.high.files,
         "registered": entry.registered,
         "quota": None
         if quota is None
@@ -245,6 +254,7 @@ def entry_of(record: Record, serial: int) -> Entry:
             owner_uid=status.real_uid,
             owner_gid=status.real_gid,
             baseline=Counters(heap=int(record["heap_base"]), files=int(record["files_base"])),
+            high=Counters(_optional_int(record, "heap_high"), _optional_int(record, "files_high")),
             registered=float(record["registered"]),
             comm=status.name,
             setting=None
@@ -260,6 +270,12 @@ def entry_of(record: Record, serial: int) -> Entry:
     except BaseException:
         process.close()
         raise
+
+
+def _optional_int(record: Record, key: str) -> int | None:
+    """A value a record may lack (written before it existed): None, the entry's default."""
+    value = record.get(key)
+    return None if value is None else int(value)
 
 
 class Store:
@@ -305,6 +321,14 @@ class Store:
         """Write a fresh snapshot of the live entries (OSError if impossible)."""
         if self._journal is not None:
             self._journal.rewrite([record_of(entry) for entry in self._live()])
+
+    def save_at_stop(self) -> None:
+        """At a clean stop: a snapshot, so the peaks as they are now are kept (they
+        are journaled only with other changes). Only into the file still ours: one
+        deleted or replaced under us (its directory removed, say) is not made anew
+        at a stop, where no change asks for it (OSError if it cannot be written)."""
+        if self._journal is not None and self._journal.is_attached():
+            self.compact()
 
     def close(self) -> None:
         if self._journal is not None:

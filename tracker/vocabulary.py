@@ -10,7 +10,7 @@ light (`test_the_client_imports_no_engine`).
 
 from __future__ import annotations
 
-# What `PID/stat` holds, in order: "field value" lines (SPEC §3).
+# What `PID/stat` holds, in order: "field value" lines (SPEC §2).
 STAT_FIELDS = (
     "pid",
     "comm",
@@ -22,7 +22,21 @@ STAT_FIELDS = (
     "heap_total",
     "openfile_total",
     "registered",
+    "heap_peak",
+    "openfile_peak",
 )
+
+# What `PID/fds` holds, in order: the open descriptors by kind, then their sum
+# (the size of that one listing): "kind count" lines (SPEC §2).
+FD_FILE, FD_DIR, FD_SOCKET, FD_PIPE, FD_ANON, FD_OTHER = FD_KINDS = (
+    "file",  # a regular file (memfd too)
+    "dir",  # a directory
+    "socket",
+    "pipe",  # a pipe end, or a named FIFO
+    "anon",  # anon_inode: eventfd, epoll, signalfd, timerfd, inotify, pidfd, ...
+    "other",  # devices, namespaces, and the rest
+)
+OPENFILE_TOTAL = "openfile_total"
 
 # A limit not set is written "max" (as cgroup v2 writes it).
 UNLIMITED = "max"
