@@ -25,19 +25,7 @@ ENGINES = (("procfs", "100"), ("bpf", "2000"))  # (engine, --interval ms)
 HEAP_QUOTA, FD_QUOTA = 64 * MiB, 100
 BACKGROUND_QUOTA = "heap=1G files=1000 action=kill"
 CPU_N = 1000
-# (grow mode, step, count, what the quota limits): tests/c/grow.c
-PATHS = [
-    ("mmap", MiB, 300, "heap"),
-    ("touch", MiB, 300, "heap"),
-    ("brk", MiB, 300, "heap"),
-    ("mprotect", MiB, 300, "heap"),
-    ("thread", MiB, 300, "heap"),
-    ("populate", 512 * MiB, 1, "heap"),
-    ("open", 0, 300, "files"),
-    ("socket", 0, 300, "files"),
-    ("pipe", 0, 300, "files"),
-    ("dup", 0, 300, "files"),
-]
+PATHS = bpf_cost.PATHS  # (grow mode, step, count, what the quota limits): tests/c/grow.c
 WORKLOAD_OPS = ("getppid", "mmap", "open")
 
 
