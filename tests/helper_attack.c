@@ -86,13 +86,30 @@ static int inject_fork(pid_t pid) {
 
 static volatile sig_atomic_t stopping;
 static void stop_attacking(int sig) { (void)sig; stopping = 1; }
+static volatile long attacked;
+
+/* A bound on the attacker itself: a waitpid() on a tracee that never reports again
+ * (seen once in 100s of runs) must not outlive the test. Reports and exits. */
+static void out_of_time(int sig) {
+    char line[32] = "attacked ", digits[20];
+    int n = 0, at = 9;
+    long value = attacked;
+    (void)sig;
+    for (int i = 0; i < nheld; i++) kill(held[i], SIGKILL);
+    do digits[n++] = (char)('0' + value % 10); while ((value /= 10) && n < 20);
+    while (n) line[at++] = digits[--n];
+    line[at++] = '\n';
+    write(1, line, (size_t)at);
+    _exit(0);
+}
 
 int main(int argc, char **argv) {
     signal(SIGTERM, stop_attacking); /* then report how many it caught, and exit */
+    signal(SIGALRM, out_of_time);
+    alarm((unsigned)atof(argv[2]) + 10);
     const char *mode = argv[1];
     double end = now() + atof(argv[2]);
     pid_t daemon = (pid_t)atoi(argv[3]);
-    long attacked = 0;
     int ptracing = !strcmp(mode, "trace") || !strcmp(mode, "fork");
     while (now() < end && !stopping) {
         DIR *d = opendir("/proc");
