@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import statistics
 import subprocess
 import tempfile
@@ -25,6 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.harness import wait_dead
 from tracker.bpf import loader
 from tracker.bpf.loader import KernelWatch, Kind, start_time_of
 
@@ -123,9 +123,11 @@ def per_syscall_cost(
     }
 
 
-def one_kill(kwatch: KernelWatch, grow: Path, mode: str, step: int, count: int, which: str,
-             stamp: Path) -> dict[str, float]:  # fmt: skip
-    """Overshoot (KiB or fds) and crossing-to-death ms for one grower."""
+def run_grower(grow: Path, mode: str, step: int, count: int, stamp: Path,
+               arm: Callable[[int], None]) -> tuple[int, int, int, str]:  # fmt: skip
+    """tests/c/grow.c under a quota: start it, `arm(pid)` (set the quota), let it grow
+    until it dies. (pid, start of its last call, its death seen on a pidfd (monotonic ns),
+    its output: "step" lines, then its reaper's "end SIGNAL MAXRSS_KIB")."""
     env = {**os.environ, "GROW_STAMP": str(stamp)}
     argv = [str(grow), mode, str(step), str(count)]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -133,21 +135,31 @@ def one_kill(kwatch: KernelWatch, grow: Path, mode: str, step: int, count: int, 
     pid = int(proc.stdout.readline().split()[1])
     pidfd = os.pidfd_open(pid)
     try:
+        arm(pid)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        dead = wait_dead(pidfd, 30) or time.monotonic_ns()
+        last_call = int.from_bytes(stamp.read_bytes()[:8], "little")
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        os.close(pidfd)
+        proc.kill()
+    return pid, last_call, dead, out
+
+
+def one_kill(kwatch: KernelWatch, grow: Path, mode: str, step: int, count: int, which: str,
+             stamp: Path) -> dict[str, float]:  # fmt: skip
+    """Overshoot (KiB or fds) and crossing-to-death ms for one grower."""
+
+    def arm(pid: int) -> None:
         if which == "heap":
             vm_data = _status(pid, "VmData") // PAGE
             kwatch.watch(pid, start_time_of(pid), vm_data + 64 * MiB // PAGE, None, "kill")
         else:
             kwatch.watch(pid, start_time_of(pid), None, len(os.listdir(f"/proc/{pid}/fd")) + 100,
                          "kill")  # fmt: skip
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        select.select([pidfd], [], [], 30)
-        dead = time.monotonic_ns()
-        started = int.from_bytes(stamp.read_bytes()[:8], "little")
-        out, _ = proc.communicate(timeout=30)  # grow's reaper: "end SIGNAL MAXRSS_KIB"
-    finally:
-        os.close(pidfd)
-        proc.kill()
+
+    pid, started, dead, out = run_grower(grow, mode, step, count, stamp, arm)
     maxrss_kib = int(next(line for line in out.splitlines() if line.startswith("end ")).split()[2])
     killed = [e for e in kwatch.drain() if e.tgid == pid and e.kind == Kind.KILLED]
     over = killed[0].usage - killed[0].limit if killed else float("nan")

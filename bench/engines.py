@@ -8,13 +8,12 @@ import os
 import re
 import signal
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from bench import bpf_cost
-from bench.harness import Config, Daemon, MiB, Sleepers, raise_limits, wait_dead
+from bench.harness import Config, Daemon, MiB, Sleepers, raise_limits
 from bench.report import Goal, GroupResult, Row
 from tracker.bpf.loader import BpfUnavailable, KernelWatch
 
@@ -32,24 +31,13 @@ WORKLOAD_OPS = ("getppid", "mmap", "open")
 def one_kill(daemon: Daemon, grow: Path, mode: str, step: int, count: int, which: str,
              stamp: Path) -> dict[str, float]:  # fmt: skip
     """One grower under a kill quota through the daemon: what it got, how fast it died."""
-    env = {**os.environ, "GROW_STAMP": str(stamp)}
-    argv = [str(grow), mode, str(step), str(count)]
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    assert proc.stdin and proc.stdout
-    pid = int(proc.stdout.readline().split()[1])
-    pidfd = os.pidfd_open(pid)
-    try:
+
+    def arm(pid: int) -> None:
         daemon.register(pid)
         quota = f"heap={HEAP_QUOTA}" if which == "heap" else f"files={FD_QUOTA}"
         daemon.set_quota(pid, quota + " action=kill")
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        dead = wait_dead(pidfd, 30) or time.monotonic_ns()
-        last_call = int.from_bytes(stamp.read_bytes()[:8], "little")
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        os.close(pidfd)
-        proc.kill()
+
+    pid, last_call, dead, out = bpf_cost.run_grower(grow, mode, step, count, stamp, arm)
     end = next(line for line in out.splitlines() if line.startswith("end ")).split()
     steps = sum(1 for line in out.splitlines() if line.startswith("step "))
     per_step = step if which == "heap" else (2 if mode == "pipe" else 1)

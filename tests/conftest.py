@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.grow import grow_binary, grower  # noqa: F401  (fixtures for every module)
+
 HERE = Path(__file__).parent
 CHECKOUT = HERE.parent
 NOBODY = 65534

@@ -16,13 +16,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import HERE, Daemon, DaemonFactory, MiB, Workload, wait_until
-from tests.test_bpf import Grower, _prerequisites_missing, grow_binary  # noqa: F401
+from tests.grow import Grower
+from tests.test_bpf import _prerequisites_missing
 from tests.test_peaks import SPIKE, peak, spike_is_caught
 from tracker import bpf_backend
 from tracker.bpf import loader
@@ -66,19 +67,6 @@ def bpf_factory(daemon_factory: DaemonFactory) -> Iterator[DaemonFactory]:
         daemon_factory.stop_all()
         for daemon in daemon_factory.daemons:
             _scrub(pin_dir(daemon))
-
-
-@pytest.fixture
-def grower(grow_binary: Path) -> Iterator[Callable[[str, int, int], Grower]]:  # noqa: F811
-    started: list[Grower] = []
-
-    def start(mode: str, step: int, count: int) -> Grower:
-        started.append(Grower(grow_binary, mode, step, count))
-        return started[-1]
-
-    yield start
-    for one in started:
-        one.stop()
 
 
 def enforcement_line(daemon: Daemon, pid: int) -> tuple[int, int] | None:
