@@ -76,7 +76,7 @@ class SysExitProbe:
         source = ROOT / "bench/bpf/sys_exit_probe.bpf.c"
         subprocess.run(["clang", "-O2", "-g", "-target", "bpf", include, "-c", source, "-o", obj],
                        check=True)  # fmt: skip
-        self._lib = loader._library()
+        self._lib = loader.library()
         self._obj = self._lib.bpf_object__open_file(str(obj).encode(), None)
         if not self._obj or self._lib.bpf_object__load(self._obj):
             raise RuntimeError("sys_exit_probe does not load")

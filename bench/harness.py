@@ -272,7 +272,7 @@ class Daemon:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         argv += ["--foreground", "--state", str(self.state_dir / "state.json"), *self.options]
         if not any(option.startswith("--engine") for option in self.options):
-            argv += ["--engine", "procfs"]  # groups 1-5 measure the polling engine
+            argv += ["--engine", "procfs"]  # unless a group asks (latency, throughput: auto)
         argv.append(str(self.mountpoint))
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(

@@ -13,6 +13,7 @@ NAME = "latency"
 TITLE = "1. Read latency"
 
 HEAPSIZE = "PID/heapsize"
+HEAPSIZE_PROCFS = "PID/heapsize, procfs engine"
 STAT = "PID/stat"
 PROC = "/proc/PID/status"
 LXCFS = "lxcfs proc/uptime"
@@ -62,10 +63,14 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
         MinimalFs(cfg.work) as floor,
     ):
         pid = sleepers.pids[0]
-        with Daemon(cfg.work) as daemon:
+        # the default engine (what a user gets: bpf where it loads), and the polling one
+        with Daemon(cfg.work, "--engine", "auto") as daemon, Daemon(cfg.work) as polling:
+            engine = daemon.path("engine").read_text().strip()
             daemon.register(pid)
+            polling.register(pid)
             paths = {
                 HEAPSIZE: daemon.path(pid, "heapsize"),
+                HEAPSIZE_PROCFS: polling.path(pid, "heapsize"),
                 STAT: daemon.path(pid, "stat"),
                 PROC: Path(f"/proc/{pid}/status"),
                 FLOOR: floor.file,
@@ -80,22 +85,23 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
             cat = run_reader(
                 helpers["reader"],
                 ["cat", str(cfg.cat_block), str(cfg.cat_rounds), "/bin/cat"],
-                {k: v for k, v in paths.items() if k not in (STAT, FLOOR)},
+                {k: v for k, v in paths.items() if k not in (HEAPSIZE_PROCFS, STAT, FLOOR)},
             )
         counts = request_counts(cfg, helpers, pid)
 
     n = cfg.latency_block * cfg.latency_rounds
     p50 = {label: percentile(values, 50) / 1000 for label, values in lat.items()}
     p99 = {label: percentile(values, 99) / 1000 for label, values in lat.items()}
-    for label in (HEAPSIZE, STAT, PROC, LXCFS, FLOOR):
+    for label in (HEAPSIZE, HEAPSIZE_PROCFS, STAT, PROC, LXCFS, FLOOR):
         if label not in lat:
             reason = lxcfs.reason or "not run"
             rows.append(Row(f"{label} p50", None, "us", reason))
             rows.append(Row(f"{label} p99", None, "us", reason))
             continue
-        rows.append(Row(f"{label} p50", p50[label], "us", f"n={n}"))
-        rows.append(Row(f"{label} p99", p99[label], "us", f"n={n}"))
-    for label in (HEAPSIZE, STAT):
+        note = f"n={n}, engine {engine}" if label in (HEAPSIZE, STAT) else f"n={n}"
+        rows.append(Row(f"{label} p50", p50[label], "us", note))
+        rows.append(Row(f"{label} p99", p99[label], "us", note))
+    for label in (HEAPSIZE, HEAPSIZE_PROCFS, STAT):
         for peer in (LXCFS, PROC, FLOOR):
             for q, table in (("p50", p50), ("p99", p99)):
                 figure = f"{label} {q} / {peer} {q}"
@@ -129,7 +135,7 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
 
     heap_vs_lxcfs = p50[HEAPSIZE] / p50[LXCFS] if LXCFS in p50 else None
     where = (
-        f"{p50[HEAPSIZE]:.0f} µs vs {p50[LXCFS]:.0f} µs"
+        f"{p50[HEAPSIZE]:.0f} µs vs {p50[LXCFS]:.0f} µs, engine {engine}"
         if heap_vs_lxcfs is not None
         else f"lxcfs unavailable: {lxcfs.reason}"
     )
@@ -150,7 +156,7 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
             p99_vs_lxcfs,
             1.0,
             "x",
-            f"{p99[HEAPSIZE]:.0f} µs vs {p99[LXCFS]:.0f} µs"
+            f"{p99[HEAPSIZE]:.0f} µs vs {p99[LXCFS]:.0f} µs, engine {engine}"
             if p99_vs_lxcfs is not None
             else f"lxcfs unavailable: {lxcfs.reason}",
         )
@@ -161,28 +167,30 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
             p50[HEAPSIZE] / p50[FLOOR],
             1.1,
             "x",
-            f"{p50[HEAPSIZE]:.0f} µs vs {p50[FLOOR]:.0f} µs",
+            f"{p50[HEAPSIZE]:.0f} µs vs {p50[FLOOR]:.0f} µs, engine {engine}",
         )
     )
     result.plot = {"latencies": {label: values for label, values in lat.items()}}
     result.method = f"""
 A compiled C reader (bench/c/reader.c) times each `open` + `read` to EOF + `close`
-with CLOCK_MONOTONIC. The targets are read in interleaved rounds: each round
-gives every target a block of {cfg.latency_block} reads, in an order rotated
-each round, {cfg.latency_rounds} rounds after one untimed warm-up round, so
-drift and noise fall on all targets alike. Targets: `PID/heapsize` and
-`PID/stat` of a tracked sleeping C process on a restrackfs mounted by the bench
-(default options), that process's `/proc/PID/status` (the kernel floor: what the
-daemon itself reads), and `proc/uptime` of an lxcfs (a C FUSE filesystem)
-mounted by the bench in a temp dir, and the one file of a minimal pyfuse3 + trio
-filesystem that answers a constant (bench/minimalfs.py): the floor of the
-Python FUSE stack restrackfs is built on, before any work of its own. The `cat`
-rows spawn one `/bin/cat PATH >/dev/null` per read (posix_spawn + waitpid), as a shell loop does
-({cfg.cat_block} × {cfg.cat_rounds} per target, interleaved the same way).
-Requests per read: a second daemon, with a counter wrapped around each pyfuse3
-handler (bench/countingd.py, not used for any timing), serves
-{2 * cfg.count_reads} reads of each file and {2 * max(2, cfg.count_reads // 10)}
-`cat`s of `PID/heapsize`; the counts are the requests that reach the daemon's
-Python code, per read.
+with CLOCK_MONOTONIC. The targets are read in interleaved rounds: each round gives
+every target a block of {cfg.latency_block} reads, in an order rotated each round,
+{cfg.latency_rounds} rounds after one untimed warm-up round, so drift and noise fall
+on all targets alike. Targets: `PID/heapsize` and `PID/stat` of a tracked sleeping C
+process on a restrackfs mounted by the bench with the default engine (`--engine
+auto`: {engine} on this machine; the goals are its figures, what a user gets),
+`PID/heapsize` of the same process on a second restrackfs with `--engine procfs`
+(heapsize read from `/proc/PID/status` at each read, the fallback where BPF does not
+load), that process's `/proc/PID/status` (the kernel floor of the procfs read), and
+`proc/uptime` of an lxcfs (a C FUSE filesystem) mounted by the bench in a temp dir,
+and the one file of a minimal pyfuse3 + trio filesystem that answers a constant
+(bench/minimalfs.py): the floor of the Python FUSE stack restrackfs is built on,
+before any work of its own. The `cat` rows spawn one `/bin/cat PATH >/dev/null` per
+read (posix_spawn + waitpid), as a shell loop does ({cfg.cat_block} ×
+{cfg.cat_rounds} per target, interleaved the same way). Requests per read: another
+daemon, with a counter wrapped around each pyfuse3 handler (bench/countingd.py, not
+used for any timing), serves {2 * cfg.count_reads} reads of each file and
+{2 * max(2, cfg.count_reads // 10)} `cat`s of `PID/heapsize`; the counts are the
+requests that reach the daemon's Python code, per read.
 """
     return result

@@ -59,7 +59,8 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
     cpu_per_read: dict[int, float] = {}
     with Sleepers(helpers["sleepers"], 1) as sleepers, Lxcfs(cfg.work) as lxcfs:
         pid = sleepers.pids[0]
-        with Daemon(cfg.work) as daemon:
+        with Daemon(cfg.work, "--engine", "auto") as daemon:  # what a user gets
+            engine = daemon.path("engine").read_text().strip()
             daemon.register(pid)
             targets = {HEAPSIZE: daemon.path(pid, "heapsize"), PROC: Path(f"/proc/{pid}/status")}
             if lxcfs.reason is None:
@@ -135,7 +136,8 @@ K copies of the C reader (`reader tput`), separate processes started to begin at
 one common CLOCK_MONOTONIC instant, each read the same file in a loop
 (open + read to EOF + close) for {cfg.throughput_seconds:g} s; reads/s is the sum
 over the K readers divided by the window. Each concurrency K in
-{", ".join(map(str, cfg.readers))} runs the targets (restrackfs `PID/heapsize`,
+{", ".join(map(str, cfg.readers))} runs the targets (restrackfs `PID/heapsize`
+with the default engine, {engine} here,
 the kernel's `/proc/PID/status`, lxcfs `proc/uptime`) one after the other in a
 rotated order. The ratios divide restrackfs's reads/s by a peer's at the same K,
 measured minutes apart at most in this run. Daemon CPU: utime + stime from

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from restrackfs import metrics
 from tracker.access import may_see
@@ -51,10 +51,10 @@ class FileSpec:
     pollable: bool = False  # poll() reports a change since the reader last looked
     # a read that takes long (O(descriptors)): awaited, so other requests go on meanwhile
     read_async: AsyncReader | None = None
+    readable: bool = field(init=False)  # derived once: every open asks
 
-    @property
-    def readable(self) -> bool:
-        return self.read is not None or self.read_async is not None
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "readable", self.read is not None or self.read_async is not None)
 
 
 def parse_pid(text: str) -> int:

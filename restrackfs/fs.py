@@ -49,6 +49,7 @@ assert len(PROCESS_FILES) < STRIDE
 # Names that never change meaning can be cached by the kernel for long; a
 # process directory is invalidated explicitly when it goes away.
 STABLE_TIMEOUT = 300.0
+MAX_CALLERS = 4096  # distinct uids whose Caller is kept for their next open
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -112,7 +113,7 @@ class Node:
         return self.spec is None
 
 
-@dataclass
+@dataclass(slots=True)
 class Handle:
     node: Node
     caller: Caller
@@ -268,6 +269,7 @@ class RestrackOperations(pyfuse3.Operations):
         self.hidepid = hidepid
         self.inodes = Inodes()
         self.handles = HandleTable()
+        self._callers: dict[int, Caller] = {}
         self.notices = KernelNotices()
         self._mounted_at = time.time_ns()
         # With hidepid the kernel's shared dentry cache would show one user's
@@ -295,9 +297,18 @@ class RestrackOperations(pyfuse3.Operations):
 
     def _checked_node(self, inode: int, uid: int) -> Node:
         node = self.inodes.node(inode)
-        if node.entry is not None and not self._visible(node.entry, uid):
+        if node.entry is not None and self.hidepid and not self._visible(node.entry, uid):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
+
+    def _caller(self, uid: int) -> Caller:
+        """The caller `uid`, one object per uid (immutable; made once, not per open)."""
+        caller = self._callers.get(uid)
+        if caller is None:
+            if len(self._callers) >= MAX_CALLERS:
+                self._callers.clear()
+            caller = self._callers[uid] = Caller(uid, self.hidepid)
+        return caller
 
     def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -380,7 +391,7 @@ class RestrackOperations(pyfuse3.Operations):
         node = self._checked_node(inode, ctx.uid)
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return self._new_handle(Handle(node, Caller(ctx.uid, self.hidepid)))
+        return self._new_handle(Handle(node, self._caller(ctx.uid)))
 
     @boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -447,15 +458,16 @@ class RestrackOperations(pyfuse3.Operations):
     @boundary
     def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._checked_node(inode, ctx.uid)
-        if node.spec is None:
+        spec = node.spec
+        if spec is None:
             raise pyfuse3.FUSEError(errno.EISDIR)
         access_mode = flags & os.O_ACCMODE
-        wants_read = access_mode in (os.O_RDONLY, os.O_RDWR)
-        wants_write = access_mode in (os.O_WRONLY, os.O_RDWR)
-        if (wants_read and not node.spec.readable) or (wants_write and node.spec.write is None):
+        wants_read = access_mode != os.O_WRONLY  # O_RDONLY or O_RDWR
+        wants_write = access_mode != os.O_RDONLY
+        if (wants_read and not spec.readable) or (wants_write and spec.write is None):
             raise pyfuse3.FUSEError(errno.EACCES)
-        handle = Handle(node, Caller(ctx.uid, self.hidepid))
-        if node.spec.pollable:
+        handle = Handle(node, self._caller(ctx.uid))
+        if spec.pollable:
             handle.seen = self._render(handle)  # poll() wakes on changes from here on
         fh = self._new_handle(handle)
         # direct_io: every read() reaches us, so values are never a stale page cache.
@@ -482,14 +494,17 @@ class RestrackOperations(pyfuse3.Operations):
         if off and kept.content is not None:
             content = kept.content
         elif off and kept.end is not None and off >= kept.end:
-            return b""  # past the end of a text dropped for its uid's budget
+            return b""  # past the end of a text returned whole, or dropped for the budget
         elif handle.node.spec is not None and handle.node.spec.read_async is not None:
             return self._read_slow(fh, handle, off, size)
         else:
             content = self._render(handle)
             if handle.node.spec is not None and handle.node.spec.pollable:
                 handle.seen = content
-            self.handles.keep(fh, content=content)
+            if not off and size >= len(content):
+                self.handles.keep_end(fh, len(content))  # all of it goes now
+            else:
+                self.handles.keep(fh, content=content)
         return content[off : off + size]
 
     async def _read_slow(self, fh: int, handle: Handle, off: int, size: int) -> bytes:

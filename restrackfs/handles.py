@@ -3,7 +3,8 @@
 A file handle keeps the text of its last read at offset 0 (the seq_file habit:
 a read at offset 0 renders afresh, reads further on continue the same text, so
 a value never tears), and a directory handle its listing during one readdir
-pass. What one uid can make the daemon hold is bounded twice:
+pass. A read at offset 0 that returns the whole text (`cat` of any value file)
+keeps only where it ends: the next read is end of file, and nothing is kept. What one uid can make the daemon hold is bounded twice:
 
 - at most `MAX_HANDLES_PER_UID` open handles (files and directories) per uid
   but root's; one more open is ENFILE (the daemon's table is full for that
@@ -29,6 +30,7 @@ MAX_HANDLES_PER_UID = 4096
 KEPT_BYTES_PER_UID = 8 << 20
 LISTING_ENTRY_BYTES = 200  # what one (name, Node) of a listing costs, measured roughly
 ROOT_UID = 0
+MAX_IDLE_ACCOUNTS = 1024  # uids with no handle open whose (empty) account is kept
 
 
 class TooManyHandles(OSError):
@@ -36,7 +38,7 @@ class TooManyHandles(OSError):
         super().__init__(errno.ENFILE, f"uid {uid} holds {MAX_HANDLES_PER_UID} handles")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Kept:
     """What a handle keeps between reads: a rendering and where it ends."""
 
@@ -45,7 +47,7 @@ class Kept:
     listing: list[Any] | None = None  # a directory's, during one readdir pass
 
 
-@dataclass
+@dataclass(slots=True)
 class _Uid:
     handles: int = 0
     kept_bytes: int = 0
@@ -89,7 +91,9 @@ class HandleTable:
         self._forget(fh, uid)
         account = self._uids[uid]
         account.handles -= 1
-        if account.handles == 0:
+        # An idle uid's account is kept for its next open (one reader's open and
+        # close would otherwise make and drop it every time), unless there are many.
+        if account.handles == 0 and len(self._uids) > MAX_IDLE_ACCOUNTS:
             del self._uids[uid]
         return handle
 
@@ -113,6 +117,15 @@ class HandleTable:
             self._drop(oldest, uid)
         account.kept[fh] = size
         account.kept_bytes += size
+
+    def keep_end(self, fh: int, end: int) -> None:
+        """Let handle `fh` keep where its text ends, not the text: the read at offset
+        0 returned all of it, so the next read (at `end`) is end of file."""
+        kept = self._handles[fh].kept
+        if kept.content is not None or kept.listing is not None:
+            self._forget(fh, self._handles[fh].caller.uid)
+            kept.content = kept.listing = None
+        kept.end = end
 
     def kept_bytes(self, uid: int) -> int:
         return self._uids[uid].kept_bytes if uid in self._uids else 0

@@ -311,7 +311,7 @@ def events_of_path(daemon: Daemon, pid: int) -> dict[str, int]:
 
 def _link_ids(directory: Path) -> list[int]:
     """The kernel ids of the links pinned in `directory`."""
-    lib = loader._library()
+    lib = loader.library()
     ids = []
     for path in sorted((directory / "links").iterdir()):
         fd = lib.bpf_obj_get(str(path).encode())

@@ -9,9 +9,12 @@ import stat
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from restrackfs.files import Caller
+from restrackfs.handles import HandleTable, Kept
 from tests.conftest import Daemon, MiB, wait_until
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -141,9 +144,52 @@ def test_values_are_fresh_on_every_read(daemon, spawn):
         assert os.pread(fd, 100, 0) == b"0\n"
         w.do("open", 5)
         assert os.pread(fd, 100, 0) == b"5\n"
-        assert os.pread(fd, 100, 1) == b"\n"  # further offsets continue the same text
+        assert os.pread(fd, 100, 1) == b"\n"  # a pread after the whole text: of now
     finally:
         os.close(fd)
+
+
+def test_a_value_read_in_pieces_continues_its_own_text(daemon, spawn):
+    """seq_file's rule: reads after a partial one at offset 0 continue that text,
+    though the value changed meanwhile."""
+    w = spawn()
+    daemon.register(w.pid)
+    fd = os.open(daemon.path(w.pid, "heapsize"), os.O_RDONLY)
+    try:
+        assert os.read(fd, 1) == b"0"
+        w.do("mmap", 20 * MiB)
+        assert os.read(fd, 4096) == b"\n"
+        assert os.read(fd, 4096) == b""
+    finally:
+        os.close(fd)
+
+
+def test_a_value_read_whole_ends_there_and_a_pread_into_it_renders_afresh(daemon, spawn):
+    """A read at 0 that returned all of the text keeps only its end (handles.keep_end):
+    the next read is end of file; a pread before that end renders the value of now,
+    as a pread of a /proc file regenerates it."""
+    w = spawn()
+    daemon.register(w.pid)
+    fd = os.open(daemon.path(w.pid, "heapsize"), os.O_RDONLY)
+    try:
+        assert os.read(fd, 4096) == b"0\n"
+        w.do("mmap", 20 * MiB)
+        assert os.read(fd, 4096) == b""
+        assert os.pread(fd, 4096, 1) == b"0971520\n"
+    finally:
+        os.close(fd)
+
+
+def test_a_text_read_whole_keeps_no_bytes():
+    """What keep_end leaves in the per-uid budget: nothing, whatever was kept before."""
+    table = HandleTable()
+    handle = SimpleNamespace(caller=Caller(1000, False), kept=Kept())
+    fh = table.add(handle)
+    table.keep(fh, content=b"x" * 100)
+    assert table.kept_bytes(1000) == 100
+    table.keep_end(fh, 5)
+    assert table.kept_bytes(1000) == 0
+    assert (handle.kept.content, handle.kept.end) == (None, 5)
 
 
 def test_stat_file(daemon, spawn):

@@ -66,6 +66,7 @@ from typing import Protocol
 import trio
 
 from tracker.entry import Entry
+from tracker.process import Process
 from tracker.resources import Counters, Resource
 
 log = logging.getLogger("restrackfs.engine")
@@ -155,6 +156,17 @@ class ExactPeaks(Protocol):
         """The highest absolute values since `entry`'s baseline (Counters fields
         None where unknown); None if the entry is not watched. Cheap and synchronous:
         called on the event loop at each read of a peak."""
+
+
+class KernelReads(Protocol):
+    """What a backend that reads counters in the kernel adds (optional: `Engine` looks
+    for the method; without it the policy reads /proc)."""
+
+    def vm_data(self, process: Process) -> int | None:
+        """VmData of `process` now, in bytes, from the kernel's own counter: never a
+        cached value, never another process's (the identity is checked in the
+        kernel, as exactly as the pidfd would). None where it cannot tell: the
+        policy then reads /proc. Called on the event loop at each read of heapsize."""
 
 
 BACKENDS = {"bpf": "tracker.bpf_backend", "procfs": "tracker.procfs_backend"}

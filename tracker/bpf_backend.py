@@ -40,9 +40,11 @@ import trio
 
 from tracker import limits
 from tracker.backend import EXCEEDED, KILLED, NOTIFIED, RAISED, BackendUnavailable, Policy, Report
+from tracker.bpf.counters import CounterReader
 from tracker.bpf.loader import NONE, BpfUnavailable, Event, KernelWatch, Kind, WatchState, Which
 from tracker.bpf.loader import Action as BpfAction
 from tracker.entry import Entry
+from tracker.process import Process
 from tracker.quota import Action
 from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE, Counters
 
@@ -95,6 +97,7 @@ class Backend:
         self._detaching = False
         self._changed = trio.Event()
         self._closed = False
+        self._counters = _open_counters()
 
     # ----- the engine's notifications (synchronous, cheap) ------------------
 
@@ -145,6 +148,12 @@ class Backend:
             return None
         return Counters(heap=state.heap_peak_pages * PAGE, files=state.fd_peak)
 
+    def vm_data(self, process: Process) -> int | None:
+        """VmData now, read in the kernel (backend.KernelReads); None: read /proc."""
+        if self._counters is None or process.inode is None:
+            return None
+        return self._counters.data_vm(process.pid, process.inode)
+
     def flush(self) -> None:
         if not self._closed:
             self._handle_all(self.kw.drain())
@@ -152,6 +161,9 @@ class Backend:
     def close(self) -> None:
         """A clean stop: detach, unpin, remove the directory (waits for a detach under way)."""
         self._closed = True
+        if self._counters is not None:
+            self._counters.close()
+            self._counters = None
         with self._lock:
             self.kw.close(unpin=True)
         with contextlib.suppress(OSError):  # others' directories still there: keep it
@@ -250,6 +262,9 @@ class Backend:
     # ----- events -----------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self._closed:  # the engine stopped before this task first ran
+            task_status.started()
+            return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._attachment)
             nursery.start_soon(self._retries)
@@ -326,6 +341,18 @@ class Backend:
                 deny = entry.deny
                 if deny.failures and deny.retry_at <= now:
                     self.policy.check(entry)
+
+
+def _open_counters() -> CounterReader | None:
+    """The kernel reader of heapsize (counters.bpf.c), or None with the reason logged:
+    reads then go through /proc, as under procfs; enforcement is not affected."""
+    try:
+        reader = CounterReader.open()
+    except BpfUnavailable as why:
+        log.info("bpf: heapsize read through /proc (counters.bpf.o: %s)", why)
+        return None
+    log.info("bpf: heapsize read in the kernel (counters.bpf.o)")
+    return reader
 
 
 def _same_limits(old: WatchState, new: WatchState) -> bool:

@@ -73,6 +73,7 @@ class Engine(Policy):
         self.store = state.Store(state_path, self.registry.entries)
         self.backend: Backend = choose(backend, self, interval)
         self.exact_peaks = getattr(self.backend, "peaks", None)  # backend.ExactPeaks
+        self.kernel_vm_data = getattr(self.backend, "vm_data", None)  # backend.KernelReads
         self.registry.on_removal(self._removed)
         self.registry.before_exit(self.backend.flush)
 

@@ -23,6 +23,7 @@ from tracker.deny import DenyKeeper
 from tracker.enforce import Enforcer
 from tracker.entry import Entry, Measurement
 from tracker.errors import AccessDenied, Deregistered, NoSuchProcess
+from tracker.process import Process
 from tracker.quota import Action
 from tracker.registry import Registry
 from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE, RESOURCES, Counters, Resource, sample
@@ -43,6 +44,8 @@ class Policy:
         self.deny = deny
         # a backend's exact peaks (backend.ExactPeaks), if it has them; set by the Engine
         self.exact_peaks: Callable[[Entry], Counters | None] | None = None
+        # a backend's read of VmData in the kernel (backend.KernelReads); set by the Engine
+        self.kernel_vm_data: Callable[[Process], int | None] | None = None
         self._fd_listings: trio.CapacityLimiter | None = None  # made in the trio run
 
     # ----- reading, with enforcement ----------------------------------------
@@ -79,13 +82,22 @@ class Policy:
 
     def _one(self, entry: Entry, resource: Resource) -> int:
         """One resource read alone (the hot path: no more work than that read)."""
-        now = self._read_counters(entry, lambda: resource.read(entry.process))
+        now = self._read_counters(entry, self._read_alone, entry.process, resource)
         if now > (entry.high.of(resource) or 0):
             entry.high = entry.high.highest(resource.alone(now))
         used = max(0, now - (entry.baseline.of(resource) or 0))
         if entry.setting is not None:
             self.enforcer.enforce(entry, resource.alone(used))
         return used
+
+    def _read_alone(self, process: Process, resource: Resource) -> int:
+        """One resource's absolute value now: VmData from the backend's kernel read
+        where it answers (the same counter, no /proc file), else the resource's sampler."""
+        if resource is HEAP_RESOURCE and self.kernel_vm_data is not None and process.via is None:
+            vm_data = self.kernel_vm_data(process)  # of this very process (its pidfd's inode)
+            if vm_data is not None:
+                return vm_data
+        return resource.read(process)
 
     # ----- peaks and descriptors ---------------------------------------------
 
@@ -223,12 +235,12 @@ class Policy:
     def _sample(self, entry: Entry, wanted: Collection[Resource]) -> Counters:
         return self._read_counters(entry, lambda: sample(entry.process, wanted))
 
-    def _read_counters(self, entry: Entry, read: Callable[[], T]) -> T:
-        """Read through the entry's pidfd; an exit seen on the way removes the entry."""
+    def _read_counters(self, entry: Entry, read: Callable[..., T], *args: object) -> T:
+        """`read(*args)` through the entry's pidfd; an exit seen on the way removes the entry."""
         if entry.ended is not None:
             self.check_current(entry)  # says deregistered or exited
         try:
-            return read()  # checks the pidfd after reading
+            return read(*args)  # checks the pidfd after reading
         except NoSuchProcess:
             self.registry.remove(entry, "exited")
             raise

@@ -183,7 +183,32 @@ def read_ids(pid: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 def read_vm_data(pid: int, tid: int | None = None) -> int:
     """VmData alone, for the periodic check: no other field is parsed."""
-    raw = _read(pid, "status", tid)
+    return _vm_data_in(pid, _read(pid, "status", tid))
+
+
+def open_status(pid: int) -> int:
+    """An open descriptor of /proc/PID/status, for `read_vm_data_at`: it stays the
+    file of the process that held `pid` when it was opened, never a later holder's
+    (the kernel answers ESRCH once that process is reaped). The caller closes it."""
+    try:
+        return os.open(f"{_task_dir(pid, None)}/status", os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(pid) from None
+    except PermissionError:
+        raise AccessDenied(pid) from None
+
+
+def read_vm_data_at(fd: int, pid: int) -> int:
+    """VmData from an `open_status` descriptor: a read at offset 0 makes the kernel
+    print the file afresh, so this is the value of now, without the path lookup."""
+    try:
+        raw = os.pread(fd, 16384, 0)
+    except ProcessLookupError:
+        raise NoSuchProcess(pid) from None
+    return _vm_data_in(pid, raw)
+
+
+def _vm_data_in(pid: int, raw: bytes) -> int:
     try:
         return int(_field(raw, b"VmData").split()[0]) * 1024
     except (KeyError, ValueError, IndexError):

@@ -13,6 +13,7 @@ import dataclasses
 import os
 import struct
 from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import IntEnum
@@ -189,8 +190,8 @@ class KernelWatch:
     @classmethod
     def open(cls, pin_dir: Path) -> KernelWatch:
         """Load the object, reusing the maps (and links) pinned in `pin_dir` if any."""
-        _check_prerequisites()
-        lib = _library()
+        check_prerequisites()
+        lib = library()
         created = not pin_dir.exists()
         pin_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -377,10 +378,14 @@ class KernelWatch:
 
     def ring_fd(self) -> int:
         """Readable when events wait: `await trio.lowlevel.wait_readable(fd)`."""
+        if not self._ring:
+            raise ValueError("the kernel watch is closed")
         return self._lib.ring_buffer__epoll_fd(self._ring)
 
     def drain(self) -> list[Event]:
-        """Every event the kernel has queued, oldest first."""
+        """Every event the kernel has queued, oldest first (none once closed)."""
+        if not self._ring:
+            return []
         self._lib.ring_buffer__consume(self._ring)
         events, self._events = self._events, []
         return events
@@ -431,7 +436,7 @@ def _object_id(lib: ctypes.CDLL, fd: int) -> int:
 
 def object_exists(kind: str, object_id: int) -> bool:
     """Whether a prog or link with this id still exists anywhere on the machine."""
-    lib = _library()
+    lib = library()
     get = lib.bpf_prog_get_fd_by_id if kind == "prog" else lib.bpf_link_get_fd_by_id
     fd = get(object_id)
     if fd < 0:
@@ -467,7 +472,8 @@ _PRINT = libbpf.PRINT_FN(_capture)
 _lib: ctypes.CDLL | None = None
 
 
-def _library() -> ctypes.CDLL:
+def library() -> ctypes.CDLL:
+    """libbpf.so.1, loaded once, its messages captured for `failure_reason`."""
     global _lib
     if _lib is None:
         try:
@@ -478,16 +484,20 @@ def _library() -> ctypes.CDLL:
     return _lib
 
 
-def _check_prerequisites() -> None:
+def check_prerequisites(obj: Path | None = None, *, mounts: bool = True) -> None:
+    """What loading `obj` (default: the engine's object) needs; `BpfUnavailable` if
+    something is missing. With `mounts`, bpffs and tracefs are mounted if absent."""
+    obj = obj or OBJECT
     if not Path("/sys/kernel/btf/vmlinux").exists():
         raise BpfUnavailable("no kernel BTF (/sys/kernel/btf/vmlinux): CO-RE cannot relocate")
-    if not OBJECT.exists():
-        raise BpfUnavailable(f"BPF object missing: {OBJECT} (tracker/bpf/build.sh)")
+    if not obj.exists():
+        raise BpfUnavailable(f"BPF object missing: {obj} (tracker/bpf/build.sh)")
     caps = _effective_caps()
     if not (caps >> _CAP_SYS_ADMIN & 1 or (caps >> _CAP_BPF & 1 and caps >> _CAP_PERFMON & 1)):
         raise BpfUnavailable("no CAP_BPF/CAP_PERFMON (nor CAP_SYS_ADMIN)")
-    _ensure_mounted(BPFFS, "bpf")
-    _ensure_mounted(TRACEFS, "tracefs")
+    if mounts:
+        _ensure_mounted(BPFFS, "bpf")
+        _ensure_mounted(TRACEFS, "tracefs")
 
 
 def _effective_caps() -> int:
@@ -509,13 +519,19 @@ def _ensure_mounted(target: Path, fstype: str) -> None:
 
 def _load(lib: ctypes.CDLL, pin_dir: Path) -> int:
     """Open and load the object with every map pinned in (or reused from) pin_dir."""
+    return load_object(lib, OBJECT, {name: pin_dir / name for name in MAPS})
+
+
+def load_object(lib: ctypes.CDLL, path: Path, pins: Mapping[str, Path] | None = None) -> int:
+    """Open and load the BPF object at `path`, the maps named in `pins` pinned at
+    (or reused from) their paths; `BpfUnavailable` says why in one line."""
     _log.clear()
-    obj = lib.bpf_object__open_file(str(OBJECT).encode(), None)
+    obj = lib.bpf_object__open_file(str(path).encode(), None)
     if not obj:
-        raise BpfUnavailable(f"cannot open {OBJECT.name}: {_reason(ctypes.get_errno())}")
-    for name in MAPS:
+        raise BpfUnavailable(f"cannot open {path.name}: {_reason(ctypes.get_errno())}")
+    for name, pin in (pins or {}).items():
         bpf_map = lib.bpf_object__find_map_by_name(obj, name.encode())
-        lib.bpf_map__set_pin_path(bpf_map, str(pin_dir / name).encode())
+        lib.bpf_map__set_pin_path(bpf_map, str(pin).encode())
     error = lib.bpf_object__load(obj)
     if error:
         lib.bpf_object__close(obj)

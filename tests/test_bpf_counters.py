@@ -1,0 +1,226 @@
+"""heapsize read in the kernel under the bpf engine (tracker/bpf/counters.bpf.c).
+
+The program reads `mm->data_vm` of the task with a given pid whose struct pid is
+the one a pidfd names (its pidfs inode). These tests compare it with /proc on
+real processes as they map and unmap, show that it never reads another process,
+and that the engine's reads go through it under bpf and through /proc where it
+cannot answer (a zombie leader whose threads go on, an object that did not load).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import HERE, DaemonFactory, MiB, wait_until
+from tests.test_bpf import _prerequisites_missing
+from tests.test_engine_bpf import pin_dir
+from tracker import procfs
+from tracker.bpf import loader
+from tracker.bpf.counters import CounterReader
+from tracker.engine import open_engine
+
+ROOT = 0
+
+pytestmark = pytest.mark.skipif(
+    _prerequisites_missing() is not None, reason=f"BPF unavailable: {_prerequisites_missing()}"
+)
+
+
+@pytest.fixture(scope="module")
+def reader():
+    counters = CounterReader.open()
+    yield counters
+    counters.close()
+
+
+def inode_of(pid: int) -> int:
+    pidfd = os.pidfd_open(pid)
+    try:
+        return os.fstat(pidfd).st_ino
+    finally:
+        os.close(pidfd)
+
+
+def proc_vm_data(pid: int, tid: int | None = None) -> int:
+    task = f"/proc/{pid}" if tid is None else f"/proc/{pid}/task/{tid}"
+    status = Path(f"{task}/status").read_text()
+    return int(status.split("VmData:")[1].split()[0]) * 1024
+
+
+def test_reads_vm_data_as_proc_shows_it(reader, spawn):
+    w = spawn()
+    inode = inode_of(w.pid)
+    assert reader.data_vm(w.pid, inode) == proc_vm_data(w.pid)
+    for step in (("mmap", 8 * MiB), ("sbrk", MiB), ("mmap", 64 * MiB), ("munmap", 8 * MiB)):
+        before = proc_vm_data(w.pid)
+        w.do(*step)
+        assert proc_vm_data(w.pid) != before, step  # the step moved the counter
+        assert reader.data_vm(w.pid, inode) == proc_vm_data(w.pid), step
+    w.thread()  # a thread's stack is a private writable mapping: it counts
+    assert reader.data_vm(w.pid, inode) == proc_vm_data(w.pid)
+
+
+def test_another_process_is_never_read(reader, spawn):
+    a, b = spawn(), spawn()
+    b.do("mmap", 32 * MiB)
+    assert reader.data_vm(b.pid, inode_of(b.pid)) == proc_vm_data(b.pid)
+    assert reader.data_vm(b.pid, inode_of(a.pid)) is None  # b's number, a's identity
+    assert reader.data_vm(a.pid, inode_of(b.pid)) is None
+
+
+def test_a_zombie_and_a_reaped_process_give_none(reader, spawn):
+    w = spawn()
+    inode = inode_of(w.pid)
+    w.proc.kill()
+    wait_until(lambda: procfs.read_stat(w.pid).state == "Z", 5, "zombie")
+    assert reader.data_vm(w.pid, inode) is None  # no address space: /proc decides
+    w.proc.wait()
+    assert reader.data_vm(w.pid, inode) is None
+
+
+async def test_the_bpf_engine_reads_heapsize_without_proc(spawn, monkeypatch):
+    w = spawn()
+    async with open_engine(backend="bpf") as engine:
+        entry = engine.register(w.pid, ROOT)
+
+        def no_proc(*args: object) -> int:
+            raise AssertionError("read /proc/PID/status for VmData")
+
+        monkeypatch.setattr(procfs, "read_vm_data", no_proc)
+        w.do("mmap", 16 * MiB)
+        assert engine.heapsize(entry) == 16 * MiB
+        w.do("munmap", 16 * MiB)
+        assert engine.heapsize(entry) == 0
+        assert engine.heap_peak(entry) == 16 * MiB  # the kernel read raised the mark
+
+
+async def test_the_procfs_engine_reads_proc(spawn, monkeypatch):
+    """The other side of the test above: under procfs /proc/PID/status is read
+    (through the held descriptor, tracker/process.py), and the kernel program not."""
+    w = spawn()
+    async with open_engine(backend="procfs") as engine:
+        entry = engine.register(w.pid, ROOT)
+        calls: list[str] = []
+
+        def recording(name: str) -> Callable[..., int]:
+            real = getattr(procfs, name)
+            return lambda *args: calls.append(name) or real(*args)
+
+        for name in ("read_vm_data", "read_vm_data_at"):
+            monkeypatch.setattr(procfs, name, recording(name))
+        w.do("mmap", 16 * MiB)
+        assert engine.heapsize(entry) == 16 * MiB
+        assert calls == ["read_vm_data_at"]
+        assert engine.kernel_vm_data is None
+
+
+LEADER_EXITS_C = r"""
+/* Prints its pid; on a line on stdin the main thread exits (pthread_exit), then
+ * the other thread maps 32 MiB, prints its tid and waits. */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/mman.h>
+#include <unistd.h>
+static pthread_t main_thread;
+static void *worker(void *arg) {
+    (void)arg;
+    pthread_join(main_thread, NULL);
+    mmap(NULL, 32 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    printf("%d\n", gettid());
+    fflush(stdout);
+    for (;;) pause();
+    return NULL;
+}
+int main(void) {
+    char line[16];
+    pthread_t t;
+    main_thread = pthread_self();
+    pthread_create(&t, NULL, worker, NULL);
+    printf("%d\n", getpid());
+    fflush(stdout);
+    if (!fgets(line, sizeof line, stdin)) return 1;
+    pthread_exit(NULL);
+}
+"""
+
+
+async def test_a_zombie_leader_is_read_through_its_live_thread(bin_dir):
+    source = bin_dir / "leader_exits.c"
+    source.write_text(LEADER_EXITS_C)
+    subprocess.run(["gcc", "-O1", "-pthread", "-o", bin_dir / "leader_exits", source], check=True)
+    proc = subprocess.Popen(
+        [bin_dir / "leader_exits"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        pid = int(proc.stdout.readline())
+        async with open_engine(backend="bpf") as engine:
+            entry = engine.register(pid, ROOT)
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            tid = int(proc.stdout.readline())  # the leader is gone, the thread mapped
+            assert "VmData" not in Path(f"/proc/{pid}/status").read_text()  # zombie leader
+            assert engine.heapsize(entry) >= 32 * MiB  # and the thread's malloc arena
+            assert entry.heap_base + engine.heapsize(entry) == proc_vm_data(pid, tid)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_daemon_says_which_way_heapsize_is_read(daemon_factory: DaemonFactory, spawn):
+    """One line at start either way; where the reader cannot load, /proc is read and
+    nothing else changes (the engine stays bpf)."""
+    fast = daemon_factory("--engine", "bpf")
+    slow = daemon_factory(start=False)
+    wrapper = HERE / "data" / "no_counters_object.py"
+    argv = [sys.executable, str(wrapper), "--foreground", "--engine", "bpf"]
+    with open(slow.log, "ab") as log:
+        slow.proc = subprocess.Popen(
+            [*argv, "--state", str(slow.state), str(slow.mountpoint)], stdout=log, stderr=log
+        )
+    try:
+        wait_until(lambda: slow._serving() or slow.proc.poll() is not None, 20, "mount")
+        w = spawn()
+        w.do("mmap", 8 * MiB)
+        for daemon in (fast, slow):
+            daemon.register(w.pid)
+            w.do("mmap", 4 * MiB)
+            assert daemon.read(w.pid, "heapsize") == f"{4 * MiB}\n"
+            assert daemon.read("engine") == "bpf\n"
+            w.do("munmap", 4 * MiB)
+        # the two daemons share one log file: one line each
+        lines = sorted(line for line in fast.log_text().splitlines() if "heapsize read" in line)
+        assert len(lines) == 2
+        assert lines[0].endswith("bpf: heapsize read in the kernel (counters.bpf.o)")
+        assert lines[1].endswith(
+            "bpf: heapsize read through /proc (counters.bpf.o: BPF object missing: "
+            "/nonexistent/counters.bpf.o (tracker/bpf/build.sh))"
+        )
+        assert "Traceback" not in slow.log_text()
+    finally:
+        daemon_factory.stop_all()
+        for daemon in (fast, slow):
+            loader._remove_tree(pin_dir(daemon))
+
+
+def test_an_engine_stopped_before_its_backend_ran_stops_cleanly(tmp_path):
+    """Found here: the bpf backend's task, started after the stop, read the ring
+    buffer of a closed watch (a segfault)."""
+    script = (
+        "import trio\n"
+        "from tracker.engine import open_engine\n"
+        "async def main():\n"
+        "    async with open_engine(backend='bpf'):\n"
+        "        pass\n"
+        "trio.run(main)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=HERE.parent, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
