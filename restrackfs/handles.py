@@ -4,7 +4,8 @@ A file handle keeps the text of its last read at offset 0 (the seq_file habit:
 a read at offset 0 renders afresh, reads further on continue the same text, so
 a value never tears), and a directory handle its listing during one readdir
 pass. A read at offset 0 that returns the whole text (`cat` of any value file)
-keeps only where it ends: the next read is end of file, and nothing is kept. What one uid can make the daemon hold is bounded twice:
+keeps only where it ends: the next read is end of file, and nothing is kept.
+What one uid can make the daemon hold is bounded twice:
 
 - at most `MAX_HANDLES_PER_UID` open handles (files and directories) per uid
   but root's; one more open is ENFILE (the daemon's table is full for that

@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import HERE, DaemonFactory, MiB, wait_until
 from tests.test_bpf import _prerequisites_missing
 from tests.test_engine_bpf import pin_dir
+from tests.test_run import compile_c
 from tracker import procfs
 from tracker.bpf import loader
 from tracker.bpf.counters import CounterReader
@@ -120,52 +121,24 @@ async def test_the_procfs_engine_reads_proc(spawn, monkeypatch):
         assert engine.kernel_vm_data is None
 
 
-LEADER_EXITS_C = r"""
-/* Prints its pid; on a line on stdin the main thread exits (pthread_exit), then
- * the other thread maps 32 MiB, prints its tid and waits. */
-#define _GNU_SOURCE
-#include <pthread.h>
-#include <stdio.h>
-#include <sys/mman.h>
-#include <unistd.h>
-static pthread_t main_thread;
-static void *worker(void *arg) {
-    (void)arg;
-    pthread_join(main_thread, NULL);
-    mmap(NULL, 32 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    printf("%d\n", gettid());
-    fflush(stdout);
-    for (;;) pause();
-    return NULL;
-}
-int main(void) {
-    char line[16];
-    pthread_t t;
-    main_thread = pthread_self();
-    pthread_create(&t, NULL, worker, NULL);
-    printf("%d\n", getpid());
-    fflush(stdout);
-    if (!fgets(line, sizeof line, stdin)) return 1;
-    pthread_exit(NULL);
-}
-"""
-
-
 async def test_a_zombie_leader_is_read_through_its_live_thread(bin_dir):
-    source = bin_dir / "leader_exits.c"
-    source.write_text(LEADER_EXITS_C)
-    subprocess.run(["gcc", "-O1", "-pthread", "-o", bin_dir / "leader_exits", source], check=True)
-    proc = subprocess.Popen(
-        [bin_dir / "leader_exits"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+    """tests/c/leaderless.c: the main thread exits, another maps 32 MiB. The kernel
+    program sees no address space on the leader (-ENODATA); /proc through the live
+    thread answers."""
+    binary = compile_c(HERE / "c" / "leaderless.c", bin_dir / "leaderless")
+    proc = subprocess.Popen([binary], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         pid = int(proc.stdout.readline())
         async with open_engine(backend="bpf") as engine:
             entry = engine.register(pid, ROOT)
             proc.stdin.write("go\n")
             proc.stdin.flush()
-            tid = int(proc.stdout.readline())  # the leader is gone, the thread mapped
+            assert proc.stdout.readline() == "ready\n"
             assert "VmData" not in Path(f"/proc/{pid}/status").read_text()  # zombie leader
+            proc.stdin.write("mmap 32\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline() == "mapped 32\n"
+            tid = next(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
             assert engine.heapsize(entry) >= 32 * MiB  # and the thread's malloc arena
             assert entry.heap_base + engine.heapsize(entry) == proc_vm_data(pid, tid)
     finally:

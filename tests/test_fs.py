@@ -8,6 +8,7 @@ import re
 import stat
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -149,35 +150,37 @@ def test_values_are_fresh_on_every_read(daemon, spawn):
         os.close(fd)
 
 
-def test_a_value_read_in_pieces_continues_its_own_text(daemon, spawn):
-    """seq_file's rule: reads after a partial one at offset 0 continue that text,
-    though the value changed meanwhile."""
+@contextmanager
+def heapsize_open(daemon, spawn):
+    """A tracked workload and a descriptor of its heapsize, closed at the end."""
     w = spawn()
     daemon.register(w.pid)
     fd = os.open(daemon.path(w.pid, "heapsize"), os.O_RDONLY)
     try:
+        yield w, fd
+    finally:
+        os.close(fd)
+
+
+def test_a_value_read_in_pieces_continues_its_own_text(daemon, spawn):
+    """seq_file's rule: reads after a partial one at offset 0 continue that text,
+    though the value changed meanwhile."""
+    with heapsize_open(daemon, spawn) as (w, fd):
         assert os.read(fd, 1) == b"0"
         w.do("mmap", 20 * MiB)
         assert os.read(fd, 4096) == b"\n"
         assert os.read(fd, 4096) == b""
-    finally:
-        os.close(fd)
 
 
 def test_a_value_read_whole_ends_there_and_a_pread_into_it_renders_afresh(daemon, spawn):
     """A read at 0 that returned all of the text keeps only its end (handles.keep_end):
     the next read is end of file; a pread before that end renders the value of now,
     as a pread of a /proc file regenerates it."""
-    w = spawn()
-    daemon.register(w.pid)
-    fd = os.open(daemon.path(w.pid, "heapsize"), os.O_RDONLY)
-    try:
+    with heapsize_open(daemon, spawn) as (w, fd):
         assert os.read(fd, 4096) == b"0\n"
         w.do("mmap", 20 * MiB)
         assert os.read(fd, 4096) == b""
         assert os.pread(fd, 4096, 1) == b"0971520\n"
-    finally:
-        os.close(fd)
 
 
 def test_a_text_read_whole_keeps_no_bytes():

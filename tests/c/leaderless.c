@@ -1,12 +1,14 @@
 /* leaderless: prints its pid; on a line on stdin the main thread exits
  * (pthread_exit) and a second thread lives on: it prints "ready" once the leader
  * is a zombie, then on each line "open N" opens /dev/null N times and prints
- * "opened N". */
+ * "opened N", and "mmap N" maps N MiB (private, anonymous) and prints "mapped N". */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 static pthread_t main_thread;
@@ -19,6 +21,13 @@ static void *worker(void *arg) {
     fflush(stdout);
     while (fgets(line, sizeof line, stdin)) {
         int n = atoi(line + 5), opened = 0;
+        if (!strncmp(line, "mmap ", 5)) {
+            void *p = mmap(NULL, (size_t)n << 20, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            printf("mapped %d\n", p == MAP_FAILED ? 0 : n);
+            fflush(stdout);
+            continue;
+        }
         for (; opened < n; opened++)
             if (open("/dev/null", O_RDONLY) < 0) break;
         printf("opened %d\n", opened);
