@@ -63,15 +63,20 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
         MinimalFs(cfg.work) as floor,
     ):
         pid = sleepers.pids[0]
-        # the default engine (what a user gets: bpf where it loads), and the polling one
-        with Daemon(cfg.work, "--engine", "auto") as daemon, Daemon(cfg.work) as polling:
+        # the default engine (what a user gets: bpf where it loads), the polling one,
+        # and one more for stat: a file of its own per daemon (see the method)
+        with (
+            Daemon(cfg.work, "--engine", "auto") as daemon,
+            Daemon(cfg.work) as polling,
+            Daemon(cfg.work, "--engine", "auto") as stats,
+        ):
             engine = daemon.path("engine").read_text().strip()
-            daemon.register(pid)
-            polling.register(pid)
+            for one in (daemon, polling, stats):
+                one.register(pid)
             paths = {
                 HEAPSIZE: daemon.path(pid, "heapsize"),
                 HEAPSIZE_PROCFS: polling.path(pid, "heapsize"),
-                STAT: daemon.path(pid, "stat"),
+                STAT: stats.path(pid, "stat"),
                 PROC: Path(f"/proc/{pid}/status"),
                 FLOOR: floor.file,
             }
@@ -176,10 +181,14 @@ A compiled C reader (bench/c/reader.c) times each `open` + `read` to EOF + `clos
 with CLOCK_MONOTONIC. The targets are read in interleaved rounds: each round gives
 every target a block of {cfg.latency_block} reads, in an order rotated each round,
 {cfg.latency_rounds} rounds after one untimed warm-up round, so drift and noise fall
-on all targets alike. Targets: `PID/heapsize` and `PID/stat` of a tracked sleeping C
-process on a restrackfs mounted by the bench with the default engine (`--engine
-auto`: {engine} on this machine; the goals are its figures, what a user gets),
-`PID/heapsize` of the same process on a second restrackfs with `--engine procfs`
+on all targets alike. Targets: `PID/heapsize` of a tracked sleeping C process on a
+restrackfs mounted by the bench with the default engine (`--engine auto`: {engine}
+on this machine; the goals are its figures, what a user gets), `PID/stat` of the
+same process on a third restrackfs with the default engine (each restrackfs file
+read from a daemon of its own: in A/B runs a daemon that also served the heavier
+`PID/stat` read `heapsize` in 90-100 µs where one serving `heapsize` alone took
+55-60, so one daemon for both measures their mix), `PID/heapsize` of the same
+process on a second restrackfs with `--engine procfs`
 (heapsize read from `/proc/PID/status` at each read, the fallback where BPF does not
 load), that process's `/proc/PID/status` (the kernel floor of the procfs read), and
 `proc/uptime` of an lxcfs (a C FUSE filesystem) mounted by the bench in a temp dir,

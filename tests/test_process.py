@@ -39,6 +39,10 @@ def test_the_held_status_file_is_read_afresh(spawn):
         assert p.sample(heap=True, files=False)[0] == proc_vm_data(w.pid)
         w.do("munmap", 8 * MiB)
         assert p.sample(heap=True, files=True)[0] == proc_vm_data(w.pid)
+        w.do("mmap", 4 * MiB)
+        usage = p.usage()  # all of status, through the same held file
+        assert (usage.comm, usage.vm_data) == ("workload", proc_vm_data(w.pid))
+        assert usage.open_fds == len(os.listdir(f"/proc/{w.pid}/fd"))
     finally:
         p.close()
     assert p.status_fd == -1

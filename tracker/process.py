@@ -130,7 +130,7 @@ class Process:
         """VmData and open fds now; `NoSuchProcess` once it has exited."""
 
         def read() -> Usage:
-            status = procfs.read_status(self.pid, self.via)
+            status = self._status()
             open_fds = self._count_fds()
             self.check_alive()
             return Usage(status.name, procfs.vm_data_of(status), open_fds)
@@ -156,6 +156,19 @@ class Process:
         if self.status_fd < 0 and not self._hold_status():
             return procfs.read_vm_data(self.pid)
         return procfs.read_vm_data_at(self.status_fd, self.pid)
+
+    def _status(self) -> procfs.Status:
+        """All of status, read as `_vm_data` reads VmData; a zombie leader's (no
+        VmData) makes `_through_a_live_thread` try a thread."""
+        if self.via is not None:
+            status = procfs.read_status(self.pid, self.via)
+        elif self.status_fd >= 0 or self._hold_status():
+            status = procfs.read_status_at(self.status_fd, self.pid)
+        else:
+            status = procfs.read_status(self.pid)
+        if status.vm_data is None:
+            raise NoSuchProcess(self.pid, "no address space (zombie or kernel thread)")
+        return status
 
     def _hold_status(self) -> bool:
         """Open the status file to keep, if the bound allows; it is this process's
