@@ -152,7 +152,11 @@ class Backend:
         """VmData now, read in the kernel (backend.KernelReads); None: read /proc."""
         if self._counters is None or process.inode is None:
             return None
-        return self._counters.data_vm(process.pid, process.inode)
+        try:
+            return self._counters.data_vm(process.pid, process.inode)
+        except OSError as error:  # the run refused (ENOMEM...): /proc answers this one
+            log.debug("bpf: heapsize of pid=%d through /proc: %s", process.pid, error)
+            return None
 
     def flush(self) -> None:
         if not self._closed:
