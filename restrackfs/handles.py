@@ -122,9 +122,10 @@ class HandleTable:
     def keep_end(self, fh: int, end: int) -> None:
         """Let handle `fh` keep where its text ends, not the text: the read at offset
         0 returned all of it, so the next read (at `end`) is end of file."""
-        kept = self._handles[fh].kept
+        handle = self._handles[fh]
+        kept = handle.kept
         if kept.content is not None or kept.listing is not None:
-            self._forget(fh, self._handles[fh].caller.uid)
+            self._forget(fh, handle.caller.uid)
             kept.content = kept.listing = None
         kept.end = end
 

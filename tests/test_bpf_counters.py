@@ -90,10 +90,11 @@ async def test_the_bpf_engine_reads_heapsize_without_proc(spawn, monkeypatch):
     async with open_engine(backend="bpf") as engine:
         entry = engine.register(w.pid, ROOT)
 
-        def no_proc(*args: object) -> int:
+        def no_proc(*args: object) -> bytes:
             raise AssertionError("read /proc/PID/status for VmData")
 
-        monkeypatch.setattr(procfs, "read_vm_data", no_proc)
+        for name in ("read_status_text", "reread_status"):  # by path, or held
+            monkeypatch.setattr(procfs, name, no_proc)
         w.do("mmap", 16 * MiB)
         assert engine.heapsize(entry) == 16 * MiB
         w.do("munmap", 16 * MiB)
@@ -109,15 +110,15 @@ async def test_the_procfs_engine_reads_proc(spawn, monkeypatch):
         entry = engine.register(w.pid, ROOT)
         calls: list[str] = []
 
-        def recording(name: str) -> Callable[..., int]:
+        def recording(name: str) -> Callable[..., bytes]:
             real = getattr(procfs, name)
             return lambda *args: calls.append(name) or real(*args)
 
-        for name in ("read_vm_data", "read_vm_data_at"):
+        for name in ("read_status_text", "reread_status"):
             monkeypatch.setattr(procfs, name, recording(name))
         w.do("mmap", 16 * MiB)
         assert engine.heapsize(entry) == 16 * MiB
-        assert calls == ["read_vm_data_at"]
+        assert calls == ["reread_status"]
         assert engine.kernel_vm_data is None
 
 

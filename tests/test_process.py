@@ -60,7 +60,7 @@ def test_a_held_status_file_never_shows_the_next_holder_of_the_pid(spawn):
         new = spawn_at(pid, spawn)
         new.do("mmap", 64 * MiB)
         with pytest.raises(NoSuchProcess):
-            procfs.read_vm_data_at(held, pid)  # the file is the old process's: ESRCH
+            procfs.reread_status(held, pid)  # the file is the old process's: ESRCH
         with pytest.raises(NoSuchProcess):
             p.sample(heap=True, files=False)
     finally:

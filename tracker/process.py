@@ -130,7 +130,7 @@ class Process:
         """VmData and open fds now; `NoSuchProcess` once it has exited."""
 
         def read() -> Usage:
-            status = self._status()
+            status = procfs.parse_status(self.pid, self._status_text())
             open_fds = self._count_fds()
             self.check_alive()
             return Usage(status.name, procfs.vm_data_of(status), open_fds)
@@ -141,34 +141,20 @@ class Process:
         """(VmData, open fds) reading only what is asked for (0 for the rest)."""
 
         def read() -> tuple[int, int]:
-            vm_data = self._vm_data() if heap else 0
+            vm_data = procfs.vm_data_in(self.pid, self._status_text()) if heap else 0
             open_fds = self._count_fds() if files else 0
             self.check_alive()
             return vm_data, open_fds
 
         return self._through_a_live_thread(read)
 
-    def _vm_data(self) -> int:
-        """VmData through the held status file of the leader where there is one (or
-        room for one), else by path (a live thread's, once the leader is a zombie)."""
-        if self.via is not None:
-            return procfs.read_vm_data(self.pid, self.via)
-        if self.status_fd < 0 and not self._hold_status():
-            return procfs.read_vm_data(self.pid)
-        return procfs.read_vm_data_at(self.status_fd, self.pid)
-
-    def _status(self) -> procfs.Status:
-        """All of status, read as `_vm_data` reads VmData; a zombie leader's (no
-        VmData) makes `_through_a_live_thread` try a thread."""
-        if self.via is not None:
-            status = procfs.read_status(self.pid, self.via)
-        elif self.status_fd >= 0 or self._hold_status():
-            status = procfs.read_status_at(self.status_fd, self.pid)
-        else:
-            status = procfs.read_status(self.pid)
-        if status.vm_data is None:
-            raise NoSuchProcess(self.pid, "no address space (zombie or kernel thread)")
-        return status
+    def _status_text(self) -> bytes:
+        """/proc/PID/status now: through the held file of the leader where there is
+        one (or room for one), else by path (a live thread's once the leader is a
+        zombie: its own shows no memory)."""
+        if self.via is None and (self.status_fd >= 0 or self._hold_status()):
+            return procfs.reread_status(self.status_fd, self.pid)
+        return procfs.read_status_text(self.pid, self.via)
 
     def _hold_status(self) -> bool:
         """Open the status file to keep, if the bound allows; it is this process's

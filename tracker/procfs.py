@@ -50,14 +50,17 @@ def _task_dir(pid: int, tid: int | None) -> str:
     return f"{PROC}/{pid}" if tid is None else f"{PROC}/{pid}/task/{tid}"
 
 
-def _read(pid: int, name: str, tid: int | None = None) -> bytes:
-    path = f"{_task_dir(pid, tid)}/{name}"
+def _open(pid: int, name: str, tid: int | None = None) -> int:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(f"{_task_dir(pid, tid)}/{name}", os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError):  # ESRCH: caught mid-exit
         raise NoSuchProcess(pid) from None
     except PermissionError:
         raise AccessDenied(pid) from None
+
+
+def _read(pid: int, name: str, tid: int | None = None) -> bytes:
+    fd = _open(pid, name, tid)
     try:
         return os.read(fd, 16384)
     except ProcessLookupError:
@@ -167,16 +170,28 @@ def parse_status(pid: int, raw: bytes) -> Status:
 
 
 def read_status(pid: int, tid: int | None = None) -> Status:
-    return parse_status(pid, _read(pid, "status", tid))
+    return parse_status(pid, read_status_text(pid, tid))
 
 
-def read_status_at(fd: int, pid: int) -> Status:
-    """The fields from an `open_status` descriptor, printed afresh (pread at 0)."""
+def read_status_text(pid: int, tid: int | None = None) -> bytes:
+    """/proc/PID/status (or a thread's) as the kernel prints it, by path."""
+    return _read(pid, "status", tid)
+
+
+def open_status(pid: int) -> int:
+    """An open descriptor of /proc/PID/status, for `reread_status`: it stays the
+    file of the process that held `pid` when it was opened, never a later holder's
+    (the kernel answers ESRCH once that process is reaped). The caller closes it."""
+    return _open(pid, "status")
+
+
+def reread_status(fd: int, pid: int) -> bytes:
+    """The text of an `open_status` descriptor: a read at offset 0 makes the kernel
+    print the file afresh, so this is the status of now, without the path lookup."""
     try:
-        raw = os.pread(fd, 16384, 0)
+        return os.pread(fd, 16384, 0)
     except ProcessLookupError:
         raise NoSuchProcess(pid) from None
-    return parse_status(pid, raw)
 
 
 def read_ids(pid: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -191,34 +206,9 @@ def read_ids(pid: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         raise NoSuchProcess(pid) from None
 
 
-def read_vm_data(pid: int, tid: int | None = None) -> int:
-    """VmData alone, for the periodic check: no other field is parsed."""
-    return _vm_data_in(pid, _read(pid, "status", tid))
-
-
-def open_status(pid: int) -> int:
-    """An open descriptor of /proc/PID/status, for `read_vm_data_at`: it stays the
-    file of the process that held `pid` when it was opened, never a later holder's
-    (the kernel answers ESRCH once that process is reaped). The caller closes it."""
-    try:
-        return os.open(f"{_task_dir(pid, None)}/status", os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, ProcessLookupError):
-        raise NoSuchProcess(pid) from None
-    except PermissionError:
-        raise AccessDenied(pid) from None
-
-
-def read_vm_data_at(fd: int, pid: int) -> int:
-    """VmData from an `open_status` descriptor: a read at offset 0 makes the kernel
-    print the file afresh, so this is the value of now, without the path lookup."""
-    try:
-        raw = os.pread(fd, 16384, 0)
-    except ProcessLookupError:
-        raise NoSuchProcess(pid) from None
-    return _vm_data_in(pid, raw)
-
-
-def _vm_data_in(pid: int, raw: bytes) -> int:
+def vm_data_in(pid: int, raw: bytes) -> int:
+    """VmData of a status text alone (no other field parsed: the hot path of reads
+    and of the periodic check)."""
     try:
         return int(_field(raw, b"VmData").split()[0]) * 1024
     except (KeyError, ValueError, IndexError):

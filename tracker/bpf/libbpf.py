@@ -41,7 +41,6 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
     "bpf_map_get_next_key": (c_int, [c_int, c_void_p, c_void_p]),
     "bpf_prog_get_fd_by_id": (c_int, [c_uint]),
-    "bpf_prog_test_run_opts": (c_int, [c_int, c_void_p]),
     "bpf_link_get_fd_by_id": (c_int, [c_uint]),
     "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, POINTER(c_uint)]),
     "ring_buffer__new": (c_void_p, [c_int, SAMPLE_FN, c_void_p, c_void_p]),

@@ -473,7 +473,8 @@ _lib: ctypes.CDLL | None = None
 
 
 def library() -> ctypes.CDLL:
-    """libbpf.so.1, loaded once, its messages captured for `failure_reason`."""
+    """libbpf.so.1, loaded once, its messages captured for the one-line reasons of
+    `load_object`'s failures."""
     global _lib
     if _lib is None:
         try:
