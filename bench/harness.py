@@ -54,6 +54,10 @@ class Config:
     # 1. read latency
     latency_block: int = 100
     latency_rounds: int = 50
+    latency_readers: int = 10  # reader processes the rounds are shared among
+    gap_us: int = 2000  # isolated reads: the pause before each
+    gap_block: int = 20
+    gap_rounds: int = 2  # per reader process
     cat_block: int = 20
     cat_rounds: int = 25
     count_reads: int = 200  # reads for the request count and daemon CPU per read
@@ -82,6 +86,9 @@ class Config:
             work=work,
             latency_block=10,
             latency_rounds=5,
+            latency_readers=2,
+            gap_block=5,
+            gap_rounds=1,
             cat_block=2,
             cat_rounds=2,
             count_reads=20,

@@ -30,6 +30,23 @@ def run_reader(reader: Path, mode: list[str], paths: dict[str, Path]) -> dict[st
     return {label: [int(v) for v in line.split()] for label, line in zip(paths, lines, strict=True)}
 
 
+def pooled_reader(
+    reader: Path, mode: list[str], paths: dict[str, Path], processes: int
+) -> dict[str, list[int]]:
+    """`processes` reader processes, one after another, over `paths`; latencies pooled.
+
+    Where a reader process runs relative to a daemon (same CPU, or the other one
+    with a wake-up per request) is a draw that lasts the process's life: one
+    daemon read in 46-235 µs p50 in successive reader processes. One process
+    would measure one draw; several sample them.
+    """
+    pooled: dict[str, list[int]] = {label: [] for label in paths}
+    for _ in range(processes):
+        for label, values in run_reader(reader, mode, paths).items():
+            pooled[label].extend(values)
+    return pooled
+
+
 def request_counts(cfg: Config, helpers: dict[str, Path], pid: int) -> dict[str, dict[str, float]]:
     """FUSE requests reaching the daemon's handlers per open+read+close of each file."""
     counts = {}
@@ -82,10 +99,18 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
             }
             if lxcfs.reason is None:
                 paths[LXCFS] = lxcfs.uptime
-            lat = run_reader(
+            rounds = -(-cfg.latency_rounds // cfg.latency_readers)  # per process
+            lat = pooled_reader(
                 helpers["reader"],
-                ["lat", str(cfg.latency_block), str(cfg.latency_rounds)],
+                ["lat", str(cfg.latency_block), str(rounds)],
                 paths,
+                cfg.latency_readers,
+            )
+            gap = pooled_reader(
+                helpers["reader"],
+                ["gap", str(cfg.gap_us), str(cfg.gap_block), str(cfg.gap_rounds)],
+                paths,
+                cfg.latency_readers,
             )
             cat = run_reader(
                 helpers["reader"],
@@ -94,7 +119,7 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
             )
         counts = request_counts(cfg, helpers, pid)
 
-    n = cfg.latency_block * cfg.latency_rounds
+    n = cfg.latency_block * rounds * cfg.latency_readers
     p50 = {label: percentile(values, 50) / 1000 for label, values in lat.items()}
     p99 = {label: percentile(values, 99) / 1000 for label, values in lat.items()}
     for label in (HEAPSIZE, HEAPSIZE_PROCFS, STAT, PROC, LXCFS, FLOOR):
@@ -114,6 +139,19 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
                     rows.append(Row(figure, table[label] / table[peer], "x"))
                 else:
                     rows.append(Row(figure, None, "x", lxcfs.reason or ""))
+    gap_n = cfg.gap_block * cfg.gap_rounds * cfg.latency_readers
+    gap_p50 = {label: percentile(values, 50) / 1000 for label, values in gap.items()}
+    for label in gap:
+        note = f"n={gap_n}, engine {engine}" if label in (HEAPSIZE, STAT) else f"n={gap_n}"
+        rows.append(Row(f"{label}, isolated reads p50", gap_p50[label], "us", note))
+        rows.append(
+            Row(f"{label}, isolated reads p99", percentile(gap[label], 99) / 1000, "us", note)
+        )
+    for label in (HEAPSIZE, HEAPSIZE_PROCFS):
+        for peer in (LXCFS, FLOOR):
+            if peer in gap_p50:
+                ratio = gap_p50[label] / gap_p50[peer]
+                rows.append(Row(f"{label}, isolated reads p50 / {peer}'s", ratio, "x"))
     cat_n = cfg.cat_block * cfg.cat_rounds
     for label in (HEAPSIZE, PROC, LXCFS):
         if label in cat:
@@ -180,26 +218,36 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
 A compiled C reader (bench/c/reader.c) times each `open` + `read` to EOF + `close`
 with CLOCK_MONOTONIC. The targets are read in interleaved rounds: each round gives
 every target a block of {cfg.latency_block} reads, in an order rotated each round,
-{cfg.latency_rounds} rounds after one untimed warm-up round, so drift and noise fall
-on all targets alike. Targets: `PID/heapsize` of a tracked sleeping C process on a
-restrackfs mounted by the bench with the default engine (`--engine auto`: {engine}
-on this machine; the goals are its figures, what a user gets), `PID/stat` of the
-same process on a third restrackfs with the default engine (each restrackfs file
-read from a daemon of its own: in A/B runs a daemon that also served the heavier
-`PID/stat` read `heapsize` in 90-100 µs where one serving `heapsize` alone took
-55-60, so one daemon for both measures their mix), `PID/heapsize` of the same
-process on a second restrackfs with `--engine procfs`
+so drift and noise fall on all targets alike. The rounds are shared among
+{cfg.latency_readers} reader processes run one after another ({rounds} rounds each,
+after one untimed warm-up round), and their latencies pooled: where a reader process
+runs relative to a daemon (on its CPU, or on the other one with a wake-up per
+request) is a draw that lasts the process's life, and one daemon read in 46-235 µs
+p50 in successive reader processes, so one process would measure one draw. The
+*isolated reads* rows read the same targets with a pause of {cfg.gap_us} µs before
+each read ({cfg.gap_block} × {cfg.gap_rounds} per target in each of the
+{cfg.latency_readers} processes), as a script polling a file does: every read then
+finds the CPUs idle and the caches cold. Targets: `PID/heapsize` of a tracked
+sleeping C process on a restrackfs mounted by the bench with the default engine
+(`--engine auto`: {engine} on this machine; the goals are its figures, what a user
+gets), `PID/stat` of the same process on a third restrackfs with the default engine
+(each restrackfs file read from a daemon of its own: in A/B runs a daemon that also
+served the heavier `PID/stat` read `heapsize` in 90-100 µs where one serving
+`heapsize` alone took 55-60, so one daemon for both measures their mix),
+`PID/heapsize` of the same process on a second restrackfs with `--engine procfs`
 (heapsize read from `/proc/PID/status` at each read, the fallback where BPF does not
 load), that process's `/proc/PID/status` (the kernel floor of the procfs read), and
 `proc/uptime` of an lxcfs (a C FUSE filesystem) mounted by the bench in a temp dir,
 and the one file of a minimal pyfuse3 + trio filesystem that answers a constant
-(bench/minimalfs.py): the floor of the Python FUSE stack restrackfs is built on,
-before any work of its own. The `cat` rows spawn one `/bin/cat PATH >/dev/null` per
-read (posix_spawn + waitpid), as a shell loop does ({cfg.cat_block} ×
-{cfg.cat_rounds} per target, interleaved the same way). Requests per read: another
-daemon, with a counter wrapped around each pyfuse3 handler (bench/countingd.py, not
-used for any timing), serves {2 * cfg.count_reads} reads of each file and
-{2 * max(2, cfg.count_reads // 10)} `cat`s of `PID/heapsize`; the counts are the
-requests that reach the daemon's Python code, per read.
+(bench/minimalfs.py, its loop run with restrackfs's options, busy polling included):
+the floor of the Python FUSE stack restrackfs is built on, before any work of its
+own. The `cat` rows spawn one `/bin/cat PATH >/dev/null` per read (posix_spawn +
+waitpid), as a shell loop does ({cfg.cat_block} × {cfg.cat_rounds} per target,
+interleaved the same way). Requests per read: another daemon, with a counter wrapped
+around each pyfuse3 handler (bench/countingd.py, not used for any timing), serves {
+        2 * cfg.count_reads
+    } reads of each file and {2 * max(2, cfg.count_reads // 10)} `cat`s
+of `PID/heapsize`; the counts are the requests that reach the daemon's Python code,
+per read.
 """
     return result

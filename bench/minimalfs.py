@@ -1,7 +1,9 @@
 """The floor of pyfuse3 + trio: a filesystem whose one file returns a constant.
 
 Read side by side with `PID/heapsize`, it shows what the request round trips
-cost before restrackfs does any work of its own. Run as
+cost before restrackfs does any work of its own. Its loop runs with the options
+restrackfs runs pyfuse3's with (`restrackfs.daemon.main_options()`: the
+patched build's busy polling), so the two differ only by that work. Run as
 `python -m bench.minimalfs MOUNTPOINT`; `MinimalFs` mounts it for a benchmark.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import stat
 import subprocess
@@ -23,6 +26,8 @@ FILE = b"value"
 def serve(mountpoint: str) -> None:
     import pyfuse3
     import trio
+
+    from restrackfs.daemon import main_options
 
     class Operations(pyfuse3.Operations):
         async def getattr(self, inode, ctx=None):
@@ -49,7 +54,7 @@ def serve(mountpoint: str) -> None:
 
     pyfuse3.init(Operations(), mountpoint, {"fsname=minimal", "noatime"})
     try:
-        trio.run(pyfuse3.main)
+        trio.run(functools.partial(pyfuse3.main, **main_options()))
     finally:
         pyfuse3.close()
 

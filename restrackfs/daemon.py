@@ -280,8 +280,13 @@ def notify_systemd(message: str) -> None:
 # How long a pyfuse3 worker keeps reading before it sleeps (patches/: the option
 # exists only in the patched build): the next request of a reader on the other
 # CPU then finds the daemon awake, which saves a cross-CPU wake-up per request,
-# for at most this much CPU time when none follows.
-BUSY_POLL_US = 20
+# for at most this much CPU time when none follows. It must outlast the reader's
+# own wake-up on this kind of VM (~25-30 µs): at 20 µs the poll mostly gave up
+# just before the next request. Pooled A/B (bench/levers.md), 0 / 20 / 50 / 100:
+# short bursts p50 60-62 / 93-103 / 78-83 / 76-83 µs, p99 400-460 / 490-500 /
+# 383-386 / 375-388 µs; one reader reading on 4.9k / 10.1k / 10.9-13.9k / 12.1k
+# reads/s; isolated reads alike. 50 is the least CPU for the steady reader's 2x.
+BUSY_POLL_US = 50
 
 
 def main_options() -> dict[str, int]:

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,8 @@ def test_every_group_has_its_rows(
         "| PID/stat p99 |",
         "| /proc/PID/status p50 |",
         "| cat PID/heapsize p50 |",
+        "| PID/heapsize, isolated reads p50 |",
+        "| minimal pyfuse3 file, isolated reads p50 |",
         "requests per read of PID/heapsize",
         "2. Read throughput",
         "| PID/heapsize, 1 reader |",
@@ -137,3 +140,23 @@ def test_unknown_group_is_refused(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "unknown group nope" in done.stderr
+
+
+def test_reader_pauses_before_each_isolated_read(tmp_path: Path) -> None:
+    """`reader gap` is `reader lat` with a pause before every read (warm-up untimed)."""
+    from bench.harness import build_helpers
+
+    reader = build_helpers(tmp_path)["reader"]
+    paths = ["/proc/self/status", "/proc/uptime"]
+    started = time.monotonic()
+    out = subprocess.run(
+        [str(reader), "gap", "5000", "3", "2", *paths], capture_output=True, text=True, check=True
+    )
+    elapsed = time.monotonic() - started
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and all(len(line.split()) == 6 for line in lines), out.stdout
+    # 2 paths x 3 reads x 2 rounds, each after a 5 ms pause (the warm-up round pauses not)
+    assert elapsed >= 12 * 0.005, elapsed
+    assert all(int(v) > 0 for line in lines for v in line.split())
+    plain = subprocess.run([str(reader), "gap", "0", "3", "2", *paths], capture_output=True)
+    assert plain.returncode == 2  # a gap of 0 is no gap: use `lat`

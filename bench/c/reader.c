@@ -5,6 +5,9 @@
  *       one each round) gets BLOCK timed open + read-to-EOF + close. One
  *       untimed round warms up first. Prints one line per PATH, in argument
  *       order: the latencies in nanoseconds, space separated.
+ *   reader gap GAP_US BLOCK ROUNDS PATH...
+ *       As lat, with a pause of GAP_US (untimed) before each read: isolated
+ *       reads, as a script polling a file sees them.
  *   reader cat BLOCK ROUNDS CAT PATH...
  *       The same, but each read is one `CAT PATH >/dev/null` process
  *       (posix_spawn + waitpid), as a shell loop would run it.
@@ -32,6 +35,12 @@ static long long now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void pause_ns(long long ns) {
+    struct timespec ts = {ns / 1000000000LL, ns % 1000000000LL};
+    while (nanosleep(&ts, &ts) == EINTR) {
+    }
 }
 
 static void fail(const char *path, int err) {
@@ -98,8 +107,15 @@ int main(int argc, char **argv) {
                count ? lat[(size_t)(count * 0.99)] : 0);
         return 0;
     }
+    long long gap_ns = 0;
+    if (!strcmp(argv[1], "gap")) {  /* as lat, after GAP_US: shift it out */
+        if (argc < 3) return 2;
+        gap_ns = atoll(argv[2]) * 1000LL;
+        argv++;
+        argc--;
+    }
     int is_cat = !strcmp(argv[1], "cat");
-    if (!is_cat && strcmp(argv[1], "lat")) return 2;
+    if (!is_cat && !gap_ns && strcmp(argv[1], "lat")) return 2;
     int first = is_cat ? 5 : 4;
     if (argc <= first) return 2;
     long block = atol(argv[2]), rounds = atol(argv[3]);
@@ -118,6 +134,7 @@ int main(int argc, char **argv) {
             int p = (int)((k + r) % npaths);
             long long *out = lat + (size_t)p * block * rounds + (size_t)r * block;
             for (long b = 0; b < block; b++) {
+                if (gap_ns) pause_ns(gap_ns);
                 long long t0 = now();
                 is_cat ? cat_once(paths[p]) : read_once(paths[p]);
                 out[b] = now() - t0;
