@@ -1,9 +1,9 @@
 """The floor of pyfuse3 + trio: a filesystem whose one file returns a constant.
 
 Read side by side with `PID/heapsize`, it shows what the request round trips
-cost before restrackfs does any work of its own. Its loop runs with the options
-restrackfs runs pyfuse3's with (`restrackfs.daemon.main_options()`: the
-patched build's busy polling), so the two differ only by that work. Run as
+cost before restrackfs does any work of its own. Its pyfuse3 loop runs with
+restrackfs's options (`restrackfs.daemon.main_options()`: the patched build's
+busy polling), so the two differ only by that work. Run as
 `python -m bench.minimalfs MOUNTPOINT`; `MinimalFs` mounts it for a benchmark.
 """
 

@@ -283,9 +283,9 @@ def notify_systemd(message: str) -> None:
 # for at most this much CPU time when none follows. It must outlast the reader's
 # own wake-up on this kind of VM (~25-30 µs): at 20 µs the poll mostly gave up
 # just before the next request. Pooled A/B (bench/levers.md), 0 / 20 / 50 / 100:
-# short bursts p50 60-62 / 93-103 / 78-83 / 76-83 µs, p99 400-460 / 490-500 /
-# 383-386 / 375-388 µs; one reader reading on 4.9k / 10.1k / 10.9-13.9k / 12.1k
-# reads/s; isolated reads alike. 50 is the least CPU for the steady reader's 2x.
+# short bursts p50 60-70 / 81-103 / 78-83 / 76-83 µs, p99 400-720 / 480-750 /
+# 383-413 / 374-388 µs; one reader reading on 4.7-4.9k / 7.5-10.1k / 10.9-13.9k /
+# 12.1k reads/s; isolated reads alike. 50 is the least CPU for the steady reader's 2x.
 BUSY_POLL_US = 50
 
 
