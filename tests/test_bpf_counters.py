@@ -9,6 +9,7 @@ cannot answer (a zombie leader whose threads go on, an object that did not load)
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -198,3 +199,54 @@ def test_an_engine_stopped_before_its_backend_ran_stops_cleanly(tmp_path):
         [sys.executable, "-c", script], cwd=HERE.parent, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_run_refuses_bad_arguments_with_a_precise_error(reader):
+    """tracker/bpf/_counters.c: wrong arguments are Python errors, a run the kernel
+    refuses an OSError with its errno, never a crash or a value."""
+    from tracker.bpf import _counters
+
+    pid = os.getpid()
+    inode = inode_of(pid)
+    assert _counters.data_vm_pages(reader._fd, pid, inode) * os.sysconf("SC_PAGE_SIZE") == (
+        proc_vm_data(pid)
+    )
+    with pytest.raises(TypeError):
+        _counters.data_vm_pages(reader._fd, pid)
+    with pytest.raises(TypeError):
+        _counters.data_vm_pages(reader._fd, str(pid), inode)
+    for bad_pid in (0, -1, 2**31):
+        with pytest.raises(ValueError):
+            _counters.data_vm_pages(reader._fd, bad_pid, inode)
+    with pytest.raises(OverflowError):
+        _counters.data_vm_pages(reader._fd, pid, -1)
+    with open("/dev/null") as not_a_program, pytest.raises(OSError) as refused:
+        _counters.data_vm_pages(not_a_program.fileno(), pid, inode)
+    assert refused.value.errno == errno.EINVAL
+    closed = os.dup(0)
+    os.close(closed)
+    with pytest.raises(OSError) as refused:
+        _counters.data_vm_pages(closed, pid, inode)
+    assert refused.value.errno == errno.EBADF
+
+
+def test_without_the_extension_the_reader_says_why_in_one_line():
+    """An install that did not compile tracker/bpf/_counters.c: the reader does not
+    load (the daemon then reads heapsize through /proc, as above) and says why."""
+    script = (
+        "import sys; sys.modules['tracker.bpf._counters'] = None\n"
+        "from tracker.bpf.counters import CounterReader\n"
+        "from tracker.bpf.loader import BpfUnavailable\n"
+        "try:\n"
+        "    CounterReader.open()\n"
+        "except BpfUnavailable as error:\n"
+        "    print(error)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=HERE.parent, capture_output=True, text=True, check=True
+    )
+    line = out.stdout.strip()
+    assert line.startswith("tracker.bpf._counters not built (") and line.endswith(
+        "): run scripts/setup"
+    ), out
+    assert "\n" not in line and not out.stderr

@@ -50,28 +50,6 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
 }
 
 
-class TestRunOpts(ctypes.Structure):
-    """struct bpf_test_run_opts (libbpf bpf.h)."""
-
-    _fields_ = [
-        ("sz", c_size_t),
-        ("data_in", c_void_p),
-        ("data_out", c_void_p),
-        ("data_size_in", ctypes.c_uint32),
-        ("data_size_out", ctypes.c_uint32),
-        ("ctx_in", c_void_p),
-        ("ctx_out", c_void_p),
-        ("ctx_size_in", ctypes.c_uint32),
-        ("ctx_size_out", ctypes.c_uint32),
-        ("retval", ctypes.c_uint32),
-        ("repeat", c_int),
-        ("duration", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("cpu", ctypes.c_uint32),
-        ("batch_size", ctypes.c_uint32),
-    ]
-
-
 def load() -> ctypes.CDLL:
     """libbpf.so.1 with the signatures above; OSError when it is not installed."""
     lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
