@@ -355,8 +355,14 @@ def run_load(daemon: Daemon, binary: Path, spawn, shape: Shape) -> dict[str, obj
     for pid in started:
         assert f'pid="{pid}"' not in metrics
     assert sorted(str(r["pid"]) for r in state_file.load(daemon.state)) == stable_names
-    wait_until(lambda: daemon_figures(daemon)["fds"] <= before["fds"], 10, "fds back")
-    after = daemon_figures(daemon)
+
+    # The figures of the moment the descriptors were back: a later sample can catch
+    # a file the daemon has open for a moment (a /proc read), which is no leak.
+    def settled() -> dict[str, int] | None:
+        figures = daemon_figures(daemon)
+        return figures if figures["fds"] <= before["fds"] else None
+
+    after = wait_until(settled, 10, "fds back")
     kills = int(re.search(r'restrack_enforcements_total\{action="kill"\} (\d+)', metrics)[1])
     log = daemon.log_text()
     figures = {
@@ -383,7 +389,7 @@ def run_load(daemon: Daemon, binary: Path, spawn, shape: Shape) -> dict[str, obj
     killed = tally.endings["killed-files"] + tally.endings["killed-heap"]
     assert kills == killed
     assert "unexpected error" not in log and "Traceback" not in log
-    assert after["fds"] == before["fds"], (before, after)
+    assert after["fds"] <= before["fds"], (before, after)
     assert after["rss_kib"] - before["rss_kib"] < 16 * 1024, (before, after)
     for name, w in stable_workloads.items():
         assert w.alive(), name
