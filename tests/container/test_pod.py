@@ -321,3 +321,17 @@ def test_stopping_the_node_daemon_unmounts_on_the_node(node_daemon, podman):
     podman("stop", "--time", "15", pod.name)
     assert not fuse_mounted(mount)
     assert "unmounted /restrack" in podman("logs", pod.name, check=False).stderr
+
+
+def test_the_image_reads_heapsize_through_the_extension(podman: Podman, image: str):
+    """deploy/Dockerfile builds tracker/bpf/_counters.c (setup.py): without it the
+    daemon would read heapsize through /proc, saying so in its log."""
+    probe = (
+        "from tracker.bpf import _counters\n"
+        "import tracker.bpf.counters as counters\n"
+        "assert counters._counters is _counters\n"
+        "print(_counters.data_vm_pages.__doc__)\n"
+    )
+    # from /, as the entry point runs: not the sources left in the WORKDIR
+    done = podman("run", "--rm", "--workdir", "/", "--entrypoint", "python3", image, "-c", probe)
+    assert done.stdout.startswith("data_vm_pages(prog_fd, pid, ino)"), done
