@@ -55,6 +55,7 @@ class Config:
     latency_block: int = 100
     latency_rounds: int = 50
     latency_readers: int = 10  # reader processes the rounds are shared among
+    latency_instances: int = 2  # daemons of each FUSE target, pooled
     gap_us: int = 2000  # isolated reads: the pause before each
     gap_block: int = 20
     gap_rounds: int = 2  # per reader process

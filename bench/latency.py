@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
 import subprocess
 from pathlib import Path
 
@@ -47,6 +49,50 @@ def pooled_reader(
     return pooled
 
 
+def start_instances(
+    stack: contextlib.ExitStack, cfg: Config, pid: int, floor: MinimalFs
+) -> tuple[dict[str, list[Path]], str]:
+    """The FUSE targets, `cfg.latency_instances` daemons of each, started in a shuffled
+    order; {label: one path per daemon}, and the default engine's name.
+
+    Each restrackfs file is read from daemons of its own (see the method); the first
+    minimal file is the one `floor` already mounted. A daemon's speed is partly a draw
+    (and the one started first was often the slowest), so several of each, in a
+    random order, measure the targets rather than their start positions.
+    """
+    starts = {
+        HEAPSIZE: lambda: _restrackfs(stack, cfg, pid, "heapsize", "--engine", "auto"),
+        HEAPSIZE_PROCFS: lambda: _restrackfs(stack, cfg, pid, "heapsize"),
+        STAT: lambda: _restrackfs(stack, cfg, pid, "stat", "--engine", "auto"),
+        FLOOR: lambda: stack.enter_context(MinimalFs(cfg.work)).file,
+    }
+    order = [label for label in starts for _ in range(cfg.latency_instances)]
+    order.remove(FLOOR)
+    random.shuffle(order)
+    instances: dict[str, list[Path]] = {label: [] for label in starts}
+    instances[FLOOR].append(floor.file)
+    for label in order:
+        instances[label].append(starts[label]())
+    engine = (instances[HEAPSIZE][0].parent.parent / "engine").read_text().strip()
+    return instances, engine
+
+
+def _restrackfs(
+    stack: contextlib.ExitStack, cfg: Config, pid: int, name: str, *options: str
+) -> Path:
+    daemon = stack.enter_context(Daemon(cfg.work, *options))
+    daemon.register(pid)
+    return daemon.path(pid, name)
+
+
+def by_target(latencies: dict[str, list[int]]) -> dict[str, list[int]]:
+    """The latencies of `LABEL #i` instances pooled under LABEL."""
+    pooled: dict[str, list[int]] = {}
+    for label, values in latencies.items():
+        pooled.setdefault(label.split(" #")[0], []).extend(values)
+    return pooled
+
+
 def request_counts(cfg: Config, helpers: dict[str, Path], pid: int) -> dict[str, dict[str, float]]:
     """FUSE requests reaching the daemon's handlers per open+read+close of each file."""
     counts = {}
@@ -80,46 +126,45 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
         MinimalFs(cfg.work) as floor,
     ):
         pid = sleepers.pids[0]
-        # the default engine (what a user gets: bpf where it loads), the polling one,
-        # and one more for stat: a file of its own per daemon (see the method)
-        with (
-            Daemon(cfg.work, "--engine", "auto") as daemon,
-            Daemon(cfg.work) as polling,
-            Daemon(cfg.work, "--engine", "auto") as stats,
-        ):
-            engine = daemon.path("engine").read_text().strip()
-            for one in (daemon, polling, stats):
-                one.register(pid)
+        with contextlib.ExitStack() as daemons:
+            instances, engine = start_instances(daemons, cfg, pid, floor)
             paths = {
-                HEAPSIZE: daemon.path(pid, "heapsize"),
-                HEAPSIZE_PROCFS: polling.path(pid, "heapsize"),
-                STAT: stats.path(pid, "stat"),
-                PROC: Path(f"/proc/{pid}/status"),
-                FLOOR: floor.file,
+                f"{label} #{i + 1}": path
+                for label, paths_of in instances.items()
+                for i, path in enumerate(paths_of)
             }
+            paths[PROC] = Path(f"/proc/{pid}/status")
             if lxcfs.reason is None:
                 paths[LXCFS] = lxcfs.uptime
             rounds = -(-cfg.latency_rounds // cfg.latency_readers)  # per process
-            lat = pooled_reader(
-                helpers["reader"],
-                ["lat", str(cfg.latency_block), str(rounds)],
-                paths,
-                cfg.latency_readers,
+            lat = by_target(
+                pooled_reader(
+                    helpers["reader"],
+                    ["lat", str(cfg.latency_block), str(rounds)],
+                    paths,
+                    cfg.latency_readers,
+                )
             )
-            gap = pooled_reader(
-                helpers["reader"],
-                ["gap", str(cfg.gap_us), str(cfg.gap_block), str(cfg.gap_rounds)],
-                paths,
-                cfg.latency_readers,
+            gap = by_target(
+                pooled_reader(
+                    helpers["reader"],
+                    ["gap", str(cfg.gap_us), str(cfg.gap_block), str(cfg.gap_rounds)],
+                    paths,
+                    cfg.latency_readers,
+                )
             )
+            cat_paths = {HEAPSIZE: instances[HEAPSIZE][0], PROC: paths[PROC]}
+            if LXCFS in paths:
+                cat_paths[LXCFS] = paths[LXCFS]
             cat = run_reader(
                 helpers["reader"],
                 ["cat", str(cfg.cat_block), str(cfg.cat_rounds), "/bin/cat"],
-                {k: v for k, v in paths.items() if k not in (HEAPSIZE_PROCFS, STAT, FLOOR)},
+                cat_paths,
             )
         counts = request_counts(cfg, helpers, pid)
 
-    n = cfg.latency_block * rounds * cfg.latency_readers
+    n = cfg.latency_block * rounds * cfg.latency_readers  # per instance
+    n_of = {label: n * len(instances.get(label, [None])) for label in lat}
     p50 = {label: percentile(values, 50) / 1000 for label, values in lat.items()}
     p99 = {label: percentile(values, 99) / 1000 for label, values in lat.items()}
     for label in (HEAPSIZE, HEAPSIZE_PROCFS, STAT, PROC, LXCFS, FLOOR):
@@ -128,7 +173,9 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
             rows.append(Row(f"{label} p50", None, "us", reason))
             rows.append(Row(f"{label} p99", None, "us", reason))
             continue
-        note = f"n={n}, engine {engine}" if label in (HEAPSIZE, STAT) else f"n={n}"
+        note = (
+            f"n={n_of[label]}, engine {engine}" if label in (HEAPSIZE, STAT) else f"n={n_of[label]}"
+        )
         rows.append(Row(f"{label} p50", p50[label], "us", note))
         rows.append(Row(f"{label} p99", p99[label], "us", note))
     for label in (HEAPSIZE, HEAPSIZE_PROCFS, STAT):
@@ -139,9 +186,9 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
                     rows.append(Row(figure, table[label] / table[peer], "x"))
                 else:
                     rows.append(Row(figure, None, "x", lxcfs.reason or ""))
-    gap_n = cfg.gap_block * cfg.gap_rounds * cfg.latency_readers
     gap_p50 = {label: percentile(values, 50) / 1000 for label, values in gap.items()}
     for label in gap:
+        gap_n = len(gap[label])
         note = f"n={gap_n}, engine {engine}" if label in (HEAPSIZE, STAT) else f"n={gap_n}"
         rows.append(Row(f"{label}, isolated reads p50", gap_p50[label], "us", note))
         rows.append(
@@ -223,31 +270,34 @@ so drift and noise fall on all targets alike. The rounds are shared among
 after one untimed warm-up round), and their latencies pooled: where a reader process
 runs relative to a daemon (on its CPU, or on the other one with a wake-up per
 request) is a draw that lasts the process's life, and one daemon read in 46-235 µs
-p50 in successive reader processes, so one process would measure one draw. The
-*isolated reads* rows read the same targets with a pause of {cfg.gap_us} µs before
-each read ({cfg.gap_block} × {cfg.gap_rounds} per target in each of the
-{cfg.latency_readers} processes), as a script polling a file does: every read then
-finds the CPUs idle and the caches cold. Targets: `PID/heapsize` of a tracked
-sleeping C process on a restrackfs mounted by the bench with the default engine
-(`--engine auto`: {engine} on this machine; the goals are its figures, what a user
-gets), `PID/stat` of the same process on a third restrackfs with the default engine
-(each restrackfs file read from a daemon of its own: in A/B runs a daemon that also
-served the heavier `PID/stat` read `heapsize` in 90-100 µs where one serving
-`heapsize` alone took 55-60, so one daemon for both measures their mix),
-`PID/heapsize` of the same process on a second restrackfs with `--engine procfs`
-(heapsize read from `/proc/PID/status` at each read, the fallback where BPF does not
-load), that process's `/proc/PID/status` (the kernel floor of the procfs read), and
-`proc/uptime` of an lxcfs (a C FUSE filesystem) mounted by the bench in a temp dir,
-and the one file of a minimal pyfuse3 + trio filesystem that answers a constant
-(bench/minimalfs.py, its loop run with restrackfs's options, busy polling included):
-the floor of the Python FUSE stack restrackfs is built on, before any work of its
-own. The `cat` rows spawn one `/bin/cat PATH >/dev/null` per read (posix_spawn +
-waitpid), as a shell loop does ({cfg.cat_block} × {cfg.cat_rounds} per target,
-interleaved the same way). Requests per read: another daemon, with a counter wrapped
-around each pyfuse3 handler (bench/countingd.py, not used for any timing), serves {
-        2 * cfg.count_reads
-    } reads of each file and {2 * max(2, cfg.count_reads // 10)} `cat`s
-of `PID/heapsize`; the counts are the requests that reach the daemon's Python code,
-per read.
+p50 in successive reader processes, so one process would measure one draw. Each
+restrackfs target and the minimal file are served by {cfg.latency_instances} daemons
+of their own, started in a random order and read alike, their latencies pooled as
+well: a daemon's speed is partly a draw too, and in earlier runs the daemon started
+first was often the slowest. The *isolated reads* rows read the same targets with a
+pause of {cfg.gap_us} µs before each read ({cfg.gap_block} × {cfg.gap_rounds} per
+target in each of the {cfg.latency_readers} processes), as a script polling a file
+does: every read then finds the CPUs idle and the caches cold. Targets:
+`PID/heapsize` of a tracked sleeping C process on a restrackfs mounted by the bench
+with the default engine (`--engine auto`: {engine} on this machine; the goals are
+its figures, what a user gets), `PID/stat` of the same process on a third restrackfs
+with the default engine (each restrackfs file read from a daemon of its own: in A/B
+runs a daemon that also served the heavier `PID/stat` read `heapsize` in 90-100 µs
+where one serving `heapsize` alone took 55-60, so one daemon for both measures their
+mix), `PID/heapsize` of the same process on a second restrackfs with `--engine
+procfs` (heapsize read from `/proc/PID/status` at each read, the fallback where BPF
+does not load), that process's `/proc/PID/status` (the kernel floor of the procfs
+read), and `proc/uptime` of an lxcfs (a C FUSE filesystem) mounted by the bench in a
+temp dir, and the one file of a minimal pyfuse3 + trio filesystem that answers a
+constant (bench/minimalfs.py, its loop run with restrackfs's options, busy polling
+included): the floor of the Python FUSE stack restrackfs is built on, before any
+work of its own. The `cat` rows spawn one `/bin/cat PATH >/dev/null` per read
+(posix_spawn + waitpid), as a shell loop does ({cfg.cat_block} × {cfg.cat_rounds}
+per target, interleaved the same way). Requests per read: another daemon, with a
+counter wrapped around each pyfuse3 handler (bench/countingd.py, not used for any
+timing), serves {2 * cfg.count_reads} reads of each file and {
+        2 * max(2, cfg.count_reads // 10)
+    } `cat`s of `PID/heapsize`; the counts are the requests that
+reach the daemon's Python code, per read.
 """
     return result
