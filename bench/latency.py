@@ -50,15 +50,15 @@ def pooled_reader(
 
 
 def start_instances(
-    stack: contextlib.ExitStack, cfg: Config, pid: int, floor: MinimalFs
+    stack: contextlib.ExitStack, cfg: Config, pid: int
 ) -> tuple[dict[str, list[Path]], str]:
     """The FUSE targets, `cfg.latency_instances` daemons of each, started in a shuffled
     order; {label: one path per daemon}, and the default engine's name.
 
-    Each restrackfs file is read from daemons of its own (see the method); the first
-    minimal file is the one `floor` already mounted. A daemon's speed is partly a draw
-    (and the one started first was often the slowest), so several of each, in a
-    random order, measure the targets rather than their start positions.
+    Each restrackfs file is read from daemons of its own (see the method). A daemon's
+    speed is partly a draw (and the one started first was often the slowest), so
+    several of each, in a random order, measure the targets rather than their start
+    positions.
     """
     starts = {
         HEAPSIZE: lambda: _restrackfs(stack, cfg, pid, "heapsize", "--engine", "auto"),
@@ -67,10 +67,8 @@ def start_instances(
         FLOOR: lambda: stack.enter_context(MinimalFs(cfg.work)).file,
     }
     order = [label for label in starts for _ in range(cfg.latency_instances)]
-    order.remove(FLOOR)
     random.shuffle(order)
     instances: dict[str, list[Path]] = {label: [] for label in starts}
-    instances[FLOOR].append(floor.file)
     for label in order:
         instances[label].append(starts[label]())
     engine = (instances[HEAPSIZE][0].parent.parent / "engine").read_text().strip()
@@ -120,14 +118,10 @@ def request_counts(cfg: Config, helpers: dict[str, Path], pid: int) -> dict[str,
 def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
     result = GroupResult(NAME, TITLE)
     rows = result.rows
-    with (
-        Sleepers(helpers["sleepers"], 1) as sleepers,
-        Lxcfs(cfg.work) as lxcfs,
-        MinimalFs(cfg.work) as floor,
-    ):
+    with Sleepers(helpers["sleepers"], 1) as sleepers, Lxcfs(cfg.work) as lxcfs:
         pid = sleepers.pids[0]
         with contextlib.ExitStack() as daemons:
-            instances, engine = start_instances(daemons, cfg, pid, floor)
+            instances, engine = start_instances(daemons, cfg, pid)
             paths = {
                 f"{label} #{i + 1}": path
                 for label, paths_of in instances.items()
