@@ -76,6 +76,25 @@ def test_another_process_is_never_read(reader, spawn):
     assert reader.data_vm(a.pid, inode_of(b.pid)) is None
 
 
+def test_the_name_is_the_one_status_shows(reader, tmp_path):
+    """usage(): VmData and comm from one run. comm is the kernel's bytes, which
+    status prints escaped (newline, backslash) and procfs.parse_status unescapes."""
+    name = "a\\b\nc d"
+    ready = tmp_path / "ready"
+    script = f"open('/proc/self/comm', 'w').write({name!r}); open({str(ready)!r}, 'w'); input()"
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE)
+    try:
+        wait_until(ready.exists, 10, "the name set")
+        inode = inode_of(proc.pid)
+        assert procfs.read_status(proc.pid).name == name
+        assert reader.usage(proc.pid, inode) == (proc_vm_data(proc.pid), name)
+        assert reader.usage(proc.pid, inode + 1) is None  # never another process
+    finally:
+        proc.kill()
+        proc.wait()
+    assert reader.usage(proc.pid, inode) is None  # reaped
+
+
 def test_a_zombie_and_a_reaped_process_give_none(reader, spawn):
     w = spawn()
     inode = inode_of(w.pid)
@@ -101,6 +120,11 @@ async def test_the_bpf_engine_reads_heapsize_without_proc(spawn, monkeypatch):
         w.do("munmap", 16 * MiB)
         assert engine.heapsize(entry) == 0
         assert engine.heap_peak(entry) == 16 * MiB  # the kernel read raised the mark
+        w.do("mmap", 8 * MiB)
+        w.do("open", 3)
+        measured = engine.measure(entry)  # stat and metrics: the name comes along
+        assert (measured.heapsize, measured.openfile_count) == (8 * MiB, 3)
+        assert measured.comm == entry.comm
 
 
 async def test_the_procfs_engine_reads_proc(spawn, monkeypatch):
@@ -120,7 +144,9 @@ async def test_the_procfs_engine_reads_proc(spawn, monkeypatch):
         w.do("mmap", 16 * MiB)
         assert engine.heapsize(entry) == 16 * MiB
         assert calls == ["reread_status"]
-        assert engine.kernel_vm_data is None
+        assert engine.kernel_vm_data is None and engine.kernel_usage is None
+        assert engine.measure(entry).heapsize == 16 * MiB
+        assert calls == ["reread_status", "reread_status"]
 
 
 async def test_a_zombie_leader_is_read_through_its_live_thread(bin_dir):
@@ -143,6 +169,9 @@ async def test_a_zombie_leader_is_read_through_its_live_thread(bin_dir):
             tid = next(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
             assert engine.heapsize(entry) >= 32 * MiB  # and the thread's malloc arena
             assert entry.heap_base + engine.heapsize(entry) == proc_vm_data(pid, tid)
+            measured = engine.measure(entry)  # the kernel read says no; the thread's /proc
+            assert measured.heap_total == proc_vm_data(pid, tid)
+            assert measured.comm == procfs.read_status(pid, tid).name
     finally:
         proc.kill()
         proc.wait()
@@ -211,6 +240,11 @@ def test_the_run_refuses_bad_arguments_with_a_precise_error(reader):
     assert _counters.data_vm_pages(reader._fd, pid, inode) * os.sysconf("SC_PAGE_SIZE") == (
         proc_vm_data(pid)
     )
+    assert _counters.usage(reader._fd, pid, inode)[0] == _counters.data_vm_pages(
+        reader._fd, pid, inode
+    )
+    with pytest.raises(TypeError):
+        _counters.usage(reader._fd, pid)
     with pytest.raises(TypeError):
         _counters.data_vm_pages(reader._fd, pid)
     with pytest.raises(TypeError):

@@ -168,6 +168,12 @@ class KernelReads(Protocol):
         kernel, as exactly as the pidfd would). None where it cannot tell: the
         policy then reads /proc. Called on the event loop at each read of heapsize."""
 
+    def usage(self, process: Process) -> tuple[int, str] | None:
+        """(VmData in bytes, comm) of `process` now, from one kernel read, with the
+        same guarantees as `vm_data`; the name as /proc/PID/status shows it,
+        unescaped. Called at each read of stat and metrics (the fds are counted
+        apart)."""
+
 
 BACKENDS = {"bpf": "tracker.bpf_backend", "procfs": "tracker.procfs_backend"}
 AUTO_ORDER = ("bpf", "procfs")

@@ -158,6 +158,16 @@ class Backend:
             log.debug("bpf: heapsize of pid=%d through /proc: %s", process.pid, error)
             return None
 
+    def usage(self, process: Process) -> tuple[int, str] | None:
+        """(VmData, comm) now, read in the kernel (backend.KernelReads); None: /proc."""
+        if self._counters is None or process.inode is None:
+            return None
+        try:
+            return self._counters.usage(process.pid, process.inode)
+        except OSError as error:
+            log.debug("bpf: usage of pid=%d through /proc: %s", process.pid, error)
+            return None
+
     def flush(self) -> None:
         if not self._closed:
             self._handle_all(self.kw.drain())

@@ -74,6 +74,7 @@ class Engine(Policy):
         self.backend: Backend = choose(backend, self, interval)
         self.exact_peaks = getattr(self.backend, "peaks", None)  # backend.ExactPeaks
         self.kernel_vm_data = getattr(self.backend, "vm_data", None)  # backend.KernelReads
+        self.kernel_usage = getattr(self.backend, "usage", None)
         self.registry.on_removal(self._removed)
         self.registry.before_exit(self.backend.flush)
 
@@ -233,7 +234,7 @@ class Engine(Policy):
         before = (entry.setting, entry.baseline, entry.high)
         saved_soft = dict(entry.deny.saved_soft)
         if usage:
-            now = self._read_counters(entry, entry.process.usage)
+            now = self._read_counters(entry, self._usage, entry.process)
             entry.baseline = entry.high = Counters.of_usage(now)  # the peaks restart too
         if quota:
             entry.setting = None

@@ -23,7 +23,7 @@ from tracker.deny import DenyKeeper
 from tracker.enforce import Enforcer
 from tracker.entry import Entry, Measurement
 from tracker.errors import AccessDenied, Deregistered, NoSuchProcess
-from tracker.process import Process
+from tracker.process import Process, Usage
 from tracker.quota import Action
 from tracker.registry import Registry
 from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE, RESOURCES, Counters, Resource, sample
@@ -46,13 +46,14 @@ class Policy:
         self.exact_peaks: Callable[[Entry], Counters | None] | None = None
         # a backend's read of VmData in the kernel (backend.KernelReads); set by the Engine
         self.kernel_vm_data: Callable[[Process], int | None] | None = None
+        self.kernel_usage: Callable[[Process], tuple[int, str] | None] | None = None
         self._fd_listings: trio.CapacityLimiter | None = None  # made in the trio run
 
     # ----- reading, with enforcement ----------------------------------------
 
     def measure(self, entry: Entry) -> Measurement:
         """Read the process now; enforce its quota if the reading breaks it."""
-        usage = self._read_counters(entry, entry.process.usage)
+        usage = self._read_counters(entry, self._usage, entry.process)
         absolute = Counters.of_usage(usage)
         self._raise_high(entry, absolute)
         relative = absolute.since(entry.baseline)
@@ -89,6 +90,18 @@ class Policy:
         if entry.setting is not None:
             self.enforcer.enforce(entry, resource.alone(used))
         return used
+
+    def _usage(self, process: Process) -> Usage:
+        """VmData, the name and the open fds now: the first two from the backend's
+        kernel read where it answers (one run, no /proc file), the fds counted;
+        else all three from /proc (`Process.usage`)."""
+        if self.kernel_usage is not None and process.via is None:
+            read = self.kernel_usage(process)  # of this very process (its pidfd's inode)
+            if read is not None:
+                vm_data, comm = read
+                _, open_fds = process.sample(heap=False, files=True)  # checks the pidfd
+                return Usage(comm, vm_data, open_fds)
+        return process.usage()
 
     def _read_alone(self, process: Process, resource: Resource) -> int:
         """One resource's absolute value now: VmData from the backend's kernel read

@@ -1,10 +1,12 @@
 // SPDX-License-Identifier: GPL-2.0
-/* restrackfs: read one tracked process's VmData on demand, for reads of the mount.
+/* restrackfs: read one tracked process's VmData and name on demand, for reads of
+ * the mount.
  *
  * A BPF_PROG_TYPE_SYSCALL program, attached to nothing: user space runs it with
  * BPF_PROG_TEST_RUN (counters.py), one bpf() call instead of opening,
  * formatting, reading and parsing /proc/PID/status. It reads the counter that
- * VmData shows, mm->data_vm, of the task the caller's pid namespace numbers
+ * VmData shows, mm->data_vm, and the name that Name shows (comm, unescaped), of
+ * the task the caller's pid namespace numbers
  * `pid` (the daemon's namespace, which its /proc shows), and only if that task
  * is the process of the caller's pidfd: its struct pid's pidfs inode number,
  * unique per process since boot, is the pidfd's st_ino. A number now held by
@@ -22,7 +24,7 @@
 
 struct mm_struct { unsigned long data_vm; } PAI;
 struct pid { __u64 ino; } PAI;
-struct task_struct { struct pid *thread_pid; struct mm_struct *mm; } PAI;
+struct task_struct { struct pid *thread_pid; struct mm_struct *mm; char comm[16]; } PAI;
 
 extern struct task_struct *bpf_task_from_vpid(__s32 vpid) __ksym;
 extern void bpf_task_release(struct task_struct *p) __ksym;
@@ -30,14 +32,15 @@ extern void bpf_task_release(struct task_struct *p) __ksym;
 #define ESRCH 3
 #define ENODATA 61
 
-/* In: pid, ino (the pidfd's st_ino). Out: data_vm in pages. Returns 0; -ESRCH: no
- * task of that number is that process; -ENODATA: it has no address space (a
- * zombie leader, an exiting task). */
+/* In: pid, ino (the pidfd's st_ino). Out: data_vm in pages, comm (NUL-terminated).
+ * Returns 0; -ESRCH: no task of that number is that process; -ENODATA: it has no
+ * address space (a zombie leader, an exiting task). */
 struct query {
 	__s32 pid;
 	__u32 pad;
 	__u64 ino;
 	__u64 data_vm_pages;
+	char comm[16];
 };
 
 SEC("syscall")
@@ -45,6 +48,7 @@ int data_vm(struct query *query)
 {
 	struct task_struct *task = bpf_task_from_vpid(query->pid);
 	struct mm_struct *mm;
+	char comm[16] = {};
 	int ret = -ESRCH;
 
 	if (!task)
@@ -54,6 +58,9 @@ int data_vm(struct query *query)
 		ret = -ENODATA;
 		if (mm) {
 			query->data_vm_pages = BPF_CORE_READ(mm, data_vm);
+			/* helpers may not write the context: through the stack */
+			BPF_CORE_READ_STR_INTO(&comm, task, comm);
+			__builtin_memcpy(query->comm, comm, sizeof(comm));
 			ret = 0;
 		}
 	}

@@ -1,4 +1,5 @@
-"""User space of counters.bpf.c: a tracked process's VmData read in the kernel.
+"""User space of counters.bpf.c: a tracked process's VmData (and name) read in the
+kernel.
 
 A read of `PID/heapsize` is the hot path of the mount (scripts poll it in
 loops). Through /proc it costs an open, the kernel formatting all of
@@ -75,6 +76,16 @@ class CounterReader:
         the run."""
         pages = _counters.data_vm_pages(self._fd, pid, inode)
         return None if pages is None else pages * PAGE
+
+    def usage(self, pid: int, inode: int) -> tuple[int, str] | None:
+        """(VmData in bytes, name) of that process, from one run; None and OSError
+        as for `data_vm`. The name is the task's comm as the kernel holds it: what
+        status's Name shows, unescaped."""
+        read = _counters.usage(self._fd, pid, inode)
+        if read is None:
+            return None
+        pages, comm = read
+        return pages * PAGE, comm.decode(errors="replace")
 
     def close(self) -> None:
         if self._obj:
