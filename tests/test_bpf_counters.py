@@ -284,3 +284,19 @@ def test_without_the_extension_the_reader_says_why_in_one_line():
         "): run scripts/setup"
     ), out
     assert "\n" not in line and not out.stderr
+
+
+async def test_a_run_the_kernel_refuses_is_answered_from_proc(spawn, monkeypatch):
+    """The kernel may refuse a run (ENOMEM, ...): that read, heapsize or stat, comes
+    from /proc, with the same values, and no error reaches the caller."""
+    w = spawn()
+    async with open_engine(backend="bpf") as engine:
+        entry = engine.register(w.pid, ROOT)
+        with open("/dev/null") as not_a_program:
+            monkeypatch.setattr(engine.backend._counters, "_fd", not_a_program.fileno())
+            with pytest.raises(OSError):  # what each run now meets
+                engine.backend._counters.data_vm(w.pid, inode_of(w.pid))
+            w.do("mmap", 16 * MiB)
+            assert engine.heapsize(entry) == 16 * MiB
+            measured = engine.measure(entry)
+            assert (measured.heapsize, measured.comm) == (16 * MiB, entry.comm)

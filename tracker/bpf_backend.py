@@ -33,8 +33,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -49,6 +50,7 @@ from tracker.quota import Action
 from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE, Counters
 
 log = logging.getLogger("restrackfs.engine")
+T = TypeVar("T")
 
 PIN_ROOT = Path("/sys/fs/bpf/restrackfs")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -150,22 +152,24 @@ class Backend:
 
     def vm_data(self, process: Process) -> int | None:
         """VmData now, read in the kernel (backend.KernelReads); None: read /proc."""
-        if self._counters is None or process.inode is None:
-            return None
-        try:
-            return self._counters.data_vm(process.pid, process.inode)
-        except OSError as error:  # the run refused (ENOMEM...): /proc answers this one
-            log.debug("bpf: heapsize of pid=%d through /proc: %s", process.pid, error)
-            return None
+        return self._in_kernel(CounterReader.data_vm, process, "heapsize")
 
     def usage(self, process: Process) -> tuple[int, str] | None:
         """(VmData, comm) now, read in the kernel (backend.KernelReads); None: /proc."""
-        if self._counters is None or process.inode is None:
+        return self._in_kernel(CounterReader.usage, process, "usage")
+
+    def _in_kernel(
+        self, read: Callable[[CounterReader, int, int], T], process: Process, what: str
+    ) -> T | None:
+        """`read` run for `process`; None where the reader did not load, the process
+        has no pidfs inode, or the kernel refuses the run (ENOMEM...): /proc answers."""
+        counters = self._counters
+        if counters is None or process.inode is None:
             return None
         try:
-            return self._counters.usage(process.pid, process.inode)
+            return read(counters, process.pid, process.inode)
         except OSError as error:
-            log.debug("bpf: usage of pid=%d through /proc: %s", process.pid, error)
+            log.debug("bpf: %s of pid=%d through /proc: %s", what, process.pid, error)
             return None
 
     def flush(self) -> None:
