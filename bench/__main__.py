@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import traceback
@@ -46,8 +47,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def unwind_on_terminate() -> None:
+    """SIGTERM or SIGHUP (a timeout, a closed terminal) unwinds the run as Ctrl-C
+    does: every mount it made is unmounted and every daemon stopped on the way out.
+    A second signal is ignored, so it cannot cut that cleanup short."""
+
+    def stop(signum: int, _frame: object) -> None:
+        for again in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(again, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    unwind_on_terminate()
     if os.geteuid() != 0:
         print("bench: run as root (it mounts FUSE filesystems and lxcfs)", file=sys.stderr)
         return 2

@@ -362,7 +362,11 @@ class Daemon:
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def __enter__(self) -> Daemon:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # a start cut short (a signal, a timeout) leaves nothing
+            self.stop()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -421,7 +425,11 @@ class Lxcfs:
             self.mountpoint.rmdir()
 
     def __enter__(self) -> Lxcfs:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # a start cut short (a signal, a timeout) leaves nothing
+            self.stop()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

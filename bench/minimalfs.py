@@ -73,12 +73,20 @@ class MinimalFs:
     def __enter__(self) -> MinimalFs:
         argv = [sys.executable, "-m", "bench.minimalfs", str(self.mountpoint)]
         self.proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+        try:
+            self._wait_serving()
+        except BaseException:  # a start cut short (a signal, a timeout) leaves nothing
+            self.__exit__()
+            raise
+        return self
+
+    def _wait_serving(self) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + 20
         while not self._serving():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the minimal pyfuse3 filesystem did not mount")
             time.sleep(0.02)
-        return self
 
     def _serving(self) -> bool:
         with contextlib.suppress(OSError):

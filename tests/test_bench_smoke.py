@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -160,3 +161,34 @@ def test_reader_pauses_before_each_isolated_read(tmp_path: Path) -> None:
     assert all(int(v) > 0 for line in lines for v in line.split())
     plain = subprocess.run([str(reader), "gap", "0", "3", "2", *paths], capture_output=True)
     assert plain.returncode == 2  # a gap of 0 is no gap: use `lat`
+
+
+def bench_mounts() -> set[str]:
+    with open("/proc/self/mountinfo") as mountinfo:
+        return {line.split()[4] for line in mountinfo if "/restrack-bench-" in line}
+
+
+def test_a_terminated_run_unmounts_what_it_mounted(tmp_path: Path) -> None:
+    """SIGTERM mid-run (a CI timeout): the run unwinds, its daemons stop and every
+    mount it made goes, as on Ctrl-C."""
+    before = bench_mounts()
+    run = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--quick", "--only", "latency", "--out", str(tmp_path)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not bench_mounts() - before:
+            assert run.poll() is None, "the run ended before it mounted anything"
+            assert time.monotonic() < deadline, "no mount within 120 s"
+            time.sleep(0.05)
+        run.terminate()
+        assert run.wait(60) == 128 + signal.SIGTERM
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert bench_mounts() - before == set()
+    assert not (tmp_path / "benchmarks.md").exists()
