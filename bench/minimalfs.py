@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.harness import unmount
+
 FILE = b"value"
 
 
@@ -96,11 +98,17 @@ class MinimalFs:
     def __exit__(self, *exc: object) -> None:
         subprocess.run(["umount", str(self.mountpoint)], capture_output=True)
         if self.proc is not None:
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            for stop in (None, self.proc.terminate, self.proc.kill):
+                if stop is not None:
+                    stop()
+                try:
+                    self.proc.wait(5)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        # A stop that came while the daemon was still mounting found nothing to unmount
+        # at first: whatever it mounted since (dead, once it is gone) goes now.
+        unmount(self.mountpoint)
         with contextlib.suppress(OSError):
             os.rmdir(self.mountpoint)
 
