@@ -42,6 +42,17 @@ def unmount(path: Path) -> None:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+def end_process(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM if it still runs, up to `grace` seconds to exit, then SIGKILL."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 # ----- sizes and time boxes ------------------------------------------------
 
 
@@ -348,13 +359,8 @@ class Daemon:
         return status_kib(self.pid, "VmRSS") / 1024
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            end_process(self.proc, 60)
         self.proc = None
         unmount(self.mountpoint)
         with contextlib.suppress(OSError):
@@ -412,13 +418,8 @@ class Lxcfs:
             time.sleep(0.02)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            end_process(self.proc, 10)
         self.proc = None
         unmount(self.mountpoint)
         with contextlib.suppress(OSError):

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.harness import unmount
+from bench.harness import end_process, unmount
 
 FILE = b"value"
 
@@ -98,14 +98,9 @@ class MinimalFs:
     def __exit__(self, *exc: object) -> None:
         subprocess.run(["umount", str(self.mountpoint)], capture_output=True)
         if self.proc is not None:
-            for stop in (None, self.proc.terminate, self.proc.kill):
-                if stop is not None:
-                    stop()
-                try:
-                    self.proc.wait(5)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)  # the unmount ends its loop
+            end_process(self.proc, 5)
         # A stop that came while the daemon was still mounting found nothing to unmount
         # at first: whatever it mounted since (dead, once it is gone) goes now.
         unmount(self.mountpoint)
