@@ -319,13 +319,25 @@ def test_recycled_pid_never_inherits(kwatch: KernelWatch, grower) -> None:
 
 
 def test_every_hook_exists_on_this_kernel() -> None:
-    """Missing tracepoints are skipped at attach (older kernels), so a misspelt
-    syscall would silently go unchecked: all but the optional ones must exist."""
+    """A misspelt syscall would go unchecked: all but the optional ones exist here."""
     _open(_pin_dir()).close(unpin=True)  # mounts tracefs, or skips where BPF cannot run
-    events = loader.TRACEFS / "events" / "syscalls"
+    hooks = loader._hook_list()
     wanted = [tp for tracepoints in loader.HOOKS.values() for tp in tracepoints]
-    missing = [tp for tp in wanted if not (events / tp).is_dir()]
+    found = {f"{category}/{tp}" for _, category, tp in hooks}
+    missing = [tp for tp in wanted if tp not in found and f"syscalls/{tp}" not in found]
     assert [tp for tp in missing if tp not in loader.OPTIONAL] == []
+    assert ("files_exit", "io_uring", "io_uring_complete") in hooks
+
+
+def test_a_missing_tracepoint_keeps_the_engine_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine that silently lacks a hook would accept quotas it cannot keep."""
+    _open(_pin_dir()).close(unpin=True)
+    hooks = {**loader.HOOKS, "files_exit": (*loader.HOOKS["files_exit"], "sys_exit_nosuch")}
+    monkeypatch.setattr(loader, "HOOKS", hooks)
+    pin_dir = _pin_dir()
+    with pytest.raises(BpfUnavailable, match="^tracepoint syscalls/sys_exit_nosuch missing"):
+        KernelWatch.open(pin_dir)
+    assert not pin_dir.exists()
 
 
 def test_attached_only_while_watching(pin_dir: Path, spawn) -> None:

@@ -318,6 +318,10 @@ class Backend:
             )
         if entry is None:
             return  # an entry gone meanwhile (reaped, deregistered)
+        if event.kind is Kind.KILL_FAILED:
+            log.warning("bpf: the kernel could not signal pid=%d; killing it", event.tgid)
+            self.policy.check(entry)  # a sample over the quota kills through the pidfd
+            return
         report = self._report(entry, event)
         if report.kind == KILLED and entry.killed:
             return  # a read's sample killed it first and counted it

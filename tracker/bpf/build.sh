@@ -13,7 +13,7 @@ cd "$here"
 arch_include=/usr/include/$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
 for source in *.bpf.c; do
     out="$dest/${source%.c}.o"
-    clang -O2 -g -target bpf -D__TARGET_ARCH_x86 -I"$arch_include" \
+    clang -O2 -g -target bpf -mcpu=v3 -D__TARGET_ARCH_x86 -I"$arch_include" \
         -fdebug-prefix-map="$PWD"=. -Wall -Werror -c "$source" -o "$out.tmp"
     llvm-strip -g "$out.tmp"   # DWARF out, BTF (needed for CO-RE) stays
     mv "$out.tmp" "$out"

@@ -47,7 +47,41 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "ring_buffer__epoll_fd": (c_int, [c_void_p]),
     "ring_buffer__consume": (c_int, [c_void_p]),
     "ring_buffer__free": (None, [c_void_p]),
+    "bpf_prog_test_run_opts": (c_int, [c_int, c_void_p]),
 }
+
+
+class TestRunOpts(ctypes.Structure):
+    """struct bpf_test_run_opts (libbpf 1.x), for running a SEC("syscall") program."""
+
+    _fields_ = [
+        ("sz", c_size_t),
+        ("data_in", c_void_p),
+        ("data_out", c_void_p),
+        ("data_size_in", c_uint),
+        ("data_size_out", c_uint),
+        ("ctx_in", c_void_p),
+        ("ctx_out", c_void_p),
+        ("ctx_size_in", c_uint),
+        ("ctx_size_out", c_uint),
+        ("retval", c_uint),
+        ("repeat", c_int),
+        ("duration", c_uint),
+        ("flags", c_uint),
+        ("cpu", c_uint),
+        ("batch_size", c_uint),
+    ]
+
+
+def run_syscall_program(lib: ctypes.CDLL, prog_fd: int) -> int:
+    """Run a SEC("syscall") program once, without a context; its return value.
+    OSError if the kernel refuses the run."""
+    opts = TestRunOpts(sz=ctypes.sizeof(TestRunOpts))
+    error = lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
+    if error:
+        errno = errno_of(error)
+        raise OSError(errno, os.strerror(errno))
+    return ctypes.c_int32(opts.retval).value
 
 
 def load() -> ctypes.CDLL:

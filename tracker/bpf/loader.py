@@ -46,10 +46,13 @@ FILES_EXIT = (
 )  # fmt: skip
 # Absent on some kernels (open_tree_attr: 6.15; memfd_secret: a config option).
 OPTIONAL = frozenset({"sys_exit_open_tree_attr", "sys_exit_memfd_secret"})
-# Program -> the syscall tracepoints it is attached to.
+# Descriptors made by io_uring work that completes outside the submitting call
+# (io-wq workers, the SQPOLL thread: threads of the submitter's group).
+IO_URING = ("io_uring/io_uring_complete",)
+# Program -> the tracepoints it is attached to ("category/name"; bare: syscalls/).
 HOOKS: dict[str, tuple[str, ...]] = {
     "heap_exit": tuple(f"sys_exit_{name}" for name in HEAP_EXIT),
-    "files_exit": tuple(f"sys_exit_{name}" for name in FILES_EXIT),
+    "files_exit": (*(f"sys_exit_{name}" for name in FILES_EXIT), *IO_URING),
     "mmap_enter": ("sys_enter_mmap",),
     "brk_enter": ("sys_enter_brk",),
     "mremap_enter": ("sys_enter_mremap",),
@@ -59,6 +62,9 @@ HOOKS: dict[str, tuple[str, ...]] = {
     "rlimit_exit": ("sys_exit_setrlimit", "sys_exit_prlimit64"),
 }
 EXIT_PROGRAM = "group_exit"  # tp_btf/sched_process_exit, attached by its section
+COMPAT_PROGRAM = "compat_exit"  # tp_btf/sys_exit: ia32 calls, which syscalls/ misses
+SECTION_PROGRAMS = (EXIT_PROGRAM, COMPAT_PROGRAM)
+NAMESPACE_PROGRAM = "learn_namespace"  # SEC("syscall"): run once after each load
 
 _WATCH = struct.Struct("<7Q2I")  # struct watch
 _EVENT = struct.Struct("<4I3Q")  # struct event
@@ -82,6 +88,7 @@ class Kind(IntEnum):
     NOTIFIED = 3
     RAISED = 4  # deny: the process raised its soft limit above the one set
     EXITED = 5  # the thread group is gone; its entry was removed in the kernel
+    KILL_FAILED = 6  # bpf_send_signal refused (an exiting task): user space kills
 
 
 class Which(IntEnum):
@@ -90,7 +97,7 @@ class Which(IntEnum):
     FILES = 2
 
 
-FLAG_HEAP_OVER, FLAG_FILES_OVER, FLAG_KILLED = 1, 2, 4
+FLAG_HEAP_OVER, FLAG_FILES_OVER, FLAG_KILLED, FLAG_KILL_FAILED = 1, 2, 4, 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +183,7 @@ class KernelWatch:
         self.pin_dir = pin_dir
         self._maps = {name: lib.bpf_object__find_map_by_name(obj, name.encode()) for name in MAPS}
         self._watched = lib.bpf_map__fd(self._maps["watched"])
+        self._learn_namespace()
         self._links: dict[str, int] = {}  # pin name -> struct bpf_link *
         self._events: list[Event] = []
         self._sample = libbpf.SAMPLE_FN(self._collect)  # referenced: libbpf calls it
@@ -185,12 +193,27 @@ class KernelWatch:
         if not self._ring:
             raise BpfUnavailable(f"ring_buffer__new: {os.strerror(ctypes.get_errno())}")
 
+    def _learn_namespace(self) -> None:
+        """Tell the programs which PID namespace the daemon's pids are in: map keys
+        are those pids, and the kernel must find the same numbers from a task."""
+        prog = self._lib.bpf_object__find_program_by_name(self._obj, NAMESPACE_PROGRAM.encode())
+        try:
+            result = libbpf.run_syscall_program(self._lib, self._lib.bpf_program__fd(prog))
+        except OSError as error:
+            result, why = -1, error.strerror
+        else:
+            why = "no struct pid numbers for this task"
+        if result != 0:
+            self._lib.bpf_object__close(self._obj)
+            raise BpfUnavailable(f"cannot learn the daemon's PID namespace: {why}")
+
     # --- life cycle -------------------------------------------------------------
 
     @classmethod
     def open(cls, pin_dir: Path) -> KernelWatch:
         """Load the object, reusing the maps (and links) pinned in `pin_dir` if any."""
         check_prerequisites()
+        _hook_list()  # every tracepoint there, or no engine
         lib = library()
         created = not pin_dir.exists()
         pin_dir.mkdir(parents=True, exist_ok=True)
@@ -400,7 +423,7 @@ class KernelWatch:
     # --- for tests and diagnostics ------------------------------------------------
 
     def program_ids(self) -> list[int]:
-        names = (*HOOKS, EXIT_PROGRAM)
+        names = (*HOOKS, *SECTION_PROGRAMS)
         progs = [self._lib.bpf_object__find_program_by_name(self._obj, n.encode()) for n in names]
         return [_object_id(self._lib, self._lib.bpf_program__fd(prog)) for prog in progs]
 
@@ -414,15 +437,19 @@ def _pin_name(program: str, tracepoint: str) -> str:
 
 
 def _hook_list() -> list[tuple[str, str, str]]:
-    """(program, category, tracepoint) for every tracepoint this kernel has."""
-    events = TRACEFS / "events" / "syscalls"
-    hooks = [
-        (program, "syscalls", tracepoint)
-        for program, tracepoints in HOOKS.items()
-        for tracepoint in tracepoints
-        if (events / tracepoint).is_dir()
-    ]
-    return [*hooks, (EXIT_PROGRAM, "", "")]
+    """(program, category, tracepoint) for every hook. A tracepoint this kernel
+    lacks is skipped only if it is OPTIONAL: an engine that silently misses a
+    path would accept quotas it cannot keep."""
+    hooks = []
+    for program, tracepoints in HOOKS.items():
+        for hook in tracepoints:
+            category, _, tracepoint = hook.rpartition("/")
+            category = category or "syscalls"
+            if (TRACEFS / "events" / category / tracepoint).is_dir():
+                hooks.append((program, category, tracepoint))
+            elif tracepoint not in OPTIONAL:
+                raise BpfUnavailable(f"tracepoint {category}/{tracepoint} missing in this kernel")
+    return [*hooks, *((program, "", "") for program in SECTION_PROGRAMS)]
 
 
 def _object_id(lib: ctypes.CDLL, fd: int) -> int:

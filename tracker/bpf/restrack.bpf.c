@@ -20,13 +20,25 @@
 #define PAI __attribute__((preserve_access_index))
 
 struct rlimit { __u64 rlim_cur; __u64 rlim_max; } PAI;
-struct signal_struct { struct { int counter; } live; struct rlimit rlim[16]; } PAI;
+struct ns_common { unsigned int inum; } PAI;
+struct pid_namespace { struct ns_common ns; } PAI;
+struct upid { int nr; struct pid_namespace *ns; } PAI;
+struct pid { unsigned int level; struct upid numbers[]; } PAI;
+struct signal_struct {
+	struct { int counter; } live;
+	struct rlimit rlim[16];
+	struct pid *pids[4];
+} PAI;
 struct fdtable { unsigned int max_fds; unsigned long *open_fds; } PAI;
 struct files_struct { struct fdtable *fdt; } PAI;
 struct mm_struct { unsigned long data_vm; unsigned long def_flags; unsigned long brk; } PAI;
 struct vm_area_struct { unsigned long vm_flags; } PAI;
+struct thread_info { __u32 status; } PAI;
+struct pt_regs { unsigned long bx; unsigned long cx; unsigned long dx; unsigned long orig_ax; } PAI;
 struct task_struct {
+	struct thread_info thread_info;
 	int tgid;
+	struct pid *thread_pid;
 	unsigned long long start_boottime;
 	struct task_struct *group_leader;
 	struct mm_struct *mm;
@@ -37,6 +49,9 @@ struct task_struct {
 /* The shared layout of syscalls/sys_enter_* and sys_exit_* records. */
 struct sys_enter { __u64 common; int nr; unsigned long args[6]; };
 struct sys_exit { __u64 common; int nr; long ret; };
+
+extern struct task_struct *bpf_task_from_vpid(__s32 vpid) __ksym;
+extern void bpf_task_release(struct task_struct *p) __ksym;
 
 #define NONE (~0ULL)
 #define PAGE_SHIFT 12
@@ -55,11 +70,22 @@ struct sys_exit { __u64 common; int nr; long ret; };
 #define VM_LOCKED 0x2000
 #define VM_LOCKONFAULT 0x80000
 #define MAX_FD_WORDS (1 << 20) /* 64 Mi descriptors */
+#define PIDTYPE_TGID 1
+#define TS_COMPAT 0x0002	/* thread_info.status: an ia32 syscall is under way */
+#define IA32_PRLIMIT64 340
+
+/* The daemon's PID namespace (learn_namespace fills them): keys are the pids
+ * the daemon sees, whichever namespace it runs in. Level 0 is the host. */
+__u32 ns_level;
+__u32 ns_inum;
 
 enum action { ACT_KILL = 0, ACT_DENY = 1, ACT_NOTIFY = 2 };
-enum kind { EV_EXCEEDED = 1, EV_KILLED = 2, EV_NOTIFIED = 3, EV_RAISED = 4, EV_EXITED = 5 };
+enum kind {
+	EV_EXCEEDED = 1, EV_KILLED = 2, EV_NOTIFIED = 3, EV_RAISED = 4, EV_EXITED = 5,
+	EV_KILL_FAILED = 6,
+};
 enum which { W_NONE = 0, W_HEAP = 1, W_FILES = 2 };
-enum flag { F_HEAP_OVER = 1, F_FILES_OVER = 2, F_KILLED = 4 };
+enum flag { F_HEAP_OVER = 1, F_FILES_OVER = 2, F_KILLED = 4, F_KILL_FAILED = 8 };
 
 /* One watched thread group. Limits are absolute (baseline + quota), NONE if unset;
  * "over" means usage > limit. */
@@ -128,6 +154,36 @@ static __always_inline void emit(__u32 tgid, __u32 kind, __u32 which, __u64 usag
 	bpf_ringbuf_submit(e, 0);
 }
 
+/* The key of task's thread group: its pid in the daemon's PID namespace, 0 if
+ * the daemon cannot see it. A tid resolves to its group (pids[PIDTYPE_TGID]
+ * stays the group's across an exec by a non-leader thread). */
+static __u32 key_of(struct task_struct *task)
+{
+	struct pid *pid;
+	struct upid upid;
+	__u32 level = ns_level;
+
+	if (!level)
+		return BPF_CORE_READ(task, tgid);
+	pid = BPF_CORE_READ(task, signal, pids[PIDTYPE_TGID]);
+	if (!pid || BPF_CORE_READ(pid, level) < level || level > 32)
+		return 0;
+	if (bpf_probe_read_kernel(&upid, sizeof(upid),
+				  (void *)pid + bpf_core_field_offset(struct pid, numbers) +
+					  level * bpf_core_type_size(struct upid)))
+		return 0;
+	if (BPF_CORE_READ(upid.ns, ns.inum) != ns_inum)
+		return 0;	/* a sibling namespace: the same level, other numbers */
+	return upid.nr;
+}
+
+static __u32 current_key(void)
+{
+	if (!ns_level)
+		return bpf_get_current_pid_tgid() >> 32;
+	return key_of((void *)bpf_get_current_task());
+}
+
 /* The entry for the current thread group, if it is the process that was watched. */
 static struct watch *current_watch(__u32 *tgid)
 {
@@ -135,7 +191,9 @@ static struct watch *current_watch(__u32 *tgid)
 	struct watch *w;
 	__u64 start;
 
-	*tgid = bpf_get_current_pid_tgid() >> 32;
+	*tgid = current_key();
+	if (!*tgid)
+		return 0;
 	w = bpf_map_lookup_elem(&watched, tgid);
 	if (!w)
 		return 0;
@@ -152,11 +210,14 @@ static struct watch *current_watch(__u32 *tgid)
 static __always_inline void kill_group(struct watch *w, __u32 tgid, __u32 which,
 				       __u64 usage, __u64 limit)
 {
-	bpf_send_signal(SIGKILL);	/* the whole thread group */
-	if (!(w->flags & F_KILLED)) {
-		w->flags |= F_KILLED;
-		emit(tgid, EV_KILLED, which, usage, limit);
+	if (bpf_send_signal(SIGKILL)) {	/* the whole thread group */
+		/* Refused (an exiting task): the daemon kills it through its pidfd. */
+		if (!(__sync_fetch_and_or(&w->flags, F_KILL_FAILED) & F_KILL_FAILED))
+			emit(tgid, EV_KILL_FAILED, which, usage, limit);
+		return;
 	}
+	if (!(__sync_fetch_and_or(&w->flags, F_KILLED) & F_KILLED))
+		emit(tgid, EV_KILLED, which, usage, limit);
 }
 
 /* Act on usage against limit; the over flag makes notify count a crossing once. */
@@ -164,17 +225,31 @@ static __always_inline void judge(struct watch *w, __u32 tgid, __u32 which, __u3
 				  __u64 usage, __u64 limit)
 {
 	if (usage <= limit) {
-		w->flags &= ~over;
+		if (w->flags & over)
+			__sync_fetch_and_and(&w->flags, ~over);
 		return;
 	}
 	if (w->action == ACT_KILL) {
 		kill_group(w, tgid, which, usage, limit);
 		return;
 	}
-	if (w->flags & over)
+	if (w->flags & over || (__sync_fetch_and_or(&w->flags, over) & over))
 		return;
-	w->flags |= over;
 	emit(tgid, w->action == ACT_NOTIFY ? EV_NOTIFIED : EV_EXCEEDED, which, usage, limit);
+}
+
+/* Raise a watermark; two CPUs racing never lose the higher value. */
+static __always_inline void raise_peak(__u64 *peak, __u64 value)
+{
+	__u64 seen = *peak;
+
+	for (int i = 0; i < 8 && value > seen; i++) {
+		__u64 was = __sync_val_compare_and_swap(peak, seen, value);
+
+		if (was == seen)
+			return;
+		seen = was;
+	}
 }
 
 static __u64 data_vm_pages(void)
@@ -195,8 +270,7 @@ int heap_exit(struct sys_exit *ctx)
 	if (!w)
 		return 0;
 	pages = data_vm_pages();
-	if (pages > w->heap_peak_pages)
-		w->heap_peak_pages = pages;
+	raise_peak(&w->heap_peak_pages, pages);
 	judge(w, tgid, W_HEAP, F_HEAP_OVER, pages, w->heap_limit_pages);
 	return 0;
 }
@@ -240,8 +314,7 @@ int files_exit(struct sys_exit *ctx)
 	if (!w)
 		return 0;
 	fds = open_fds();
-	if (fds > w->fd_peak)
-		w->fd_peak = fds;
+	raise_peak(&w->fd_peak, fds);
 	judge(w, tgid, W_FILES, F_FILES_OVER, fds, w->fd_limit);
 	return 0;
 }
@@ -296,9 +369,9 @@ int brk_enter(struct sys_enter *ctx)
 /* A cheap first test before the costlier mapping lookup. */
 static int watched_now(void)
 {
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u32 tgid = current_key();
 
-	return bpf_map_lookup_elem(&watched, &tgid) != 0;
+	return tgid && bpf_map_lookup_elem(&watched, &tgid) != 0;
 }
 
 struct vma_probe {
@@ -381,17 +454,34 @@ static void note_raise(__u32 tgid, unsigned long resource, const struct rlimit *
 SEC("tracepoint")
 int setrlimit_enter(struct sys_enter *ctx)
 {
-	note_raise(bpf_get_current_pid_tgid() >> 32, ctx->args[0], (void *)ctx->args[1]);
+	note_raise(current_key(), ctx->args[0], (void *)ctx->args[1]);
 	return 0;
+}
+
+/* The key of the thread group that `vpid` (a pid or any tid, in the caller's PID
+ * namespace, as the kernel reads it) names; 0 for the caller. */
+static __u32 key_of_vpid(__s32 vpid)
+{
+	struct task_struct *task;
+	__u32 key;
+
+	if (!vpid)
+		return current_key();
+	task = bpf_task_from_vpid(vpid);
+	if (!task)
+		return 0;
+	key = key_of(task);
+	bpf_task_release(task);
+	return key;
 }
 
 SEC("tracepoint")
 int prlimit_enter(struct sys_enter *ctx)
 {
-	__u32 pid = ctx->args[0];
+	__u32 key = key_of_vpid(ctx->args[0]);
 
-	/* pid is taken as a thread-group id: a prlimit64 on a non-leader tid is missed. */
-	note_raise(pid ? pid : bpf_get_current_pid_tgid() >> 32, ctx->args[1], (void *)ctx->args[2]);
+	if (key)
+		note_raise(key, ctx->args[1], (void *)ctx->args[2]);
 	return 0;
 }
 
@@ -414,14 +504,86 @@ int rlimit_exit(struct sys_exit *ctx)
 SEC("tp_btf/sched_process_exit")
 int BPF_PROG(group_exit, struct task_struct *task)
 {
-	__u32 tgid = BPF_CORE_READ(task, tgid);
-	struct watch *w = bpf_map_lookup_elem(&watched, &tgid);
+	__u32 tgid = key_of(task);
+	struct watch *w = tgid ? bpf_map_lookup_elem(&watched, &tgid) : 0;
 
 	/* Whatever its start time: a pid is never held by two live processes. */
 	if (!w || BPF_CORE_READ(task, signal, live.counter) != 0)
 		return 0;
 	bpf_map_delete_elem(&watched, &tgid);
 	emit(tgid, EV_EXITED, W_NONE, 0, 0);
+	return 0;
+}
+
+/* A deny limit raised on the group of `task` (watched as `w`) whatever the call:
+ * the soft limits in force compared with the ones set. */
+static void check_raised(struct task_struct *task, __u32 key, struct watch *w)
+{
+	__u64 data = BPF_CORE_READ(task, signal, rlim[RLIMIT_DATA].rlim_cur);
+	__u64 nofile = BPF_CORE_READ(task, signal, rlim[RLIMIT_NOFILE].rlim_cur);
+
+	if (w->action != ACT_DENY)
+		return;
+	if (w->data_soft != NONE && data > w->data_soft)
+		emit(key, EV_RAISED, W_HEAP, data, w->data_soft);
+	if (w->nofile_soft != NONE && nofile > w->nofile_soft)
+		emit(key, EV_RAISED, W_FILES, nofile, w->nofile_soft);
+}
+
+/* The ia32 compat calls (int $0x80), which the syscalls:sys_* tracepoints do not
+ * report on x86: one program on every syscall exit that returns at once unless
+ * the call was a compat one. A watched compat process is checked whole at each
+ * of its calls (heap, descriptors, deny limits): no syscall table to keep. */
+SEC("tp_btf/sys_exit")
+int BPF_PROG(compat_exit, struct pt_regs *regs, long ret)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct watch *w;
+	__u32 key;
+
+	if (!(task->thread_info.status & TS_COMPAT))
+		return 0;
+	if (BPF_CORE_READ(regs, orig_ax) == IA32_PRLIMIT64 && ret == 0 && BPF_CORE_READ(regs, bx)) {
+		struct task_struct *target = bpf_task_from_vpid(BPF_CORE_READ(regs, bx));
+
+		if (target) {
+			key = key_of(target);
+			w = key ? bpf_map_lookup_elem(&watched, &key) : 0;
+			if (w)
+				check_raised(target, key, w);
+			bpf_task_release(target);
+		}
+	}
+	w = current_watch(&key);
+	if (!w)
+		return 0;
+	__u64 pages = data_vm_pages(), fds = open_fds();
+
+	raise_peak(&w->heap_peak_pages, pages);
+	raise_peak(&w->fd_peak, fds);
+	judge(w, key, W_HEAP, F_HEAP_OVER, pages, w->heap_limit_pages);
+	judge(w, key, W_FILES, F_FILES_OVER, fds, w->fd_limit);
+	check_raised(task, key, w);
+	return 0;
+}
+
+/* Run once by the daemon (BPF_PROG_TEST_RUN) before it attaches anything:
+ * the level and inode of the PID namespace the daemon lives in. */
+SEC("syscall")
+int learn_namespace(void *ctx)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct pid *pid = BPF_CORE_READ(task, thread_pid);
+	__u32 level = BPF_CORE_READ(pid, level);
+	struct upid upid;
+
+	if (level > 32 ||
+	    bpf_probe_read_kernel(&upid, sizeof(upid),
+				  (void *)pid + bpf_core_field_offset(struct pid, numbers) +
+					  level * bpf_core_type_size(struct upid)))
+		return -1;
+	ns_level = level;
+	ns_inum = BPF_CORE_READ(upid.ns, ns.inum);
 	return 0;
 }
 
