@@ -422,3 +422,27 @@ def test_the_pinned_map_keeps_the_peak_across_a_kill_of_the_daemon(
     daemon.start(*BPF)
     assert peak(daemon, w.pid) >= SPIKE
     assert daemon.read(w.pid, "heapsize") == "0\n"
+
+
+def _soft_nofile_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no Max open files")
+
+
+def test_a_raise_through_a_thread_id_is_lowered_back_at_once(bpf_daemon: Daemon, spawn) -> None:
+    """prlimit64 names the process by any of its thread ids, as the kernel reads it."""
+    w: Workload = spawn()
+    tid = w.thread()
+    assert tid != w.pid
+    bpf_daemon.register(w.pid)
+    bpf_daemon.write("files=10 action=deny", w.pid, "quota")
+    wanted = _soft_nofile_limit(w.pid)
+    raised = time.monotonic()
+    subprocess.run(["prlimit", "--pid", str(tid), "--nofile=4000:"], check=True)
+    wait_until(lambda: _soft_nofile_limit(w.pid) == wanted, 1.5, "the soft limit lowered back")
+    assert time.monotonic() - raised < 1.5, "not before the 2 s polling"
+    wait_until(lambda: events_of_path(bpf_daemon, w.pid)["denied"] >= 1, 1, "counted denied")
+    opened = int(w.ask("open", 300).split()[1])
+    assert opened <= 10
