@@ -10,11 +10,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import HERE, MiB
+from tests.conftest import HERE, MiB, wait_until
 from tests.test_bpf import _prerequisites_missing
 
 pytestmark = pytest.mark.skipif(
@@ -45,3 +46,81 @@ def test_a_daemon_in_a_pid_namespace_enforces_in_the_crossing_call(
     assert seen["signal"] == signal.SIGKILL, seen
     assert seen["steps"] * per_call <= limit, "a call that crossed the quota returned"
     assert seen["events"]["killed"] == 1, seen["events"]
+
+
+# ----- one daemon on the host for the paths below ---------------------------------------
+
+from tests.test_engine_bpf import bpf_daemon, capped, enforcement_line  # noqa: E402
+
+__all__ = ["bpf_daemon"]  # a fixture, used by name
+
+IA32_HEAP = ["ia32mmap", "ia32brk"]
+
+
+@pytest.mark.parametrize("mode", IA32_HEAP)
+def test_ia32_heap_growth_is_killed_in_the_crossing_call(bpf_daemon, grower, mode: str) -> None:
+    child = capped(bpf_daemon, grower(mode, MiB, 300), "heap=64M action=kill")
+    child.go()
+    sig, steps = child.finish()
+    assert sig == signal.SIGKILL and steps * MiB <= 64 * MiB
+    wait_until(lambda: enforcement_line(bpf_daemon, child.pid), 2, "the enforcement line")
+    usage, limit = enforcement_line(bpf_daemon, child.pid) or (0, 0)
+    assert 0 < usage - limit <= MiB
+
+
+@pytest.mark.parametrize("mode", ["ia32dup", "ia32open"])
+def test_ia32_descriptors_are_killed_in_the_crossing_call(bpf_daemon, grower, mode: str) -> None:
+    child = capped(bpf_daemon, grower(mode, 0, 300), "files=100 action=kill")
+    child.go()
+    sig, steps = child.finish()
+    assert sig == signal.SIGKILL and steps <= 100
+    wait_until(lambda: enforcement_line(bpf_daemon, child.pid), 2, "the enforcement line")
+    usage, limit = enforcement_line(bpf_daemon, child.pid) or (0, 0)
+    assert (limit, usage - limit) == (100, 1)
+
+
+def _soft_nofile(pid: int) -> int:
+    line = next(x for x in Path(f"/proc/{pid}/limits").read_text().splitlines()
+                if x.startswith("Max open files"))  # fmt: skip
+    return int(line.split()[3])
+
+
+def test_an_ia32_raise_of_a_deny_limit_is_lowered_back_at_once(
+    bpf_daemon, grower, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GROW_HOLD", "1")  # alive after its calls, until told
+    child = capped(bpf_daemon, grower("ia32nofile", 0, 0), "files=10 action=deny")
+    wanted = _soft_nofile(child.pid)
+    child.go()
+    assert child.proc.stdout
+    while child.proc.stdout.readline().strip() != "done":
+        pass
+    started = time.monotonic()
+    wait_until(lambda: _soft_nofile(child.pid) == wanted, 1.5, "the soft limit lowered back")
+    assert time.monotonic() - started < 1.5, "not before the 2 s polling"
+    child.go()
+    child.finish()
+
+
+@pytest.mark.parametrize("mode", ["uring_async", "uring_sqpoll"])
+def test_io_uring_work_is_checked_where_it_completes(bpf_daemon, grower, mode: str) -> None:
+    child = capped(bpf_daemon, grower(mode, 0, 300), "files=100 action=kill")
+    child.go()
+    sig, steps = child.finish()
+    assert sig == signal.SIGKILL and steps <= 100
+    wait_until(lambda: enforcement_line(bpf_daemon, child.pid), 2, "the enforcement line")
+    usage, limit = enforcement_line(bpf_daemon, child.pid) or (0, 0)
+    assert limit == 100 and 0 < usage - limit <= 2, f"overshoot {usage - limit}"
+
+
+@pytest.mark.parametrize(("mode", "batch"), [("uring_batch", 300), ("recvmsg_batch", 250)])
+def test_one_request_of_many_descriptors(bpf_daemon, grower, mode: str, batch: int) -> None:
+    """One call that makes `batch` descriptors: killed in it, overshoot measured."""
+    child = capped(bpf_daemon, grower(mode, batch, 3), "files=100 action=kill")
+    child.go()
+    sig, steps = child.finish()
+    assert sig == signal.SIGKILL and steps == 0
+    wait_until(lambda: enforcement_line(bpf_daemon, child.pid), 2, "the enforcement line")
+    usage, limit = enforcement_line(bpf_daemon, child.pid) or (0, 0)
+    print(f"{mode} {batch}: usage at the kill {usage}, limit {limit}")
+    assert limit == 100 and 0 < usage - limit <= batch

@@ -40,6 +40,7 @@
  *   vmshare     clone(CLONE_VM), no CLONE_THREAD: the clone does `touch`
  *   vfork       clone(CLONE_VM|CLONE_VFORK): the same while the grower is suspended
  *   filesshare  clone(CLONE_FILES), a fork sharing the descriptor table: dup(0) each step
+ * With GROW_HOLD set, the process waits for one more line after "done" before it exits.
  * With GROW_STAMP=FILE, the CLOCK_MONOTONIC ns before each call is written to
  * the start of FILE (shared), so a bench can time the crossing call to death.
  */
@@ -266,7 +267,7 @@ static int grow_ia32(void) {
 
 static struct {
     int fd;
-    unsigned *sq_tail, *sq_mask, *sq_array, *cq_head, *cq_tail, *cq_mask;
+    unsigned *sq_tail, *sq_mask, *sq_array, *sq_flags, *cq_head, *cq_tail, *cq_mask;
     struct io_uring_sqe *sqes;
     struct io_uring_cqe *cqes;
 } ring;
@@ -293,6 +294,7 @@ static int prepare_uring(void) {
     ring.sq_tail = (unsigned *)(sq + p.sq_off.tail);
     ring.sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
     ring.sq_array = (unsigned *)(sq + p.sq_off.array);
+    ring.sq_flags = (unsigned *)(sq + p.sq_off.flags);
     ring.cq_head = (unsigned *)(cq + p.cq_off.head);
     ring.cq_tail = (unsigned *)(cq + p.cq_off.tail);
     ring.cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
@@ -300,9 +302,38 @@ static int prepare_uring(void) {
     return 0;
 }
 
+/* uring_async, uring_sqpoll: the completion is awaited by spinning on the CQ ring,
+ * with no system call after the submission: the descriptor is made and completed
+ * outside any call of this process, by an io-wq worker or the SQ thread. */
+static int uring_open_outside(void) {
+    unsigned tail = *ring.sq_tail, at = tail & *ring.sq_mask;
+    struct io_uring_sqe *sqe = &ring.sqes[at];
+    memset(sqe, 0, sizeof *sqe);
+    sqe->opcode = IORING_OP_OPENAT;
+    sqe->flags = is("uring_async") ? IOSQE_ASYNC : 0;
+    sqe->fd = AT_FDCWD;
+    sqe->addr = (unsigned long)"/dev/null";
+    sqe->open_flags = O_RDONLY;
+    ring.sq_array[at] = at;
+    __atomic_store_n(ring.sq_tail, tail + 1, __ATOMIC_RELEASE);
+    if (is("uring_async") || (__atomic_load_n(ring.sq_flags, __ATOMIC_ACQUIRE) & IORING_SQ_NEED_WAKEUP)) {
+        unsigned flags = is("uring_async") ? 0 : IORING_ENTER_SQ_WAKEUP;
+        if (syscall(__NR_io_uring_enter, ring.fd, is("uring_async"), 0, flags, NULL, 0) < 0)
+            return perror("io_uring_enter"), 1;
+    }
+    unsigned head = *ring.cq_head;
+    while (__atomic_load_n(ring.cq_tail, __ATOMIC_ACQUIRE) == head)
+        __builtin_ia32_pause();
+    int res = ring.cqes[head & *ring.cq_mask].res;
+    __atomic_store_n(ring.cq_head, head + 1, __ATOMIC_RELEASE);
+    if (res < 0) return errno = -res, perror("io_uring openat"), 1;
+    return 0;
+}
+
 /* Opens n "/dev/null" by the ring, submitted (unless the SQ thread does) and reaped
  * by io_uring_enter; 1 if one failed. */
 static int uring_open(unsigned n) {
+    if (!is("uring_batch")) return uring_open_outside();
     unsigned tail = *ring.sq_tail, got = 0, submit = is("uring_sqpoll") ? 0 : n;
     for (unsigned k = 0; k < n; k++) {
         unsigned at = (tail + k) & *ring.sq_mask;
@@ -495,5 +526,7 @@ int main(int argc, char **argv) {
     else if (among("open socket pipe dup ioctl")) rc = grow_files();
     else rc = grow_memory();
     printf("done\n");
+    fflush(stdout);
+    if (getenv("GROW_HOLD") && !fgets(line, sizeof line, stdin)) return rc; /* held until a line */
     return rc;
 }
