@@ -106,8 +106,9 @@ def format_va(fmt: bytes, args: int | None) -> str:
     return buffer.value.decode(errors="replace")
 
 
-def mount(source: str, target: str, fstype: str) -> None:
-    if _libc.mount(source.encode(), target.encode(), fstype.encode(), 0, None) != 0:
+def mount(source: str, target: str, fstype: str, options: str = "") -> None:
+    data = options.encode() if options else None
+    if _libc.mount(source.encode(), target.encode(), fstype.encode(), 0, data) != 0:
         error = ctypes.get_errno()
         raise OSError(error, f"mount -t {fstype} {target}: {os.strerror(error)}")
 

@@ -8,9 +8,11 @@ by a killed daemon adopts them. See README.md next to this file.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import os
+import stat
 import struct
 from collections import deque
 from collections.abc import Mapping
@@ -215,8 +217,9 @@ class KernelWatch:
         check_prerequisites()
         _hook_list()  # every tracepoint there, or no engine
         lib = library()
-        created = not pin_dir.exists()
-        pin_dir.mkdir(parents=True, exist_ok=True)
+        created = not os.path.lexists(pin_dir)
+        make_private_dirs(pin_dir)
+        check_pins(pin_dir)
         try:
             obj = _load(lib, pin_dir)
         except BpfUnavailable:
@@ -472,6 +475,66 @@ def object_exists(kind: str, object_id: int) -> bool:
     return True
 
 
+# --- pins only root made ------------------------------------------------------------
+
+PIN_NAMES = frozenset({*MAPS, "links"})
+
+
+def _bpffs_root(path: Path) -> Path:
+    """The mount point of the bpffs that holds `path` (the longest mount prefix)."""
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
+              if line.split()[2] == "bpf"]  # fmt: skip
+    under = [Path(m) for m in mounts if path == Path(m) or Path(m) in path.parents]
+    if not under:
+        raise BpfUnavailable(f"{path} is not on a bpf filesystem")
+    return max(under, key=lambda m: len(m.parts))
+
+
+def make_private_dirs(pin_dir: Path) -> None:
+    """Create the missing directories from the bpffs root down to `pin_dir`, 0700."""
+    root = _bpffs_root(pin_dir)
+    for directory in [*reversed(pin_dir.relative_to(root).parents), pin_dir.relative_to(root)]:
+        if str(directory) != ".":
+            with contextlib.suppress(FileExistsError):  # checked by check_pins
+                (root / directory).mkdir(mode=0o700)
+
+
+def check_pins(pin_dir: Path) -> None:
+    """Refuse pins anyone but root made or could have changed: every directory from
+    the bpffs root down to `pin_dir` is root's, no symlink, writable by root only;
+    inside, only this project's names, root's, none a symlink. An attacker who could
+    plant a directory, a symlink to another daemon's map, or remove our link pins
+    could lift a quota; `BpfUnavailable` says which path and why."""
+    root = _bpffs_root(pin_dir)
+    path = root
+    for part in pin_dir.relative_to(root).parts:
+        path = path / part
+        _check_owned(path, directory=True)
+    for entry in pin_dir.iterdir():
+        if entry.name not in PIN_NAMES:
+            raise BpfUnavailable(
+                f"pin directory {pin_dir}: {entry.name} was not made by restrackfs"
+            )
+        _check_owned(entry, directory=entry.name == "links")
+    links = pin_dir / "links"
+    if links.is_dir():
+        for entry in links.iterdir():
+            _check_owned(entry, directory=False)
+
+
+def _check_owned(path: Path, directory: bool) -> None:
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise BpfUnavailable(f"pin path {path} is a symlink: refused")
+    if info.st_uid != 0:
+        raise BpfUnavailable(f"pin path {path} belongs to uid {info.st_uid}, not root: refused")
+    if directory != stat.S_ISDIR(info.st_mode):
+        kind = "not a directory" if directory else "a directory"
+        raise BpfUnavailable(f"pin path {path} is {kind}: refused")
+    if directory and info.st_mode & 0o022:
+        raise BpfUnavailable(f"pin directory {path} is writable by others: refused")
+
+
 def _remove_tree(path: Path) -> None:
     """Remove a pin directory bottom-up (bpffs has files and dirs only)."""
     if not path.exists():
@@ -524,7 +587,7 @@ def check_prerequisites(obj: Path | None = None, *, mounts: bool = True) -> None
     if not (caps >> _CAP_SYS_ADMIN & 1 or (caps >> _CAP_BPF & 1 and caps >> _CAP_PERFMON & 1)):
         raise BpfUnavailable("no CAP_BPF/CAP_PERFMON (nor CAP_SYS_ADMIN)")
     if mounts:
-        _ensure_mounted(BPFFS, "bpf")
+        _ensure_mounted(BPFFS, "bpf", "mode=0700")
         _ensure_mounted(TRACEFS, "tracefs")
 
 
@@ -535,12 +598,12 @@ def _effective_caps() -> int:
     return 0
 
 
-def _ensure_mounted(target: Path, fstype: str) -> None:
+def _ensure_mounted(target: Path, fstype: str, options: str = "") -> None:
     mounts = Path("/proc/self/mounts").read_text().splitlines()
     if any(line.split()[1:3] == [str(target), fstype] for line in mounts):
         return
     try:
-        libbpf.mount("nodev" if fstype == "tracefs" else fstype, str(target), fstype)
+        libbpf.mount("nodev" if fstype == "tracefs" else fstype, str(target), fstype, options)
     except OSError as error:
         raise BpfUnavailable(str(error)) from None
 
