@@ -70,6 +70,24 @@ def test_layout_and_modes(daemon, spawn):
     assert stat.S_IMODE(os.stat(daemon.path(w.pid, "reset")).st_mode) == 0o200
 
 
+def readme_file_table() -> set[str]:
+    """The paths in the first column of the README's table under *The files*."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("\n## The files\n", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `([^`]+)` \|", section, re.MULTILINE))
+
+
+def test_readme_file_table_names_every_file(daemon, spawn):
+    """`engine` was missing from the README's table (issue 25)."""
+    w = spawn()
+    daemon.register(w.pid)
+    top = {name for name in os.listdir(daemon.mountpoint) if not name.isdigit()}
+    mine = {f"PID/{name}" for name in os.listdir(daemon.path(w.pid))}
+    documented = readme_file_table()
+    assert top | mine | {"PID/"} <= documented, "files the README's table leaves out"
+    assert documented <= top | mine | {"PID/"}, "names in the README's table the mount lacks"
+
+
 def ls_a(path: Path) -> list[tuple[int, str]]:
     """`ls -a1i` of `path`, unsorted (the order readdir gives): (inode, name) pairs."""
     out = subprocess.run(["ls", "-a1iU", str(path)], capture_output=True, text=True, check=True)
