@@ -1,18 +1,22 @@
 """The `restrack` command, built only on `restrackfs.client`.
 
-Exit codes: 0 success, 1 other error, 2 usage or invalid value (EINVAL),
+Exit codes: 0 success, 1 any other error, 2 usage or invalid value (EINVAL),
 3 no such process (ESRCH), 4 already tracked (EEXIST), 5 not tracked (ENOENT),
 6 not permitted (EPERM/EACCES), 7 quota already set (EBUSY), 8 no daemon
-serves the mount, 130 interrupted. `restrack run` exits with the program's
+serves the mount, 130 interrupted. 3 to 7 are the daemon's answers only: a
+failure outside the mount (a --textfile directory that is missing, say) is 1,
+whatever its errno. `restrack run` exits with the program's
 status (128 + signal if it was killed), or 125 if the emulation is unavailable.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +26,7 @@ from typing import TextIO
 
 from restrackfs import client
 from restrackfs.client import NotMountedError, Stat
-from tracker.vocabulary import OPENFILE_TOTAL, UNLIMITED
+from tracker.vocabulary import LIMIT_MAX, OPENFILE_TOTAL, UNLIMITED
 
 EXIT_CODES = {
     errno.EINVAL: 2,
@@ -33,9 +37,15 @@ EXIT_CODES = {
     errno.EACCES: 6,
     errno.EBUSY: 7,
 }
+EXIT_FAILURE = 1  # anything else: a failure outside the mount (a file restrack writes)
 EXIT_NOT_MOUNTED = 8
 EXIT_INTERRUPTED = 130
 EXIT_NO_EMULATION = 125
+
+
+class LocalError(Exception):
+    """A failure outside the mount (say, the --textfile directory): exit 1 with the
+    message, whatever its errno (which would otherwise read as a daemon's answer)."""
 
 
 # ----- formatting -------------------------------------------------------------
@@ -68,6 +78,12 @@ def quota_use(s: Stat) -> float | None:
         if limit is not None
     ]
     return max(shares) if shares else None
+
+
+def action_of(s: Stat) -> str | None:
+    """The action a breach would take; None while no limit is set (stat's `action`
+    then is only what a limit set later would default to)."""
+    return s.action if s.heap_quota is not None or s.file_quota is not None else None
 
 
 def over_quota(s: Stat) -> bool:
@@ -104,7 +120,7 @@ def _row(s: Stat) -> tuple[str, ...]:
         human_size(s.heap_quota),
         "-" if s.file_quota is None else str(s.file_quota),
         _use_text(quota_use(s)),
-        s.action if s.heap_quota is not None or s.file_quota is not None else "-",
+        action_of(s) or "-",
     )
 
 
@@ -119,6 +135,7 @@ def table(stats: Sequence[Stat]) -> str:
 
 def stat_json(s: Stat) -> dict[str, object]:
     record: dict[str, object] = asdict(s)
+    record["action"] = action_of(s)  # null without a limit, as heap_quota and file_quota
     use = quota_use(s)
     record["quota_use"] = None if use is None else round(use, 2)
     record["over_quota"] = over_quota(s)
@@ -155,10 +172,29 @@ def cmd_deregister(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_cap(args: argparse.Namespace, out: TextIO) -> int:
     if args.heap is None and args.files is None and args.action is None:
         raise OSError(errno.EINVAL, "cap: give --heap, --files or --action")
-    client.set_quota(
-        args.pid, heap=args.heap, files=args.files, action=args.action, mount=args.mount
-    )
+    heap = None if args.heap is None else whole_bytes(args.pid, args.heap)
+    client.set_quota(args.pid, heap=heap, files=args.files, action=args.action, mount=args.mount)
     return 0
+
+
+# A size as `status` prints it: a decimal with a K/M/G/T suffix (`1.5G`). The mount's
+# grammar takes whole numbers only (SPEC §3), so the command converts it.
+_DECIMAL_SIZE = re.compile(r"([0-9]{1,20})\.([0-9]{1,20})([KMGTkmgt])", re.ASCII)
+_SHIFT = {"k": 10, "m": 20, "g": 30, "t": 40}
+
+
+def whole_bytes(pid: int, text: str) -> str:
+    """`1.5G` -> `1610612736`: a decimal size in bytes, rounded down to a whole byte;
+    anything else as it is (the grammar decides: `40M`, `max`, or why not)."""
+    match = _DECIMAL_SIZE.fullmatch(text)
+    if match is None:
+        return text
+    whole, fraction, suffix = match.groups()
+    scale = 10 ** len(fraction)
+    value = ((int(whole) * scale + int(fraction)) << _SHIFT[suffix.lower()]) // scale
+    if value > LIMIT_MAX:
+        raise OSError(errno.EINVAL, f"{pid}: size {text!r} is too large")
+    return str(value)
 
 
 def cmd_reset(args: argparse.Namespace, out: TextIO) -> int:
@@ -180,6 +216,7 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
         out.write("\n")
         return 0
     fields: dict[str, object] = asdict(s)
+    fields["action"] = action_of(s) or "-"
     fields["quota_use"] = _use_text(quota_use(s))
     fields["fds"] = fds_text(kinds)
     width = max(map(len, fields))
@@ -246,10 +283,16 @@ def write_textfile(directory: Path, text: str, name: str = "restrack.prom") -> P
             os.fsync(file.fileno())
         os.replace(temp, target)
     except OSError as error:
-        temp.unlink(missing_ok=True)
-        reason = os.strerror(error.errno or errno.EIO).lower()
-        raise OSError(error.errno, f"{directory}: {reason}") from None
+        with contextlib.suppress(OSError):  # ENOTDIR too, where DIR is a file
+            temp.unlink()
+        raise LocalError(f"cannot write {target}: {_local_reason(error)}") from None
     return target
+
+
+def _local_reason(error: OSError) -> str:
+    if error.errno == errno.ENOENT:
+        return "no such directory"
+    return os.strerror(error.errno or errno.EIO).lower()
 
 
 def include_dir() -> Path:
@@ -299,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="restrack",
         description="Track and cap processes' heap and open files through restrackfs.",
         epilog="exit codes: 2 invalid, 3 no such process, 4 already tracked, 5 not tracked, "
-        "6 not permitted, 7 quota already set, 8 no daemon at the mount",
+        "6 not permitted, 7 quota already set, 8 no daemon at the mount, 1 anything else",
     )
     parser.add_argument(
         "--mount", help="mount point (default: $RESTRACK_MOUNT, else /restrack)", default=None
@@ -320,7 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = add("cap", cmd_cap, "set a process's quota (once, until reset)")
     sub.add_argument("pid", type=_pid, metavar="PID")
-    sub.add_argument("--heap", metavar="SIZE", help="bytes, K/M/G/T suffix, or max")
+    sub.add_argument(
+        "--heap",
+        metavar="SIZE",
+        help="bytes, K/M/G/T suffix (a decimal too, as status prints it: 1.5G), or max",
+    )
     sub.add_argument("--files", metavar="N", help="open file count, or max")
     sub.add_argument("--action", choices=["kill", "deny", "notify"])
 
@@ -373,7 +420,10 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
         return EXIT_NOT_MOUNTED
     except OSError as error:
         print(f"restrack: {_describe(error)}", file=sys.stderr)
-        return EXIT_CODES.get(error.errno or 0, 1)
+        return EXIT_CODES.get(error.errno or 0, EXIT_FAILURE)
+    except LocalError as error:
+        print(f"restrack: {error}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED if args.command != "top" else 0
 

@@ -52,6 +52,9 @@ _REASONS = {
 }
 
 
+KERNEL_THREAD = "a kernel thread: it has no heap or files of its own to track"
+
+
 class NotMountedError(FileNotFoundError):
     """Nothing (or a dead daemon) is mounted at the mount point."""
 
@@ -123,6 +126,21 @@ def _process_exists(pid: int) -> bool:
     except OSError:
         return True  # hidden by /proc's hidepid=, say; kill() saw it
     return text[text.rfind(b")") + 2 : text.rfind(b")") + 3] not in (b"Z", b"X")
+
+
+PF_KTHREAD = 0x00200000  # the kernel's flag of its own threads (/proc/PID/stat field 9)
+
+
+def _is_kernel_thread(pid: int) -> bool:
+    """Whether `pid` is a kernel thread (kthreadd, kworker/...): no address space,
+    no files of its own, so nothing to track. False where /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            text = file.read()
+        flags = int(text[text.rfind(b")") + 2 :].split()[6])
+    except (OSError, ValueError, IndexError):
+        return False
+    return bool(flags & PF_KTHREAD)
 
 
 def _meaning(code: int, root: Path, pid: int | None, untracked: int) -> int:
@@ -228,8 +246,16 @@ def _quota_token(pid: int, key: str, value: int | str | None) -> str:
 
 
 def register(pid: int, *, mount: str | os.PathLike[str] | None = None) -> None:
-    """Start tracking `pid` (a thread id registers its process)."""
-    _write(mount_point(mount), "register", f"{_check_pid(pid)}\n", str(pid))
+    """Start tracking `pid` (a thread id registers its process).
+
+    A kernel thread cannot be tracked: the daemon answers ESRCH, as for a zombie
+    (no address space); the error says which."""
+    try:
+        _write(mount_point(mount), "register", f"{_check_pid(pid)}\n", str(pid))
+    except ProcessLookupError:
+        if _is_kernel_thread(pid):
+            raise ProcessLookupError(errno.ESRCH, f"{pid}: {KERNEL_THREAD}") from None
+        raise
 
 
 def deregister(pid: int, *, mount: str | os.PathLike[str] | None = None) -> None:

@@ -339,21 +339,26 @@ async def serve(args: argparse.Namespace, on_ready: Callable[[], None]) -> None:
             log.info("unmounted %s", args.mountpoint)
 
 
-def _daemonize() -> Callable[[int], None]:
-    """Fork into the background; the parent exits once the child reports.
+def _daemonize(args: argparse.Namespace) -> Callable[[int], None]:
+    """Fork into the background; the parent exits once the child reports, saying
+    where the log goes (the child's errors until then reach its stderr too).
 
     Returns the function the child calls with 0 (mounted) or an exit code.
     """
     read_end, write_end = os.pipe()
-    if os.fork() > 0:
+    child = os.fork()
+    if child > 0:
         os.close(write_end)
         status = os.read(read_end, 1)
-        sys.exit(status[0] if status else 1)
+        code = status[0] if status else 1
+        print(detached_message(args, child, code), file=sys.stderr)
+        sys.exit(code)
     os.close(read_end)
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.chdir("/")
+    until_detached = _errors_to_stderr()
 
     def report(code: int) -> None:
         nonlocal write_end
@@ -361,11 +366,28 @@ def _daemonize() -> Callable[[int], None]:
             os.write(write_end, bytes([code]))
             os.close(write_end)
             write_end = -1
+            logging.getLogger().removeHandler(until_detached)
             if code == 0:
                 os.dup2(devnull, 1)
                 os.dup2(devnull, 2)
 
     return report
+
+
+def _errors_to_stderr() -> logging.Handler:
+    """Errors while starting, on the terminal as well as in the log file."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.ERROR)
+    handler.setFormatter(logging.Formatter("restrackfs: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def detached_message(args: argparse.Namespace, pid: int, code: int) -> str:
+    """What the parent of a detached daemon says as it exits."""
+    if code == 0:
+        return f"restrackfs: mounted on {args.mountpoint} (pid {pid}); log: {args.log_file}"
+    return f"restrackfs: not started; log: {args.log_file}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -377,10 +399,10 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         filename=args.log_file,
     )
-    logguard.install()  # one line per record, identical ones rate-limited
     report: Callable[[int], None] = lambda code: None  # noqa: E731
     if not args.foreground:
-        report = _daemonize()
+        report = _daemonize(args)
+    logguard.install()  # one line per record, identical ones rate-limited (every handler)
     try:
         clear_stale_mount(args.mountpoint)
         if not args.mountpoint.is_dir():

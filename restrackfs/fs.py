@@ -45,6 +45,9 @@ ROOT = pyfuse3.ROOT_INODE
 FIRST_TOP = ROOT + 1
 STRIDE = 16  # inodes per registration: the directory, then its files (room to grow)
 FIRST_DIR = 1024
+# readdir offsets: `.` and `..` first, then a child's inode + CHILD_OFFSET (so they
+# rise with inode numbers and never meet the two: inodes start at ROOT = 1).
+DOT_OFFSET, DOTDOT_OFFSET, CHILD_OFFSET = 1, 2, 2
 assert len(PROCESS_FILES) < STRIDE
 # Names that never change meaning can be cached by the kernel for long; a
 # process directory is invalidated explicitly when it goes away.
@@ -399,19 +402,28 @@ class RestrackOperations(pyfuse3.Operations):
         listing = handle.kept.listing
         if start_id == 0 or listing is None:
             listing = self._listing(handle)
-        # Offsets are inode numbers, so entries coming and going between two
+        # Offsets follow inode numbers, so entries coming and going between two
         # readdir calls never make one listing skip or repeat a name; the
         # listing is kept for one pass (one `ls` of 10,000 pids makes ~50 calls),
         # and taken again if the budget of its uid dropped it meanwhile.
-        start = bisect.bisect_right(listing, start_id, key=lambda child: child[1].inode)
-        for name, child in listing[start:]:
+        start = bisect.bisect_right(listing, start_id, key=lambda item: item[2])
+        for name, child, offset in listing[start:]:
             attributes = self._attributes(child)
-            if not pyfuse3.readdir_reply(token, name.encode(), attributes, child.inode):
+            if not pyfuse3.readdir_reply(token, name.encode(), attributes, offset):
                 self.handles.keep(fh, listing=listing)
                 return
         self.handles.keep(fh)  # the pass is over
 
-    def _listing(self, handle: Handle) -> list[tuple[str, Node]]:
+    def _listing(self, handle: Handle) -> list[tuple[str, Node, int]]:
+        """`.`, `..` and the children, each with its readdir offset, ascending.
+
+        `..` of a process directory is the root; of the root, the root itself (the
+        kernel answers a mount root's `..` from the mount's parent anyway)."""
+        dots = [(".", handle.node, DOT_OFFSET), ("..", self.inodes.node(ROOT), DOTDOT_OFFSET)]
+        children = self._children(handle)
+        return dots + [(name, child, child.inode + CHILD_OFFSET) for name, child in children]
+
+    def _children(self, handle: Handle) -> list[tuple[str, Node]]:
         """The directory's children, in inode order (registration order is serial order)."""
         node = handle.node
         if node.inode == ROOT:

@@ -15,7 +15,7 @@ What one uid can make the daemon hold is bounded twice:
   least recently used ones. A handle whose text was dropped answers a read at
   or past the text's end with end of file and renders afresh for a read before
   it (so that text may tear, which only a uid holding more than the budget in
-  texts can see); a listing is taken again, and since readdir offsets are inode
+  texts can see); a listing is taken again, and since readdir offsets follow inode
   numbers the pass neither skips nor repeats a name.
 """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pty
@@ -170,9 +171,25 @@ def test_show_without_quota(m, spawn):
     ok(restrack(m, "register", w.pid))
     fields = show_fields(ok(restrack(m, "show", w.pid)))
     assert (fields["heap_quota"], fields["file_quota"]) == ("max", "max")
+    assert fields["action"] == "-"  # as status's ACTION: no limit, no action
     record = json.loads(ok(restrack(m, "show", w.pid, "--json")))
     assert (record["heap_quota"], record["file_quota"], record["quota_use"]) == (None, None, None)
+    assert record["action"] is None  # said "kill" with no quota at all (issue 25)
     assert (record["heapsize"], record["openfile_count"]) == (0, 0)
+
+
+@pytest.mark.parametrize("quota", ["action=notify", "files=3"])
+def test_json_action_only_with_a_limit(m, daemon, spawn, quota):
+    """`action` is what a breach does: null while neither quota is set (even when the
+    quota was written with an action, `heap=max files=max action=notify`)."""
+    w = spawn()
+    ok(restrack(m, "register", w.pid))
+    daemon.write(quota, w.pid, "quota")
+    want = None if quota.startswith("action=") else "kill"
+    assert json.loads(ok(restrack(m, "show", w.pid, "--json")))["action"] == want
+    (record,) = json.loads(ok(restrack(m, "status", "--json")))
+    assert record["action"] == want
+    assert show_fields(ok(restrack(m, "show", w.pid)))["action"] == (want or "-")
 
 
 def test_cap_files_or_action_alone(m, daemon, spawn):
@@ -243,6 +260,45 @@ def test_human_sizes_in_the_table(m, spawn):
     by_pid = rows(ok(restrack(m, "status")))
     for text, shown in sizes.items():
         assert by_pid[workloads[text].pid][5] == shown, text
+
+
+def test_cap_takes_the_sizes_status_prints(m, daemon, spawn):
+    """status printed 1.5K and cap --heap 1.5K was refused: a decimal with a suffix is
+    taken, rounded down to a whole byte (the mount's own grammar stays integers)."""
+    sizes = {  # given: (bytes, as status prints them)
+        "1.5K": (1536, "1.5K"), "1.5G": (3 * 512 * MiB, "1.5G"), "1.3M": (1363148, "1.3M"),
+        "0.1K": (102, "102"), "2.0T": (2 << 40, "2T"), "0.25k": (256, "256"),
+    }  # fmt: skip
+    workloads = {text: spawn() for text in sizes}
+    ok(restrack(m, "register", *(w.pid for w in workloads.values())))
+    for text, w in workloads.items():
+        ok(restrack(m, "cap", w.pid, "--heap", text))
+        assert daemon.read(w.pid, "quota") == f"heap={sizes[text][0]} files=max action=kill\n"
+    by_pid = rows(ok(restrack(m, "status")))
+    assert {text: by_pid[w.pid][5] for text, w in workloads.items()} == {
+        text: shown for text, (_, shown) in sizes.items()
+    }
+    assert errno_of_write(daemon, "heap=1.5K", spawn) == errno.EINVAL
+
+
+def errno_of_write(daemon, quota: str, spawn) -> int:
+    """The mount's own grammar: the errno of writing `quota` to a fresh process's file."""
+    w = spawn()
+    daemon.register(w.pid)
+    try:
+        daemon.write(quota, w.pid, "quota")
+    except OSError as error:
+        return error.errno
+    return 0
+
+
+@pytest.mark.parametrize("size", ["1.5", "1.5KB", ".5K", "1.K", "1,5K", "1.5e3K"])
+def test_cap_refuses_other_decimals(m, daemon, spawn, size):
+    w = spawn()
+    ok(restrack(m, "register", w.pid))
+    reason = f"bad size {size!r}: want bytes with K/M/G/T suffix, or max"
+    fails(restrack(m, "cap", w.pid, "--heap", size), 2, f"{w.pid}: {reason}")
+    assert daemon.read(w.pid, "quota") == NO_QUOTA
 
 
 def test_one_size_format():
@@ -374,7 +430,8 @@ def test_hostile_comm_keeps_one_row(m):
         assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
         ok(restrack(m, "register", proc.pid))
         lines = ok(restrack(m, "status")).partition("\n\n")[0].splitlines()
-        assert len(lines) == 2 and lines[1].startswith(f"{proc.pid}  a b")
+        # the PID column is as wide as its widest cell: "PID" (3) or the pid's digits
+        assert len(lines) == 2 and re.match(rf"{proc.pid} +a b", lines[1]), lines
         record = json.loads(ok(restrack(m, "show", proc.pid, "--json")))
         assert record["pid"] == proc.pid and "\n" not in record["comm"]
     finally:
@@ -463,6 +520,34 @@ def test_mount_option_beats_environment(m, spawn):
 def test_no_such_process(m):
     pid = dead_pid()
     fails(restrack(m, "register", pid), 3, f"{pid}: no such process")
+
+
+def kernel_thread() -> int | None:
+    """A kernel thread's pid (kthreadd is 2 on the host), None where none is visible
+    (in a PID namespace)."""
+    for name in sorted(filter(str.isdigit, os.listdir("/proc")), key=int)[:200]:
+        try:
+            text = Path(f"/proc/{name}/stat").read_bytes()
+        except OSError:
+            continue
+        if int(text[text.rfind(b")") + 2 :].split()[6]) & client.PF_KTHREAD:
+            return int(name)
+    return None
+
+
+def test_kernel_thread_is_named(m, daemon):
+    """`restrack register 2` said "no such process": the daemon answers ESRCH (no
+    address space, as a zombie), the command says why."""
+    pid = kernel_thread()
+    if pid is None:
+        pytest.skip("no kernel thread visible in this PID namespace")
+    fails(restrack(m, "register", pid), 3, f"{pid}: {client.KERNEL_THREAD}")
+    with pytest.raises(ProcessLookupError):  # the daemon's own answer
+        daemon.register(pid)
+    assert client.tracked(mount=m) == []
+    # a process that is gone is still "no such process"
+    gone = dead_pid()
+    fails(restrack(m, "register", gone), 3, f"{gone}: no such process")
 
 
 def test_register_stops_at_the_first_error(m, spawn):
@@ -608,6 +693,23 @@ def test_killed_daemon(daemon, spawn):
     assert w.alive()
 
 
+@pytest.mark.parametrize("kind", ["missing", "a file"])
+def test_textfile_directory_that_is_not_one(m, tmp_path, kind):
+    """A missing --textfile directory exited 5, "not tracked" (its ENOENT read as the
+    daemon's): now 1, saying which file could not be written and why."""
+    (parent := tmp_path / "out").mkdir()  # tmp_path holds the daemon's files too
+    directory = parent / "textfile"
+    if kind == "a file":
+        directory.write_text("")
+    reason = "no such directory" if kind == "missing" else "not a directory"
+    fails(
+        restrack(m, "metrics", "--textfile", directory),
+        1,
+        f"cannot write {directory}/restrack.prom: {reason}",
+    )
+    assert os.listdir(parent) == ([] if kind == "missing" else ["textfile"])  # no temp file
+
+
 def test_top_negative_delay_is_a_usage_error(m):
     result = restrack(m, "top", "-n", "2", "--delay", "-1")
     assert result.returncode == 2, result
@@ -620,6 +722,6 @@ def test_help_lists_the_exit_codes():
     help_text = " ".join(result.stdout.split())
     for code, meaning in [
         (2, "invalid"), (3, "no such process"), (4, "already tracked"), (5, "not tracked"),
-        (6, "not permitted"), (7, "quota already set"), (8, "no daemon"),
+        (6, "not permitted"), (7, "quota already set"), (8, "no daemon"), (1, "anything else"),
     ]:  # fmt: skip
         assert f"{code} {meaning}" in help_text

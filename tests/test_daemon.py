@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -128,16 +129,42 @@ def test_unwritable_state_fails_the_write_and_changes_nothing(daemon, spawn):
 def test_background_mode_detaches_after_mounting(daemon_factory, tmp_path):
     daemon = daemon_factory(start=False)
     argv = [sys.executable, "-m", "restrackfs.daemon", "--state", str(daemon.state)]
-    result = subprocess.run([*argv, str(daemon.mountpoint)], capture_output=True, timeout=20)
+    result = subprocess.run(
+        [*argv, str(daemon.mountpoint)], capture_output=True, text=True, timeout=20
+    )
     assert result.returncode == 0, result.stderr
     try:
         assert os.path.ismount(daemon.mountpoint)  # mounted before the parent returned
         assert "restrack_tracked_processes 0" in daemon.read("metrics")
-        # detached, it logs next to its state file
-        assert "mounted on" in daemon.state.with_suffix(".log").read_text()
+        # detached, it logs next to its state file, and says so (issue 25: it did not)
+        log = daemon.state.with_suffix(".log")
+        said = re.fullmatch(
+            rf"restrackfs: mounted on {re.escape(str(daemon.mountpoint))} \(pid (\d+)\); "
+            rf"log: {re.escape(str(log))}\n",
+            result.stderr,
+        )
+        assert said, result.stderr
+        assert "mounted on" in log.read_text()
+        cmdline = Path(f"/proc/{said[1]}/cmdline").read_bytes().split(b"\0")
+        assert b"restrackfs.daemon" in cmdline  # the pid it gave is the daemon's
     finally:
         subprocess.run(["umount", str(daemon.mountpoint)], check=True)
     wait_until(lambda: not os.path.ismount(daemon.mountpoint))
+
+
+def test_background_mode_says_why_it_did_not_start(daemon_factory, tmp_path):
+    """Detached, the reason went to the log file alone; now to stderr as well, with
+    where the log is."""
+    daemon = daemon_factory(start=False)
+    missing = daemon.mountpoint / "missing"
+    argv = [sys.executable, "-m", "restrackfs.daemon", "--state", str(daemon.state)]
+    result = subprocess.run([*argv, str(missing)], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1
+    log = daemon.state.with_suffix(".log")
+    assert result.stderr == (
+        f"restrackfs: {missing}: not a directory\nrestrackfs: not started; log: {log}\n"
+    )
+    assert f"{missing}: not a directory" in log.read_text()
 
 
 def test_refuses_a_live_mount(daemon, tmp_path):

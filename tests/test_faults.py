@@ -586,15 +586,41 @@ def use_up_the_journals_page(daemon: Daemon, big: Workload, extras: list[Workloa
     pytest.fail("the journal never filled its page")
 
 
-@pytest.mark.parametrize("fault", ["full", "read-only"])
+def longest_pid_first(workloads: list[Workload]) -> tuple[Workload, list[Workload]]:
+    """The workload whose pid has the most digits, and the others.
+
+    Its drop line (`{"drop":PID}`) is then at least as long as any other's, so the
+    journal that refused the last extra's drop refuses its too, whatever pids the
+    machine hands out (taking the last spawned failed when the pids wrapped, or crossed
+    a power of ten, and the extras were filtered away)."""
+    ordered = sorted(workloads, key=lambda w: len(str(w.pid)), reverse=True)
+    return ordered[0], ordered[1:]
+
+
+def shrinking_pids(spawn: Callable[..., Workload], count: int) -> list[Workload]:
+    """`count` workloads whose pids lose a digit halfway: the first ones just above
+    a power of ten, the others just below it (as when the pids wrap around)."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    power = 10 ** (len(str(pid_max - 1)) - 1)
+    high = [spawn_at(power + i, spawn) for i in range(count // 2)]
+    return high + [spawn_at(power - count + i, spawn) for i in range(count - len(high))]
+
+
+@pytest.mark.parametrize(
+    "fault, pids",
+    [
+        pytest.param("full", "given", id="full"),
+        pytest.param("read-only", "given", id="read-only"),
+        pytest.param("full", "shrinking", id="full-pids-shrinking", marks=force_pids),
+    ],
+)
 def test_unsavable_state_fails_writes_loudly_and_changes_nothing(
-    daemon_factory, spawn, small_disk, fault
+    daemon_factory, spawn, small_disk, fault, pids
 ):
     daemon = on_disk(daemon_factory, small_disk)
-    extras = [spawn() for _ in range(14)]
-    registered, quota_set, fresh = spawn(), spawn(NOBODY), spawn()
-    # the extras' drop lines must be no longer than the one tried below
-    extras = [w for w in extras if len(str(w.pid)) <= len(str(registered.pid))]
+    workloads = shrinking_pids(spawn, 15) if pids == "shrinking" else [spawn() for _ in range(15)]
+    registered, extras = longest_pid_first(workloads)
+    quota_set, fresh = spawn(NOBODY), spawn()
     for w in [registered, quota_set, *extras]:
         daemon.register(w.pid)
     daemon.write("heap=64M files=5 action=deny", quota_set.pid, "quota")

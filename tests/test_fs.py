@@ -70,6 +70,48 @@ def test_layout_and_modes(daemon, spawn):
     assert stat.S_IMODE(os.stat(daemon.path(w.pid, "reset")).st_mode) == 0o200
 
 
+def readme_file_table() -> set[str]:
+    """The paths in the first column of the README's table under *The files*."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("\n## The files\n", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `([^`]+)` \|", section, re.MULTILINE))
+
+
+def test_readme_file_table_names_every_file(daemon, spawn):
+    """`engine` was missing from the README's table (issue 25)."""
+    w = spawn()
+    daemon.register(w.pid)
+    top = {name for name in os.listdir(daemon.mountpoint) if not name.isdigit()}
+    mine = {f"PID/{name}" for name in os.listdir(daemon.path(w.pid))}
+    documented = readme_file_table()
+    assert top | mine | {"PID/"} <= documented, "files the README's table leaves out"
+    assert documented <= top | mine | {"PID/"}, "names in the README's table the mount lacks"
+
+
+def ls_a(path: Path) -> list[tuple[int, str]]:
+    """`ls -a1i` of `path`, unsorted (the order readdir gives): (inode, name) pairs."""
+    out = subprocess.run(["ls", "-a1iU", str(path)], capture_output=True, text=True, check=True)
+    return [(int(ino), name) for ino, name in (line.split() for line in out.stdout.splitlines())]
+
+
+def test_ls_a_shows_dot_and_dotdot(daemon, spawn):
+    """`ls -la` showed no `.` and `..` (issue 25): readdir gives both, first, with the
+    directory's own inode and its parent's (the root's)."""
+    w = spawn()
+    daemon.register(w.pid)
+    root, pid_dir = daemon.mountpoint, daemon.path(w.pid)
+    root_ino, dir_ino = os.stat(root).st_ino, os.stat(pid_dir).st_ino
+    top = ls_a(root)
+    # (`ls -i` shows the root's `..` as the mount point's parent: it stats that one)
+    assert top[0] == (root_ino, ".") and top[1][1] == "..", top
+    assert sorted(name for _, name in top[2:]) == sorted(os.listdir(root))
+    inside = ls_a(pid_dir)
+    assert inside[:2] == [(dir_ino, "."), (root_ino, "..")], inside
+    assert sorted(name for _, name in inside[2:]) == sorted(PROCESS_FILES)
+    long = subprocess.run(["ls", "-la", str(pid_dir)], capture_output=True, text=True)
+    assert [line.split()[-1] for line in long.stdout.splitlines()[1:3]] == [".", ".."]
+
+
 def test_process_dir_owned_by_process_owner(daemon, spawn):
     w = spawn(uid=65534)
     daemon.register(w.pid)
@@ -591,6 +633,8 @@ def test_listing_of_many_spans_readdir_calls_without_loss_or_repeat(daemon):
         names = os.listdir(daemon.mountpoint)  # several readdir calls at this size
         assert len(names) == len(set(names)) == 400 + 5  # the top files and 400 pids
         assert {int(n) for n in names if n.isdigit()} == {p.pid for p in sleepers}
+        dotted = [name for _, name in ls_a(daemon.mountpoint)]  # `.` and `..` too
+        assert sorted(dotted) == sorted([".", "..", *names]), "a name lost or repeated"
     finally:
         for proc in sleepers:
             proc.kill()

@@ -4,6 +4,7 @@ user who cannot reach the installation (a clone under /root, a pyenv under /root
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -66,3 +67,19 @@ def test_a_user_who_cannot_reach_the_installation_gets_one_sentence(tmp_path):
                 assert f"uid {NOBODY} cannot reach it" in result.stderr
     finally:
         shutil.rmtree(bin_dir)
+
+
+# a command line that runs scripts/setup (in a shell block, or a comment of the unit)
+SETUP_COMMAND = re.compile(r"(?:^|&&|#)\s*(?:[A-Z_]+=\S+\s+)*scripts/setup\b")
+
+
+def test_the_systemd_steps_install_from_the_system_python():
+    """The README's systemd steps and the unit's comment ran plain `scripts/setup`: with a
+    Python under /root, the node's users could not run `restrack` (issue 25)."""
+    wanted = "RESTRACK_PYTHON=/usr/bin/python3 scripts/setup --link"
+    unit = (CHECKOUT / "scripts" / "restrackfs.service").read_text()
+    readme = (CHECKOUT / "README.md").read_text()
+    fleet = readme.split("\n## Fleet\n", 1)[1].split("\n## ", 1)[0]
+    for name, text in (("the unit", unit), ("the README's Fleet", fleet)):
+        setups = [line for line in text.splitlines() if SETUP_COMMAND.search(line)]
+        assert setups and all(wanted in line for line in setups), (name, setups)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -26,6 +27,23 @@ def test_user_manages_own_process(daemon, spawn):
     assert as_user(NOBODY, f"rmdir {m}/{w.pid}") == (0, "")
     assert as_user(NOBODY, f"mkdir {m}/{w.pid}") == (0, "")
     assert as_user(NOBODY, f"echo {w.pid} > {m}/deregister") == (0, "")
+
+
+def test_plain_shell_needs_no_install(daemon, spawn):
+    """The README's promise: `cat` and `echo` work for every user with nothing installed,
+    nothing on PATH but the system's, no environment at all (issue 25)."""
+    w = spawn(uid=NOBODY)
+    m = daemon.mountpoint
+    script = (
+        f"cd / && echo {w.pid} > {m}/register && echo files=7 > {m}/{w.pid}/quota"
+        f" && cat {m}/{w.pid}/heapsize {m}/{w.pid}/quota && ls {m}"
+    )
+    argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    argv += ["/usr/bin/env", "-i", "PATH=/usr/bin:/bin", "/bin/sh", "-c", script]
+    result = subprocess.run(argv, capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.split("\n")[:2] == ["0", "heap=max files=7 action=kill"]
+    assert str(w.pid) in result.stdout.split()
 
 
 def test_user_cannot_touch_another_users_process(daemon, spawn):

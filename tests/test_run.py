@@ -143,6 +143,26 @@ def test_kernel_patch_example_unmodified(daemon, binaries, tmp_path):
     assert "open failed" in result.stderr
 
 
+def readme_transcript() -> list[str]:
+    """The output lines of the README's `restrack run -- ./kernel-patch-example`."""
+    readme = (HERE.parent / "README.md").read_text()
+    block = re.search(r"```\n\$ restrack run -- \./kernel-patch-example\n(.*?)```", readme, re.S)
+    assert block, "the README's transcript of the example"
+    return block[1].splitlines()
+
+
+def test_the_readmes_transcript_is_the_real_output(daemon, binaries, tmp_path):
+    """The README hid two `open failed` lines behind `...` (issue 25): its transcript
+    is the whole output, stdout and stderr (on a terminal they interleave there)."""
+    result = restrack_run(daemon, binaries["example"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    pid = re.search(r"PID: (\d+)", result.stdout)[1]
+    shown = [re.sub(r"PID: \d+", f"PID: {pid}", line) for line in readme_transcript()]
+    errors = [line for line in shown if line.startswith("open failed")]
+    assert result.stderr.splitlines() == errors
+    assert result.stdout.splitlines() == [line for line in shown if line not in errors]
+
+
 def test_without_emulation_the_example_gets_enosys(binaries, tmp_path):
     result = subprocess.run([binaries["example"]], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 1
