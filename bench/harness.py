@@ -20,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from restrackfs.daemon import release
+
 ROOT = Path(__file__).resolve().parent.parent
 C_SOURCES = Path(__file__).resolve().parent / "c"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -359,12 +361,15 @@ class Daemon:
         return status_kib(self.pid, "VmRSS") / 1024
 
     def stop(self) -> None:
+        """Stop, then lift what the stop left enforcing (a stop keeps every quota)."""
         if self.proc is not None:
             end_process(self.proc, 60)
         self.proc = None
         unmount(self.mountpoint)
         with contextlib.suppress(OSError):
             self.mountpoint.rmdir()
+        if self.state_dir.exists():
+            release(self.state_dir / "state.json")
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def __enter__(self) -> Daemon:

@@ -23,7 +23,7 @@ import trio
 from restrackfs import logguard, scrape
 from restrackfs.files import Caller, read_metrics
 from restrackfs.fs import RestrackOperations
-from tracker import state
+from tracker import bpf_backend, state
 from tracker.autotrack import (
     AutoTracker,
     Policy,
@@ -31,7 +31,7 @@ from tracker.autotrack import (
     proc_matches_my_pid_namespace,
 )
 from tracker.backend import BackendUnavailable
-from tracker.engine import open_engine
+from tracker.engine import open_engine, release_state
 from tracker.errors import InvalidArgument
 from tracker.quota import parse_quota
 
@@ -46,7 +46,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="restrackfs",
         description="Mount the per-process resource tracking filesystem.",
     )
-    parser.add_argument("mountpoint", type=Path, help="directory to mount on, e.g. /restrack")
+    parser.add_argument(
+        "mountpoint", type=Path, nargs="?", help="directory to mount on, e.g. /restrack"
+    )
+    parser.add_argument(
+        "--release",
+        action="store_true",
+        help="uninstall: restore the soft limits and remove the pinned BPF programs and maps "
+        "that the daemons of this state file (--state, or the mount point's) left enforcing",
+    )
     parser.add_argument(
         "-f", "--foreground", action="store_true", help="stay attached to the terminal"
     )
@@ -98,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     _add_tracking_options(parser)
     args = parser.parse_args(argv)
+    if args.mountpoint is None and not (args.release and args.state):
+        parser.error("a mount point is needed (or --release --state FILE)")
     if args.interval < 1:
         parser.error("--interval must be at least 1 ms")
     args.policy = _tracking_policy(parser, args)
@@ -110,9 +120,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             )
         except ValueError as error:
             parser.error(f"--metrics-listen: {error}")
-    args.mountpoint = args.mountpoint.absolute()
+    if args.mountpoint is not None:
+        args.mountpoint = args.mountpoint.absolute()
     if args.state is None:
         args.state = default_state_path(args.mountpoint)
+    if args.release:
+        args.foreground = True
     if args.log_file is None and not args.foreground:
         args.log_file = args.state.with_suffix(".log")
     return args
@@ -289,6 +302,20 @@ def notify_systemd(message: str) -> None:
 BUSY_POLL_US = 50
 
 
+def release(state_path: Path) -> int:
+    """`--release`: lift what the daemons of `state_path` left enforcing; exit code."""
+    try:
+        state.check_location(state_path)
+        released = trio.run(release_state, state_path)
+        pins = bpf_backend.release_pins(state_path)
+    except OSError as error:
+        log.error("release %s: %s", state_path, error)
+        return 1
+    where = f"; pins removed: {pins}" if pins else "; no pins"
+    log.info("released %d registrations of %s%s", released, state_path, where)
+    return 0
+
+
 def main_options() -> dict[str, int]:
     """Options for `pyfuse3.main`: busy polling where pyfuse3 is the patched build."""
     try:
@@ -399,6 +426,8 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         filename=args.log_file,
     )
+    if args.release:
+        sys.exit(release(args.state))
     report: Callable[[int], None] = lambda code: None  # noqa: E731
     if not args.foreground:
         report = _daemonize(args)

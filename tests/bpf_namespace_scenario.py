@@ -55,7 +55,7 @@ def main() -> None:
         _, log = daemon.communicate(timeout=20)
         sys.stderr.write(log)
         with contextlib.suppress(OSError):
-            loader._remove_tree(bpf_backend.pin_dir_of(state))
+            loader.remove_tree(bpf_backend.pin_dir_of(state))
         with contextlib.suppress(OSError):
             mount.rmdir()
         shutil.rmtree(state_dir, ignore_errors=True)

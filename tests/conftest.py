@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from restrackfs import daemon as restrackfs_daemon
 from tests.grow import grow_binary, grower  # noqa: F401  (fixtures for every module)
+from tracker import bpf_backend
 
 HERE = Path(__file__).parent
 CHECKOUT = HERE.parent
@@ -295,6 +297,13 @@ class Daemon:
         return self.log.read_text()
 
 
+def release(state: Path) -> None:
+    """Lift what a stopped daemon left enforcing (soft limits, BPF pins): a stop
+    keeps every quota, and the machine is shared with the rest of the suite."""
+    if state.exists() or os.path.lexists(bpf_backend.pin_dir_of(state)):
+        restrackfs_daemon.release(state)
+
+
 def _unmount(path: Path) -> None:
     subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
@@ -331,6 +340,7 @@ class DaemonFactory:
     def cleanup(self) -> None:
         self.stop_all()
         for daemon in self.daemons:
+            release(daemon.state)
             if os.path.ismount(daemon.mountpoint) or not os.path.exists(daemon.mountpoint):
                 _unmount(daemon.mountpoint)
             shutil.rmtree(daemon.mountpoint, ignore_errors=True)

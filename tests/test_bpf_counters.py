@@ -210,7 +210,7 @@ def test_the_daemon_says_which_way_heapsize_is_read(daemon_factory: DaemonFactor
     finally:
         daemon_factory.stop_all()
         for daemon in (fast, slow):
-            loader._remove_tree(pin_dir(daemon))
+            loader.remove_tree(pin_dir(daemon))
 
 
 def test_an_engine_stopped_before_its_backend_ran_stops_cleanly(tmp_path):

@@ -124,3 +124,35 @@ def test_one_request_of_many_descriptors(bpf_daemon, grower, mode: str, batch: i
     usage, limit = enforcement_line(bpf_daemon, child.pid) or (0, 0)
     print(f"{mode} {batch}: usage at the kill {usage}, limit {limit}")
     assert limit == 100 and 0 < usage - limit <= batch
+
+
+SHARERS = [("vmshare", MiB, "heap=64M action=kill", 64), ("vfork", MiB, "heap=64M action=kill", 64),
+           ("filesshare", 0, "files=100 action=kill", 100)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("mode", "step", "quota", "most"), SHARERS, ids=[s[0] for s in SHARERS])
+def test_another_group_sharing_the_resource_is_held_to_the_quota(
+    bpf_daemon, grower, mode: str, step: int, quota: str, most: int
+) -> None:
+    """A thread group that shares the watched address space (CLONE_VM, vfork) or
+    descriptor table (CLONE_FILES) grows the watched process: the sharer is killed
+    in its crossing call, and the watched process with it."""
+    child = capped(bpf_daemon, grower(mode, step, 300), quota)
+    child.go()
+    assert child.proc.stdout
+    lines = child.proc.stdout.read().splitlines()
+    child.proc.wait(20)
+    sharer = int(next(line.split()[1] for line in lines if line.startswith("sharer ")))
+    end = next(line.split() for line in lines if line.startswith("end "))
+    steps = sum(1 for line in lines if line.startswith("step "))
+    assert int(end[1]) == signal.SIGKILL, lines[-5:]
+    assert steps <= most, "a sharer's call that crossed the quota returned"
+    wait_until(lambda: not _alive(sharer), 5, "the sharer dead")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"

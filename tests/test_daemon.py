@@ -69,7 +69,9 @@ def test_restart_drops_exited_and_recycled(daemon, spawn):
 
 
 @pytest.mark.parametrize("uid", [None, NOBODY])
-def test_deny_limits_survive_kill_and_are_restored_on_stop(daemon, spawn, uid):
+def test_deny_limits_survive_any_stop_and_release_restores_them(daemon, spawn, uid):
+    """A stop of any kind (a crash, a restart, an upgrade) lifts no quota; only
+    `restrackfs --release` gives the soft limits back."""
     w = spawn(uid=uid)
     original = limits_of(w.pid, "Max open files")
     daemon.register(w.pid)
@@ -81,10 +83,19 @@ def test_deny_limits_survive_kill_and_are_restored_on_stop(daemon, spawn, uid):
     assert limits_of(w.pid, "Max open files") == lowered
     assert w.ask("open", 3) == f"ok 2 {errno.EMFILE}"
     daemon.stop(signal.SIGTERM)
-    assert limits_of(w.pid, "Max open files") == original
-    daemon.start()  # the quota is still there, and applied again
-    assert daemon.read(w.pid, "quota") == "heap=max files=2 action=deny\n"
+    assert limits_of(w.pid, "Max open files") == lowered, "a clean stop lifted the quota"
     assert w.ask("open", 1) == f"ok 0 {errno.EMFILE}"
+    daemon.start()  # the quota is still there
+    assert daemon.read(w.pid, "quota") == "heap=max files=2 action=deny\n"
+    daemon.stop(signal.SIGTERM)
+    released = subprocess.run(
+        [sys.executable, "-m", "restrackfs.daemon", "--release", "--state", str(daemon.state)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "released 1 registrations" in released.stderr
+    assert limits_of(w.pid, "Max open files") == original
+    daemon.start()  # nothing left to adopt
+    assert not [name for name in os.listdir(daemon.mountpoint) if name.isdigit()]
 
 
 def test_state_file_is_saved_on_every_change(daemon, spawn):

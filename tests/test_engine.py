@@ -573,7 +573,7 @@ async def test_deny_limits_restored_by_deregister(spawn, tmp_path, owner):
 
 
 @pytest.mark.parametrize("owner", OWNERS)
-async def test_deny_limits_restored_at_shutdown_and_reapplied_at_start(spawn, tmp_path, owner):
+async def test_deny_limits_kept_at_shutdown_and_at_start(spawn, tmp_path, owner):
     w = spawn(uid=owner)
     original = (data_soft(w.pid), nofile_soft(w.pid))
     async with engine_at(tmp_path) as engine:
@@ -582,13 +582,14 @@ async def test_deny_limits_restored_at_shutdown_and_reapplied_at_start(spawn, tm
         engine.set_quota(entry, Quota(heap=2 * MiB, files=2, action=Action.DENY), ROOT)
         applied = (data_soft(w.pid), nofile_soft(w.pid))
         assert applied[0] == entry.heap_base + 2 * MiB
-    assert (data_soft(w.pid), nofile_soft(w.pid)) == original
+    assert (data_soft(w.pid), nofile_soft(w.pid)) == applied  # no gap while none runs
     async with engine_at(tmp_path) as engine:
         assert engine.get(w.pid) is not None
         await settle()
         assert (data_soft(w.pid), nofile_soft(w.pid)) == applied
         assert w.ask("mmap", 4 * MiB) == f"err {errno.ENOMEM}"
-    assert (data_soft(w.pid), nofile_soft(w.pid)) == original
+        assert engine.release_all() == 1
+        assert (data_soft(w.pid), nofile_soft(w.pid)) == original
 
 
 async def test_deny_keeps_a_lower_limit_of_the_process(spawn, tmp_path):

@@ -34,6 +34,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -42,7 +43,16 @@ import trio
 from tracker import limits
 from tracker.backend import EXCEEDED, KILLED, NOTIFIED, RAISED, BackendUnavailable, Policy, Report
 from tracker.bpf.counters import CounterReader
-from tracker.bpf.loader import NONE, BpfUnavailable, Event, KernelWatch, Kind, WatchState, Which
+from tracker.bpf.loader import (
+    NONE,
+    BpfUnavailable,
+    Event,
+    KernelWatch,
+    Kind,
+    WatchState,
+    Which,
+    remove_tree,
+)
 from tracker.bpf.loader import Action as BpfAction
 from tracker.entry import Entry
 from tracker.process import Process
@@ -177,13 +187,21 @@ class Backend:
             self._handle_all(self.kw.drain())
 
     def close(self) -> None:
-        """A clean stop: detach, unpin, remove the directory (waits for a detach under way)."""
+        """A stop of the daemon: with quotas watched, the programs and maps stay pinned
+        and enforcing for the next daemon (`release_pins` lifts them); with none,
+        everything is detached and unpinned (waits for a detach under way)."""
         self._closed = True
         if self._counters is not None:
             self._counters.close()
             self._counters = None
+        keep = bool(self._watched)
         with self._lock:
-            self.kw.close(unpin=True)
+            self.kw.close(unpin=not keep)
+        if keep:
+            log.info(
+                "bpf: %d quotas stay enforced, pinned in %s", len(self._watched), self.kw.pin_dir
+            )
+            return
         with contextlib.suppress(OSError):  # others' directories still there: keep it
             PIN_ROOT.rmdir()
         log.info("bpf: detached and unpinned %s", self.kw.pin_dir)
@@ -363,6 +381,25 @@ class Backend:
                 deny = entry.deny
                 if deny.failures and deny.retry_at <= now:
                     self.policy.check(entry)
+
+
+def release_pins(state_path: Path | None) -> Path | None:
+    """Remove the pins the daemons of this state file left: the links detach (each
+    waits for RCU: seconds), the maps go. The directory removed, or None."""
+    pin_dir = pin_dir_of(state_path)
+    if not os.path.lexists(pin_dir):
+        return None
+    if pin_dir.is_symlink():
+        pin_dir.unlink()  # never followed: someone else's pins behind it
+    else:
+        links = pin_dir / "links"
+        if links.is_dir() and not links.is_symlink():
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                list(pool.map(lambda path: path.unlink(missing_ok=True), links.iterdir()))
+        remove_tree(pin_dir)
+    with contextlib.suppress(OSError):  # others' directories still there: keep it
+        PIN_ROOT.rmdir()
+    return pin_dir
 
 
 def _open_counters() -> CounterReader | None:

@@ -294,8 +294,10 @@ class Engine(Policy):
         return restored
 
     def shutdown(self) -> None:
-        """Give back every soft limit deny mode lowered; keep the state file, with
-        the peaks as they are now (they are journaled only with other changes)."""
+        """Stop without lifting anything: deny's soft limits stay lowered and the bpf
+        backend leaves its programs and maps pinned, so every quota stays enforced
+        until the next daemon with this state file adopts it (`release` lifts them).
+        The state file keeps the entries, with the peaks as they are now."""
         self.deny.helpers.stop_all()
         for entry in self.registry.entries():
             self.fold_exact_peaks(entry)  # before the backend closes
@@ -303,14 +305,22 @@ class Engine(Policy):
             self.store.save_at_stop()
         except OSError as error:
             log.error("state file %s: peaks not saved at stop: %s", self.state_path, error)
-        with self.deny.helpers.batch():
-            for entry in list(self.registry.entries()):
-                self.deny.restore(entry)
-                entry.ended = "stopped"
+        self.backend.close()  # first: the entries' removal below must not unwatch them
+        for entry in list(self.registry.entries()):
+            entry.ended = "stopped"
         self.deny.helpers.inline = True
         self.registry.close_all()
-        self.backend.close()
         self.store.close()
+
+    def release_all(self) -> int:
+        """Deregister every entry as root would (soft limits restored, the state file
+        emptied): what `restrackfs --release` does. The number released."""
+        released = 0
+        for entry in list(self.registry.entries()):
+            with suppress(NoSuchProcess, NotTracked, StateNotSaved):
+                self.deregister(entry.pid, caller_uid=0)
+                released += 1
+        return released
 
     def _removed(self, entry: Entry) -> None:
         """An entry left the registry: the state file forgets an exited one, the backend all."""
@@ -342,3 +352,10 @@ async def open_engine(
         finally:
             engine.shutdown()
             nursery.cancel_scope.cancel()
+
+
+async def release_state(state_path: Path) -> int:
+    """Deregister every entry of the state file (soft limits restored), without
+    the bpf backend: `restrackfs --release`. The number released."""
+    async with open_engine(state_path=state_path, backend="procfs") as engine:
+        return engine.release_all()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import os
 import stat
 import struct
@@ -27,7 +28,7 @@ OBJECT = Path(__file__).with_name("restrack.bpf.o")
 BPFFS = Path("/sys/fs/bpf")
 TRACEFS = Path("/sys/kernel/tracing")
 NONE = (1 << 64) - 1
-MAPS = ("watched", "events", "raises")
+MAPS = ("watched", "events", "raises", "by_mm", "by_files")
 WATCHED_MAX = 65536  # max_entries of `watched` in restrack.bpf.c
 
 # Syscalls whose exit is checked. Heap: every call that can grow mm->data_vm,
@@ -65,10 +66,12 @@ HOOKS: dict[str, tuple[str, ...]] = {
 }
 EXIT_PROGRAM = "group_exit"  # tp_btf/sched_process_exit, attached by its section
 COMPAT_PROGRAM = "compat_exit"  # tp_btf/sys_exit: ia32 calls, which syscalls/ misses
-SECTION_PROGRAMS = (EXIT_PROGRAM, COMPAT_PROGRAM)
+EXEC_PROGRAM = "group_exec"  # tp_btf/sched_process_exec: the new address space indexed
+SECTION_PROGRAMS = (EXIT_PROGRAM, COMPAT_PROGRAM, EXEC_PROGRAM)
+BIND_PROGRAM = "bind_process"  # SEC("syscall"): index a watched process's mm and files
 NAMESPACE_PROGRAM = "learn_namespace"  # SEC("syscall"): run once after each load
 
-_WATCH = struct.Struct("<7Q2I")  # struct watch
+_WATCH = struct.Struct("<7Q2I2Q2I")  # struct watch
 _EVENT = struct.Struct("<4I3Q")  # struct event
 _KEY = struct.Struct("<I")
 _CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
@@ -125,20 +128,25 @@ class WatchState:
     nofile_soft: int | None
     action: Action
     flags: int
+    mm: int = 0  # the kernel's: the address of its mm_struct and files_struct (bind)
+    files: int = 0
+    host_tgid: int = 0
 
     @classmethod
     def unpack(cls, raw: bytes) -> WatchState:
-        start, heap, fds, heap_peak, fd_peak, data, nofile, action, flags = _WATCH.unpack(raw)
+        start, heap, fds, heap_peak, fd_peak, data, nofile, action, flags, mm, files, host, _ = (
+            _WATCH.unpack(raw)
+        )
         return cls(
             start, _opt(heap), _opt(fds), heap_peak, fd_peak, _opt(data), _opt(nofile),
-            Action(action), flags,
+            Action(action), flags, mm, files, host,
         )  # fmt: skip
 
     def pack(self) -> bytes:
         return _WATCH.pack(
             self.start_time, _raw(self.heap_limit_pages), _raw(self.fd_limit),
             self.heap_peak_pages, self.fd_peak, _raw(self.data_soft), _raw(self.nofile_soft),
-            int(self.action), self.flags,
+            int(self.action), self.flags, self.mm, self.files, self.host_tgid, 0,
         )  # fmt: skip
 
     @property
@@ -224,7 +232,7 @@ class KernelWatch:
             obj = _load(lib, pin_dir)
         except BpfUnavailable:
             if created:
-                _remove_tree(pin_dir)
+                remove_tree(pin_dir)
             raise
         watch = cls(lib, obj, pin_dir)
         watch._adopt_links()
@@ -239,7 +247,7 @@ class KernelWatch:
             self.detach()
             for bpf_map in self._maps.values():
                 self._lib.bpf_map__unpin(bpf_map, None)
-            _remove_tree(self.pin_dir)
+            remove_tree(self.pin_dir)
         else:
             for link in self._links.values():
                 self._lib.bpf_link__destroy(link)  # closes our fd; the pin keeps it attached
@@ -274,7 +282,7 @@ class KernelWatch:
     def detach(self) -> None:
         """Remove every link (blocks ~3 s: see _remove_links); enforcement stops."""
         self._remove_links(list(self._links))
-        _remove_tree(self._links_dir)
+        remove_tree(self._links_dir)
 
     def _remove_links(self, names: list[str]) -> None:
         """Unpin and destroy links, in parallel: the last perf event of each
@@ -353,12 +361,31 @@ class KernelWatch:
             data_soft, nofile_soft, Action[action.upper()], 0,
         )  # fmt: skip
         self._update(tgid, state, libbpf.BPF_ANY)
-        if not _running(tgid, start_time):
+        if not _running(tgid, start_time) or self._bind(tgid) == -errno.ESRCH:
             self.unwatch(tgid)
             raise ProcessLookupError(tgid, f"process {tgid} (start {start_time}) is gone")
 
+    def _bind(self, tgid: int) -> int:
+        """Index the process's address space and descriptor table in the kernel (for
+        whoever shares them); the program's result, -errno."""
+        prog = self._lib.bpf_object__find_program_by_name(self._obj, BIND_PROGRAM.encode())
+        fd = self._lib.bpf_program__fd(prog)
+        return libbpf.run_syscall_program(self._lib, fd, _KEY.pack(tgid))
+
     def unwatch(self, tgid: int) -> None:
+        state = self.entry(tgid)
         self._lib.bpf_map_delete_elem(self._watched, _KEY.pack(tgid))
+        if state is not None:  # its index entries, unless someone else's by now
+            for name, pointer in (("by_mm", state.mm), ("by_files", state.files)):
+                self._forget(name, pointer, tgid)
+
+    def _forget(self, name: str, pointer: int, tgid: int) -> None:
+        if not pointer:
+            return
+        fd = self._lib.bpf_map__fd(self._maps[name])
+        key, value = struct.pack("<Q", pointer), ctypes.create_string_buffer(4)
+        if not self._lib.bpf_map_lookup_elem(fd, key, value) and _KEY.unpack(value.raw)[0] == tgid:
+            self._lib.bpf_map_delete_elem(fd, key)
 
     def entry(self, tgid: int) -> WatchState | None:
         value = ctypes.create_string_buffer(_WATCH.size)
@@ -535,13 +562,17 @@ def _check_owned(path: Path, directory: bool) -> None:
         raise BpfUnavailable(f"pin directory {path} is writable by others: refused")
 
 
-def _remove_tree(path: Path) -> None:
-    """Remove a pin directory bottom-up (bpffs has files and dirs only)."""
+def remove_tree(path: Path) -> None:
+    """Remove a pin directory bottom-up (bpffs has files, dirs and symlinks; a
+    symlink is removed, never followed)."""
+    if path.is_symlink():
+        path.unlink()
+        return
     if not path.exists():
         return
     for child in path.iterdir():
-        if child.is_dir():
-            _remove_tree(child)
+        if child.is_dir() and not child.is_symlink():
+            remove_tree(child)
         else:
             child.unlink(missing_ok=True)
     path.rmdir()

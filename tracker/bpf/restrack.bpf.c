@@ -51,6 +51,10 @@ struct sys_enter { __u64 common; int nr; unsigned long args[6]; };
 struct sys_exit { __u64 common; int nr; long ret; };
 
 extern struct task_struct *bpf_task_from_vpid(__s32 vpid) __ksym;
+extern struct task_struct *bpf_task_from_pid(__s32 pid) __ksym;
+enum pid_type { PIDTYPE_PID_, PIDTYPE_TGID_ };
+extern int bpf_send_signal_task(struct task_struct *task, int sig, enum pid_type type,
+				__u64 value) __ksym;
 extern void bpf_task_release(struct task_struct *p) __ksym;
 
 #define NONE (~0ULL)
@@ -99,6 +103,10 @@ struct watch {
 	__u64 nofile_soft;	/* deny: the soft RLIMIT_NOFILE set */
 	__u32 action;
 	__u32 flags;		/* enum flag */
+	__u64 mm;		/* its mm_struct and files_struct (bind, sched_process_exec): */
+	__u64 files;		/* another thread group sharing them grows this process */
+	__u32 host_tgid;	/* its tgid in the initial namespace, to signal it */
+	__u32 pad;
 };
 
 struct event {
@@ -110,6 +118,23 @@ struct event {
 	__u64 limit;
 	__u64 time_ns;	/* CLOCK_MONOTONIC when it happened */
 };
+
+/* The address space and descriptor table of each watched process -> its key:
+ * whoever shares them (CLONE_VM without CLONE_THREAD, vfork, CLONE_FILES) is
+ * checked against the owner's quota. The entry's own mm/files confirm a hit. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u32);
+} by_mm SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u32);
+} by_files SEC(".maps");
 
 /* A setrlimit/prlimit64 that raises a deny limit, between its entry and exit. */
 struct raise {
@@ -137,6 +162,16 @@ struct {
 	__type(key, __u32);	/* tid */
 	__type(value, struct raise);
 } raises SEC(".maps");
+
+static void forget_shared(struct watch *w)
+{
+	__u64 mm = w->mm, files = w->files;
+
+	if (mm)
+		bpf_map_delete_elem(&by_mm, &mm);
+	if (files)
+		bpf_map_delete_elem(&by_files, &files);
+}
 
 static __always_inline void emit(__u32 tgid, __u32 kind, __u32 which, __u64 usage, __u64 limit)
 {
@@ -200,11 +235,43 @@ static struct watch *current_watch(__u32 *tgid)
 	start = BPF_CORE_READ(task, group_leader, start_boottime) / CLOCK_TICK_NS;
 	if (start != w->start_time) {
 		/* A recycled pid whose old owner's entry was never removed. */
+		forget_shared(w);
 		bpf_map_delete_elem(&watched, tgid);
 		emit(*tgid, EV_EXITED, W_NONE, 0, 0);
 		return 0;
 	}
 	return w;
+}
+
+/* The entry whose address space (by_mm) or descriptor table (by_files) the current
+ * task shares without being of its thread group. */
+static struct watch *sharer_watch(void *by, __u64 shared, __u32 *key, int mm)
+{
+	struct watch *w;
+	__u32 *k;
+
+	if (!shared)
+		return 0;
+	k = bpf_map_lookup_elem(by, &shared);
+	if (!k)
+		return 0;
+	w = bpf_map_lookup_elem(&watched, k);
+	if (!w || (mm ? w->mm : w->files) != shared)
+		return 0;	/* a stale pointer: the owner exec'd or is gone */
+	*key = *k;
+	return w;
+}
+
+/* SIGKILL to the watched thread group itself, from a sharer's call. */
+static void kill_owner(struct watch *w)
+{
+	struct task_struct *task = bpf_task_from_pid(w->host_tgid);
+
+	if (!task)
+		return;
+	if (BPF_CORE_READ(task, group_leader, start_boottime) / CLOCK_TICK_NS == w->start_time)
+		bpf_send_signal_task(task, SIGKILL, PIDTYPE_TGID_, 0);
+	bpf_task_release(task);
 }
 
 static __always_inline void kill_group(struct watch *w, __u32 tgid, __u32 which,
@@ -220,7 +287,19 @@ static __always_inline void kill_group(struct watch *w, __u32 tgid, __u32 which,
 		emit(tgid, EV_KILLED, which, usage, limit);
 }
 
-/* Act on usage against limit; the over flag makes notify count a crossing once. */
+static __always_inline void judge(struct watch *w, __u32 tgid, __u32 which, __u32 over,
+				  __u64 usage, __u64 limit);
+
+/* Act on usage against limit; the over flag makes notify count a crossing once.
+ * A sharer that crosses is killed in its call, and the watched process with it. */
+static __always_inline void judge_shared(struct watch *w, __u32 tgid, __u32 which, __u32 over,
+					 __u64 usage, __u64 limit, int sharer)
+{
+	if (sharer && usage > limit && w->action == ACT_KILL)
+		kill_owner(w);
+	judge(w, tgid, which, over, usage, limit);
+}
+
 static __always_inline void judge(struct watch *w, __u32 tgid, __u32 which, __u32 over,
 				  __u64 usage, __u64 limit)
 {
@@ -262,16 +341,22 @@ static __u64 data_vm_pages(void)
 SEC("tracepoint")
 int heap_exit(struct sys_exit *ctx)
 {
+	struct task_struct *task = (void *)bpf_get_current_task();
+	int sharer = 0;
 	struct watch *w;
 	__u32 tgid;
 	__u64 pages;
 
 	w = current_watch(&tgid);
-	if (!w)
-		return 0;
+	if (!w) {
+		w = sharer_watch(&by_mm, (__u64)BPF_CORE_READ(task, mm), &tgid, 1);
+		if (!w)
+			return 0;
+		sharer = 1;
+	}
 	pages = data_vm_pages();
 	raise_peak(&w->heap_peak_pages, pages);
-	judge(w, tgid, W_HEAP, F_HEAP_OVER, pages, w->heap_limit_pages);
+	judge_shared(w, tgid, W_HEAP, F_HEAP_OVER, pages, w->heap_limit_pages, sharer);
 	return 0;
 }
 
@@ -306,16 +391,22 @@ static __u64 open_fds(void)
 SEC("tracepoint")
 int files_exit(struct sys_exit *ctx)
 {
+	struct task_struct *task = (void *)bpf_get_current_task();
+	int sharer = 0;
 	struct watch *w;
 	__u32 tgid;
 	__u64 fds;
 
 	w = current_watch(&tgid);
-	if (!w)
-		return 0;
+	if (!w) {
+		w = sharer_watch(&by_files, (__u64)BPF_CORE_READ(task, files), &tgid, 0);
+		if (!w)
+			return 0;
+		sharer = 1;
+	}
 	fds = open_fds();
 	raise_peak(&w->fd_peak, fds);
-	judge(w, tgid, W_FILES, F_FILES_OVER, fds, w->fd_limit);
+	judge_shared(w, tgid, W_FILES, F_FILES_OVER, fds, w->fd_limit, sharer);
 	return 0;
 }
 
@@ -499,6 +590,59 @@ int rlimit_exit(struct sys_exit *ctx)
 	return 0;
 }
 
+/* Index the address space and descriptor table of `task` (watched as `w`). */
+static void index_shared(struct task_struct *task, struct watch *w, __u32 key)
+{
+	__u64 mm = (__u64)BPF_CORE_READ(task, mm), files = (__u64)BPF_CORE_READ(task, files);
+
+	forget_shared(w);
+	w->mm = mm;
+	w->files = files;
+	w->host_tgid = BPF_CORE_READ(task, tgid);
+	if (mm)
+		bpf_map_update_elem(&by_mm, &mm, &key, BPF_ANY);
+	if (files)
+		bpf_map_update_elem(&by_files, &files, &key, BPF_ANY);
+}
+
+/* exec gives the process a new address space (and a table of its own if it was
+ * shared): index the new ones, drop the old. */
+SEC("tp_btf/sched_process_exec")
+int BPF_PROG(group_exec, struct task_struct *task, int old_pid, void *bprm)
+{
+	__u32 key = key_of(task);
+	struct watch *w = key ? bpf_map_lookup_elem(&watched, &key) : 0;
+
+	if (w)
+		index_shared(task, w, key);
+	return 0;
+}
+
+struct bind_args { __u32 key; };
+
+/* Run by the daemon (BPF_PROG_TEST_RUN) after it writes an entry: index the
+ * process's address space and descriptor table. key is a pid in the daemon's
+ * namespace, which is the one bpf_task_from_vpid reads here. */
+SEC("syscall")
+int bind_process(struct bind_args *args)
+{
+	__u32 key = args->key;
+	struct watch *w = bpf_map_lookup_elem(&watched, &key);
+	struct task_struct *task;
+	int found;
+
+	if (!w)
+		return -2;	/* ENOENT */
+	task = bpf_task_from_vpid(key);
+	if (!task)
+		return -3;	/* ESRCH */
+	found = BPF_CORE_READ(task, group_leader, start_boottime) / CLOCK_TICK_NS == w->start_time;
+	if (found)
+		index_shared(task, w, key);
+	bpf_task_release(task);
+	return found ? 0 : -3;
+}
+
 /* The last thread of a group is gone: the entry goes with it, so a recycled
  * pid never inherits a quota. */
 SEC("tp_btf/sched_process_exit")
@@ -510,6 +654,7 @@ int BPF_PROG(group_exit, struct task_struct *task)
 	/* Whatever its start time: a pid is never held by two live processes. */
 	if (!w || BPF_CORE_READ(task, signal, live.counter) != 0)
 		return 0;
+	forget_shared(w);
 	bpf_map_delete_elem(&watched, &tgid);
 	emit(tgid, EV_EXITED, W_NONE, 0, 0);
 	return 0;
