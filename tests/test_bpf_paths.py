@@ -50,7 +50,7 @@ def test_a_daemon_in_a_pid_namespace_enforces_in_the_crossing_call(
 
 # ----- one daemon on the host for the paths below ---------------------------------------
 
-from tests.test_engine_bpf import bpf_daemon, capped, enforcement_line  # noqa: E402
+from tests.test_engine_bpf import bpf_daemon, capped, enforcement_line, top_events  # noqa: E402
 
 __all__ = ["bpf_daemon"]  # a fixture, used by name
 
@@ -156,3 +156,25 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+@pytest.mark.parametrize(
+    ("mode", "step", "quota"), [("tryopen", 0, "files=10"), ("trymmap", MiB, "heap=16M")]
+)
+def test_every_call_refused_for_a_deny_limit_is_counted(
+    bpf_daemon, grower, mode: str, step: int, quota: str
+) -> None:
+    """The kernel refuses each call past a deny limit (EMFILE, ENOMEM): each counts in
+    `denied`, exactly, with one log line for a burst."""
+    child = capped(bpf_daemon, grower(mode, step, 600), f"{quota} action=deny")
+    denied_before = top_events(bpf_daemon)["denied"]
+    child.go()
+    assert child.proc.stdout
+    lines = child.proc.stdout.read().splitlines()
+    child.proc.wait(20)
+    refused = int(next(line.split()[1] for line in lines if line.startswith("refused ")))
+    assert refused >= 500
+    wait_until(lambda: top_events(bpf_daemon)["denied"] - denied_before >= refused, 2, "counted")
+    assert top_events(bpf_daemon)["denied"] - denied_before == refused
+    assert f"pid={child.pid} comm=grow quota=" in bpf_daemon.log_text()
+    assert "refused=" in bpf_daemon.log_text()

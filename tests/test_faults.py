@@ -34,6 +34,7 @@ from tests.conftest import (
     DaemonFactory,
     MiB,
     Workload,
+    release,
     shared_tempdir,
     wait_until,
 )
@@ -67,7 +68,7 @@ def both_limits(pid: int) -> dict[str, tuple[str, str]]:
 # ----- kill -9 with deny quotas ------------------------------------------------------------
 
 
-def test_kill9_with_deny_quotas_restores_state_and_rlimits(daemon, spawn):
+def test_kill9_with_deny_quotas_keeps_state_and_rlimits(daemon, spawn):
     root_both, nobody_files, nobody_own, notify, plain = (
         spawn(), spawn(NOBODY), spawn(NOBODY), spawn(), spawn()
     )  # fmt: skip
@@ -114,8 +115,11 @@ def test_kill9_with_deny_quotas_restores_state_and_rlimits(daemon, spawn):
     assert raises.ask("open", 9) == f"ok 4 {errno.EMFILE}"
     assert [r["pid"] for r in state_file.load(daemon.state)] == [w.pid for w in alive]
 
-    # and a graceful stop now gives every process its own limits back
+    # a graceful stop lifts nothing either; --release gives every process its own back
     assert daemon.stop(signal.SIGTERM) == 0
+    for w in alive:
+        assert both_limits(w.pid) == lowered[w.pid], w.pid
+    release(daemon.state)
     for w in alive:
         assert both_limits(w.pid) == original[w.pid], w.pid
 
@@ -191,9 +195,10 @@ def _apply(ops: list[tuple[str, int]]) -> dict[int, str]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_graceful_stop_restores_every_lowered_rlimit(daemon, spawn, sig):
+def test_graceful_stop_keeps_and_release_restores_every_lowered_rlimit(daemon, spawn, sig):
     """Root's and users' processes, heap and files, limits recomputed by usage resets,
-    raised by the process and lowered back, a process that had its own lower limit."""
+    raised by the process and lowered back, a process that had its own lower limit:
+    a stop (a restart, an upgrade) lifts none; `restrackfs --release` gives all back."""
     ws = [spawn(), spawn(NOBODY), spawn(), spawn(NOBODY), spawn(), spawn(NOBODY)]
     ws[4].do("setrlimit", "nofile", 40)  # its own limit, below what the quota would give
     original = {w.pid: both_limits(w.pid) for w in ws}
@@ -216,14 +221,15 @@ def test_graceful_stop_restores_every_lowered_rlimit(daemon, spawn, sig):
     assert limits_of(ws[4].pid, NOFILE)[0] == "40"
     changed = [w for w in ws if both_limits(w.pid) != original[w.pid]]
     assert len(changed) == 5  # all but the one whose own limit was already lower
+    kept = {w.pid: both_limits(w.pid) for w in ws}
     assert daemon.stop(sig) == 0
     FIGURES["graceful stops"] += 1
-    for w in ws:
-        assert both_limits(w.pid) == original[w.pid], w.pid
-    # the quotas are still in the state file: a new daemon applies them again
+    assert {w.pid: both_limits(w.pid) for w in ws} == kept
+    # the quotas are still in the state file: a new daemon keeps them
     daemon.start()
-    assert both_limits(ws[1].pid) != original[ws[1].pid]
+    assert {w.pid: both_limits(w.pid) for w in ws} == kept
     assert daemon.stop(sig) == 0
+    release(daemon.state)
     for w in ws:
         assert both_limits(w.pid) == original[w.pid], w.pid
 

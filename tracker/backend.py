@@ -72,12 +72,13 @@ from tracker.resources import Counters, Resource
 log = logging.getLogger("restrackfs.engine")
 
 # What a pushed backend reports about an entry.
-EXCEEDED, KILLED, NOTIFIED, RAISED, PEAK = REPORT_KINDS = (
+EXCEEDED, KILLED, NOTIFIED, RAISED, PEAK, REFUSED = REPORT_KINDS = (
     "exceeded",  # deny: usage passed the limit anyway
     "killed",  # a kill quota: the kernel sent SIGKILL in the crossing call
     "notified",  # a notify quota crossed
     "raised",  # deny: the process raised its soft limit above the one set
-    "peak",  # a new high-water mark (issue 13)
+    "peak",  # a new high-water mark
+    "refused",  # deny: the kernel refused calls for the limit (counted as denied)
 )
 
 
@@ -90,6 +91,7 @@ class Report:
     resource: Resource
     usage: int
     limit: int
+    count: int = 1  # how many times it happened (crossings, refused calls) since the last
 
 
 class BackendUnavailable(Exception):

@@ -29,6 +29,7 @@ no longer has are unwatched, the events queued meanwhile counted). A clean stop
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -41,23 +42,31 @@ from typing import TypeVar
 import trio
 
 from tracker import limits
-from tracker.backend import EXCEEDED, KILLED, NOTIFIED, RAISED, BackendUnavailable, Policy, Report
+from tracker.backend import (
+    EXCEEDED,
+    KILLED,
+    NOTIFIED,
+    RAISED,
+    REFUSED,
+    BackendUnavailable,
+    Policy,
+    Report,
+)
 from tracker.bpf.counters import CounterReader
+from tracker.bpf.loader import Action as BpfAction
 from tracker.bpf.loader import (
-    NONE,
     BpfUnavailable,
     Event,
     KernelWatch,
     Kind,
+    Taken,
     WatchState,
-    Which,
     remove_tree,
 )
-from tracker.bpf.loader import Action as BpfAction
 from tracker.entry import Entry
 from tracker.process import Process
 from tracker.quota import Action
-from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE, Counters
+from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE, Counters, Resource
 
 log = logging.getLogger("restrackfs.engine")
 T = TypeVar("T")
@@ -65,13 +74,9 @@ T = TypeVar("T")
 PIN_ROOT = Path("/sys/fs/bpf/restrackfs")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 IDLE_DETACH = 10.0  # seconds with nothing watched before the programs are detached
-RETRY_PERIOD = 1.0  # seconds between looks for deny limit sets due a retry
-_KINDS = {
-    Kind.EXCEEDED: EXCEEDED,
-    Kind.KILLED: KILLED,
-    Kind.NOTIFIED: NOTIFIED,
-    Kind.RAISED: RAISED,
-}
+RETRY_PERIOD = 1.0  # seconds between looks for deny limit sets due a retry, and for drops
+BATCH = 64  # events handled between two looks at the FUSE requests
+EXITED_KEPT = 4096  # exited entries whose exit event (with its last counts) may still come
 
 
 def pin_name(state_path: Path) -> str:
@@ -110,6 +115,8 @@ class Backend:
         self._changed = trio.Event()
         self._closed = False
         self._counters = _open_counters()
+        self._dropped = 0  # the kernel's count of events it could not queue, when last seen
+        self._exited: dict[int, Entry] = {}  # pid -> an entry the engine removed at its exit
 
     # ----- the engine's notifications (synchronous, cheap) ------------------
 
@@ -132,6 +139,9 @@ class Backend:
         if held:
             log.info("bpf: adopted %d pinned entries in %s", len(held), self.kw.pin_dir)
         self._handle_all(self.kw.drain(), meanwhile=True)
+        for entry in list(self._watched.values()):  # counts whose events the ring dropped
+            self._take(entry)
+        self._dropped = self.kw.dropped()
         self._sync()
 
     def quota_set(self, entry: Entry) -> None:
@@ -227,6 +237,8 @@ class Backend:
         )
 
     def _watch(self, entry: Entry) -> None:
+        if self._watched.get(entry.pid) is entry:
+            self._take(entry)  # the counts of the setting being replaced
         s = self._state_of(entry)
         try:
             self.kw.watch(
@@ -249,6 +261,11 @@ class Backend:
 
     def _unwatch(self, entry: Entry) -> None:
         if self._watched.get(entry.pid) is entry:
+            if entry.ended == "exited" and not self._closed:
+                self._take(entry)  # the kernel's entry if its exit hook has not run yet
+                self._exited[entry.pid] = entry  # for the counts its exit event carries
+                while len(self._exited) > EXITED_KEPT:
+                    del self._exited[next(iter(self._exited))]
             del self._watched[entry.pid]
             self._exceeded_seen.pop(entry.pid, None)
             if not self._closed:
@@ -308,7 +325,10 @@ class Backend:
             fd = self.kw.ring_fd()
             while True:
                 await trio.lowlevel.wait_readable(fd)
-                self._handle_all(self.kw.drain())
+                events = self.kw.drain()  # at most one per entry, plus exits (coalesced)
+                for start in range(0, len(events), BATCH):
+                    self._handle_all(events[start : start + BATCH])
+                    await trio.lowlevel.checkpoint()  # FUSE requests between batches
 
     def _handle_all(self, events: list[Event], meanwhile: bool = False) -> None:
         for event in events:
@@ -320,6 +340,9 @@ class Backend:
     def _handle(self, event: Event, meanwhile: bool) -> None:
         entry = self._watched.get(event.tgid)
         if event.kind is Kind.EXITED:
+            gone = entry or self._exited.pop(event.tgid, None)  # the engine saw it first
+            if gone is not None and event.final is not None:  # counted, not taken yet
+                self._apply(gone, event.final)
             if entry is not None:
                 del self._watched[event.tgid]  # the kernel removed its map entry
                 self._exceeded_seen.pop(event.tgid, None)
@@ -336,16 +359,39 @@ class Backend:
             )
         if entry is None:
             return  # an entry gone meanwhile (reaped, deregistered)
-        if event.kind is Kind.KILL_FAILED:
-            log.warning("bpf: the kernel could not signal pid=%d; killing it", event.tgid)
+        self._take(entry)
+
+    def _take(self, entry: Entry) -> None:
+        """Hand the policy what the kernel counted for `entry` since the last take."""
+        taken = self.kw.take(entry.pid)
+        if taken is not None:
+            self._apply(entry, taken)
+
+    def _apply(self, entry: Entry, taken: Taken) -> None:
+        if taken.empty:
+            return
+        if taken.kill_failed:
+            log.warning("bpf: the kernel could not signal pid=%d; killing it", entry.pid)
             self.policy.check(entry)  # a sample over the quota kills through the pidfd
-            return
-        report = self._report(entry, event)
-        if report.kind == KILLED and entry.killed:
-            return  # a read's sample killed it first and counted it
-        if report.kind in (NOTIFIED, EXCEEDED) and self._counted_already(entry, report):
-            return
-        self.policy.reported(report)
+        crossing = NOTIFIED if entry.effective_quota.action is Action.NOTIFY else EXCEEDED
+        reports = []
+        for index, (resource, usage, limit) in enumerate(self._scaled(entry, taken)):
+            if taken.crossings[index]:
+                reports.append(
+                    Report(entry, crossing, resource, usage, limit, taken.crossings[index])
+                )
+            if taken.denied[index]:
+                reports.append(Report(entry, REFUSED, resource, usage, limit, taken.denied[index]))
+        if taken.killed and not entry.killed:  # else a read's sample killed it first and counted it
+            reports.append(self._kill_report(entry, taken))
+        if taken.raised:
+            reports.append(Report(entry, RAISED, HEAP_RESOURCE, 0, 0, taken.raised))
+        for report in reports:
+            if report.kind in (NOTIFIED, EXCEEDED) and self._counted_already(entry, report):
+                if report.count == 1:
+                    continue
+                report = dataclasses.replace(report, count=report.count - 1)
+            self.policy.reported(report)
         self._exceeded_seen[entry.pid] = entry.events[EXCEEDED]
 
     def _counted_already(self, entry: Entry, report: Report) -> bool:
@@ -360,22 +406,45 @@ class Backend:
         return False
 
     @staticmethod
-    def _report(entry: Entry, event: Event) -> Report:
-        """The kernel's absolute values as the policy's: relative to the baseline, bytes."""
+    def _scaled(entry: Entry, taken: Taken) -> list[tuple[Resource, int, int]]:
+        """(resource, usage at the last crossing relative to the baseline, quota) of
+        heap and files: the kernel's absolute pages and descriptors as the policy's."""
         quota = entry.effective_quota
-        if event.which is Which.HEAP:
-            resource, scale, base, limit = HEAP_RESOURCE, PAGE, entry.heap_base, quota.heap
-        else:
-            resource, scale, base, limit = FILES_RESOURCE, 1, entry.files_base, quota.files
-        usage = event.usage * scale if event.usage != NONE else 0
-        if event.kind is Kind.RAISED:
-            return Report(entry, RAISED, resource, usage, limit or 0)
-        return Report(entry, _KINDS[event.kind], resource, max(0, usage - base), limit or 0)
+        heap = max(0, taken.usage_at[0] * PAGE - entry.heap_base)
+        files = max(0, taken.usage_at[1] - entry.files_base)
+        return [(HEAP_RESOURCE, heap, quota.heap or 0), (FILES_RESOURCE, files, quota.files or 0)]
+
+    def _kill_report(self, entry: Entry, taken: Taken) -> Report:
+        """The kill, with the resource that crossed: the one over its quota."""
+        heap, files = self._scaled(entry, taken)
+        over = heap if entry.effective_quota.heap is not None and heap[1] > heap[2] else files
+        if over is files and (entry.effective_quota.files is None or files[1] <= files[2]):
+            over = heap
+        return Report(entry, KILLED, *over)
+
+    def _reconcile(self) -> None:
+        """The ring dropped events (it was full): every count is still in the map, and
+        an entry missing there has exited. Costs one run per watched entry."""
+        dropped = self.kw.dropped()
+        if dropped == self._dropped or self._closed:
+            return
+        log.warning("bpf: %d events dropped by a full ring; reconciling from the map",
+                    dropped - self._dropped)  # fmt: skip
+        self._dropped = dropped
+        for pid, entry in list(self._watched.items()):
+            if self.kw.entry(pid) is None:
+                del self._watched[pid]
+                self._exceeded_seen.pop(pid, None)
+                self._changed.set()
+            else:
+                self._take(entry)
 
     async def _retries(self) -> None:
-        """Deny limit sets that failed are retried when due (no /proc read otherwise)."""
+        """Deny limit sets that failed are retried when due (no /proc read otherwise),
+        and what a full ring dropped is taken from the map."""
         while True:
             await trio.sleep(RETRY_PERIOD)
+            self._reconcile()
             now = time.monotonic()
             for entry in list(self._watched.values()):
                 deny = entry.deny

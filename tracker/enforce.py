@@ -9,6 +9,7 @@ here only, so the `events` files and the metrics agree with the log.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -25,9 +26,36 @@ enforcement_log = logging.getLogger("restrackfs.enforce")
 EVENT_OF_ACTION = {Action.KILL: KILLED, Action.DENY: DENIED, Action.NOTIFY: NOTIFIED}
 
 
+LINES_PER_WINDOW = 10
+WINDOW = 5.0  # seconds
+
+
+class LineThrottle:
+    """At most LINES_PER_WINDOW enforcement lines per entry and WINDOW: the kernel
+    counts crossings as fast as a process makes them, the log must stay readable."""
+
+    def __init__(self) -> None:
+        self._windows: dict[int, tuple[float, int, int]] = {}  # serial -> start, lines, unlogged
+
+    def admit(self, entry: Entry, times: int) -> int | None:
+        """The crossings the line to log now stands for, or None: log nothing now."""
+        now = time.monotonic()
+        start, lines, unlogged = self._windows.get(entry.serial, (now, 0, 0))
+        if now - start >= WINDOW:
+            start, lines = now, 0
+        if lines >= LINES_PER_WINDOW:
+            self._windows[entry.serial] = (start, lines, unlogged + times)
+            return None
+        if len(self._windows) > 4096:
+            self._windows.clear()
+        self._windows[entry.serial] = (start, lines + 1, 0)
+        return unlogged + times
+
+
 class Enforcer:
     def __init__(self) -> None:
         self.events: Counter[str] = Counter(dict.fromkeys(EVENTS, 0))  # since the start
+        self._throttle = LineThrottle()
         self._listeners: list[Callable[[Entry], None]] = []
 
     @property
@@ -68,31 +96,57 @@ class Enforcer:
             self.count(entry, KILLED)
         self.announce(entry)
 
-    def _exceeded(self, entry: Entry, resource: Resource, used: int, limit: int, comm: str) -> None:
+    def _exceeded(
+        self, entry: Entry, resource: Resource, used: int, limit: int, comm: str, times: int = 1
+    ) -> None:
+        """One line however many crossings (`times`: the kernel counted a burst); a
+        process that crosses over and over gets LINES_PER_WINDOW lines a window, the
+        next one saying how many crossings went unlogged. Counting is never limited."""
         action = entry.effective_quota.action
-        enforcement_log.warning(
-            "pid=%d comm=%s quota=%s usage=%d limit=%d action=%s",
-            entry.pid,
-            escape_comm(comm),
-            resource.name,
-            used,
-            limit,
-            action,
-        )
-        self.count(entry, EXCEEDED)
+        unlogged = self._throttle.admit(entry, times)
+        if unlogged is not None:
+            enforcement_log.warning(
+                "pid=%d comm=%s quota=%s usage=%d limit=%d action=%s%s",
+                entry.pid,
+                escape_comm(comm),
+                resource.name,
+                used,
+                limit,
+                action,
+                f" crossings={unlogged}" if unlogged > 1 else "",
+            )
+        self.count(entry, EXCEEDED, times)
         if action is not Action.KILL:
-            self.count(entry, EVENT_OF_ACTION[action])
+            self.count(entry, EVENT_OF_ACTION[action], times)
 
     def reported(self, report: Report) -> None:
         """What a pushed backend saw: the kernel already acted; log, count, announce."""
         entry = report.entry
-        if entry.quota is None or entry.ended is not None:
+        if entry.quota is None or entry.ended not in (None, "exited"):
             return
         entry.over = entry.over | {report.resource.name}
-        self._exceeded(entry, report.resource, report.usage, report.limit, self.comm(entry))
+        comm = self.comm(entry)
+        self._exceeded(entry, report.resource, report.usage, report.limit, comm, report.count)
         if report.kind == KILLED:
             entry.killed = True
             self.count(entry, KILLED)
+        self.announce(entry)
+
+    def refused(self, report: Report) -> None:
+        """Calls the kernel refused for a deny limit (ENOMEM, EMFILE): one line, counted."""
+        entry = report.entry
+        if entry.quota is None or entry.ended not in (None, "exited"):
+            return
+        enforcement_log.warning(
+            "pid=%d comm=%s quota=%s refused=%d usage=%d limit=%d action=deny",
+            entry.pid,
+            escape_comm(self.comm(entry)),
+            report.resource.name,
+            report.count,
+            report.usage,
+            report.limit,
+        )
+        self.count(entry, DENIED, report.count)
         self.announce(entry)
 
     @staticmethod
@@ -103,9 +157,9 @@ class Enforcer:
         except (NoSuchProcess, AccessDenied):
             return entry.comm
 
-    def count(self, entry: Entry, event: str) -> None:
-        entry.events[event] += 1
-        self.events[event] += 1
+    def count(self, entry: Entry, event: str, times: int = 1) -> None:
+        entry.events[event] += times
+        self.events[event] += times
 
     def announce(self, entry: Entry) -> None:
         for listener in self._listeners:

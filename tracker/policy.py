@@ -18,7 +18,7 @@ from typing import TypeVar
 import trio
 
 from tracker import access
-from tracker.backend import PEAK, RAISED, Report
+from tracker.backend import PEAK, RAISED, REFUSED, Report
 from tracker.deny import DenyKeeper
 from tracker.enforce import Enforcer
 from tracker.entry import Entry, Measurement
@@ -206,10 +206,12 @@ class Policy:
     def reported(self, report: Report) -> None:
         """A pushed backend's report: the kernel acted; log, count, announce (or keep limits)."""
         entry = report.entry
-        if self.registry.get(entry.pid) is not entry:
-            return  # it left meanwhile: the report is of no entry any more
+        if self.registry.get(entry.pid) is not entry and entry.ended != "exited":
+            return  # deregistered meanwhile; what an exited one did before it exited counts
         if report.kind == RAISED:
             self.check(entry)  # lowers it back, counts it denied, a defeat
+        elif report.kind == REFUSED:
+            self.enforcer.refused(report)
         elif report.kind == PEAK:  # usage relative to the baseline, as every report's
             base = entry.baseline.of(report.resource) or 0
             self._raise_high(entry, report.resource.alone(base + report.usage))

@@ -40,6 +40,9 @@
  *   vmshare     clone(CLONE_VM), no CLONE_THREAD: the clone does `touch`
  *   vfork       clone(CLONE_VM|CLONE_VFORK): the same while the grower is suspended
  *   filesshare  clone(CLONE_FILES), a fork sharing the descriptor table: dup(0) each step
+ * tryopen, trymmap: COUNT opens of /dev/null or mmaps of STEP, going on past failures;
+ * prints "refused N".
+ * flip: dup(0) and close it, COUNT times (STEP ignored): a crossing of files=0 each.
  * With GROW_HOLD set, the process waits for one more line after "done" before it exits.
  * With GROW_STAMP=FILE, the CLOCK_MONOTONIC ns before each call is written to
  * the start of FILE (shared), so a bench can time the crossing call to death.
@@ -520,6 +523,27 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (among("vmshare vfork filesshare")) return grow_shared(); /* the sharer says "done" */
+    if (is("tryopen") || is("trymmap")) { /* COUNT attempts, failures counted, not fatal */
+        long refused = 0;
+        for (long i = 0; i < count; i++) {
+            if (is("tryopen")) {
+                if (open("/dev/null", O_RDONLY) < 0) refused++;
+            } else if (mmap(NULL, step, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
+                            0) == MAP_FAILED) {
+                refused++;
+            }
+        }
+        printf("refused %ld\ndone\n", refused);
+        return 0;
+    }
+    if (is("flip")) { /* over a files=0 quota and back, COUNT times: a flood of crossings */
+        for (long i = 0; i < count; i++) {
+            int fd = dup(0);
+            if (fd >= 0) close(fd);
+        }
+        printf("flipped %ld\ndone\n", count);
+        return 0;
+    }
     int rc;
     if (!strncmp(mode, "ia32", 4)) rc = grow_ia32();
     else if (!strncmp(mode, "uring_", 6) || is("recvmsg_batch")) rc = grow_queued();

@@ -73,14 +73,14 @@ class TestRunOpts(ctypes.Structure):
     ]
 
 
-def run_syscall_program(lib: ctypes.CDLL, prog_fd: int, context: bytes = b"") -> int:
-    """Run a SEC("syscall") program once with `context` as its argument; its return
-    value. OSError if the kernel refuses the run."""
+def run_syscall_program(lib: ctypes.CDLL, prog_fd: int, context: ctypes.Array | None = None) -> int:
+    """Run a SEC("syscall") program once with `context` (a ctypes buffer, which the
+    kernel copies back as the program left it) as its argument; its return value.
+    OSError if the kernel refuses the run."""
     opts = TestRunOpts(sz=ctypes.sizeof(TestRunOpts))
-    if context:
-        buffer = ctypes.create_string_buffer(context, len(context))
-        opts.ctx_in = ctypes.cast(buffer, c_void_p)
-        opts.ctx_size_in = len(context)
+    if context is not None:
+        opts.ctx_in = ctypes.cast(context, c_void_p)
+        opts.ctx_size_in = ctypes.sizeof(context)
     error = lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
     if error:
         errno = errno_of(error)

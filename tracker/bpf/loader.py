@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import errno
 import os
 import stat
@@ -28,7 +27,7 @@ OBJECT = Path(__file__).with_name("restrack.bpf.o")
 BPFFS = Path("/sys/fs/bpf")
 TRACEFS = Path("/sys/kernel/tracing")
 NONE = (1 << 64) - 1
-MAPS = ("watched", "events", "raises", "by_mm", "by_files")
+MAPS = ("watched", "events", "raises", "by_mm", "by_files", "stats")
 WATCHED_MAX = 65536  # max_entries of `watched` in restrack.bpf.c
 
 # Syscalls whose exit is checked. Heap: every call that can grow mm->data_vm,
@@ -51,11 +50,12 @@ FILES_EXIT = (
 OPTIONAL = frozenset({"sys_exit_open_tree_attr", "sys_exit_memfd_secret"})
 # Descriptors made by io_uring work that completes outside the submitting call
 # (io-wq workers, the SQPOLL thread: threads of the submitter's group).
-IO_URING = ("io_uring/io_uring_complete",)
+IO_URING = ("io_uring/io_uring_complete",)  # uring_files
 # Program -> the tracepoints it is attached to ("category/name"; bare: syscalls/).
 HOOKS: dict[str, tuple[str, ...]] = {
     "heap_exit": tuple(f"sys_exit_{name}" for name in HEAP_EXIT),
-    "files_exit": (*(f"sys_exit_{name}" for name in FILES_EXIT), *IO_URING),
+    "files_exit": tuple(f"sys_exit_{name}" for name in FILES_EXIT),
+    "uring_files": IO_URING,
     "mmap_enter": ("sys_enter_mmap",),
     "brk_enter": ("sys_enter_brk",),
     "mremap_enter": ("sys_enter_mremap",),
@@ -69,10 +69,15 @@ COMPAT_PROGRAM = "compat_exit"  # tp_btf/sys_exit: ia32 calls, which syscalls/ m
 EXEC_PROGRAM = "group_exec"  # tp_btf/sched_process_exec: the new address space indexed
 SECTION_PROGRAMS = (EXIT_PROGRAM, COMPAT_PROGRAM, EXEC_PROGRAM)
 BIND_PROGRAM = "bind_process"  # SEC("syscall"): index a watched process's mm and files
+TAKE_PROGRAM = "take_counts"  # SEC("syscall"): an entry's counts, taken once
+PEAKS_PROGRAM = "set_peaks"  # SEC("syscall"): restart an entry's watermarks
 NAMESPACE_PROGRAM = "learn_namespace"  # SEC("syscall"): run once after each load
 
-_WATCH = struct.Struct("<7Q2I2Q2I")  # struct watch
+_WATCH = struct.Struct("<7Q2I2Q2I9Q")  # struct watch
+_TAKE = struct.Struct("<2I9Q")  # struct take
+_PEAKS = struct.Struct("<2I2Q")  # struct peaks_args
 _EVENT = struct.Struct("<4I3Q")  # struct event
+_FINAL = struct.Struct("<9Q")  # the rest of struct exit_event
 _KEY = struct.Struct("<I")
 _CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
 
@@ -94,6 +99,7 @@ class Kind(IntEnum):
     RAISED = 4  # deny: the process raised its soft limit above the one set
     EXITED = 5  # the thread group is gone; its entry was removed in the kernel
     KILL_FAILED = 6  # bpf_send_signal refused (an exiting task): user space kills
+    DENIED = 7  # deny: the kernel refused a call for the limit (ENOMEM, EMFILE)
 
 
 class Which(IntEnum):
@@ -106,6 +112,26 @@ FLAG_HEAP_OVER, FLAG_FILES_OVER, FLAG_KILLED, FLAG_KILL_FAILED = 1, 2, 4, 8
 
 
 @dataclass(frozen=True, slots=True)
+class Taken:
+    """What the kernel counted for one entry since the last take (take_counts).
+
+    An event only says "this entry changed"; the counts are here, taken once,
+    so a flood of crossings is one event and a full ring loses none of them."""
+
+    crossings: tuple[int, int]  # heap, files: crossings over a notify or deny limit
+    usage_at: tuple[int, int]  # heap pages, descriptors at the last crossing or kill
+    denied: tuple[int, int]  # heap, files, deny: calls the kernel refused
+    raised: int  # deny: soft limits seen raised
+    killed: bool
+    kill_failed: bool
+
+    @property
+    def empty(self) -> bool:
+        nothing = not (self.raised or self.killed or self.kill_failed)
+        return nothing and not any(self.crossings) and not any(self.denied)
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     tgid: int
     kind: Kind
@@ -113,6 +139,7 @@ class Event:
     usage: int  # heap: data_vm pages; files: descriptors; raised: the new soft limit
     limit: int
     time_ns: int  # CLOCK_MONOTONIC (time.monotonic_ns()) when the kernel saw it
+    final: Taken | None = None  # EXITED: the counts the entry held when it was deleted
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +161,7 @@ class WatchState:
 
     @classmethod
     def unpack(cls, raw: bytes) -> WatchState:
-        start, heap, fds, heap_peak, fd_peak, data, nofile, action, flags, mm, files, host, _ = (
+        start, heap, fds, heap_peak, fd_peak, data, nofile, action, flags, mm, files, host, *_ = (
             _WATCH.unpack(raw)
         )
         return cls(
@@ -146,7 +173,7 @@ class WatchState:
         return _WATCH.pack(
             self.start_time, _raw(self.heap_limit_pages), _raw(self.fd_limit),
             self.heap_peak_pages, self.fd_peak, _raw(self.data_soft), _raw(self.nofile_soft),
-            int(self.action), self.flags, self.mm, self.files, self.host_tgid, 0,
+            int(self.action), self.flags, self.mm, self.files, self.host_tgid, 0, *[0] * 9,
         )  # fmt: skip
 
     @property
@@ -370,7 +397,8 @@ class KernelWatch:
         whoever shares them); the program's result, -errno."""
         prog = self._lib.bpf_object__find_program_by_name(self._obj, BIND_PROGRAM.encode())
         fd = self._lib.bpf_program__fd(prog)
-        return libbpf.run_syscall_program(self._lib, fd, _KEY.pack(tgid))
+        buffer = ctypes.create_string_buffer(_KEY.pack(tgid), _KEY.size)
+        return libbpf.run_syscall_program(self._lib, fd, buffer)
 
     def unwatch(self, tgid: int) -> None:
         state = self.entry(tgid)
@@ -402,12 +430,39 @@ class KernelWatch:
         return found
 
     def reset_peaks(self, tgid: int, heap_peak_pages: int = 0, fd_peak: int = 0) -> None:
-        """Restart the watermarks from the given current values."""
-        state = self.entry(tgid)
-        if state is None:
+        """Restart the watermarks from the given current values (in the kernel: the
+        flags and counts changed meanwhile are kept)."""
+        raw = self._run(PEAKS_PROGRAM, _PEAKS.pack(tgid, 0, heap_peak_pages, fd_peak))
+        if not _PEAKS.unpack(raw)[1]:
             raise ProcessLookupError(tgid, f"process {tgid} is not watched")
-        fresh = dataclasses.replace(state, heap_peak_pages=heap_peak_pages, fd_peak=fd_peak)
-        self._update(tgid, fresh, libbpf.BPF_EXIST)
+
+    def take(self, tgid: int) -> Taken | None:
+        """The entry's counts since the last take, zeroed in the kernel; None when
+        it is not watched (any more)."""
+        raw = self._run(TAKE_PROGRAM, _TAKE.pack(tgid, *[0] * 10))
+        _, found, *counts = _TAKE.unpack(raw)
+        if not found:
+            return None
+        heap_x, files_x, heap_at, files_at, heap_no, files_no, raised, kills, failed = counts
+        crossings, usage_at, denied = (heap_x, files_x), (heap_at, files_at), (heap_no, files_no)
+        return Taken(crossings, usage_at, denied, raised, kills > 0, failed > 0)
+
+    def dropped(self) -> int:
+        """Events the kernel could not queue (a full ring) since the maps were made."""
+        value = ctypes.create_string_buffer(8)
+        fd = self._lib.bpf_map__fd(self._maps["stats"])
+        if self._lib.bpf_map_lookup_elem(fd, _KEY.pack(0), value):
+            return 0
+        return struct.unpack("<Q", value.raw)[0]
+
+    def _run(self, program: str, context: bytes) -> bytes:
+        """Run a SEC("syscall") program on `context`; the context as it wrote it."""
+        prog = self._lib.bpf_object__find_program_by_name(self._obj, program.encode())
+        buffer = ctypes.create_string_buffer(context, len(context))
+        result = libbpf.run_syscall_program(self._lib, self._lib.bpf_program__fd(prog), buffer)
+        if result:
+            raise OSError(-result, f"{program}: {os.strerror(-result)}")
+        return buffer.raw
 
     def _update(self, tgid: int, state: WatchState, flags: int) -> None:
         error = self._lib.bpf_map_update_elem(self._watched, _KEY.pack(tgid), state.pack(), flags)
@@ -444,10 +499,13 @@ class KernelWatch:
         return events
 
     def _collect(self, _ctx: int | None, data: int, size: int) -> int:
-        tgid, kind, which, _pad, usage, limit, when = _EVENT.unpack(
-            ctypes.string_at(data, _EVENT.size)
-        )
-        self._events.append(Event(tgid, Kind(kind), Which(which), usage, limit, when))
+        raw = ctypes.string_at(data, size)
+        tgid, kind, which, _pad, usage, limit, when = _EVENT.unpack_from(raw)
+        final = None
+        if size >= _EVENT.size + _FINAL.size:  # struct exit_event: what the entry held
+            x0, x1, d0, d1, raised, kills, failed, u0, u1 = _FINAL.unpack_from(raw, _EVENT.size)
+            final = Taken((x0, x1), (u0, u1), (d0, d1), raised, kills > 0, failed > 0)
+        self._events.append(Event(tgid, Kind(kind), Which(which), usage, limit, when, final))
         return 0
 
     # --- for tests and diagnostics ------------------------------------------------

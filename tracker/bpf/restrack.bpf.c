@@ -86,7 +86,7 @@ __u32 ns_inum;
 enum action { ACT_KILL = 0, ACT_DENY = 1, ACT_NOTIFY = 2 };
 enum kind {
 	EV_EXCEEDED = 1, EV_KILLED = 2, EV_NOTIFIED = 3, EV_RAISED = 4, EV_EXITED = 5,
-	EV_KILL_FAILED = 6,
+	EV_KILL_FAILED = 6, EV_DENIED = 7,
 };
 enum which { W_NONE = 0, W_HEAP = 1, W_FILES = 2 };
 enum flag { F_HEAP_OVER = 1, F_FILES_OVER = 2, F_KILLED = 4, F_KILL_FAILED = 8 };
@@ -106,8 +106,19 @@ struct watch {
 	__u64 mm;		/* its mm_struct and files_struct (bind, sched_process_exec): */
 	__u64 files;		/* another thread group sharing them grows this process */
 	__u32 host_tgid;	/* its tgid in the initial namespace, to signal it */
-	__u32 pad;
+	__u32 pending;		/* 1: an event for this entry is in the ring, not yet taken */
+	/* What happened, kept until the daemon takes it (take_counts): so a process
+	 * that flips over and back floods nothing, and a full ring loses no count. */
+	__u64 crossings[2];	/* [which - 1]: crossings over a notify or deny limit */
+	__u64 usage_at[2];	/* [which - 1]: the usage at the last crossing or kill */
+	__u64 denied[2];	/* [which - 1], deny: calls the kernel refused (ENOMEM, EMFILE) */
+	__u64 raised;		/* deny: soft limits raised above the ones set */
+	__u64 kills;		/* 1 once killed (kept in flags too) */
+	__u64 kill_failed;
 };
+
+/* Counts kept in the kernel: ring events dropped (a full ring). */
+struct stats { __u64 dropped; };
 
 struct event {
 	__u32 tgid;
@@ -136,6 +147,18 @@ struct {
 	__type(value, __u32);
 } by_files SEC(".maps");
 
+/* The last word on an entry removed in the kernel (its group exited): the counts
+ * no take_counts collected, which would go with the entry. */
+struct exit_event {
+	struct event head;	/* kind EV_EXITED */
+	__u64 crossings[2];
+	__u64 denied[2];
+	__u64 raised;
+	__u64 kills;
+	__u64 kill_failed;
+	__u64 usage_at[2];
+};
+
 /* A setrlimit/prlimit64 that raises a deny limit, between its entry and exit. */
 struct raise {
 	__u32 tgid;
@@ -151,10 +174,19 @@ struct {
 	__type(value, struct watch);
 } watched SEC(".maps");
 
+/* At most one event per entry is in the ring (pending), plus exits: 4 MiB holds
+ * one for each of the 65,536 entries. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 256 * 1024);
+	__uint(max_entries, 4 * 1024 * 1024);
 } events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct stats);
+} stats SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -173,12 +205,18 @@ static void forget_shared(struct watch *w)
 		bpf_map_delete_elem(&by_files, &files);
 }
 
-static __always_inline void emit(__u32 tgid, __u32 kind, __u32 which, __u64 usage, __u64 limit)
+static __always_inline int emit(__u32 tgid, __u32 kind, __u32 which, __u64 usage, __u64 limit)
 {
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	__u32 zero = 0;
 
-	if (!e)
-		return;	/* ring full: the daemon is gone or behind; state stays in the map */
+	if (!e) {	/* ring full: the daemon is gone or behind; counts stay in the map */
+		struct stats *st = bpf_map_lookup_elem(&stats, &zero);
+
+		if (st)
+			__sync_fetch_and_add(&st->dropped, 1);
+		return 0;
+	}
 	e->tgid = tgid;
 	e->kind = kind;
 	e->which = which;
@@ -187,6 +225,58 @@ static __always_inline void emit(__u32 tgid, __u32 kind, __u32 which, __u64 usag
 	e->limit = limit;
 	e->time_ns = bpf_ktime_get_ns();
 	bpf_ringbuf_submit(e, 0);
+	return 1;
+}
+
+/* The entry is being deleted: hand over what it still holds. */
+static void emit_exit(__u32 tgid, struct watch *w)
+{
+	struct exit_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	__u32 zero = 0;
+
+	if (!e) {
+		struct stats *st = bpf_map_lookup_elem(&stats, &zero);
+
+		if (st)
+			__sync_fetch_and_add(&st->dropped, 1);
+		return;
+	}
+	e->head.tgid = tgid;
+	e->head.kind = EV_EXITED;
+	e->head.which = W_NONE;
+	e->head.pad = 0;
+	e->head.usage = 0;
+	e->head.limit = 0;
+	e->head.time_ns = bpf_ktime_get_ns();
+	e->crossings[0] = w->crossings[0];
+	e->crossings[1] = w->crossings[1];
+	e->denied[0] = w->denied[0];
+	e->denied[1] = w->denied[1];
+	e->raised = w->raised;
+	e->kills = w->kills;
+	e->kill_failed = w->kill_failed;
+	e->usage_at[0] = w->usage_at[0];
+	e->usage_at[1] = w->usage_at[1];
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* Tell the daemon that w changed, unless an event for it already waits: the
+ * counts themselves are in w, taken by the daemon with take_counts. */
+static __always_inline void signal_change(struct watch *w, __u32 tgid, __u32 kind, __u32 which,
+					  __u64 usage, __u64 limit)
+{
+	if (__sync_fetch_and_or(&w->pending, 1) & 1)
+		return;
+	if (!emit(tgid, kind, which, usage, limit))
+		w->pending = 0;	/* a later change tries again; the reconcile finds this one */
+}
+
+static __always_inline void note_usage(struct watch *w, __u32 which, __u64 usage)
+{
+	if (which == W_HEAP)
+		w->usage_at[0] = usage;
+	else if (which == W_FILES)
+		w->usage_at[1] = usage;
 }
 
 /* The key of task's thread group: its pid in the daemon's PID namespace, 0 if
@@ -236,8 +326,8 @@ static struct watch *current_watch(__u32 *tgid)
 	if (start != w->start_time) {
 		/* A recycled pid whose old owner's entry was never removed. */
 		forget_shared(w);
+		emit_exit(*tgid, w);
 		bpf_map_delete_elem(&watched, tgid);
-		emit(*tgid, EV_EXITED, W_NONE, 0, 0);
 		return 0;
 	}
 	return w;
@@ -279,12 +369,18 @@ static __always_inline void kill_group(struct watch *w, __u32 tgid, __u32 which,
 {
 	if (bpf_send_signal(SIGKILL)) {	/* the whole thread group */
 		/* Refused (an exiting task): the daemon kills it through its pidfd. */
-		if (!(__sync_fetch_and_or(&w->flags, F_KILL_FAILED) & F_KILL_FAILED))
-			emit(tgid, EV_KILL_FAILED, which, usage, limit);
+		if (!(__sync_fetch_and_or(&w->flags, F_KILL_FAILED) & F_KILL_FAILED)) {
+			note_usage(w, which, usage);
+			w->kill_failed = 1;
+			signal_change(w, tgid, EV_KILL_FAILED, which, usage, limit);
+		}
 		return;
 	}
-	if (!(__sync_fetch_and_or(&w->flags, F_KILLED) & F_KILLED))
-		emit(tgid, EV_KILLED, which, usage, limit);
+	if (!(__sync_fetch_and_or(&w->flags, F_KILLED) & F_KILLED)) {
+		note_usage(w, which, usage);
+		w->kills = 1;
+		signal_change(w, tgid, EV_KILLED, which, usage, limit);
+	}
 }
 
 static __always_inline void judge(struct watch *w, __u32 tgid, __u32 which, __u32 over,
@@ -314,7 +410,10 @@ static __always_inline void judge(struct watch *w, __u32 tgid, __u32 which, __u3
 	}
 	if (w->flags & over || (__sync_fetch_and_or(&w->flags, over) & over))
 		return;
-	emit(tgid, w->action == ACT_NOTIFY ? EV_NOTIFIED : EV_EXCEEDED, which, usage, limit);
+	note_usage(w, which, usage);
+	__sync_fetch_and_add(&w->crossings[which == W_HEAP ? 0 : 1], 1);
+	signal_change(w, tgid, w->action == ACT_NOTIFY ? EV_NOTIFIED : EV_EXCEEDED, which, usage,
+		      limit);
 }
 
 /* Raise a watermark; two CPUs racing never lose the higher value. */
@@ -338,6 +437,19 @@ static __u64 data_vm_pages(void)
 	return BPF_CORE_READ(task, mm, data_vm);
 }
 
+#define ENOMEM 12
+#define EMFILE 24
+
+/* A deny quota's limit refused the call: counted (the daemon logs and counts it). */
+static __always_inline void count_denied(struct watch *w, __u32 tgid, __u32 which, __u64 usage,
+					 __u64 limit)
+{
+	if (w->action != ACT_DENY)
+		return;
+	__sync_fetch_and_add(&w->denied[which == W_HEAP ? 0 : 1], 1);
+	signal_change(w, tgid, EV_DENIED, which, usage, limit);
+}
+
 SEC("tracepoint")
 int heap_exit(struct sys_exit *ctx)
 {
@@ -357,6 +469,8 @@ int heap_exit(struct sys_exit *ctx)
 	pages = data_vm_pages();
 	raise_peak(&w->heap_peak_pages, pages);
 	judge_shared(w, tgid, W_HEAP, F_HEAP_OVER, pages, w->heap_limit_pages, sharer);
+	if (ctx->ret == -ENOMEM && w->data_soft != NONE)
+		count_denied(w, tgid, W_HEAP, pages, w->heap_limit_pages);
 	return 0;
 }
 
@@ -388,8 +502,8 @@ static __u64 open_fds(void)
 	return c.count;
 }
 
-SEC("tracepoint")
-int files_exit(struct sys_exit *ctx)
+/* The descriptor check; ret is the call's result (0 where there is none). */
+static __always_inline void check_files(long ret)
 {
 	struct task_struct *task = (void *)bpf_get_current_task();
 	int sharer = 0;
@@ -401,12 +515,29 @@ int files_exit(struct sys_exit *ctx)
 	if (!w) {
 		w = sharer_watch(&by_files, (__u64)BPF_CORE_READ(task, files), &tgid, 0);
 		if (!w)
-			return 0;
+			return;
 		sharer = 1;
 	}
 	fds = open_fds();
 	raise_peak(&w->fd_peak, fds);
 	judge_shared(w, tgid, W_FILES, F_FILES_OVER, fds, w->fd_limit, sharer);
+	if (ret == -EMFILE && w->nofile_soft != NONE)
+		count_denied(w, tgid, W_FILES, fds, w->fd_limit);
+}
+
+SEC("tracepoint")
+int files_exit(struct sys_exit *ctx)
+{
+	check_files(ctx->ret);
+	return 0;
+}
+
+/* io_uring work completed by an io-wq worker or the SQ thread (threads of the
+ * submitter's group), checked where it completes. */
+SEC("tracepoint")
+int uring_files(void *ctx)
+{
+	check_files(0);
 	return 0;
 }
 
@@ -576,6 +707,16 @@ int prlimit_enter(struct sys_enter *ctx)
 	return 0;
 }
 
+static void count_raise(__u32 key, __u32 which, __u64 value, __u64 wanted)
+{
+	struct watch *w = bpf_map_lookup_elem(&watched, &key);
+
+	if (!w)
+		return;
+	__sync_fetch_and_add(&w->raised, 1);
+	signal_change(w, key, EV_RAISED, which, value, wanted);
+}
+
 SEC("tracepoint")
 int rlimit_exit(struct sys_exit *ctx)
 {
@@ -585,7 +726,7 @@ int rlimit_exit(struct sys_exit *ctx)
 	if (!r)
 		return 0;
 	if (ctx->ret == 0)
-		emit(r->tgid, EV_RAISED, r->which, r->value, r->wanted);
+		count_raise(r->tgid, r->which, r->value, r->wanted);
 	bpf_map_delete_elem(&raises, &tid);
 	return 0;
 }
@@ -615,6 +756,61 @@ int BPF_PROG(group_exec, struct task_struct *task, int old_pid, void *bprm)
 
 	if (w)
 		index_shared(task, w, key);
+	return 0;
+}
+
+/* In and out of take_counts: key in, what w held out (and zeroed in w). */
+struct take {
+	__u32 key;
+	__u32 found;
+	__u64 crossings[2];
+	__u64 usage_at[2];
+	__u64 denied[2];
+	__u64 raised;
+	__u64 kills;
+	__u64 kill_failed;
+};
+
+/* Run by the daemon for each event (and at a reconcile): clear pending first,
+ * so a change after it sends a new event, then take each count exactly once. */
+SEC("syscall")
+int take_counts(struct take *t)
+{
+	__u32 key = t->key;
+	struct watch *w = bpf_map_lookup_elem(&watched, &key);
+
+	t->found = 0;
+	if (!w)
+		return 0;
+	__sync_lock_test_and_set(&w->pending, 0);
+	t->found = 1;
+	t->crossings[0] = __sync_lock_test_and_set(&w->crossings[0], 0);
+	t->crossings[1] = __sync_lock_test_and_set(&w->crossings[1], 0);
+	t->usage_at[0] = w->usage_at[0];
+	t->usage_at[1] = w->usage_at[1];
+	t->denied[0] = __sync_lock_test_and_set(&w->denied[0], 0);
+	t->denied[1] = __sync_lock_test_and_set(&w->denied[1], 0);
+	t->raised = __sync_lock_test_and_set(&w->raised, 0);
+	t->kills = __sync_lock_test_and_set(&w->kills, 0);
+	t->kill_failed = __sync_lock_test_and_set(&w->kill_failed, 0);
+	return 0;
+}
+
+struct peaks_args { __u32 key; __u32 found; __u64 heap_pages; __u64 fds; };
+
+/* Restart the watermarks from the given values (a usage reset) without rewriting
+ * the entry: flags and counts the kernel changes meanwhile stay. */
+SEC("syscall")
+int set_peaks(struct peaks_args *a)
+{
+	__u32 key = a->key;
+	struct watch *w = bpf_map_lookup_elem(&watched, &key);
+
+	a->found = w != 0;
+	if (w) {
+		__sync_lock_test_and_set(&w->heap_peak_pages, a->heap_pages);
+		__sync_lock_test_and_set(&w->fd_peak, a->fds);
+	}
 	return 0;
 }
 
@@ -655,8 +851,8 @@ int BPF_PROG(group_exit, struct task_struct *task)
 	if (!w || BPF_CORE_READ(task, signal, live.counter) != 0)
 		return 0;
 	forget_shared(w);
+	emit_exit(tgid, w);
 	bpf_map_delete_elem(&watched, &tgid);
-	emit(tgid, EV_EXITED, W_NONE, 0, 0);
 	return 0;
 }
 
@@ -670,9 +866,9 @@ static void check_raised(struct task_struct *task, __u32 key, struct watch *w)
 	if (w->action != ACT_DENY)
 		return;
 	if (w->data_soft != NONE && data > w->data_soft)
-		emit(key, EV_RAISED, W_HEAP, data, w->data_soft);
+		count_raise(key, W_HEAP, data, w->data_soft);
 	if (w->nofile_soft != NONE && nofile > w->nofile_soft)
-		emit(key, EV_RAISED, W_FILES, nofile, w->nofile_soft);
+		count_raise(key, W_FILES, nofile, w->nofile_soft);
 }
 
 /* The ia32 compat calls (int $0x80), which the syscalls:sys_* tracepoints do not
