@@ -5,10 +5,15 @@ nothing here may block or hold it: every socket operation is trio's
 non-blocking kind, and each client is bounded so that the worst it can cost the
 mount is one render of `metrics`, the same as root's `cat`:
 
-- at most `max_connections` at once; one more is closed unanswered at once,
-  so a flood cannot take the descriptors the daemon holds as pidfds;
-- one deadline (`timeout`) for the whole exchange, reading the request and
-  sending the answer: a slowloris, or a client that never reads, is cut off;
+- at most `max_connections` at once, and `max_per_peer` from one address; a
+  connection past either bound takes the place of the oldest one (of that
+  address, or of all) that has not sent its whole request head yet, or is
+  closed unanswered if none is idle: a local user holding and reopening
+  connections cannot lock Prometheus out, nor take the descriptors the daemon
+  holds as pidfds;
+- a short deadline (`head_timeout`) for the request head, and one
+  (`timeout`) for the whole exchange, reading the request and sending the
+  answer: a slowloris, or a client that never reads, is cut off;
 - a request head of at most `max_head` bytes (431 past it); a body is never read;
 - one request per connection (`Connection: close`): no idle keep-alive to hold;
 - renders one at a time, with the loop free between two of them, so a FUSE
@@ -49,8 +54,22 @@ _RECV_SIZE = 4096
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_connections: int = 32
+    max_per_peer: int = 8  # connections from one address
+    head_timeout: float = 2.0  # seconds to send the request head
     timeout: float = 10.0  # seconds, per connection: request in, answer out
     max_head: int = 8192  # bytes of request line and headers
+
+
+class _Client:
+    """One connection: its peer address, and while its request head is not in,
+    the scope that gives its place to a newer one."""
+
+    __slots__ = ("idle", "peer", "scope")
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.idle = True
+        self.scope = trio.CancelScope()
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -95,6 +114,13 @@ async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
     return await trio.open_tcp_listeners(port, host=host)
 
 
+def _peer_of(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return ""
+
+
 def listener_address(listener: trio.SocketListener) -> str:
     host, port = listener.socket.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -112,8 +138,12 @@ class MetricsServer:
         self.listeners = listeners
         self.render = render
         self.limits = limits or Limits()
-        self.active = 0
+        self._clients: dict[_Client, None] = {}  # oldest first
         self._render_lock = trio.Lock()
+
+    @property
+    def active(self) -> int:
+        return len(self._clients)
 
     async def serve(self) -> None:
         try:
@@ -134,36 +164,57 @@ class MetricsServer:
                 log.warning("metrics endpoint: accept: %s; retrying in 0.1 s", error.strerror)
                 await trio.sleep(0.1)
                 continue
-            if self.active >= self.limits.max_connections:
+            client = _Client(_peer_of(stream))
+            if not self._make_room(client.peer):
                 log.debug("metrics endpoint: %d connections, closing a new one", self.active)
                 await trio.aclose_forcefully(stream)
                 continue
-            self.active += 1
-            nursery.start_soon(self._connection, stream)
+            self._clients[client] = None
+            nursery.start_soon(self._connection, stream, client)
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    def _make_room(self, peer: str) -> bool:
+        """Room for one more from `peer`: under both bounds, or the oldest idle
+        connection (of that peer when its bound is reached) given up."""
+        if sum(1 for c in self._clients if c.peer == peer) >= self.limits.max_per_peer:
+            return self._give_up_oldest_idle(peer)
+        if self.active >= self.limits.max_connections:
+            return self._give_up_oldest_idle(None)
+        return True
+
+    def _give_up_oldest_idle(self, peer: str | None) -> bool:
+        for client in self._clients:
+            if client.idle and (peer is None or client.peer == peer):
+                del self._clients[client]
+                client.scope.cancel()
+                return True
+        return False
+
+    async def _connection(self, stream: trio.SocketStream, client: _Client) -> None:
         try:
-            with trio.move_on_after(self.limits.timeout) as scope:
-                await self._exchange(stream)
-            if scope.cancelled_caught:
-                log.debug("metrics endpoint: a client ran out of time")
+            with client.scope, trio.move_on_after(self.limits.timeout) as scope:
+                await self._exchange(stream, client)
+            if scope.cancelled_caught or client.scope.cancelled_caught:
+                log.debug("metrics endpoint: a client ran out of time or gave its place")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client went away
         except Exception:  # no client may take the daemon down
             log.exception("metrics endpoint: unexpected error")
         finally:
-            self.active -= 1
+            self._clients.pop(client, None)
             await trio.aclose_forcefully(stream)
 
-    async def _exchange(self, stream: trio.SocketStream) -> None:
+    async def _exchange(self, stream: trio.SocketStream, client: _Client) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
+        request = None
         try:
-            request = await self._read_request(conn, stream)
+            with trio.move_on_after(self.limits.head_timeout):
+                request = await self._read_request(conn, stream)
         except h11.RemoteProtocolError as error:
             await self._respond(conn, stream, error.error_status_hint, b"bad request\n")
             return
+        client.idle = False  # its place is kept from now on
         if request is None:
-            return  # closed before a whole request
+            return  # closed (or out of time) before a whole request
         path = request.target.split(b"?", 1)[0]
         if request.method == b"GET" and path == METRICS_PATH:
             try:
