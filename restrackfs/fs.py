@@ -1,9 +1,10 @@
 """The pyfuse3 `Operations`: translate FUSE requests into engine calls.
 
 No policy lives here. The inode table is arithmetic, kept in `Inodes`: the root,
-the top-level files, then one block of inodes per registration (its `serial`),
-so a pid registered again gets new inode numbers and stale kernel caches can
-never show the old entry as the new one.
+the top-level files, then one block of inodes per registration at a random slot
+(of 2**40), so a pid registered again gets new inode numbers (stale kernel caches
+cannot show the old entry as the new one) and inodes reveal nothing of other
+users' registrations.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import functools
 import inspect
 import logging
 import os
+import secrets
 import select
 import stat
 import time
@@ -45,6 +47,7 @@ ROOT = pyfuse3.ROOT_INODE
 FIRST_TOP = ROOT + 1
 STRIDE = 16  # inodes per registration: the directory, then its files (room to grow)
 FIRST_DIR = 1024
+SLOT_BITS = 40  # random slots: inodes below 2**45, collisions drawn again
 # readdir offsets: `.` and `..` first, then a child's inode + CHILD_OFFSET (so they
 # rise with inode numbers and never meet the two: inodes start at ROOT = 1).
 DOT_OFFSET, DOTDOT_OFFSET, CHILD_OFFSET = 1, 2, 2
@@ -126,23 +129,37 @@ class Handle:
 
 @dataclass
 class Inodes:
-    """The one place that maps inode numbers to nodes and back."""
+    """The one place that maps inode numbers to nodes and back.
 
-    by_serial: dict[int, Entry] = field(default_factory=dict)
+    A process directory's inode is FIRST_DIR + slot * STRIDE, its files the next
+    ones; the slot is drawn at random when the registration is first seen, so the
+    inodes of two directories say nothing of how many registrations (another
+    user's, under --hidepid) came between them."""
+
+    by_slot: dict[int, Entry] = field(default_factory=dict)
+    _slot_of: dict[int, int] = field(default_factory=dict)  # serial -> slot
     # Nodes are immutable: each is made once per inode, not once per request.
     _nodes: dict[int, Node] = field(default_factory=dict)
 
-    @staticmethod
-    def dir_inode(entry: Entry) -> int:
-        return FIRST_DIR + entry.serial * STRIDE
+    def dir_inode(self, entry: Entry) -> int:
+        slot = self._slot_of.get(entry.serial)
+        if slot is None:
+            slot = secrets.randbits(SLOT_BITS)
+            while slot in self.by_slot:
+                slot = secrets.randbits(SLOT_BITS)
+            self._slot_of[entry.serial] = slot
+            self.by_slot[slot] = entry
+        return FIRST_DIR + slot * STRIDE
 
     def remember(self, entry: Entry) -> Node:
-        self.by_serial[entry.serial] = entry
         return Node(self.dir_inode(entry), entry=entry)
 
     def forget(self, entry: Entry) -> None:
-        self.by_serial.pop(entry.serial, None)
-        first = self.dir_inode(entry)
+        slot = self._slot_of.pop(entry.serial, None)
+        if slot is None:
+            return
+        self.by_slot.pop(slot, None)
+        first = FIRST_DIR + slot * STRIDE
         for inode in range(first, first + STRIDE):
             self._nodes.pop(inode, None)
 
@@ -171,8 +188,8 @@ class Inodes:
             return Node(ROOT)
         if FIRST_TOP <= inode < FIRST_TOP + len(TOP_FILES):
             return Node(inode, TOP_FILES[inode - FIRST_TOP])
-        serial, offset = divmod(inode - FIRST_DIR, STRIDE)
-        entry = self.by_serial.get(serial)
+        slot, offset = divmod(inode - FIRST_DIR, STRIDE)
+        entry = self.by_slot.get(slot)
         if entry is None or offset > len(PROCESS_FILES):
             raise pyfuse3.FUSEError(errno.ENOENT)
         spec = PROCESS_FILES[offset - 1] if offset else None
@@ -424,14 +441,15 @@ class RestrackOperations(pyfuse3.Operations):
         return dots + [(name, child, child.inode + CHILD_OFFSET) for name, child in children]
 
     def _children(self, handle: Handle) -> list[tuple[str, Node]]:
-        """The directory's children, in inode order (registration order is serial order)."""
+        """The directory's children, in inode order (readdir offsets follow it)."""
         node = handle.node
         if node.inode == ROOT:
-            return self.inodes.top_files() + [
+            dirs = [
                 (str(entry.pid), self.inodes.remember(entry))
                 for entry in self.engine.entries()
                 if self._visible(entry, handle.caller.uid)
             ]
+            return self.inodes.top_files() + sorted(dirs, key=lambda item: item[1].inode)
         assert node.entry is not None
         return [] if node.entry.ended is not None else self.inodes.process_files(node.entry)
 

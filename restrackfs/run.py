@@ -196,10 +196,15 @@ class Supervisor:
             raise
         except OSError as error:
             return -errno.EPERM if error.errno == errno.EPERM else -errno.EINVAL
-        if not seccomp.is_valid(self.listener, note.id):
-            return -errno.EINVAL  # the caller is gone: its tid may name another process
-        if not seccomp.write_memory(note.tid, address, pack_fetch(record)):
+        try:
+            memory = seccomp.CallerMemory(note.tid)  # pinned first, then checked
+        except OSError:
             return -errno.EINVAL
+        with memory:
+            if not seccomp.is_valid(self.listener, note.id):
+                return -errno.EINVAL  # the caller is gone: its tid may name another process
+            if not memory.write(address, pack_fetch(record)):
+                return -errno.EINVAL
         return 0
 
     def handle_one(self) -> None:

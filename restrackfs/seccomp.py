@@ -78,15 +78,6 @@ def _program() -> list[tuple[int, int, int, int]]:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.process_vm_writev.restype = ctypes.c_ssize_t
-_libc.process_vm_writev.argtypes = [
-    ctypes.c_int,
-    ctypes.c_void_p,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-]
 
 
 def _check(result: int) -> int:
@@ -167,15 +158,57 @@ def respond(listener: int, notif_id: int, result: int) -> None:
             raise
 
 
-class _IoVec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+class CallerMemory:
+    """The caller's address space, pinned before its notification is checked.
 
+    /proc/TID/mem and /proc/TID/maps, opened while the caller waits in its call,
+    hold the address space of that moment: if the caller is killed afterwards and
+    its tid goes to another task (an exec by another thread of its group takes
+    the leader's id at once, in de_thread), writes through them reach the old,
+    dead address space and fail, never the new image (a setuid one, say).
+    Page protections are checked from maps, as process_vm_writev would: a write
+    through mem would pass them."""
 
-def write_memory(pid: int, address: int, data: bytes) -> bool:
-    """process_vm_writev: honours page protections, so a read-only or unmapped
-    target fails (EFAULT) instead of being written through like /proc/PID/mem."""
-    buffer = ctypes.create_string_buffer(data, len(data))
-    local = _IoVec(ctypes.cast(buffer, ctypes.c_void_p), len(data))
-    remote = _IoVec(address, len(data))
-    written = _libc.process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-    return written == len(data)
+    def __init__(self, tid: int) -> None:
+        self._mem = os.open(f"/proc/{tid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self._maps = os.open(f"/proc/{tid}/maps", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(self._mem)
+            raise
+
+    def close(self) -> None:
+        os.close(self._mem)
+        os.close(self._maps)
+
+    def __enter__(self) -> CallerMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def write(self, address: int, data: bytes) -> bool:
+        """Write `data` at `address` if all of it lies in writable mappings."""
+        if not self._writable(address, address + len(data)):
+            return False
+        try:
+            return os.pwrite(self._mem, data, address) == len(data)
+        except OSError:
+            return False
+
+    def _writable(self, start: int, end: int) -> bool:
+        chunks: list[bytes] = []
+        while chunk := os.pread(self._maps, 65536, sum(map(len, chunks))):
+            chunks.append(chunk)
+        maps = b"".join(chunks)
+        covered = start
+        for line in maps.splitlines():
+            span, perms = line.split()[:2]
+            low, high = (int(x, 16) for x in span.split(b"-"))
+            if low <= covered < high:
+                if perms[1:2] != b"w":
+                    return False
+                covered = high
+                if covered >= end:
+                    return True
+        return False

@@ -143,3 +143,23 @@ def test_hidepid_rmdir_of_hidden_is_enoent(hidden, spawn):
     hidden.register(theirs.pid)
     code, err = as_user(NOBODY, f"rmdir {hidden.mountpoint}/{theirs.pid}")
     assert code != 0 and "No such file or directory" in err
+
+
+def test_inodes_do_not_count_other_users_registrations(daemon_factory, spawn):
+    """Under --hidepid a user sees only its own directories; their inode numbers
+    must not tell how many registrations of others came between them."""
+    daemon = daemon_factory("--hidepid")
+    gaps = []
+    for _ in range(3):
+        first, second = spawn(uid=NOBODY), spawn(uid=NOBODY)
+        daemon.register(first.pid)
+        for _ in range(5):  # root's, hidden from nobody
+            daemon.register(spawn().pid)
+        daemon.register(second.pid)
+        gaps.append(
+            os.stat(daemon.path(second.pid)).st_ino - os.stat(daemon.path(first.pid)).st_ino
+        )
+    stride = gaps[0] // 6 if gaps[0] % 6 == 0 else None
+    assert not (stride and all(gap == 6 * stride for gap in gaps)), gaps
+    listing = [name for name in os.listdir(daemon.mountpoint) if name.isdigit()]
+    assert len(listing) == 21  # every directory still listed once

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from restrackfs import seccomp
 from restrackfs.cli import include_dir
 from tests.conftest import NOBODY, as_user, wait_until
 
@@ -249,3 +250,31 @@ def test_outer_seccomp_filter_is_detected(daemon, binaries):
     assert result.returncode == 125
     assert "outer seccomp filter" in result.stderr
     assert result.stdout == ""  # the program never ran
+
+
+def test_fetch_answers_reach_only_the_address_space_that_asked(tmp_path):
+    """The supervisor pins the caller's address space before it checks the call is
+    still waiting: once another thread's exec has taken the tid (de_thread hands
+    the leader's id over at once), a write lands nowhere, never in the new image."""
+    child = subprocess.Popen(
+        ["sh", "-c", "read line; exec sleep 30"], stdin=subprocess.PIPE, text=True
+    )
+    try:
+        maps = Path(f"/proc/{child.pid}/maps").read_text().splitlines()
+        address = next(int(line.split("-")[0], 16) for line in maps if " rw-p " in line)
+        memory = seccomp.CallerMemory(child.pid)
+        assert memory.write(address, b"\0")  # before the exec: its own, writable page
+        assert child.stdin is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        wait_until(lambda: Path(f"/proc/{child.pid}/comm").read_text() == "sleep\n", 5, "exec")
+        assert not memory.write(address, b"\0" * 40)  # the old image is gone
+        memory.close()
+        readonly = next(int(line.split("-")[0], 16)
+                        for line in Path(f"/proc/{child.pid}/maps").read_text().splitlines()
+                        if " r--p " in line)  # fmt: skip
+        with seccomp.CallerMemory(child.pid) as fresh:
+            assert not fresh.write(readonly, b"\0")  # protections hold, as the SPEC asks
+    finally:
+        child.kill()
+        child.wait()
