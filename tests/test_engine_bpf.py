@@ -9,6 +9,7 @@ and the conftest's summary says how many BPF tests ran.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import select
@@ -475,3 +476,29 @@ def test_a_raise_through_a_thread_id_is_lowered_back_at_once(bpf_daemon: Daemon,
     wait_until(lambda: events_of_path(bpf_daemon, w.pid)["denied"] >= 1, 1, "counted denied")
     opened = int(w.ask("open", 300).split()[1])
     assert opened <= 10
+
+
+def test_a_quota_the_full_map_cannot_take_is_refused(bpf_factory: DaemonFactory, spawn) -> None:
+    """Never accepted unenforced: ENOSPC, logged, and the process has no quota."""
+    daemon = bpf_factory(*BPF)
+    w: Workload = spawn()
+    daemon.register(w.pid)
+    lib = loader.library()
+    fd = lib.bpf_obj_get(str(pin_dir(daemon) / "watched").encode())
+    assert fd >= 0
+    filler = loader.WatchState(0, None, None, 0, 0, None, None, loader.Action.NOTIFY, 0).pack()
+    keys = range(5_000_000, 5_000_000 + loader.WATCHED_MAX)  # above any pid_max: no process
+    try:
+        for key in keys:  # the map full: 65,536 entries no process matches
+            if lib.bpf_map_update_elem(fd, loader._KEY.pack(key), filler, 0):
+                break
+        with pytest.raises(OSError) as refused:
+            daemon.write("files=10 action=kill", w.pid, "quota")
+        assert refused.value.errno == errno.ENOSPC
+        assert daemon.read(w.pid, "quota") == "heap=max files=max action=kill\n"
+        assert "refused: " in daemon.log_text() and "map is full" in daemon.log_text()
+    finally:
+        for key in keys:
+            lib.bpf_map_delete_elem(fd, loader._KEY.pack(key))
+        os.close(fd)
+    daemon.write("files=10 action=kill", w.pid, "quota")  # room again

@@ -64,6 +64,7 @@ from tracker.bpf.loader import (
     remove_tree,
 )
 from tracker.entry import Entry
+from tracker.errors import QuotaNotKept
 from tracker.process import Process
 from tracker.quota import Action
 from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE, Counters, Resource
@@ -145,7 +146,8 @@ class Backend:
         self._sync()
 
     def quota_set(self, entry: Entry) -> None:
-        self._watch(entry)
+        """QuotaNotKept when the kernel cannot take the entry (its map is full)."""
+        self._watch(entry, refuse=True)
         self._sync()
 
     def baseline_reset(self, entry: Entry) -> None:
@@ -236,7 +238,7 @@ class Backend:
             0,
         )
 
-    def _watch(self, entry: Entry) -> None:
+    def _watch(self, entry: Entry, refuse: bool = False) -> None:
         if self._watched.get(entry.pid) is entry:
             self._take(entry)  # the counts of the setting being replaced
         s = self._state_of(entry)
@@ -255,6 +257,10 @@ class Backend:
             return
         except OSError as error:  # the map is full (65,536): a quota the kernel cannot keep
             log.error("bpf: cannot watch pid=%d: %s", entry.pid, error)
+            if refuse:
+                raise QuotaNotKept(
+                    f"{entry.pid}: the kernel's map is full ({error.strerror})"
+                ) from None
             return
         self._watched[entry.pid] = entry
         self._exceeded_seen[entry.pid] = entry.events[EXCEEDED]

@@ -38,6 +38,7 @@ from tracker.errors import (
     NotPermitted,
     NotTracked,
     QuotaBusy,
+    QuotaNotKept,
     StateNotSaved,
 )
 from tracker.helpers import LimitChange, Pending
@@ -213,8 +214,15 @@ class Engine(Policy):
             if isinstance(error, NoSuchProcess):
                 raise error
             raise LimitNotInForce(f"{entry.pid}: deny limits not in force: {error}")
+        try:
+            self.backend.quota_set(entry)
+        except QuotaNotKept as refused:
+            self._undo_quota(entry)
+            with suppress(StateNotSaved):
+                self.store.put(entry)
+            log.error("quota pid=%d %s by uid=%d refused: %s", entry.pid, quota, uid, refused)
+            raise
         log.info("quota pid=%d %s by uid=%d", entry.pid, quota, uid)
-        self.backend.quota_set(entry)
         self.check(entry)
 
     def _undo_quota(self, entry: Entry) -> None:

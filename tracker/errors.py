@@ -21,6 +21,7 @@ __all__ = [
     "NotPermitted",
     "NotTracked",
     "QuotaBusy",
+    "QuotaNotKept",
     "StateNotSaved",
     "TrackerError",
 ]
@@ -69,6 +70,13 @@ class LimitNotInForce(TrackerError):
     killed or failed, or the process changed it meanwhile): the change was undone."""
 
     code = errno.EAGAIN
+
+
+class QuotaNotKept(TrackerError):
+    """The engine cannot enforce this quota (the kernel's map is full): refused,
+    never accepted unenforced."""
+
+    code = errno.ENOSPC
 
 
 class StateNotSaved(TrackerError):

@@ -43,6 +43,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "bpf_prog_get_fd_by_id": (c_int, [c_uint]),
     "bpf_link_get_fd_by_id": (c_int, [c_uint]),
     "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, POINTER(c_uint)]),
+    "bpf_obj_get": (c_int, [c_char_p]),
     "ring_buffer__new": (c_void_p, [c_int, SAMPLE_FN, c_void_p, c_void_p]),
     "ring_buffer__epoll_fd": (c_int, [c_void_p]),
     "ring_buffer__consume": (c_int, [c_void_p]),
