@@ -1,0 +1,46 @@
+"""No user's reads make root's wait (SPEC §5, §6): a user who registers many of its
+own processes and reads `metrics` from many readers at once gets its renders
+one at a time, measured in batches with the loop free between them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from tests.conftest import NOBODY, DaemonFactory, Workload, as_user, wait_until
+
+PROCESSES = 1000
+READERS = 16
+
+
+def test_metrics_readers_of_one_user_do_not_stall_roots_reads(
+    daemon_factory: DaemonFactory, spawn
+) -> None:
+    daemon = daemon_factory()
+    mine: Workload = spawn()
+    daemon.register(mine.pid)
+    register = daemon.path("register")
+    script = f"for i in $(seq {PROCESSES}); do sleep 600 & echo $! > {register}; done; wait"
+    owner = subprocess.Popen(as_user(NOBODY, ["sh", "-c", script]), start_new_session=True)
+    readers: list[subprocess.Popen[bytes]] = []
+    try:
+        wait_until(lambda: len(os.listdir(daemon.mountpoint)) > PROCESSES, 60, "registrations")
+        loop = f"while :; do cat {daemon.path('metrics')} > /dev/null; done"
+        for _ in range(READERS):
+            readers.append(
+                subprocess.Popen(as_user(NOBODY, ["sh", "-c", loop]), start_new_session=True)
+            )
+        time.sleep(0.5)  # the readers under way
+        worst, deadline = 0.0, time.monotonic() + 4
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            daemon.read(mine.pid, "heapsize")
+            worst = max(worst, time.monotonic() - started)
+        print(f"root's worst heapsize read: {worst * 1000:.1f} ms")
+        assert worst < 0.5, f"root's read took {worst:.3f} s"
+    finally:
+        for process in [*readers, owner]:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
