@@ -101,7 +101,7 @@ async def read_fds(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     """The descriptors by kind, then `openfile_total`: their sum, the size of the
     one listing they come from (kinds only: no path is ever shown)."""
     assert entry is not None
-    kinds = await engine.fds(entry)
+    kinds = await engine.fds(entry, caller.uid)
     lines = [f"{kind} {kinds[kind]}\n" for kind in FD_KINDS]
     return "".join(lines) + f"{OPENFILE_TOTAL} {sum(kinds.values())}\n"
 

@@ -44,3 +44,36 @@ def test_metrics_readers_of_one_user_do_not_stall_roots_reads(
         for process in [*readers, owner]:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_fds_listings_of_one_user_do_not_stall_roots(daemon_factory: DaemonFactory, spawn) -> None:
+    daemon = daemon_factory()
+    mine: Workload = spawn()
+    daemon.register(mine.pid)
+    big = []
+    for _ in range(4):
+        w: Workload = spawn(uid=NOBODY)
+        w.do("setrlimit", "nofile", -1)
+        assert w.ask("open", 19_000).startswith("ok 19000")
+        daemon.register(w.pid)
+        big.append(w)
+    loops = [f"while :; do cat {daemon.path(w.pid, 'fds')} > /dev/null; done" for w in big]
+    readers = [
+        subprocess.Popen(as_user(NOBODY, ["sh", "-c", loops[i % 4]]), start_new_session=True)
+        for i in range(READERS)
+    ]
+    try:
+        time.sleep(0.5)  # the listings under way
+        latencies = []
+        for _ in range(20):
+            started = time.monotonic()
+            daemon.read(mine.pid, "fds")
+            latencies.append(time.monotonic() - started)
+        latencies.sort()
+        p50, worst = latencies[10] * 1000, latencies[-1] * 1000
+        print(f"root's fds read: p50 {p50:.1f} ms, worst {worst:.1f} ms")
+        assert latencies[-1] < 1.0, f"root's fds read took {latencies[-1]:.3f} s"
+    finally:
+        for process in readers:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

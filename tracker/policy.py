@@ -12,7 +12,8 @@ on top; a backend sees it through the `backend.Policy` protocol.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
+from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import trio
@@ -29,7 +30,8 @@ from tracker.registry import Registry
 from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE, RESOURCES, Counters, Resource, sample
 
 # fds listings at once in worker threads (each holds the GIL for its Python loop
-# part of the time: two keep the event loop's share large; the others wait, async)
+# part of the time: two keep the event loop's share large; the others wait, async):
+# root's two of its own, and two shared by the other users, at most one each.
 FD_LISTINGS = 2
 
 T = TypeVar("T")
@@ -47,7 +49,9 @@ class Policy:
         # a backend's read of VmData in the kernel (backend.KernelReads); set by the Engine
         self.kernel_vm_data: Callable[[Process], int | None] | None = None
         self.kernel_usage: Callable[[Process], tuple[int, str] | None] | None = None
-        self._fd_listings: trio.CapacityLimiter | None = None  # made in the trio run
+        # root's, the other users' (made in the trio run); each user's turn
+        self._fd_listings: tuple[trio.CapacityLimiter, trio.CapacityLimiter] | None = None
+        self._listing_turns: dict[int, trio.Lock] = {}
 
     # ----- reading, with enforcement ----------------------------------------
 
@@ -137,20 +141,22 @@ class Policy:
             if exact is not None:
                 self._raise_high(entry, exact)
 
-    async def fds(self, entry: Entry) -> dict[str, int]:
+    async def fds(self, entry: Entry, uid: int = 0) -> dict[str, int]:
         """The open descriptors by kind (`vocabulary.FD_KINDS`), from one listing.
 
         O(descriptors) (a readlink each, a statx for a path): made in a worker
-        thread, on a duplicate of the entry's pidfd, at most FD_LISTINGS at once, so
-        a process with 100,000 descriptors does not hold up other requests. The sum
-        is a fresh files sample: it raises openfile_peak and is enforced like one.
+        thread, on a duplicate of the entry's pidfd, so a process with 100,000
+        descriptors does not hold up other requests. Root's listings have
+        FD_LISTINGS workers of their own; the other users share FD_LISTINGS, one
+        each at most, so no user's listings make another's (root's above all)
+        wait behind them. The sum is a fresh files sample: it raises
+        openfile_peak and is enforced like one.
         """
         self.check_current(entry)
-        if self._fd_listings is None:
-            self._fd_listings = trio.CapacityLimiter(FD_LISTINGS)
         worker = entry.process.duplicate()
         try:
-            kinds = await trio.to_thread.run_sync(worker.fd_kinds, limiter=self._fd_listings)
+            async with self._listing_turn(uid) as limiter:
+                kinds = await trio.to_thread.run_sync(worker.fd_kinds, limiter=limiter)
         except NoSuchProcess:
             if entry.ended is None:
                 self.registry.remove(entry, "exited")
@@ -167,6 +173,26 @@ class Policy:
             used = max(0, total - entry.files_base)
             self.enforcer.enforce(entry, FILES_RESOURCE.alone(used))
         return kinds
+
+    @asynccontextmanager
+    async def _listing_turn(self, uid: int) -> AsyncIterator[trio.CapacityLimiter]:
+        """The worker pool this uid's listing runs in, after its own turn."""
+        if self._fd_listings is None:
+            pools = trio.CapacityLimiter(FD_LISTINGS), trio.CapacityLimiter(FD_LISTINGS)
+            self._fd_listings = pools
+        root, users = self._fd_listings
+        if uid == 0:
+            yield root
+            return
+        turn = self._listing_turns.get(uid)
+        if turn is None:
+            if len(self._listing_turns) > 4096:
+                idle = [u for u, lock in self._listing_turns.items() if not lock.locked()]
+                for u in idle:
+                    del self._listing_turns[u]
+            turn = self._listing_turns[uid] = trio.Lock()
+        async with turn:
+            yield users
 
     @staticmethod
     def _raise_high(entry: Entry, absolute: Counters) -> None:
