@@ -44,7 +44,28 @@ PATHS = [  # (grow mode, step, count, which)
     ("socket", 0, 300, "files"),
     ("pipe", 0, 300, "files"),
     ("dup", 0, 300, "files"),
+    # the ways around a per-call hook: ia32 calls, a sharer of the address space or
+    # table, io_uring work completed by a worker or the SQ thread, batches
+    ("ia32mmap", MiB, 300, "heap"),
+    ("ia32brk", MiB, 300, "heap"),
+    ("vmshare", MiB, 300, "heap"),
+    ("vfork", MiB, 300, "heap"),
+    ("ia32dup", 0, 300, "files"),
+    ("ia32open", 0, 300, "files"),
+    ("filesshare", 0, 300, "files"),
+    ("uring_async", 0, 300, "files"),
+    ("uring_sqpoll", 0, 300, "files"),
+    ("recvmsg_batch", 250, 3, "files"),
+    ("uring_batch", 300, 3, "files"),
 ]
+BATCHES = frozenset({"recvmsg_batch", "uring_batch"})  # STEP descriptors in one call
+
+
+def request_of(mode: str, step: int, which: str) -> float:
+    """One call's request on a path: MiB for heap paths, descriptors for the others."""
+    if which == "heap":
+        return step / MiB
+    return step if mode in BATCHES else 2 if mode == "pipe" else 1
 
 
 def compile_helpers(into: Path) -> dict[str, Path]:

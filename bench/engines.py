@@ -40,7 +40,7 @@ def one_kill(daemon: Daemon, grow: Path, mode: str, step: int, count: int, which
     pid, last_call, dead, out = bpf_cost.run_grower(grow, mode, step, count, stamp, arm)
     end = next(line for line in out.splitlines() if line.startswith("end ")).split()
     steps = sum(1 for line in out.splitlines() if line.startswith("step "))
-    per_step = step if which == "heap" else (2 if mode == "pipe" else 1)
+    per_step = bpf_cost.request_of(mode, step, which) * (MiB if which == "heap" else 1)
     limit = HEAP_QUOTA if which == "heap" else FD_QUOTA
     got = max(0, steps * per_step - limit)  # granted beyond the quota: calls that returned
     logged = _logged_usage(daemon.log, pid)
@@ -137,8 +137,12 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
 Both engines in one run, each in a fresh daemon: procfs at its default
 `--interval 100`, bpf at `--interval 2000` (nothing polls under it). Growth
 paths: tests/c/grow.c (1 MiB steps by mmap untouched/touched, brk, mprotect of
-a PROT_NONE reservation, a second thread; one 512 MiB MAP_POPULATE mapping;
-descriptors by open, socket, pipe (2 per call), dup), registered and given
+a PROT_NONE reservation, a second thread, ia32 mmap2 and brk, a CLONE_VM sharer
+and a vfork child; one 512 MiB MAP_POPULATE mapping; descriptors by open,
+socket, pipe (2 per call), dup, ia32 dup and open, a CLONE_FILES sharer,
+io_uring opens completed by an io-wq worker and by the SQPOLL thread, and
+batches: one recvmsg of 250 and one io_uring_enter of 300, whose request is the
+batch), registered and given
 `heap=64M` or `files=100` with `action=kill` through the mount, {rounds} run(s)
 each (the worst shown). "usage at kill over quota" is the usage in the daemon's
 enforcement log line minus the quota (bpf: the kernel's reading in the crossing
@@ -156,9 +160,9 @@ and exited before a check saw it.
 """
     costs = _syscall_costs(binaries["syscost"], cost_rounds, rows)
     bpf = {mode: by["bpf"] for mode, by in kills.items()}
+    requests = {mode: bpf_cost.request_of(mode, step, which) for mode, step, _, which in PATHS}
     one_request = all(
-        r["usage_over"] <= (2 if m == "pipe" else 1) and r["killed"]
-        for m, r in bpf.items() if m != "populate"
+        r["usage_over"] <= requests[m] and r["killed"] for m, r in bpf.items() if m != "populate"
     )  # fmt: skip
     if cfg.quick:
         return result  # the smoke test: too few paths and rounds for the goals

@@ -68,3 +68,42 @@ def test_a_flood_of_crossings_is_counted_whole_and_stalls_no_read(
 
 def _top(daemon: Daemon) -> dict[str, int]:
     return {k: int(v) for k, v in (line.split() for line in daemon.read("events").splitlines())}
+
+
+def test_a_raise_during_a_flood_is_lowered_back(
+    bpf_factory: DaemonFactory,  # noqa: F811
+    grow_binary: Path,
+    spawn,
+) -> None:
+    """While a user floods, a process under root's deny quota raises its soft
+    RLIMIT_NOFILE: the raise is not lost behind the flood's events."""
+    daemon = bpf_factory(*BPF)
+    argv = as_user(NOBODY, [grow_binary, "flip", 0, 3 * FLIPS])
+    flipper = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert flipper.stdin and flipper.stdout
+    pid = int(flipper.stdout.readline().split()[1])
+    _as_nobody_write(daemon, str(pid), "register")
+    _as_nobody_write(daemon, "files=0 action=notify", pid, "quota")
+    w: Workload = spawn(uid=NOBODY)
+    daemon.register(w.pid)
+    daemon.write("files=10 action=deny", w.pid, "quota")
+    wanted = _soft_nofile(w.pid)
+    flipper.stdin.write("go\n")
+    flipper.stdin.flush()
+    try:
+        assert w.ask("setrlimit", "nofile", -1) == "ok"
+        raised = time.monotonic()
+        wait_until(lambda: _soft_nofile(w.pid) == wanted, 2, "the raise lowered back")
+        lowered_after = time.monotonic() - raised
+        assert flipper.poll() is None, "the flood ended before the raise was handled"
+        assert lowered_after < 1.0  # not the 2 s polling
+    finally:
+        flipper.kill()
+        flipper.wait()
+
+
+def _soft_nofile(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no Max open files")
