@@ -132,7 +132,7 @@ def read_metrics(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     for tracked in list(engine.entries()):
         if caller.sees(tracked):
             _measure_into(measurements, engine, tracked)
-    return metrics.render(measurements, engine.enforcements, engine.backend.name)
+    return metrics.render(measurements, engine.enforcements, engine.backend.name, _dropped(engine))
 
 
 METRICS_BATCH = 64  # processes measured between two turns of the other requests
@@ -151,7 +151,9 @@ async def read_metrics_async(engine: Engine, entry: Entry | None, caller: Caller
                 await trio.lowlevel.checkpoint()
             if caller.sees(tracked) and tracked.ended is None:
                 _measure_into(measurements, engine, tracked)
-        return metrics.render(measurements, engine.enforcements, engine.backend.name)
+        return metrics.render(
+            measurements, engine.enforcements, engine.backend.name, _dropped(engine)
+        )
 
 
 def _turn_of(uid: int) -> contextlib.AbstractAsyncContextManager[object]:
@@ -164,6 +166,11 @@ def _turn_of(uid: int) -> contextlib.AbstractAsyncContextManager[object]:
                 del _metrics_turns[idle]
         lock = _metrics_turns[uid] = trio.Lock()
     return lock
+
+
+def _dropped(engine: Engine) -> int | None:
+    """The bpf engine's count of events its ring dropped (None: not this engine)."""
+    return getattr(engine.backend, "events_dropped", None)
 
 
 def _measure_into(measurements: list[Measurement], engine: Engine, tracked: Entry) -> None:

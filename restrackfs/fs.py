@@ -526,6 +526,11 @@ class RestrackOperations(pyfuse3.Operations):
         elif off and kept.end is not None and off >= kept.end:
             return b""  # past the end of a text returned whole, or dropped for the budget
         elif handle.node.spec is not None and handle.node.spec.read_async is not None:
+            if off and kept.end is not None:
+                # its text was dropped: this uid holds more than its budget in texts.
+                # Rendering it again per chunk would let one user's readers cost the
+                # loop a whole render per 128 KiB; say so instead.
+                raise pyfuse3.FUSEError(errno.ENOBUFS)
             return self._read_slow(fh, handle, off, size)
         else:
             content = self._render(handle)

@@ -13,10 +13,12 @@ What one uid can make the daemon hold is bounded twice:
 - at most `KEPT_BYTES_PER_UID` of kept renderings and listings per uid, or the
   one largest rendering if that is more: keeping one more drops that uid's
   least recently used ones. A handle whose text was dropped answers a read at
-  or past the text's end with end of file and renders afresh for a read before
-  it (so that text may tear, which only a uid holding more than the budget in
-  texts can see); a listing is taken again, and since readdir offsets follow inode
-  numbers the pass neither skips nor repeats a name.
+  or past the text's end with end of file, and a read before it with a fresh
+  rendering (so that text may tear, which only a uid holding more than the
+  budget in texts can see), or, for the files whose rendering is costly
+  (`metrics`, `fds`), with ENOBUFS: a user's readers must not cost the loop one
+  whole rendering per chunk; a listing is taken again, and since readdir
+  offsets follow inode numbers the pass neither skips nor repeats a name.
 """
 
 from __future__ import annotations

@@ -58,6 +58,7 @@ def render(
     measurements: Iterable[Measurement],
     enforcements: Mapping[Action, int],
     engine: str | None = None,
+    events_dropped: int | None = None,
 ) -> str:
     """The exposition; a `comm` label's value is the name itself, but for its
     unprintable characters, written `\\xHH`... (the format's own escapes cover only
@@ -82,5 +83,12 @@ def render(
             "# HELP restrack_engine_info The engine watching quotas (bpf or procfs).",
             "# TYPE restrack_engine_info gauge",
             f'restrack_engine_info{{engine="{_escape(engine)}"}} 1',
+        ]
+    if events_dropped is not None:
+        lines += [
+            "# HELP restrack_kernel_events_dropped_total Events the bpf engine's ring could"
+            " not take (their counts were taken from the map instead).",
+            "# TYPE restrack_kernel_events_dropped_total counter",
+            f"restrack_kernel_events_dropped_total {events_dropped}",
         ]
     return "\n".join(lines) + "\n"

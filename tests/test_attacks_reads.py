@@ -4,6 +4,7 @@ one at a time, measured in batches with the loop free between them."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -77,3 +78,33 @@ def test_fds_listings_of_one_user_do_not_stall_roots(daemon_factory: DaemonFacto
         for process in readers:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_a_text_dropped_for_the_budget_is_not_rendered_again_per_chunk(
+    daemon_factory: DaemonFactory,
+) -> None:
+    """More unfinished `metrics` texts than a uid's budget holds: the oldest is
+    dropped, and reading on in it is ENOBUFS, not one more render per chunk."""
+    daemon = daemon_factory()
+    register = daemon.path("register")
+    script = f"for i in $(seq {PROCESSES}); do sleep 600 & echo $! > {register}; done; wait"
+    owner = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    fds: list[int] = []
+    try:
+        wait_until(lambda: len(os.listdir(daemon.mountpoint)) > PROCESSES, 60, "registrations")
+        text = len(daemon.read("metrics"))
+        for _ in range((8 << 20) // text + 2):  # past handles.KEPT_BYTES_PER_UID
+            fd = os.open(daemon.path("metrics"), os.O_RDONLY)
+            fds.append(fd)
+            assert len(os.pread(fd, 4096, 0)) == 4096
+        try:
+            os.pread(fds[0], 4096, 4096)
+            raise AssertionError("the dropped text was rendered again")
+        except OSError as error:
+            assert error.errno == errno.ENOBUFS
+        assert len(os.pread(fds[-1], 4096, 4096)) == 4096  # the newest reads on
+    finally:
+        for fd in fds:
+            os.close(fd)
+        os.killpg(owner.pid, signal.SIGKILL)
+        owner.wait()

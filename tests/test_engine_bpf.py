@@ -92,6 +92,7 @@ def capped(daemon: Daemon, grower: Grower, quota: str) -> Grower:
 def test_engine_file_metric_and_log_line(bpf_daemon: Daemon) -> None:
     assert bpf_daemon.read("engine") == "bpf\n"
     assert 'restrack_engine_info{engine="bpf"} 1' in bpf_daemon.read("metrics")
+    assert "\nrestrack_kernel_events_dropped_total 0\n" in bpf_daemon.read("metrics")
     assert "engine bpf (--engine bpf)" in bpf_daemon.log_text()
     status = subprocess.run(
         [sys.executable, "-m", "restrackfs.cli", "--mount", str(bpf_daemon.mountpoint), "status"],

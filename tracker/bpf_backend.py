@@ -194,6 +194,11 @@ class Backend:
             log.debug("bpf: %s of pid=%d through /proc: %s", what, process.pid, error)
             return None
 
+    @property
+    def events_dropped(self) -> int:
+        """Events the kernel's ring could not take since the maps were made."""
+        return self._dropped if self._closed else self.kw.dropped()
+
     def flush(self) -> None:
         if not self._closed:
             self._handle_all(self.kw.drain())

@@ -97,7 +97,13 @@ class Enforcer:
         self.announce(entry)
 
     def _exceeded(
-        self, entry: Entry, resource: Resource, used: int, limit: int, comm: str, times: int = 1
+        self,
+        entry: Entry,
+        resource: Resource,
+        used: int,
+        limit: int,
+        comm: str | None,
+        times: int = 1,
     ) -> None:
         """One line however many crossings (`times`: the kernel counted a burst); a
         process that crosses over and over gets LINES_PER_WINDOW lines a window, the
@@ -108,7 +114,7 @@ class Enforcer:
             enforcement_log.warning(
                 "pid=%d comm=%s quota=%s usage=%d limit=%d action=%s%s",
                 entry.pid,
-                escape_comm(comm),
+                escape_comm(self.comm(entry) if comm is None else comm),  # only when logged
                 resource.name,
                 used,
                 limit,
@@ -125,8 +131,7 @@ class Enforcer:
         if entry.quota is None or entry.ended not in (None, "exited"):
             return
         entry.over = entry.over | {report.resource.name}
-        comm = self.comm(entry)
-        self._exceeded(entry, report.resource, report.usage, report.limit, comm, report.count)
+        self._exceeded(entry, report.resource, report.usage, report.limit, None, report.count)
         if report.kind == KILLED:
             entry.killed = True
             self.count(entry, KILLED)
@@ -137,15 +142,17 @@ class Enforcer:
         entry = report.entry
         if entry.quota is None or entry.ended not in (None, "exited"):
             return
-        enforcement_log.warning(
-            "pid=%d comm=%s quota=%s refused=%d usage=%d limit=%d action=deny",
-            entry.pid,
-            escape_comm(self.comm(entry)),
-            report.resource.name,
-            report.count,
-            report.usage,
-            report.limit,
-        )
+        refused = self._throttle.admit(entry, report.count)
+        if refused is not None:
+            enforcement_log.warning(
+                "pid=%d comm=%s quota=%s refused=%d usage=%d limit=%d action=deny",
+                entry.pid,
+                escape_comm(self.comm(entry)),
+                report.resource.name,
+                refused,
+                report.usage,
+                report.limit,
+            )
         self.count(entry, DENIED, report.count)
         self.announce(entry)
 
