@@ -178,3 +178,25 @@ def test_every_call_refused_for_a_deny_limit_is_counted(
     assert top_events(bpf_daemon)["denied"] - denied_before == refused
     assert f"pid={child.pid} comm=grow quota=" in bpf_daemon.log_text()
     assert "refused=" in bpf_daemon.log_text()
+
+
+def test_an_exec_does_not_hand_the_old_images_memory_to_the_new_one(
+    bpf_daemon, bin_dir: Path
+) -> None:
+    """Registered with 200 MiB of VmData, the process execs a small image under a
+    64 MiB kill quota: the new image gets 64 MiB beyond where it starts, not the
+    200 MiB the old one held (the baseline follows an exec down, never up)."""
+    binary = bin_dir / "execgrow"
+    subprocess.run(["gcc", "-O1", "-o", binary, HERE / "c" / "execgrow.c"], check=True)
+    proc = subprocess.Popen([binary, str(200 * MiB), str(MiB), "300"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdin and proc.stdout
+    pid = int(proc.stdout.readline().split()[1])
+    bpf_daemon.register(pid)
+    bpf_daemon.write("heap=64M action=kill", pid, "quota")
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    steps = sum(1 for line in proc.stdout if line.startswith("step "))
+    assert proc.wait(20) == -signal.SIGKILL
+    assert steps <= 64, f"{steps} MiB mapped after the exec"
+    wait_until(lambda: f"exec: pid={pid} heap baseline" in bpf_daemon.log_text(), 2, "rebased")

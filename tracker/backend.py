@@ -114,6 +114,10 @@ class Policy(Protocol):
     def reported(self, report: Report) -> None:
         """Log, count and announce what the backend saw (pushed backends)."""
 
+    def heap_rebased(self, entry: Entry, heap_base: int) -> None:
+        """The process exec'd into an image with less VmData than its heap baseline:
+        the baseline (bytes) is lowered to it (pushed backends that see exec)."""
+
 
 class Backend(Protocol):
     """What the engine asks of a backend. Each notification is synchronous and

@@ -241,6 +241,7 @@ class Backend:
             soft.get(limits.NOFILE),
             BpfAction[quota.action.name],
             0,
+            heap_base_pages=entry.heap_base // PAGE,
         )
 
     def _watch(self, entry: Entry, refuse: bool = False) -> None:
@@ -256,6 +257,7 @@ class Backend:
                 s.action.name.lower(),
                 data_soft=s.data_soft,
                 nofile_soft=s.nofile_soft,
+                heap_base_pages=s.heap_base_pages,
             )
         except ProcessLookupError:
             self._watched.pop(entry.pid, None)  # exited: its exit watcher removes it
@@ -381,6 +383,8 @@ class Backend:
     def _apply(self, entry: Entry, taken: Taken) -> None:
         if taken.empty:
             return
+        if taken.execs:
+            self.policy.heap_rebased(entry, taken.heap_base_pages * PAGE)
         if taken.kill_failed:
             log.warning("bpf: the kernel could not signal pid=%d; killing it", entry.pid)
             self.policy.check(entry)  # a sample over the quota kills through the pidfd

@@ -233,6 +233,24 @@ class Engine(Policy):
         self.registry.quota_changed(entry)
         self.deny.restore(entry, saved_soft)
 
+    def heap_rebased(self, entry: Entry, heap_base: int) -> None:
+        """An exec left the process less VmData than its heap baseline: the old
+        image's memory is gone, so the baseline follows it down (never up), and
+        the heap watermark restarts there; deny's data limit is set anew."""
+        if entry.ended is not None or heap_base >= entry.heap_base:
+            return
+        before = (entry.baseline, entry.high)
+        entry.baseline = Counters(heap=heap_base, files=entry.files_base)
+        entry.high = Counters(heap=heap_base, files=entry.high.files)
+        try:
+            self.store.put(entry)
+        except StateNotSaved:
+            entry.baseline, entry.high = before
+            return
+        log.info("exec: pid=%d heap baseline %d -> %d", entry.pid, before[0].heap, heap_base)
+        if entry.quota is not None and entry.quota.action is Action.DENY:
+            self.deny.apply_and_keep(entry)
+
     def reset(self, entry: Entry, *, quota: bool, usage: bool, caller_uid: int) -> None:
         """Clear the quota, restart the usage counters, or both."""
         self._enforce_before_command(entry)

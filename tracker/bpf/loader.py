@@ -73,8 +73,8 @@ TAKE_PROGRAM = "take_counts"  # SEC("syscall"): an entry's counts, taken once
 PEAKS_PROGRAM = "set_peaks"  # SEC("syscall"): restart an entry's watermarks
 NAMESPACE_PROGRAM = "learn_namespace"  # SEC("syscall"): run once after each load
 
-_WATCH = struct.Struct("<7Q2I2Q2I9Q")  # struct watch
-_TAKE = struct.Struct("<2I9Q")  # struct take
+_WATCH = struct.Struct("<7Q2I2Q2I11Q")  # struct watch
+_TAKE = struct.Struct("<2I11Q")  # struct take
 _PEAKS = struct.Struct("<2I2Q")  # struct peaks_args
 _EVENT = struct.Struct("<4I3Q")  # struct event
 _FINAL = struct.Struct("<9Q")  # the rest of struct exit_event
@@ -100,6 +100,7 @@ class Kind(IntEnum):
     EXITED = 5  # the thread group is gone; its entry was removed in the kernel
     KILL_FAILED = 6  # bpf_send_signal refused (an exiting task): user space kills
     DENIED = 7  # deny: the kernel refused a call for the limit (ENOMEM, EMFILE)
+    EXEC = 8  # an exec lowered the heap baseline (take_counts says to what)
 
 
 class Which(IntEnum):
@@ -124,10 +125,12 @@ class Taken:
     raised: int  # deny: soft limits seen raised
     killed: bool
     kill_failed: bool
+    execs: int = 0  # execs that lowered the heap baseline, now heap_base_pages
+    heap_base_pages: int = 0
 
     @property
     def empty(self) -> bool:
-        nothing = not (self.raised or self.killed or self.kill_failed)
+        nothing = not (self.raised or self.killed or self.kill_failed or self.execs)
         return nothing and not any(self.crossings) and not any(self.denied)
 
 
@@ -158,22 +161,37 @@ class WatchState:
     mm: int = 0  # the kernel's: the address of its mm_struct and files_struct (bind)
     files: int = 0
     host_tgid: int = 0
+    heap_base_pages: int = 0  # data_vm at the baseline (an exec may lower it)
 
     @classmethod
     def unpack(cls, raw: bytes) -> WatchState:
-        start, heap, fds, heap_peak, fd_peak, data, nofile, action, flags, mm, files, host, *_ = (
-            _WATCH.unpack(raw)
-        )
+        (
+            start,
+            heap,
+            fds,
+            heap_peak,
+            fd_peak,
+            data,
+            nofile,
+            action,
+            flags,
+            mm,
+            files,
+            host,
+            *rest,
+        ) = _WATCH.unpack(raw)
+        heap_base = rest[-2]
         return cls(
             start, _opt(heap), _opt(fds), heap_peak, fd_peak, _opt(data), _opt(nofile),
-            Action(action), flags, mm, files, host,
+            Action(action), flags, mm, files, host, heap_base,
         )  # fmt: skip
 
     def pack(self) -> bytes:
         return _WATCH.pack(
             self.start_time, _raw(self.heap_limit_pages), _raw(self.fd_limit),
             self.heap_peak_pages, self.fd_peak, _raw(self.data_soft), _raw(self.nofile_soft),
-            int(self.action), self.flags, self.mm, self.files, self.host_tgid, 0, *[0] * 9,
+            int(self.action), self.flags, self.mm, self.files, self.host_tgid, 0,
+            *[0] * 9, self.heap_base_pages, 0,  # the counts, taken by take_counts
         )  # fmt: skip
 
     @property
@@ -376,6 +394,7 @@ class KernelWatch:
         nofile_soft: int | None = None,
         heap_peak_pages: int = 0,
         fd_peak: int = 0,
+        heap_base_pages: int = 0,
     ) -> None:
         """Watch thread group `tgid` (replacing its entry, flags cleared).
 
@@ -385,7 +404,7 @@ class KernelWatch:
         entry inserted after its exit would otherwise never be removed."""
         state = WatchState(
             start_time, heap_limit_pages, fd_limit, heap_peak_pages, fd_peak,
-            data_soft, nofile_soft, Action[action.upper()], 0,
+            data_soft, nofile_soft, Action[action.upper()], 0, heap_base_pages=heap_base_pages,
         )  # fmt: skip
         self._update(tgid, state, libbpf.BPF_ANY)
         if not _running(tgid, start_time) or self._bind(tgid) == -errno.ESRCH:
@@ -439,13 +458,14 @@ class KernelWatch:
     def take(self, tgid: int) -> Taken | None:
         """The entry's counts since the last take, zeroed in the kernel; None when
         it is not watched (any more)."""
-        raw = self._run(TAKE_PROGRAM, _TAKE.pack(tgid, *[0] * 10))
+        raw = self._run(TAKE_PROGRAM, _TAKE.pack(tgid, *[0] * 12))
         _, found, *counts = _TAKE.unpack(raw)
         if not found:
             return None
-        heap_x, files_x, heap_at, files_at, heap_no, files_no, raised, kills, failed = counts
+        heap_x, files_x, heap_at, files_at, heap_no, files_no, raised, kills, failed, *rest = counts
         crossings, usage_at, denied = (heap_x, files_x), (heap_at, files_at), (heap_no, files_no)
-        return Taken(crossings, usage_at, denied, raised, kills > 0, failed > 0)
+        execs, heap_base = rest
+        return Taken(crossings, usage_at, denied, raised, kills > 0, failed > 0, execs, heap_base)
 
     def dropped(self) -> int:
         """Events the kernel could not queue (a full ring) since the maps were made."""

@@ -86,7 +86,7 @@ __u32 ns_inum;
 enum action { ACT_KILL = 0, ACT_DENY = 1, ACT_NOTIFY = 2 };
 enum kind {
 	EV_EXCEEDED = 1, EV_KILLED = 2, EV_NOTIFIED = 3, EV_RAISED = 4, EV_EXITED = 5,
-	EV_KILL_FAILED = 6, EV_DENIED = 7,
+	EV_KILL_FAILED = 6, EV_DENIED = 7, EV_EXEC = 8,
 };
 enum which { W_NONE = 0, W_HEAP = 1, W_FILES = 2 };
 enum flag { F_HEAP_OVER = 1, F_FILES_OVER = 2, F_KILLED = 4, F_KILL_FAILED = 8 };
@@ -115,6 +115,8 @@ struct watch {
 	__u64 raised;		/* deny: soft limits raised above the ones set */
 	__u64 kills;		/* 1 once killed (kept in flags too) */
 	__u64 kill_failed;
+	__u64 heap_base_pages;	/* data_vm at the baseline: limit - base is the quota */
+	__u64 execs;		/* execs that lowered the heap baseline */
 };
 
 /* Counts kept in the kernel: ring events dropped (a full ring). */
@@ -746,6 +748,23 @@ static void index_shared(struct task_struct *task, struct watch *w, __u32 key)
 		bpf_map_update_elem(&by_files, &files, &key, BPF_ANY);
 }
 
+/* The old image's memory is gone with its address space: the heap baseline
+ * becomes the new image's data_vm if that is lower, so an exec never lets a
+ * process take more than its quota beyond where it started (it never raises
+ * the baseline either). The watermark restarts there. */
+static void rebase_heap(struct task_struct *task, struct watch *w, __u32 key)
+{
+	__u64 now = BPF_CORE_READ(task, mm, data_vm), base = w->heap_base_pages;
+
+	if (w->heap_limit_pages == NONE || now >= base)
+		return;
+	w->heap_limit_pages = now + (w->heap_limit_pages - base);
+	w->heap_base_pages = now;
+	__sync_lock_test_and_set(&w->heap_peak_pages, now);
+	__sync_fetch_and_add(&w->execs, 1);
+	signal_change(w, key, EV_EXEC, W_HEAP, now, w->heap_limit_pages);
+}
+
 /* exec gives the process a new address space (and a table of its own if it was
  * shared): index the new ones, drop the old. */
 SEC("tp_btf/sched_process_exec")
@@ -754,8 +773,10 @@ int BPF_PROG(group_exec, struct task_struct *task, int old_pid, void *bprm)
 	__u32 key = key_of(task);
 	struct watch *w = key ? bpf_map_lookup_elem(&watched, &key) : 0;
 
-	if (w)
-		index_shared(task, w, key);
+	if (!w)
+		return 0;
+	index_shared(task, w, key);
+	rebase_heap(task, w, key);
 	return 0;
 }
 
@@ -769,6 +790,8 @@ struct take {
 	__u64 raised;
 	__u64 kills;
 	__u64 kill_failed;
+	__u64 execs;
+	__u64 heap_base_pages;
 };
 
 /* Run by the daemon for each event (and at a reconcile): clear pending first,
@@ -793,6 +816,8 @@ int take_counts(struct take *t)
 	t->raised = __sync_lock_test_and_set(&w->raised, 0);
 	t->kills = __sync_lock_test_and_set(&w->kills, 0);
 	t->kill_failed = __sync_lock_test_and_set(&w->kill_failed, 0);
+	t->execs = __sync_lock_test_and_set(&w->execs, 0);
+	t->heap_base_pages = w->heap_base_pages;
 	return 0;
 }
 
