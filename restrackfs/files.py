@@ -135,7 +135,7 @@ def read_metrics(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     return metrics.render(measurements, engine.enforcements, engine.backend.name, _dropped(engine))
 
 
-METRICS_BATCH = 64  # processes measured between two turns of the other requests
+METRICS_BATCH = 32  # processes measured between two turns of the other requests
 _metrics_turns: dict[int, trio.Lock] = {}  # uid -> its one render at a time
 
 
