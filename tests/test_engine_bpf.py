@@ -503,3 +503,55 @@ def test_a_quota_the_full_map_cannot_take_is_refused(bpf_factory: DaemonFactory,
             lib.bpf_map_delete_elem(fd, loader._KEY.pack(key))
         os.close(fd)
     daemon.write("files=10 action=kill", w.pid, "quota")  # room again
+
+
+HOLES_TARGET = """
+import os, sys
+fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(40)]
+for fd in fds[:20]:
+    os.close(fd)  # a table with its high descriptors open and low holes
+print(os.getpid(), flush=True)
+for line in sys.stdin:
+    if line.startswith("close"):
+        for fd in fds[20:]:
+            os.close(fd)
+        print("closed", flush=True)
+    elif line.startswith("try"):
+        opened = 0
+        try:
+            for _ in range(int(line.split()[1])):
+                os.open("/dev/null", os.O_RDONLY)
+                opened += 1
+        except OSError:
+            pass
+        print(opened, flush=True)
+"""
+
+
+def test_a_deny_limit_follows_the_table_when_descriptors_close(bpf_daemon: Daemon) -> None:
+    """RLIMIT_NOFILE counts fd numbers: with its 20 high descriptors closed, a
+    process under files=10 deny may open up to baseline + 10 again, exactly, at
+    once (under bpf nothing polls: the kernel says the table shrank)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLES_TARGET], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdin and proc.stdout
+    try:
+        pid = int(proc.stdout.readline())
+        bpf_daemon.register(pid)
+        bpf_daemon.write("files=10 action=deny", pid, "quota")
+        base = len(os.listdir(f"/proc/{pid}/fd"))
+        assert _soft_nofile_limit(pid) < base  # fd numbers: the holes come first
+        proc.stdin.write("close\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "closed\n"
+        now = len(os.listdir(f"/proc/{pid}/fd"))
+        started = time.monotonic()
+        wait_until(lambda: _soft_nofile_limit(pid) == base + 10, 1.5, "the limit set anew")
+        assert time.monotonic() - started < 1.5, "not before the 2 s polling"
+        proc.stdin.write("try 100\n")
+        proc.stdin.flush()
+        opened = int(proc.stdout.readline())
+        assert now + opened == base + 10, (now, opened, base)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -77,6 +77,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 IDLE_DETACH = 10.0  # seconds with nothing watched before the programs are detached
 RETRY_PERIOD = 1.0  # seconds between looks for deny limit sets due a retry, and for drops
 BATCH = 64  # events handled between two looks at the FUSE requests
+RECHECK_GAP = 0.05  # seconds between two rounds of deny limits set anew after a close
 EXITED_KEPT = 4096  # exited entries whose exit event (with its last counts) may still come
 
 
@@ -118,6 +119,8 @@ class Backend:
         self._counters = _open_counters()
         self._dropped = 0  # the kernel's count of events it could not queue, when last seen
         self._exited: dict[int, Entry] = {}  # pid -> an entry the engine removed at its exit
+        self._rechecks: dict[int, Entry] = {}  # deny entries whose table shrank
+        self._recheck_due = trio.Event()
 
     # ----- the engine's notifications (synchronous, cheap) ------------------
 
@@ -334,6 +337,7 @@ class Backend:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._attachment)
             nursery.start_soon(self._retries)
+            nursery.start_soon(self._recheck_shrunk)
             task_status.started()
             fd = self.kw.ring_fd()
             while True:
@@ -385,6 +389,9 @@ class Backend:
             return
         if taken.execs:
             self.policy.heap_rebased(entry, taken.heap_base_pages * PAGE)
+        if taken.shrunk:
+            self._rechecks[entry.pid] = entry  # the deny limit set anew, soon (throttled)
+            self._recheck_due.set()
         if taken.kill_failed:
             log.warning("bpf: the kernel could not signal pid=%d; killing it", entry.pid)
             self.policy.check(entry)  # a sample over the quota kills through the pidfd
@@ -453,6 +460,20 @@ class Backend:
                 self._changed.set()
             else:
                 self._take(entry)
+
+    async def _recheck_shrunk(self) -> None:
+        """A deny quota's soft RLIMIT_NOFILE counts fd numbers: when its table shrank,
+        the limit is computed anew (lower where holes closed, higher where the
+        process is short of its quota). At most one round every RECHECK_GAP, so a
+        process closing in a loop costs one /proc listing per round."""
+        while True:
+            await self._recheck_due.wait()
+            self._recheck_due = trio.Event()
+            due, self._rechecks = self._rechecks, {}
+            for pid, entry in due.items():
+                if self._watched.get(pid) is entry:
+                    self.policy.check(entry)
+            await trio.sleep(RECHECK_GAP)
 
     async def _retries(self) -> None:
         """Deny limit sets that failed are retried when due (no /proc read otherwise),

@@ -73,8 +73,8 @@ TAKE_PROGRAM = "take_counts"  # SEC("syscall"): an entry's counts, taken once
 PEAKS_PROGRAM = "set_peaks"  # SEC("syscall"): restart an entry's watermarks
 NAMESPACE_PROGRAM = "learn_namespace"  # SEC("syscall"): run once after each load
 
-_WATCH = struct.Struct("<7Q2I2Q2I11Q")  # struct watch
-_TAKE = struct.Struct("<2I11Q")  # struct take
+_WATCH = struct.Struct("<7Q2I2Q2I13Q")  # struct watch
+_TAKE = struct.Struct("<2I12Q")  # struct take
 _PEAKS = struct.Struct("<2I2Q")  # struct peaks_args
 _EVENT = struct.Struct("<4I3Q")  # struct event
 _FINAL = struct.Struct("<9Q")  # the rest of struct exit_event
@@ -101,6 +101,7 @@ class Kind(IntEnum):
     KILL_FAILED = 6  # bpf_send_signal refused (an exiting task): user space kills
     DENIED = 7  # deny: the kernel refused a call for the limit (ENOMEM, EMFILE)
     EXEC = 8  # an exec lowered the heap baseline (take_counts says to what)
+    SHRUNK = 9  # deny: the table got smaller; the soft RLIMIT_NOFILE is set anew
 
 
 class Which(IntEnum):
@@ -127,10 +128,12 @@ class Taken:
     kill_failed: bool
     execs: int = 0  # execs that lowered the heap baseline, now heap_base_pages
     heap_base_pages: int = 0
+    shrunk: int = 0  # deny: checks that found the descriptor table smaller than before
 
     @property
     def empty(self) -> bool:
         nothing = not (self.raised or self.killed or self.kill_failed or self.execs)
+        nothing = nothing and not self.shrunk
         return nothing and not any(self.crossings) and not any(self.denied)
 
 
@@ -191,7 +194,7 @@ class WatchState:
             self.start_time, _raw(self.heap_limit_pages), _raw(self.fd_limit),
             self.heap_peak_pages, self.fd_peak, _raw(self.data_soft), _raw(self.nofile_soft),
             int(self.action), self.flags, self.mm, self.files, self.host_tgid, 0,
-            *[0] * 9, self.heap_base_pages, 0,  # the counts, taken by take_counts
+            *[0] * 9, self.heap_base_pages, 0, 0, 0,  # the counts, taken by take_counts
         )  # fmt: skip
 
     @property
@@ -458,14 +461,16 @@ class KernelWatch:
     def take(self, tgid: int) -> Taken | None:
         """The entry's counts since the last take, zeroed in the kernel; None when
         it is not watched (any more)."""
-        raw = self._run(TAKE_PROGRAM, _TAKE.pack(tgid, *[0] * 12))
+        raw = self._run(TAKE_PROGRAM, _TAKE.pack(tgid, *[0] * 13))
         _, found, *counts = _TAKE.unpack(raw)
         if not found:
             return None
         heap_x, files_x, heap_at, files_at, heap_no, files_no, raised, kills, failed, *rest = counts
         crossings, usage_at, denied = (heap_x, files_x), (heap_at, files_at), (heap_no, files_no)
-        execs, heap_base = rest
-        return Taken(crossings, usage_at, denied, raised, kills > 0, failed > 0, execs, heap_base)
+        execs, heap_base, shrunk = rest
+        return Taken(
+            crossings, usage_at, denied, raised, kills > 0, failed > 0, execs, heap_base, shrunk
+        )
 
     def dropped(self) -> int:
         """Events the kernel could not queue (a full ring) since the maps were made."""

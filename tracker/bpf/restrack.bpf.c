@@ -86,7 +86,7 @@ __u32 ns_inum;
 enum action { ACT_KILL = 0, ACT_DENY = 1, ACT_NOTIFY = 2 };
 enum kind {
 	EV_EXCEEDED = 1, EV_KILLED = 2, EV_NOTIFIED = 3, EV_RAISED = 4, EV_EXITED = 5,
-	EV_KILL_FAILED = 6, EV_DENIED = 7, EV_EXEC = 8,
+	EV_KILL_FAILED = 6, EV_DENIED = 7, EV_EXEC = 8, EV_SHRUNK = 9,
 };
 enum which { W_NONE = 0, W_HEAP = 1, W_FILES = 2 };
 enum flag { F_HEAP_OVER = 1, F_FILES_OVER = 2, F_KILLED = 4, F_KILL_FAILED = 8 };
@@ -117,6 +117,8 @@ struct watch {
 	__u64 kill_failed;
 	__u64 heap_base_pages;	/* data_vm at the baseline: limit - base is the quota */
 	__u64 execs;		/* execs that lowered the heap baseline */
+	__u64 fd_last;		/* deny: the descriptor count at the last check */
+	__u64 shrunk;		/* deny: checks that found fewer descriptors than the last */
 };
 
 /* Counts kept in the kernel: ring events dropped (a full ring). */
@@ -525,6 +527,15 @@ static __always_inline void check_files(long ret)
 	judge_shared(w, tgid, W_FILES, F_FILES_OVER, fds, w->fd_limit, sharer);
 	if (ret == -EMFILE && w->nofile_soft != NONE)
 		count_denied(w, tgid, W_FILES, fds, w->fd_limit);
+	if (w->action == ACT_DENY && w->nofile_soft != NONE && !sharer) {
+		/* The soft RLIMIT_NOFILE counts fd numbers: a closed descriptor
+		 * changes how many opens it lets through, so the daemon sets it anew. */
+		if (fds < w->fd_last) {
+			__sync_fetch_and_add(&w->shrunk, 1);
+			signal_change(w, tgid, EV_SHRUNK, W_FILES, fds, w->fd_limit);
+		}
+		w->fd_last = fds;
+	}
 }
 
 SEC("tracepoint")
@@ -792,6 +803,7 @@ struct take {
 	__u64 kill_failed;
 	__u64 execs;
 	__u64 heap_base_pages;
+	__u64 shrunk;
 };
 
 /* Run by the daemon for each event (and at a reconcile): clear pending first,
@@ -818,6 +830,7 @@ int take_counts(struct take *t)
 	t->kill_failed = __sync_lock_test_and_set(&w->kill_failed, 0);
 	t->execs = __sync_lock_test_and_set(&w->execs, 0);
 	t->heap_base_pages = w->heap_base_pages;
+	t->shrunk = __sync_lock_test_and_set(&w->shrunk, 0);
 	return 0;
 }
 
