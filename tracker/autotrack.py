@@ -25,6 +25,7 @@ from tracker.access import ROOT
 from tracker.engine import Engine
 from tracker.procfs import Stat
 from tracker.quota import Action, Quota
+from tracker.resources import Counters
 
 log = logging.getLogger("restrackfs.autotrack")
 
@@ -85,6 +86,23 @@ class AutoTracker:
         # identity -> the comm it was decided with (None: decided for good)
         self._decided: dict[tuple[int, int], str | None] = {}
         self._previous: dict[int, Stat] = {}
+        if self._at_fork:
+            engine.on_forked(self._forked)
+
+    @property
+    def _at_fork(self) -> bool:
+        """--track-children with a default quota and no --track-comm (a name is only
+        known after an exec): where the backend can, children are watched at fork,
+        before they run, and registered as soon as the daemon hears of them."""
+        policy = self.policy
+        return (
+            policy.children_of is not None
+            and policy.default_quota is not None
+            and policy.comm_glob is None
+        )
+
+    def _forked(self, pid: int, baseline: Counters) -> None:
+        self._track(pid, baseline)
 
     def _still_tracked(self, pid: int, known: Stat) -> bool:
         entry = self.engine.get(pid)
@@ -95,6 +113,8 @@ class AutoTracker:
         )
 
     async def run(self, period: float = 0.25) -> None:
+        if self._at_fork:
+            self._inherit_from_root()
         while True:
             self.scan()
             await trio.sleep(period)
@@ -131,17 +151,39 @@ class AutoTracker:
             return False
         return policy.children_of is None or _descends(pid, policy.children_of, stats)
 
-    def _track(self, pid: int) -> None:
-        if self.engine.get(pid) is not None:
+    def _inherit_from_root(self) -> None:
+        """The root of --track-children is not tracked itself: a registration of it
+        carrying the default quota as an inherit rule only would be one; instead
+        the rule is set on it directly, where the backend takes rules."""
+        root = self.policy.children_of
+        quota = self.policy.default_quota
+        assert root is not None and quota is not None
+        inherit_pid = getattr(self.engine.backend, "inherit_pid", None)
+        if inherit_pid is None:
             return
         try:
-            entry = self.engine.register(pid, ROOT)
+            inherit_pid(root, procfs.read_stat(root).start_time, quota)
+        except (procfs.NoSuchProcess, procfs.AccessDenied) as error:
+            log.warning("--track-children %d: %s", root, error)
+
+    def _track(self, pid: int, baseline: Counters | None = None) -> None:
+        if self.engine.get(pid) is not None:
+            return
+        key = None
+        try:
+            entry = self.engine.register(pid, ROOT, baseline)
+            key = (pid, entry.process.start_time)
             if self.policy.default_quota is not None:
                 self.engine.set_quota(entry, self.policy.default_quota, ROOT)
+                if self._at_fork:
+                    self.engine.inherit(entry)
         except OSError as error:  # it exited meanwhile, or a state save failed
             log.debug("auto-track pid=%d: %s", pid, error)
             return
-        log.info("auto-tracked pid=%d comm=%s", pid, procfs.escape_comm(entry.comm))
+        if key is not None:
+            self._decided[key] = None  # a later scan need not look at it again
+        how = " (watched since its fork)" if baseline is not None else ""
+        log.info("auto-tracked pid=%d comm=%s%s", pid, procfs.escape_comm(entry.comm), how)
 
 
 def _descends(pid: int, ancestor: int, stats: dict[int, Stat]) -> bool:

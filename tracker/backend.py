@@ -118,6 +118,10 @@ class Policy(Protocol):
         """The process exec'd into an image with less VmData than its heap baseline:
         the baseline (bytes) is lowered to it (pushed backends that see exec)."""
 
+    def forked(self, pid: int, baseline: Counters) -> None:
+        """A child the backend watches since its fork (an inherit rule), not yet
+        registered: its usage at fork is `baseline` (absolute)."""
+
 
 class Backend(Protocol):
     """What the engine asks of a backend. Each notification is synchronous and

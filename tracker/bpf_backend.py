@@ -66,7 +66,7 @@ from tracker.bpf.loader import (
 from tracker.entry import Entry
 from tracker.errors import QuotaNotKept
 from tracker.process import Process
-from tracker.quota import Action
+from tracker.quota import Action, Quota
 from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE, Counters, Resource
 
 log = logging.getLogger("restrackfs.engine")
@@ -119,6 +119,7 @@ class Backend:
         self._counters = _open_counters()
         self._dropped = 0  # the kernel's count of events it could not queue, when last seen
         self._exited: dict[int, Entry] = {}  # pid -> an entry the engine removed at its exit
+        self._inheriting = False  # an inherit rule set for a process not tracked
         self._rechecks: dict[int, Entry] = {}  # deny entries whose table shrank
         self._recheck_due = trio.Event()
 
@@ -214,7 +215,7 @@ class Backend:
         if self._counters is not None:
             self._counters.close()
             self._counters = None
-        keep = bool(self._watched)
+        keep = self._needed
         with self._lock:
             self.kw.close(unpin=not keep)
         if keep:
@@ -247,10 +248,40 @@ class Backend:
             heap_base_pages=entry.heap_base // PAGE,
         )
 
+    def inherit(self, entry: Entry) -> None:
+        """Its children from now on are watched at fork with its quota (backend.Inherits)."""
+        quota = entry.quota
+        if quota is None or self._closed:
+            return
+        heap = None if quota.heap is None else quota.heap // PAGE  # as _state_of: floor
+        try:
+            self.kw.inherit(entry.pid, entry.process.start_time, heap, quota.files,
+                            quota.action.name.lower())  # fmt: skip
+        except OSError as error:
+            log.error("bpf: children of pid=%d not watched at fork: %s", entry.pid, error)
+
+    def inherit_pid(self, pid: int, start_time: int, quota: Quota) -> None:
+        """As `inherit`, for a process that is not tracked (--track-children's root)."""
+        heap = None if quota.heap is None else quota.heap // PAGE
+        try:
+            self.kw.inherit(pid, start_time, heap, quota.files, quota.action.name.lower())
+        except OSError as error:
+            log.error("bpf: children of pid=%d not watched at fork: %s", pid, error)
+            return
+        log.info("bpf: children of pid=%d watched from their fork (%s)", pid, quota.format())
+        self._inheriting = True  # the fork hook must run: attached from now on
+        self._sync()
+
     def _watch(self, entry: Entry, refuse: bool = False) -> None:
         if self._watched.get(entry.pid) is entry:
             self._take(entry)  # the counts of the setting being replaced
         s = self._state_of(entry)
+        held = None if entry.pid in self._watched else self.kw.entry(entry.pid)
+        if held is not None and held.start_time == s.start_time and _same_limits(held, s):
+            self._watched[entry.pid] = entry  # made by the kernel at fork: kept as it is
+            self._exceeded_seen[entry.pid] = entry.events[EXCEEDED]
+            self._take(entry)
+            return
         try:
             self.kw.watch(
                 entry.pid,
@@ -292,7 +323,7 @@ class Backend:
 
     def _sync(self) -> None:
         """Attach at once when something is watched; a detach waits for the task."""
-        if self._watched and not self.kw.attached and not self._detaching:
+        if self._needed and not self.kw.attached and not self._detaching:
             with self._lock:
                 try:
                     self.kw.attach()
@@ -300,19 +331,25 @@ class Backend:
                     log.error("bpf: attach failed, quotas not enforced in the kernel: %s", why)
         self._changed.set()
 
+    @property
+    def _needed(self) -> bool:
+        """The programs must be attached: a quota is watched, or children are to be
+        watched at fork (--track-children)."""
+        return bool(self._watched) or self._inheriting
+
     async def _attachment(self) -> None:
         """Detach after IDLE_DETACH seconds with nothing watched; reattach after
         a detach if a quota came meanwhile."""
         while True:
             await self._changed.wait()
             self._changed = trio.Event()
-            if self._watched or not self.kw.attached:
+            if self._needed or not self.kw.attached:
                 continue
             with trio.move_on_after(IDLE_DETACH):
-                while not self._watched:
+                while not self._needed:
                     await self._changed.wait()
                     self._changed = trio.Event()
-            if self._watched or self._closed:
+            if self._needed or self._closed:
                 continue
             self._detaching = True
             try:
@@ -374,6 +411,11 @@ class Backend:
                 event.usage,
                 event.limit,
             )
+        if event.kind is Kind.FORKED and entry is None:
+            # watched by the kernel since its fork (an inherit rule): the engine
+            # registers it with the kernel's baseline, then quota_set adopts it
+            self.policy.forked(event.tgid, Counters(heap=event.usage * PAGE, files=event.limit))
+            return
         if entry is None:
             return  # an entry gone meanwhile (reaped, deregistered)
         self._take(entry)

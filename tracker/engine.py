@@ -72,6 +72,7 @@ class Engine(Policy):
         self.state_path = state_path
         self.interval = interval
         self.store = state.Store(state_path, self.registry.entries)
+        self._fork_listeners: list[Callable[[int, Counters], None]] = []
         self.backend: Backend = choose(backend, self, interval)
         self.exact_peaks = getattr(self.backend, "peaks", None)  # backend.ExactPeaks
         self.kernel_vm_data = getattr(self.backend, "vm_data", None)  # backend.KernelReads
@@ -112,7 +113,9 @@ class Engine(Policy):
 
     # ----- commands ------------------------------------------------------
 
-    def register(self, pid: int, caller_uid: int) -> Entry:
+    def register(self, pid: int, caller_uid: int, baseline: Counters | None = None) -> Entry:
+        """Track `pid`; `baseline` (absolute) in place of its usage now, for a child
+        a backend watched since its fork (its usage at fork)."""
         if pid < 1:
             raise InvalidArgument(f"{pid}: not a valid pid")
         # By number, before pinning: only to name the thread group and refuse early;
@@ -128,7 +131,7 @@ class Engine(Policy):
         if known is not None:
             self._enforce_before_command(known)
             raise AlreadyTracked(f"{tgid}: already tracked")
-        entry = self._new_entry(Process.open(tgid), caller_uid)
+        entry = self._new_entry(Process.open(tgid), caller_uid, baseline)
         try:
             self.store.put(entry)
         except StateNotSaved:
@@ -138,7 +141,9 @@ class Engine(Policy):
         log.info("registered pid=%d comm=%s by uid=%d", tgid, escape_comm(entry.comm), caller_uid)
         return entry
 
-    def _new_entry(self, process: Process, caller_uid: int) -> Entry:
+    def _new_entry(
+        self, process: Process, caller_uid: int, baseline: Counters | None = None
+    ) -> Entry:
         """An entry for the pinned `process`, its baselines read now (the pinned reads decide)."""
         try:
             status = process.status()
@@ -152,7 +157,7 @@ class Engine(Policy):
             serial=self.registry.next_serial(),
             owner_uid=status.real_uid,
             owner_gid=status.real_gid,
-            baseline=Counters.of_usage(usage),
+            baseline=baseline or Counters.of_usage(usage),
             registered=time.time(),
             comm=usage.comm,
         )
@@ -232,6 +237,23 @@ class Engine(Policy):
         self.deny.forget(entry)
         self.registry.quota_changed(entry)
         self.deny.restore(entry, saved_soft)
+
+    def on_forked(self, listener: Callable[[int, Counters], None]) -> None:
+        """Call `listener(pid, baseline)` for each child a backend watches since its fork."""
+        self._fork_listeners.append(listener)
+
+    def forked(self, pid: int, baseline: Counters) -> None:
+        for listener in self._fork_listeners:
+            listener(pid, baseline)
+
+    def inherit(self, entry: Entry) -> bool:
+        """Have the backend watch `entry`'s children at fork with its quota, where it
+        can (bpf); False where it cannot (they are found by the next scan)."""
+        inherit = getattr(self.backend, "inherit", None)
+        if inherit is None:
+            return False
+        inherit(entry)
+        return True
 
     def heap_rebased(self, entry: Entry, heap_base: int) -> None:
         """An exec left the process less VmData than its heap baseline: the old

@@ -27,7 +27,7 @@ OBJECT = Path(__file__).with_name("restrack.bpf.o")
 BPFFS = Path("/sys/fs/bpf")
 TRACEFS = Path("/sys/kernel/tracing")
 NONE = (1 << 64) - 1
-MAPS = ("watched", "events", "raises", "by_mm", "by_files", "stats")
+MAPS = ("watched", "events", "raises", "by_mm", "by_files", "stats", "inherit")
 WATCHED_MAX = 65536  # max_entries of `watched` in restrack.bpf.c
 
 # Syscalls whose exit is checked. Heap: every call that can grow mm->data_vm,
@@ -67,7 +67,8 @@ HOOKS: dict[str, tuple[str, ...]] = {
 EXIT_PROGRAM = "group_exit"  # tp_btf/sched_process_exit, attached by its section
 COMPAT_PROGRAM = "compat_exit"  # tp_btf/sys_exit: ia32 calls, which syscalls/ misses
 EXEC_PROGRAM = "group_exec"  # tp_btf/sched_process_exec: the new address space indexed
-SECTION_PROGRAMS = (EXIT_PROGRAM, COMPAT_PROGRAM, EXEC_PROGRAM)
+FORK_PROGRAM = "group_fork"  # tp_btf/sched_process_fork: children watched at birth
+SECTION_PROGRAMS = (EXIT_PROGRAM, COMPAT_PROGRAM, EXEC_PROGRAM, FORK_PROGRAM)
 BIND_PROGRAM = "bind_process"  # SEC("syscall"): index a watched process's mm and files
 TAKE_PROGRAM = "take_counts"  # SEC("syscall"): an entry's counts, taken once
 PEAKS_PROGRAM = "set_peaks"  # SEC("syscall"): restart an entry's watermarks
@@ -76,6 +77,7 @@ NAMESPACE_PROGRAM = "learn_namespace"  # SEC("syscall"): run once after each loa
 _WATCH = struct.Struct("<7Q2I2Q2I13Q")  # struct watch
 _TAKE = struct.Struct("<2I12Q")  # struct take
 _PEAKS = struct.Struct("<2I2Q")  # struct peaks_args
+_INHERIT = struct.Struct("<3Q2I")  # struct inherit
 _EVENT = struct.Struct("<4I3Q")  # struct event
 _FINAL = struct.Struct("<9Q")  # the rest of struct exit_event
 _KEY = struct.Struct("<I")
@@ -102,6 +104,7 @@ class Kind(IntEnum):
     DENIED = 7  # deny: the kernel refused a call for the limit (ENOMEM, EMFILE)
     EXEC = 8  # an exec lowered the heap baseline (take_counts says to what)
     SHRUNK = 9  # deny: the table got smaller; the soft RLIMIT_NOFILE is set anew
+    FORKED = 10  # a child watched at birth (an inherit rule): usage, limit = its baseline
 
 
 class Which(IntEnum):
@@ -421,6 +424,24 @@ class KernelWatch:
         fd = self._lib.bpf_program__fd(prog)
         buffer = ctypes.create_string_buffer(_KEY.pack(tgid), _KEY.size)
         return libbpf.run_syscall_program(self._lib, fd, buffer)
+
+    def inherit(
+        self, tgid: int, start_time: int, heap_quota_pages: int | None, fd_quota: int | None,
+        action: str,
+    ) -> None:  # fmt: skip
+        """Watch every child that `tgid` forks from then on (at any depth) from its
+        first instruction, with these quotas over its usage at fork."""
+        rule = _INHERIT.pack(
+            start_time, _raw(heap_quota_pages), _raw(fd_quota), int(Action[action.upper()]), 0
+        )
+        fd = self._lib.bpf_map__fd(self._maps["inherit"])
+        error = self._lib.bpf_map_update_elem(fd, _KEY.pack(tgid), rule, libbpf.BPF_ANY)
+        if error:
+            errno_ = libbpf.errno_of(error)
+            raise OSError(errno_, f"inherit[{tgid}]: {os.strerror(errno_)}")
+
+    def uninherit(self, tgid: int) -> None:
+        self._lib.bpf_map_delete_elem(self._lib.bpf_map__fd(self._maps["inherit"]), _KEY.pack(tgid))
 
     def unwatch(self, tgid: int) -> None:
         state = self.entry(tgid)

@@ -37,6 +37,7 @@ struct thread_info { __u32 status; } PAI;
 struct pt_regs { unsigned long bx; unsigned long cx; unsigned long dx; unsigned long orig_ax; } PAI;
 struct task_struct {
 	struct thread_info thread_info;
+	int pid;
 	int tgid;
 	struct pid *thread_pid;
 	unsigned long long start_boottime;
@@ -86,7 +87,7 @@ __u32 ns_inum;
 enum action { ACT_KILL = 0, ACT_DENY = 1, ACT_NOTIFY = 2 };
 enum kind {
 	EV_EXCEEDED = 1, EV_KILLED = 2, EV_NOTIFIED = 3, EV_RAISED = 4, EV_EXITED = 5,
-	EV_KILL_FAILED = 6, EV_DENIED = 7, EV_EXEC = 8, EV_SHRUNK = 9,
+	EV_KILL_FAILED = 6, EV_DENIED = 7, EV_EXEC = 8, EV_SHRUNK = 9, EV_FORKED = 10,
 };
 enum which { W_NONE = 0, W_HEAP = 1, W_FILES = 2 };
 enum flag { F_HEAP_OVER = 1, F_FILES_OVER = 2, F_KILLED = 4, F_KILL_FAILED = 8 };
@@ -162,6 +163,24 @@ struct exit_event {
 	__u64 kill_failed;
 	__u64 usage_at[2];
 };
+
+/* --track-children with a default quota: the processes whose new children are
+ * watched from their first instruction, with this quota over their usage at
+ * fork. A child inherits the rule, so it holds at any depth. */
+struct inherit {
+	__u64 start_time;	/* of the process this rule is for, as in struct watch */
+	__u64 heap_quota_pages;	/* NONE: no heap quota */
+	__u64 fd_quota;		/* NONE: no descriptor quota */
+	__u32 action;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct inherit);
+} inherit SEC(".maps");
 
 /* A setrlimit/prlimit64 that raises a deny limit, between its entry and exit. */
 struct raise {
@@ -493,9 +512,8 @@ static long count_word(__u32 i, struct fd_count *c)
 }
 
 /* Exactly the bits set in the descriptor table's open_fds bitmap. */
-static __u64 open_fds(void)
+static __u64 open_fds_of(struct task_struct *task)
 {
-	struct task_struct *task = (void *)bpf_get_current_task();
 	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
 	struct fd_count c = { .words = BPF_CORE_READ(fdt, open_fds), .count = 0 };
 	__u32 words = BPF_CORE_READ(fdt, max_fds) / (8 * sizeof(unsigned long));
@@ -504,6 +522,11 @@ static __u64 open_fds(void)
 		words = MAX_FD_WORDS;
 	bpf_loop(words, count_word, &c, 0);
 	return c.count;
+}
+
+static __u64 open_fds(void)
+{
+	return open_fds_of((void *)bpf_get_current_task());
 }
 
 /* The descriptor check; ret is the call's result (0 where there is none). */
@@ -792,6 +815,55 @@ int BPF_PROG(group_exec, struct task_struct *task, int old_pid, void *bprm)
 }
 
 /* In and out of take_counts: key in, what w held out (and zeroed in w). */
+/* A new thread group whose parent's group has an inherit rule: watched before
+ * it runs (the tracepoint fires before wake_up_new_task), its baseline its
+ * usage now (a copy of the parent's), the rule passed on. */
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(group_fork, struct task_struct *parent, struct task_struct *child)
+{
+	__u32 parent_key = key_of(parent), key;
+	struct inherit *rule, passed;
+	struct watch w = {};
+	__u64 pages, fds;
+
+	if (!parent_key || BPF_CORE_READ(child, tgid) != BPF_CORE_READ(child, pid))
+		return 0;	/* a thread, not a new group */
+	rule = bpf_map_lookup_elem(&inherit, &parent_key);
+	if (!rule || rule->start_time !=
+			     BPF_CORE_READ(parent, group_leader, start_boottime) / CLOCK_TICK_NS)
+		return 0;
+	key = key_of(child);
+	if (!key)
+		return 0;
+	passed = *rule;
+	passed.start_time = BPF_CORE_READ(child, start_boottime) / CLOCK_TICK_NS;
+	bpf_map_update_elem(&inherit, &key, &passed, BPF_ANY);
+	pages = BPF_CORE_READ(child, mm, data_vm);
+	fds = open_fds_of(child);
+	w.start_time = passed.start_time;
+	w.heap_base_pages = pages;
+	w.heap_limit_pages = rule->heap_quota_pages == NONE ? NONE : pages + rule->heap_quota_pages;
+	w.fd_limit = rule->fd_quota == NONE ? NONE : fds + rule->fd_quota;
+	w.heap_peak_pages = pages;
+	w.fd_peak = fds;
+	w.data_soft = NONE;
+	w.nofile_soft = NONE;
+	w.action = rule->action;
+	w.pending = 1;	/* the FORKED event below */
+	w.usage_at[1] = fds;	/* the daemon reads the baseline from here */
+	if (bpf_map_update_elem(&watched, &key, &w, BPF_NOEXIST))
+		return 0;	/* full, or already there */
+	struct watch *in = bpf_map_lookup_elem(&watched, &key);
+
+	if (in)
+		index_shared(child, in, key);
+	if (!emit(key, EV_FORKED, W_NONE, pages, fds)) {
+		if (in)
+			in->pending = 0;
+	}
+	return 0;
+}
+
 struct take {
 	__u32 key;
 	__u32 found;
@@ -891,6 +963,7 @@ int BPF_PROG(group_exit, struct task_struct *task)
 	forget_shared(w);
 	emit_exit(tgid, w);
 	bpf_map_delete_elem(&watched, &tgid);
+	bpf_map_delete_elem(&inherit, &tgid);
 	return 0;
 }
 
