@@ -555,3 +555,23 @@ def test_a_deny_limit_follows_the_table_when_descriptors_close(bpf_daemon: Daemo
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_quota_whose_programs_cannot_attach_is_refused(bpf_factory: DaemonFactory, spawn) -> None:
+    """Never accepted unenforced: where the programs do not attach (here the first
+    link cannot be pinned: a directory holds its name), the quota write is ENOSPC."""
+    daemon = bpf_factory(*BPF)
+    w: Workload = spawn()
+    daemon.register(w.pid)
+    program, _, tracepoint = loader._hook_list()[0]
+    blocker = pin_dir(daemon) / "links" / loader._pin_name(program, tracepoint)
+    blocker.mkdir(mode=0o700, parents=True)
+    try:
+        with pytest.raises(OSError) as refused:
+            daemon.write("files=10 action=kill", w.pid, "quota")
+        assert refused.value.errno == errno.ENOSPC
+        assert "did not attach" in daemon.log_text()
+        assert daemon.read(w.pid, "quota") == "heap=max files=max action=kill\n"
+    finally:
+        blocker.rmdir()
+    daemon.write("files=10 action=kill", w.pid, "quota")  # attaches now

@@ -150,9 +150,13 @@ class Backend:
         self._sync()
 
     def quota_set(self, entry: Entry) -> None:
-        """QuotaNotKept when the kernel cannot take the entry (its map is full)."""
+        """QuotaNotKept when the kernel cannot take the entry (its map is full) or
+        its programs cannot attach: a quota is never accepted unenforced."""
         self._watch(entry, refuse=True)
-        self._sync()
+        why = self._sync()
+        if why is not None:
+            self._unwatch(entry)
+            raise QuotaNotKept(f"{entry.pid}: the kernel programs did not attach: {why}")
 
     def baseline_reset(self, entry: Entry) -> None:
         self._watch(entry)  # flags cleared: the next crossing counts afresh, as in procfs
@@ -321,15 +325,19 @@ class Backend:
 
     # ----- attachment -------------------------------------------------------
 
-    def _sync(self) -> None:
-        """Attach at once when something is watched; a detach waits for the task."""
+    def _sync(self) -> str | None:
+        """Attach at once when something is watched (a detach waits for the task);
+        the reason when the programs would not attach."""
+        failed = None
         if self._needed and not self.kw.attached and not self._detaching:
             with self._lock:
                 try:
                     self.kw.attach()
                 except BpfUnavailable as why:
                     log.error("bpf: attach failed, quotas not enforced in the kernel: %s", why)
+                    failed = str(why)
         self._changed.set()
+        return failed
 
     @property
     def _needed(self) -> bool:
