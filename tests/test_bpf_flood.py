@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import NOBODY, Daemon, DaemonFactory, Workload, as_user, wait_until
 from tests.test_bpf import _prerequisites_missing
-from tests.test_engine_bpf import BPF, bpf_factory  # noqa: F401  (fixture)
+from tests.test_engine_bpf import BPF, bpf_factory, soft_nofile  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(
     _prerequisites_missing() is not None, reason=f"BPF unavailable: {_prerequisites_missing()}"
@@ -87,23 +87,16 @@ def test_a_raise_during_a_flood_is_lowered_back(
     w: Workload = spawn(uid=NOBODY)
     daemon.register(w.pid)
     daemon.write("files=10 action=deny", w.pid, "quota")
-    wanted = _soft_nofile(w.pid)
+    wanted = soft_nofile(w.pid)
     flipper.stdin.write("go\n")
     flipper.stdin.flush()
     try:
         assert w.ask("setrlimit", "nofile", -1) == "ok"
         raised = time.monotonic()
-        wait_until(lambda: _soft_nofile(w.pid) == wanted, 2, "the raise lowered back")
+        wait_until(lambda: soft_nofile(w.pid) == wanted, 2, "the raise lowered back")
         lowered_after = time.monotonic() - raised
         assert flipper.poll() is None, "the flood ended before the raise was handled"
         assert lowered_after < 1.0  # not the 2 s polling
     finally:
         flipper.kill()
         flipper.wait()
-
-
-def _soft_nofile(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith("Max open files"):
-            return int(line.split()[3])
-    raise AssertionError("no Max open files")

@@ -25,6 +25,7 @@ import pytest
 from tests.conftest import HERE, Daemon, DaemonFactory, MiB, Workload, wait_until
 from tests.grow import Grower
 from tests.test_bpf import _prerequisites_missing
+from tests.test_fs import limits_of
 from tests.test_peaks import SPIKE, peak, spike_is_caught
 from tracker import bpf_backend
 from tracker.bpf import loader
@@ -283,6 +284,10 @@ def test_notify_over_when_set_is_counted_once(bpf_daemon: Daemon, spawn) -> None
     }
 
 
+def soft_nofile(pid: int) -> int:
+    return int(limits_of(pid, "Max open files")[0])
+
+
 def _soft_data_limit(pid: int) -> int:
     for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
         if line.startswith("Max data size"):
@@ -455,13 +460,6 @@ def test_the_pinned_map_keeps_the_peak_across_a_kill_of_the_daemon(
     assert daemon.read(w.pid, "heapsize") == "0\n"
 
 
-def _soft_nofile_limit(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith("Max open files"):
-            return int(line.split()[3])
-    raise AssertionError("no Max open files")
-
-
 def test_a_raise_through_a_thread_id_is_lowered_back_at_once(bpf_daemon: Daemon, spawn) -> None:
     """prlimit64 names the process by any of its thread ids, as the kernel reads it."""
     w: Workload = spawn()
@@ -469,10 +467,10 @@ def test_a_raise_through_a_thread_id_is_lowered_back_at_once(bpf_daemon: Daemon,
     assert tid != w.pid
     bpf_daemon.register(w.pid)
     bpf_daemon.write("files=10 action=deny", w.pid, "quota")
-    wanted = _soft_nofile_limit(w.pid)
+    wanted = soft_nofile(w.pid)
     raised = time.monotonic()
     subprocess.run(["prlimit", "--pid", str(tid), "--nofile=4000:"], check=True)
-    wait_until(lambda: _soft_nofile_limit(w.pid) == wanted, 1.5, "the soft limit lowered back")
+    wait_until(lambda: soft_nofile(w.pid) == wanted, 1.5, "the soft limit lowered back")
     assert time.monotonic() - raised < 1.5, "not before the 2 s polling"
     wait_until(lambda: events_of_path(bpf_daemon, w.pid)["denied"] >= 1, 1, "counted denied")
     opened = int(w.ask("open", 300).split()[1])
@@ -540,13 +538,13 @@ def test_a_deny_limit_follows_the_table_when_descriptors_close(bpf_daemon: Daemo
         bpf_daemon.register(pid)
         bpf_daemon.write("files=10 action=deny", pid, "quota")
         base = len(os.listdir(f"/proc/{pid}/fd"))
-        assert _soft_nofile_limit(pid) < base  # fd numbers: the holes come first
+        assert soft_nofile(pid) < base  # fd numbers: the holes come first
         proc.stdin.write("close\n")
         proc.stdin.flush()
         assert proc.stdout.readline() == "closed\n"
         now = len(os.listdir(f"/proc/{pid}/fd"))
         started = time.monotonic()
-        wait_until(lambda: _soft_nofile_limit(pid) == base + 10, 1.5, "the limit set anew")
+        wait_until(lambda: soft_nofile(pid) == base + 10, 1.5, "the limit set anew")
         assert time.monotonic() - started < 1.5, "not before the 2 s polling"
         proc.stdin.write("try 100\n")
         proc.stdin.flush()

@@ -305,11 +305,9 @@ static int prepare_uring(void) {
     return 0;
 }
 
-/* uring_async, uring_sqpoll: the completion is awaited by spinning on the CQ ring,
- * with no system call after the submission: the descriptor is made and completed
- * outside any call of this process, by an io-wq worker or the SQ thread. */
-static int uring_open_outside(void) {
-    unsigned tail = *ring.sq_tail, at = tail & *ring.sq_mask;
+/* An IORING_OP_OPENAT of "/dev/null" in the submission slot of `position`. */
+static void queue_open(unsigned position) {
+    unsigned at = position & *ring.sq_mask;
     struct io_uring_sqe *sqe = &ring.sqes[at];
     memset(sqe, 0, sizeof *sqe);
     sqe->opcode = IORING_OP_OPENAT;
@@ -318,6 +316,14 @@ static int uring_open_outside(void) {
     sqe->addr = (unsigned long)"/dev/null";
     sqe->open_flags = O_RDONLY;
     ring.sq_array[at] = at;
+}
+
+/* uring_async, uring_sqpoll: the completion is awaited by spinning on the CQ ring,
+ * with no system call after the submission: the descriptor is made and completed
+ * outside any call of this process, by an io-wq worker or the SQ thread. */
+static int uring_open_outside(void) {
+    unsigned tail = *ring.sq_tail;
+    queue_open(tail);
     __atomic_store_n(ring.sq_tail, tail + 1, __ATOMIC_RELEASE);
     if (is("uring_async") || (__atomic_load_n(ring.sq_flags, __ATOMIC_ACQUIRE) & IORING_SQ_NEED_WAKEUP)) {
         unsigned flags = is("uring_async") ? 0 : IORING_ENTER_SQ_WAKEUP;
@@ -338,17 +344,7 @@ static int uring_open_outside(void) {
 static int uring_open(unsigned n) {
     if (!is("uring_batch")) return uring_open_outside();
     unsigned tail = *ring.sq_tail, got = 0, submit = is("uring_sqpoll") ? 0 : n;
-    for (unsigned k = 0; k < n; k++) {
-        unsigned at = (tail + k) & *ring.sq_mask;
-        struct io_uring_sqe *sqe = &ring.sqes[at];
-        memset(sqe, 0, sizeof *sqe);
-        sqe->opcode = IORING_OP_OPENAT;
-        sqe->flags = is("uring_async") ? IOSQE_ASYNC : 0;
-        sqe->fd = AT_FDCWD;
-        sqe->addr = (unsigned long)"/dev/null";
-        sqe->open_flags = O_RDONLY;
-        ring.sq_array[at] = at;
-    }
+    for (unsigned k = 0; k < n; k++) queue_open(tail + k);
     __atomic_store_n(ring.sq_tail, tail + n, __ATOMIC_RELEASE);
     while (got < n) {
         unsigned flags = IORING_ENTER_GETEVENTS | (submit ? 0 : IORING_ENTER_SQ_WAKEUP);
