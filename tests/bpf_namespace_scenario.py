@@ -21,9 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from restrackfs.daemon import release
 from tests.sidecar_scenario import wait_for
-from tracker import bpf_backend
-from tracker.bpf import loader
 
 
 def main() -> None:
@@ -45,8 +44,7 @@ def main() -> None:
         daemon.terminate()
         _, log = daemon.communicate(timeout=20)
         sys.stderr.write(log)
-        with contextlib.suppress(OSError):
-            loader.remove_tree(bpf_backend.pin_dir_of(state))
+        release(state)  # the pins a stopped daemon keeps
         with contextlib.suppress(OSError):
             mount.rmdir()
         shutil.rmtree(state_dir, ignore_errors=True)

@@ -18,6 +18,7 @@ import pytest
 from restrackfs import daemon as restrackfs_daemon
 from tests.grow import grow_binary, grower  # noqa: F401  (fixtures for every module)
 from tracker import bpf_backend
+from tracker.bpf import loader
 
 HERE = Path(__file__).parent
 CHECKOUT = HERE.parent
@@ -238,6 +239,26 @@ def _nothing_left_in_tmp() -> Iterator[None]:
         _unmount(path)
         shutil.rmtree(path, ignore_errors=True)
     assert not left, f"tests left these behind: {sorted(map(str, left))}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_pins_left() -> Iterator[None]:
+    """The suite leaves no BPF pins: a stopped daemon keeps its quotas enforced
+    (programs attached machine-wide), so each test releases what its daemons
+    left. Any pin directory the suite made and left is removed, and fails it."""
+    before = _pin_dirs()
+    yield
+    left = sorted(_pin_dirs() - before)
+    for path in left:
+        loader.remove_tree(path)
+    assert not left, f"tests left these pins behind: {[str(path) for path in left]}"
+
+
+def _pin_dirs() -> set[Path]:
+    try:
+        return set(bpf_backend.PIN_ROOT.iterdir())
+    except OSError:
+        return set()
 
 
 class Daemon:

@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from restrackfs.daemon import release
+
 
 def wait_for(condition, timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
@@ -36,7 +38,9 @@ def main() -> None:
     state_dir = Path(tempfile.mkdtemp(prefix="sidecar-state-"))
     try:
         scenario(mount, state_dir / "state.json", sys.argv[1:])
-    finally:  # the namespace's processes die with it; the files in /tmp do not
+    finally:  # the namespace's processes die with it; the files in /tmp and the
+        # pins in the host's bpffs (the daemon stopped with quotas: kept) do not
+        release(state_dir / "state.json")
         with contextlib.suppress(OSError):  # still mounted: the test sees it left
             mount.rmdir()
         shutil.rmtree(state_dir, ignore_errors=True)

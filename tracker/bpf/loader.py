@@ -370,7 +370,7 @@ class KernelWatch:
             where = f"{category}/{tracepoint}" if tracepoint else program
             raise BpfUnavailable(f"attach {where}: {os.strerror(ctypes.get_errno())}")
         self._links[name] = link
-        self._links_dir.mkdir(exist_ok=True)
+        self._links_dir.mkdir(mode=0o700, exist_ok=True)
         error = self._lib.bpf_link__pin(link, str(self._links_dir / name).encode())
         if error:
             raise BpfUnavailable(f"pin link {name}: {os.strerror(libbpf.errno_of(error))}")
