@@ -74,13 +74,51 @@ TAKE_PROGRAM = "take_counts"  # SEC("syscall"): an entry's counts, taken once
 PEAKS_PROGRAM = "set_peaks"  # SEC("syscall"): restart an entry's watermarks
 NAMESPACE_PROGRAM = "learn_namespace"  # SEC("syscall"): run once after each load
 
-_WATCH = struct.Struct("<7Q2I2Q2I13Q")  # struct watch
-_TAKE = struct.Struct("<2I12Q")  # struct take
-_PEAKS = struct.Struct("<2I2Q")  # struct peaks_args
-_INHERIT = struct.Struct("<3Q2I")  # struct inherit
-_EVENT = struct.Struct("<4I3Q")  # struct event
-_FINAL = struct.Struct("<9Q")  # the rest of struct exit_event
-_KEY = struct.Struct("<I")
+# The structs user space shares with restrack.bpf.c, field by field in its order
+# (struct codes; "2Q" is a __u64[2]): tests/test_bpf.py compares each with the
+# object's BTF, so the two sides cannot drift apart in silence.
+LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "watch": (
+        ("start_time", "Q"), ("heap_limit_pages", "Q"), ("fd_limit", "Q"),
+        ("heap_peak_pages", "Q"), ("fd_peak", "Q"), ("data_soft", "Q"), ("nofile_soft", "Q"),
+        ("action", "I"), ("flags", "I"), ("mm", "Q"), ("files", "Q"), ("host_tgid", "I"),
+        ("pending", "I"), ("crossings", "2Q"), ("usage_at", "2Q"), ("denied", "2Q"),
+        ("raised", "Q"), ("kills", "Q"), ("kill_failed", "Q"), ("heap_base_pages", "Q"),
+        ("execs", "Q"), ("fd_last", "Q"), ("shrunk", "Q"),
+    ),
+    "take": (
+        ("key", "I"), ("found", "I"), ("crossings", "2Q"), ("usage_at", "2Q"),
+        ("denied", "2Q"), ("raised", "Q"), ("kills", "Q"), ("kill_failed", "Q"),
+        ("execs", "Q"), ("heap_base_pages", "Q"), ("shrunk", "Q"),
+    ),
+    "peaks_args": (("key", "I"), ("found", "I"), ("heap_pages", "Q"), ("fds", "Q")),
+    "inherit": (
+        ("start_time", "Q"), ("heap_quota_pages", "Q"), ("fd_quota", "Q"), ("action", "I"),
+        ("pad", "I"),
+    ),
+    "event": (
+        ("tgid", "I"), ("kind", "I"), ("which", "I"), ("pad", "I"), ("usage", "Q"),
+        ("limit", "Q"), ("time_ns", "Q"),
+    ),
+    "exit_event": (
+        ("head", "4I3Q"), ("crossings", "2Q"), ("denied", "2Q"), ("raised", "Q"),
+        ("kills", "Q"), ("kill_failed", "Q"), ("usage_at", "2Q"),
+    ),
+    "bind_args": (("key", "I"),),
+}  # fmt: skip
+
+
+def layout(name: str) -> struct.Struct:
+    return struct.Struct("<" + "".join(code for _, code in LAYOUTS[name]))
+
+
+_WATCH = layout("watch")
+_TAKE = layout("take")
+_PEAKS = layout("peaks_args")
+_INHERIT = layout("inherit")
+_EVENT = layout("event")
+_FINAL = struct.Struct("<9Q")  # struct exit_event after its head (an event)
+_KEY = layout("bind_args")
 _CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
 
 

@@ -122,6 +122,11 @@ struct watch {
 	__u64 shrunk;		/* deny: checks that found fewer descriptors than the last */
 };
 
+/* The ring's records in the object's BTF, for the test that compares them with
+ * user space's layouts (the libbpf-bootstrap habit). */
+const struct event *unused_event __attribute__((unused));
+const struct exit_event *unused_exit_event __attribute__((unused));
+
 /* Counts kept in the kernel: ring events dropped (a full ring). */
 struct stats { __u64 dropped; };
 
