@@ -5,25 +5,31 @@ What it does with what the engine tells it:
 
 - a quota confirmed (`quota_set`), a baseline reset, an adopted entry: the
   process's `watched` map entry with absolute limits (baseline + quota; heap in
-  pages), deny's soft limits in force, and the action;
+  pages), deny's soft limits in force, and the action; a quota the kernel
+  cannot take (its map full, its programs not attaching) is `QuotaNotKept`;
 - a quota cleared, an entry removed: the map entry deleted;
-- the programs are attached while at least one entry is watched (at once, on
-  the loop: 5-10 ms), and detached when none has been for `IDLE_DETACH`
-  seconds, in a thread: detaching waits ~3 s for RCU grace periods;
-- its task waits on the ring buffer's fd and hands each event to
-  `policy.reported` (the kernel already acted): the log line, the counters and
-  the `events` pollers follow a crossing within milliseconds, with no polling.
+- the programs are attached while at least one entry is watched (or children
+  are to be watched at fork), at once, on the loop (5-10 ms), and detached when
+  none has been for `IDLE_DETACH` seconds, in a thread: detaching waits ~3 s
+  for RCU grace periods;
+- its task waits on the ring buffer's fd; an event only says which entry
+  changed, and the entry's counts (crossings, refusals, raises, a kill, an
+  exec) are taken from the map once (`KernelWatch.take`) and handed to the
+  policy as `Report`s with a count: a process flipping over and back a
+  hundred thousand times is one event, and a full ring loses no count (the
+  kernel counts its drops; `_reconcile` takes every entry then).
 
-Nothing polls a watched process. The one periodic thing is cheap: every
-`RETRY_PERIOD` the deny entries whose last limit set failed and whose retry is
-due (`entry.deny.retry_at`) get one `policy.check`, as the procfs backend's
-period would have given them; no /proc read for any other entry.
+Nothing polls a watched process. The periodic things are cheap: every
+`RETRY_PERIOD` the deny entries whose last limit set failed get one
+`policy.check`, and the kernel's drop count is looked at; a deny entry whose
+descriptor table shrank gets one `policy.check` within `RECHECK_GAP`.
 
 The maps and links are pinned in one directory per state file under
-/sys/fs/bpf/restrackfs/, so a daemon killed with SIGKILL leaves its quotas
-enforced; the next one adopts the directory (`adopt`: entries the state file
-no longer has are unwatched, the events queued meanwhile counted). A clean stop
-(`close`) detaches and unpins everything.
+/sys/fs/bpf/restrackfs/, checked at every start (root's, no symlink: see
+loader.check_pins). A daemon that stops with quotas watched, whatever stopped
+it, leaves them pinned and enforcing; the next one adopts the directory
+(`adopt`: entries the state file no longer has are unwatched, what happened
+meanwhile counted). `release_pins` (restrackfs --release) removes them.
 """
 
 from __future__ import annotations

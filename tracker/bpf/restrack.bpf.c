@@ -5,7 +5,17 @@
  *
  * One program per kind of check; user space (loader.py) attaches each one to
  * the list of syscall tracepoints it covers, so the hook set lives there.
- * All sys_enter_* / sys_exit_* tracepoints share one record layout.
+ * All sys_enter_* / sys_exit_* tracepoints share one record layout. Beside
+ * them: ia32 calls (compat_exit), io_uring completions (uring_files), another
+ * thread group sharing the address space or table (by_mm, by_files), exec
+ * (group_exec), fork under an inherit rule (group_fork), exit (group_exit);
+ * and the SEC("syscall") programs user space runs: learn_namespace,
+ * bind_process, take_counts, set_peaks.
+ *
+ * "The process" is found from the task, never from a number given by user
+ * space alone: keys are pids in the daemon's PID namespace (key_of).
+ * Events only say that an entry changed; what happened is counted in the
+ * entry and taken by the daemon (take_counts), so no process can flood them.
  *
  * Kernel types are declared here by hand, only the fields read, with
  * preserve_access_index: libbpf relocates each access against the running
