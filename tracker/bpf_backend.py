@@ -411,6 +411,12 @@ class Backend:
             gone = entry or self._exited.pop(event.tgid, None)  # the engine saw it first
             if gone is not None and event.final is not None:  # counted, not taken yet
                 self._apply(gone, event.final)
+            elif gone is None and event.final is not None and event.final.killed:
+                pages, fds = event.final.usage_at  # a child watched since its fork
+                log.warning(
+                    "bpf: pid=%d killed in its crossing call before it was registered"
+                    " (heap %d bytes, %d descriptors at the kill)", event.tgid, pages * PAGE, fds,
+                )  # fmt: skip
             if entry is not None:
                 del self._watched[event.tgid]  # the kernel removed its map entry
                 self._exceeded_seen.pop(event.tgid, None)
