@@ -6,6 +6,7 @@
  *   churn          -> ok   a thread that opens and closes descriptors in a loop
  *   leader-exit    -> ok   a new thread answers from now on; the main one pthread_exit()s
  *                          (the leader becomes a zombie, the process lives on)
+ *   ready          -> ok   nothing: the answer says the loop runs (startup is over)
  *   exit           -> exits 0
  */
 #define _GNU_SOURCE
@@ -67,6 +68,8 @@ static void *serve(void *arg) {
             pthread_t t;
             if (pthread_create(&t, NULL, serve_after_leader, NULL)) printf("err %d\n", errno);
             else pthread_exit(NULL);
+        } else if (!strcmp(word, "ready")) {
+            printf("ok\n");
         } else if (!strcmp(word, "exit")) {
             exit(0);
         } else {

@@ -187,6 +187,9 @@ class Holder:
             text=True, bufsize=1, preexec_fn=limits,
         )  # fmt: skip
         self.pid = self.proc.pid
+        # answered only once the binary runs its loop: registered before that, the
+        # baseline would be taken mid-exec (the loader's descriptor open, 40 KiB VmData)
+        self.do("ready")
 
     def do(self, *words: object) -> str:
         assert self.proc.stdin and self.proc.stdout
