@@ -18,6 +18,7 @@ from restrackfs import metrics
 from tracker.access import may_see
 from tracker.engine import Engine, Entry, Measurement
 from tracker.errors import InvalidArgument, NoSuchProcess
+from tracker.policy import UidTurns
 from tracker.procfs import escape_comm
 from tracker.quota import WHITESPACE, parse_quota, parse_reset
 from tracker.vocabulary import EVENTS, FD_KINDS, OPENFILE_TOTAL, STAT_FIELDS, format_limit
@@ -128,54 +129,40 @@ def read_stat(engine: Engine, entry: Entry | None, caller: Caller) -> str:
 
 def read_metrics(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     """The exposition in one go (the scrape endpoint's, which renders one at a time)."""
-    measurements = []
-    for tracked in list(engine.entries()):
-        if caller.sees(tracked):
-            _measure_into(measurements, engine, tracked)
-    return metrics.render(measurements, engine.enforcements, engine.backend.name, _dropped(engine))
+    return _exposition(engine, _measured(engine, caller, list(engine.entries())))
 
 
 METRICS_BATCH = 32  # processes measured between two turns of the other requests
-_metrics_turns: dict[int, trio.Lock] = {}  # uid -> its one render at a time
+_metrics_turns = UidTurns()
 
 
 async def read_metrics_async(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     """The exposition, measured in batches with the loop free between them, and one
     render at a time per uid but root: however many renders a user starts (16
     threads over 3,000 processes), another user's read waits for one batch."""
-    turn = _turn_of(caller.uid)
-    async with turn:
-        measurements: list[Measurement] = []
-        for index, tracked in enumerate(list(engine.entries())):
-            if index and index % METRICS_BATCH == 0:
+    async with _metrics_turns.of(caller.uid):
+        entries, measurements = list(engine.entries()), []
+        for start in range(0, len(entries), METRICS_BATCH):
+            if start:
                 await trio.lowlevel.checkpoint()
-            if caller.sees(tracked) and tracked.ended is None:
-                _measure_into(measurements, engine, tracked)
-        return metrics.render(
-            measurements, engine.enforcements, engine.backend.name, _dropped(engine)
-        )
+            measurements += _measured(engine, caller, entries[start : start + METRICS_BATCH])
+        return _exposition(engine, measurements)
 
 
-def _turn_of(uid: int) -> contextlib.AbstractAsyncContextManager[object]:
-    if uid == 0:
-        return contextlib.nullcontext()  # type: ignore[return-value]
-    lock = _metrics_turns.get(uid)
-    if lock is None:
-        if len(_metrics_turns) > 4096:  # forget the idle ones
-            for idle in [u for u, held in _metrics_turns.items() if not held.locked()]:
-                del _metrics_turns[idle]
-        lock = _metrics_turns[uid] = trio.Lock()
-    return lock
+def _measured(engine: Engine, caller: Caller, entries: list[Entry]) -> list[Measurement]:
+    """The measurements of the entries `caller` sees and that are still tracked."""
+    measured = []
+    for tracked in entries:
+        if caller.sees(tracked) and tracked.ended is None:
+            with contextlib.suppress(NoSuchProcess):  # exited while we read the others
+                measured.append(engine.measure(tracked))
+    return measured
 
 
-def _dropped(engine: Engine) -> int | None:
-    """The bpf engine's count of events its ring dropped (None: not this engine)."""
-    return getattr(engine.backend, "events_dropped", None)
-
-
-def _measure_into(measurements: list[Measurement], engine: Engine, tracked: Entry) -> None:
-    with contextlib.suppress(NoSuchProcess):  # exited while we were reading the others
-        measurements.append(engine.measure(tracked))
+def _exposition(engine: Engine, measurements: list[Measurement]) -> str:
+    # the bpf engine's count of events its ring dropped (None: not this engine)
+    dropped = getattr(engine.backend, "events_dropped", None)
+    return metrics.render(measurements, engine.enforcements, engine.backend.name, dropped)
 
 
 def write_register(engine: Engine, entry: Entry | None, text: str, caller: Caller) -> None:

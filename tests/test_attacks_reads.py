@@ -9,19 +9,13 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
-from tests.conftest import NOBODY, Daemon, DaemonFactory, Workload, as_user, wait_until
+from bench.harness import status_kib
+from tests.conftest import NOBODY, DaemonFactory, Workload, as_user, wait_until
 
 PROCESSES = 1000
 READERS = 16
 RSS_GROWTH_MAX_KIB = 50 * 1024
-
-
-def rss_kib(daemon: Daemon) -> int:
-    assert daemon.proc is not None
-    status = Path(f"/proc/{daemon.proc.pid}/status").read_text().splitlines()
-    return int(next(line for line in status if line.startswith("VmRSS:")).split()[1])
 
 
 def test_metrics_readers_of_one_user_do_not_stall_roots_reads(
@@ -41,14 +35,16 @@ def test_metrics_readers_of_one_user_do_not_stall_roots_reads(
             readers.append(
                 subprocess.Popen(as_user(NOBODY, ["sh", "-c", loop]), start_new_session=True)
             )
-        rss_before = rss_kib(daemon)
+        assert daemon.proc is not None
+        daemon_pid = daemon.proc.pid
+        rss_before = status_kib(daemon_pid, "VmRSS")
         time.sleep(0.5)  # the readers under way
         worst, deadline = 0.0, time.monotonic() + 4
         while time.monotonic() < deadline:
             started = time.monotonic()
             daemon.read(mine.pid, "heapsize")
             worst = max(worst, time.monotonic() - started)
-        growth = rss_kib(daemon) - rss_before
+        growth = status_kib(daemon_pid, "VmRSS") - rss_before
         print(f"root's worst heapsize read: {worst * 1000:.1f} ms; RSS +{growth} KiB")
         assert worst < 0.5, f"root's read took {worst:.3f} s"
         assert growth < RSS_GROWTH_MAX_KIB
@@ -75,7 +71,9 @@ def test_fds_listings_of_one_user_do_not_stall_roots(daemon_factory: DaemonFacto
         for i in range(READERS)
     ]
     try:
-        rss_before = rss_kib(daemon)
+        assert daemon.proc is not None
+        daemon_pid = daemon.proc.pid
+        rss_before = status_kib(daemon_pid, "VmRSS")
         time.sleep(0.5)  # the listings under way
         latencies = []
         for _ in range(20):
@@ -84,7 +82,7 @@ def test_fds_listings_of_one_user_do_not_stall_roots(daemon_factory: DaemonFacto
             latencies.append(time.monotonic() - started)
         latencies.sort()
         p50, worst = latencies[10] * 1000, latencies[-1] * 1000
-        growth = rss_kib(daemon) - rss_before
+        growth = status_kib(daemon_pid, "VmRSS") - rss_before
         print(f"root's fds read: p50 {p50:.1f} ms, worst {worst:.1f} ms; RSS +{growth} KiB")
         assert latencies[-1] < 1.0, f"root's fds read took {latencies[-1]:.3f} s"
         assert growth < RSS_GROWTH_MAX_KIB

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.harness import status_kib
 from tests.conftest import NOBODY, Daemon, DaemonFactory, Workload, as_user, wait_until
 from tests.test_bpf import _prerequisites_missing
 from tests.test_engine_bpf import BPF, bpf_factory, soft_nofile  # noqa: F401  (fixture)
@@ -24,13 +25,6 @@ FLIPS = 300_000
 def _as_nobody_write(daemon: Daemon, text: str, *parts: object) -> None:
     path = daemon.path(*parts)
     subprocess.run(as_user(NOBODY, ["sh", "-c", f'echo "{text}" > {path}']), check=True)
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_a_flood_of_crossings_is_counted_whole_and_stalls_no_read(
@@ -48,7 +42,7 @@ def test_a_flood_of_crossings_is_counted_whole_and_stalls_no_read(
     _as_nobody_write(daemon, str(pid), "register")
     _as_nobody_write(daemon, "files=0 action=notify", pid, "quota")
     assert daemon.proc is not None
-    rss_before = _rss_kib(daemon.proc.pid)
+    rss_before = status_kib(daemon.proc.pid, "VmRSS")
     flipper.stdin.write("go\n")
     flipper.stdin.flush()
     worst = 0.0
@@ -64,7 +58,7 @@ def test_a_flood_of_crossings_is_counted_whole_and_stalls_no_read(
     assert _top(daemon)["notified"] == FLIPS
     print(f"root's worst heapsize read during the flood: {worst * 1000:.1f} ms")
     assert worst < 0.5, f"root's read took {worst:.3f} s during the flood"
-    assert _rss_kib(daemon.proc.pid) - rss_before < 50 * 1024
+    assert status_kib(daemon.proc.pid, "VmRSS") - rss_before < 50 * 1024
 
 
 def _top(daemon: Daemon) -> dict[str, int]:

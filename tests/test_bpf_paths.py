@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import HERE, MiB, wait_until
-from tests.test_bpf import _prerequisites_missing
+from tests.test_bpf import _exited, _prerequisites_missing
 
 pytestmark = pytest.mark.skipif(
     _prerequisites_missing() is not None, reason=f"BPF unavailable: {_prerequisites_missing()}"
@@ -145,15 +145,7 @@ def test_another_group_sharing_the_resource_is_held_to_the_quota(
     steps = sum(1 for line in lines if line.startswith("step "))
     assert int(end[1]) == signal.SIGKILL, lines[-5:]
     assert steps <= most, "a sharer's call that crossed the quota returned"
-    wait_until(lambda: not _alive(sharer), 5, "the sharer dead")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
+    wait_until(lambda: _exited(sharer), 5, "the sharer dead")
 
 
 @pytest.mark.parametrize(

@@ -158,13 +158,13 @@ class AutoTracker:
         root = self.policy.children_of
         quota = self.policy.default_quota
         assert root is not None and quota is not None
-        inherit_pid = getattr(self.engine.backend, "inherit_pid", None)
-        if inherit_pid is None:
-            return
         try:
-            inherit_pid(root, procfs.read_stat(root).start_time, quota)
+            start_time = procfs.read_stat(root).start_time
         except (procfs.NoSuchProcess, procfs.AccessDenied) as error:
             log.warning("--track-children %d: %s", root, error)
+            return
+        if self.engine.inherit(root, start_time, quota):
+            log.info("children of pid=%d watched from their fork (%s)", root, quota.format())
 
     def _track(self, pid: int, baseline: Counters | None = None) -> None:
         if self.engine.get(pid) is not None:
@@ -176,7 +176,8 @@ class AutoTracker:
             if self.policy.default_quota is not None:
                 self.engine.set_quota(entry, self.policy.default_quota, ROOT)
                 if self._at_fork:
-                    self.engine.inherit(entry)
+                    start = entry.process.start_time
+                    self.engine.inherit(entry.pid, start, self.policy.default_quota)
         except OSError as error:  # it exited meanwhile, or a state save failed
             log.debug("auto-track pid=%d: %s", pid, error)
             return

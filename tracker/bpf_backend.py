@@ -258,29 +258,18 @@ class Backend:
             heap_base_pages=entry.heap_base // PAGE,
         )
 
-    def inherit(self, entry: Entry) -> None:
-        """Its children from now on are watched at fork with its quota (backend.Inherits)."""
-        quota = entry.quota
-        if quota is None or self._closed:
-            return
+    def inherit(self, pid: int, start_time: int, quota: Quota) -> bool:
+        """The children `pid` forks from now on (at any depth) are watched from their
+        fork with `quota` over their usage then; False where the kernel cannot."""
         heap = None if quota.heap is None else quota.heap // PAGE  # as _state_of: floor
-        try:
-            self.kw.inherit(entry.pid, entry.process.start_time, heap, quota.files,
-                            quota.action.name.lower())  # fmt: skip
-        except OSError as error:
-            log.error("bpf: children of pid=%d not watched at fork: %s", entry.pid, error)
-
-    def inherit_pid(self, pid: int, start_time: int, quota: Quota) -> None:
-        """As `inherit`, for a process that is not tracked (--track-children's root)."""
-        heap = None if quota.heap is None else quota.heap // PAGE
         try:
             self.kw.inherit(pid, start_time, heap, quota.files, quota.action.name.lower())
         except OSError as error:
             log.error("bpf: children of pid=%d not watched at fork: %s", pid, error)
-            return
-        log.info("bpf: children of pid=%d watched from their fork (%s)", pid, quota.format())
+            return False
         self._inheriting = True  # the fork hook must run: attached from now on
         self._sync()
+        return True
 
     def _watch(self, entry: Entry, refuse: bool = False) -> None:
         if self._watched.get(entry.pid) is entry:
@@ -501,10 +490,10 @@ class Backend:
     def _kill_report(self, entry: Entry, taken: Taken) -> Report:
         """The kill, with the resource that crossed: the one over its quota."""
         heap, files = self._scaled(entry, taken)
-        over = heap if entry.effective_quota.heap is not None and heap[1] > heap[2] else files
-        if over is files and (entry.effective_quota.files is None or files[1] <= files[2]):
-            over = heap
-        return Report(entry, KILLED, *over)
+        quota = entry.effective_quota
+        heap_over = quota.heap is not None and heap[1] > heap[2]
+        files_over = quota.files is not None and files[1] > files[2]
+        return Report(entry, KILLED, *(files if files_over and not heap_over else heap))
 
     def _reconcile(self) -> None:
         """The ring dropped events (it was full): every count is still in the map, and

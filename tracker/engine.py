@@ -157,7 +157,7 @@ class Engine(Policy):
             serial=self.registry.next_serial(),
             owner_uid=status.real_uid,
             owner_gid=status.real_gid,
-            baseline=baseline or Counters.of_usage(usage),
+            baseline=Counters.of_usage(usage) if baseline is None else baseline,
             registered=time.time(),
             comm=usage.comm,
         )
@@ -246,14 +246,12 @@ class Engine(Policy):
         for listener in self._fork_listeners:
             listener(pid, baseline)
 
-    def inherit(self, entry: Entry) -> bool:
-        """Have the backend watch `entry`'s children at fork with its quota, where it
-        can (bpf); False where it cannot (they are found by the next scan)."""
+    def inherit(self, pid: int, start_time: int, quota: Quota) -> bool:
+        """Have the backend watch the children `pid` forks from now on, from their
+        fork, with `quota`, where it can (bpf); False where it cannot (the next
+        scan finds them)."""
         inherit = getattr(self.backend, "inherit", None)
-        if inherit is None:
-            return False
-        inherit(entry)
-        return True
+        return inherit is not None and inherit(pid, start_time, quota)
 
     def heap_rebased(self, entry: Entry, heap_base: int) -> None:
         """An exec left the process less VmData than its heap baseline: the old

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import TypeVar
 
 import trio
@@ -35,6 +35,28 @@ from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE, RESOURCES, Counters
 FD_LISTINGS = 2
 
 T = TypeVar("T")
+MAX_IDLE_TURNS = 4096  # uids whose idle turn is remembered
+
+
+class UidTurns:
+    """One turn at a time for each uid but root's: however many requests of one
+    kind a user starts at once (16 readers of `metrics`, of `fds`), they wait
+    behind each other, and another user's — root's above all — behind one."""
+
+    def __init__(self) -> None:
+        self._locks: dict[int, trio.Lock] = {}
+
+    def of(self, uid: int) -> AbstractAsyncContextManager[object]:
+        if uid == access.ROOT:
+            return nullcontext()
+        lock = self._locks.get(uid)
+        if lock is None:
+            if len(self._locks) > MAX_IDLE_TURNS:  # forget the idle ones
+                for idle in [u for u, held in self._locks.items() if not held.locked()]:
+                    del self._locks[idle]
+            lock = self._locks[uid] = trio.Lock()
+        return lock
+
 
 log = logging.getLogger("restrackfs.engine")
 
@@ -51,7 +73,7 @@ class Policy:
         self.kernel_usage: Callable[[Process], tuple[int, str] | None] | None = None
         # root's, the other users' (made in the trio run); each user's turn
         self._fd_listings: tuple[trio.CapacityLimiter, trio.CapacityLimiter] | None = None
-        self._listing_turns: dict[int, trio.Lock] = {}
+        self._listing_turns = UidTurns()
 
     # ----- reading, with enforcement ----------------------------------------
 
@@ -181,18 +203,8 @@ class Policy:
             pools = trio.CapacityLimiter(FD_LISTINGS), trio.CapacityLimiter(FD_LISTINGS)
             self._fd_listings = pools
         root, users = self._fd_listings
-        if uid == 0:
-            yield root
-            return
-        turn = self._listing_turns.get(uid)
-        if turn is None:
-            if len(self._listing_turns) > 4096:
-                idle = [u for u, lock in self._listing_turns.items() if not lock.locked()]
-                for u in idle:
-                    del self._listing_turns[u]
-            turn = self._listing_turns[uid] = trio.Lock()
-        async with turn:
-            yield users
+        async with self._listing_turns.of(uid):
+            yield root if uid == access.ROOT else users
 
     @staticmethod
     def _raise_high(entry: Entry, absolute: Counters) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import stat
 import struct
@@ -108,17 +109,45 @@ LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
 }  # fmt: skip
 
 
+Fields = dict[str, "int | tuple[int, ...]"]
+
+
+@functools.cache
 def layout(name: str) -> struct.Struct:
     return struct.Struct("<" + "".join(code for _, code in LAYOUTS[name]))
 
 
+@functools.cache
+def _counts(name: str) -> tuple[int, ...]:
+    """How many values each field of struct `name` packs (2 for a __u64[2])."""
+    return tuple(len(struct.unpack("<" + code, bytes(struct.calcsize("<" + code))))
+                 for _, code in LAYOUTS[name])  # fmt: skip
+
+
+def unpack(name: str, raw: bytes) -> Fields:
+    """The struct `name` in `raw`, by field: an int, or a tuple for an array (or
+    a nested struct)."""
+    values = iter(layout(name).unpack_from(raw))
+    fields: Fields = {}
+    for (field, _), count in zip(LAYOUTS[name], _counts(name), strict=True):
+        items = tuple(next(values) for _ in range(count))
+        fields[field] = items[0] if count == 1 else items
+    return fields
+
+
+def pack(name: str, **fields: int | tuple[int, ...]) -> bytes:
+    """The struct `name` with these fields set, every other one 0."""
+    values: list[int] = []
+    for (field, _), count in zip(LAYOUTS[name], _counts(name), strict=True):
+        value = fields.pop(field, 0)
+        values += list(value) if isinstance(value, tuple) else [value] * count
+    assert not fields, f"struct {name} has no {sorted(fields)}"
+    return layout(name).pack(*values)
+
+
 _WATCH = layout("watch")
-_TAKE = layout("take")
-_PEAKS = layout("peaks_args")
-_INHERIT = layout("inherit")
 _EVENT = layout("event")
-_FINAL = struct.Struct("<9Q")  # struct exit_event after its head (an event)
-_KEY = layout("bind_args")
+_KEY = struct.Struct("<I")  # a key of watched, inherit, the stats array
 _CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
 
 
@@ -209,38 +238,37 @@ class WatchState:
 
     @classmethod
     def unpack(cls, raw: bytes) -> WatchState:
-        (
-            start,
-            heap,
-            fds,
-            heap_peak,
-            fd_peak,
-            data,
-            nofile,
-            action,
-            flags,
-            mm,
-            files,
-            host,
-            *rest,
-        ) = _WATCH.unpack(raw)
-        heap_base = rest[-2]
+        f = unpack("watch", raw)
         return cls(
-            start, _opt(heap), _opt(fds), heap_peak, fd_peak, _opt(data), _opt(nofile),
-            Action(action), flags, mm, files, host, heap_base,
+            f["start_time"], _opt(f["heap_limit_pages"]), _opt(f["fd_limit"]),
+            f["heap_peak_pages"], f["fd_peak"], _opt(f["data_soft"]), _opt(f["nofile_soft"]),
+            Action(f["action"]), f["flags"], f["mm"], f["files"], f["host_tgid"],
+            f["heap_base_pages"],
         )  # fmt: skip
 
     def pack(self) -> bytes:
-        return _WATCH.pack(
-            self.start_time, _raw(self.heap_limit_pages), _raw(self.fd_limit),
-            self.heap_peak_pages, self.fd_peak, _raw(self.data_soft), _raw(self.nofile_soft),
-            int(self.action), self.flags, self.mm, self.files, self.host_tgid, 0,
-            *[0] * 9, self.heap_base_pages, 0, 0, 0,  # the counts, taken by take_counts
+        """The entry as written by user space: the counts (taken by take_counts)
+        and `pending` start at 0."""
+        return pack(
+            "watch", start_time=self.start_time, heap_limit_pages=_raw(self.heap_limit_pages),
+            fd_limit=_raw(self.fd_limit), heap_peak_pages=self.heap_peak_pages,
+            fd_peak=self.fd_peak, data_soft=_raw(self.data_soft),
+            nofile_soft=_raw(self.nofile_soft), action=int(self.action), flags=self.flags,
+            mm=self.mm, files=self.files, host_tgid=self.host_tgid,
+            heap_base_pages=self.heap_base_pages,
         )  # fmt: skip
 
     @property
     def killed(self) -> bool:
         return bool(self.flags & FLAG_KILLED)
+
+
+def _taken(f: Fields, **rest: int) -> Taken:
+    """Taken from the fields take_counts or an exit event hand over."""
+    return Taken(
+        f["crossings"], f["usage_at"], f["denied"], f["raised"], f["kills"] > 0,
+        f["kill_failed"] > 0, **rest,
+    )  # type: ignore[arg-type]  # fmt: skip
 
 
 def _opt(value: int) -> int | None:
@@ -451,17 +479,18 @@ class KernelWatch:
             data_soft, nofile_soft, Action[action.upper()], 0, heap_base_pages=heap_base_pages,
         )  # fmt: skip
         self._update(tgid, state, libbpf.BPF_ANY)
-        if not _running(tgid, start_time) or self._bind(tgid) == -errno.ESRCH:
+        if not _running(tgid, start_time) or not self._bind(tgid):
             self.unwatch(tgid)
             raise ProcessLookupError(tgid, f"process {tgid} (start {start_time}) is gone")
 
-    def _bind(self, tgid: int) -> int:
+    def _bind(self, tgid: int) -> bool:
         """Index the process's address space and descriptor table in the kernel (for
-        whoever shares them); the program's result, -errno."""
-        prog = self._lib.bpf_object__find_program_by_name(self._obj, BIND_PROGRAM.encode())
-        fd = self._lib.bpf_program__fd(prog)
-        buffer = ctypes.create_string_buffer(_KEY.pack(tgid), _KEY.size)
-        return libbpf.run_syscall_program(self._lib, fd, buffer)
+        whoever shares them); False when `tgid` is no longer the process watched."""
+        try:
+            self._run(BIND_PROGRAM, pack("bind_args", key=tgid))
+        except OSError as error:
+            return error.errno != errno.ESRCH
+        return True
 
     def inherit(
         self, tgid: int, start_time: int, heap_quota_pages: int | None, fd_quota: int | None,
@@ -469,17 +498,15 @@ class KernelWatch:
     ) -> None:  # fmt: skip
         """Watch every child that `tgid` forks from then on (at any depth) from its
         first instruction, with these quotas over its usage at fork."""
-        rule = _INHERIT.pack(
-            start_time, _raw(heap_quota_pages), _raw(fd_quota), int(Action[action.upper()]), 0
-        )
+        rule = pack(
+            "inherit", start_time=start_time, heap_quota_pages=_raw(heap_quota_pages),
+            fd_quota=_raw(fd_quota), action=int(Action[action.upper()]),
+        )  # fmt: skip
         fd = self._lib.bpf_map__fd(self._maps["inherit"])
         error = self._lib.bpf_map_update_elem(fd, _KEY.pack(tgid), rule, libbpf.BPF_ANY)
         if error:
             errno_ = libbpf.errno_of(error)
             raise OSError(errno_, f"inherit[{tgid}]: {os.strerror(errno_)}")
-
-    def uninherit(self, tgid: int) -> None:
-        self._lib.bpf_map_delete_elem(self._lib.bpf_map__fd(self._maps["inherit"]), _KEY.pack(tgid))
 
     def unwatch(self, tgid: int) -> None:
         state = self.entry(tgid)
@@ -513,23 +540,18 @@ class KernelWatch:
     def reset_peaks(self, tgid: int, heap_peak_pages: int = 0, fd_peak: int = 0) -> None:
         """Restart the watermarks from the given current values (in the kernel: the
         flags and counts changed meanwhile are kept)."""
-        raw = self._run(PEAKS_PROGRAM, _PEAKS.pack(tgid, 0, heap_peak_pages, fd_peak))
-        if not _PEAKS.unpack(raw)[1]:
+        args = pack("peaks_args", key=tgid, heap_pages=heap_peak_pages, fds=fd_peak)
+        if not unpack("peaks_args", self._run(PEAKS_PROGRAM, args))["found"]:
             raise ProcessLookupError(tgid, f"process {tgid} is not watched")
 
     def take(self, tgid: int) -> Taken | None:
         """The entry's counts since the last take, zeroed in the kernel; None when
         it is not watched (any more)."""
-        raw = self._run(TAKE_PROGRAM, _TAKE.pack(tgid, *[0] * 13))
-        _, found, *counts = _TAKE.unpack(raw)
-        if not found:
+        f = unpack("take", self._run(TAKE_PROGRAM, pack("take", key=tgid)))
+        if not f["found"]:
             return None
-        heap_x, files_x, heap_at, files_at, heap_no, files_no, raised, kills, failed, *rest = counts
-        crossings, usage_at, denied = (heap_x, files_x), (heap_at, files_at), (heap_no, files_no)
-        execs, heap_base, shrunk = rest
-        return Taken(
-            crossings, usage_at, denied, raised, kills > 0, failed > 0, execs, heap_base, shrunk
-        )
+        return _taken(f, execs=f["execs"], heap_base_pages=f["heap_base_pages"],
+                      shrunk=f["shrunk"])  # fmt: skip
 
     def dropped(self) -> int:
         """Events the kernel could not queue (a full ring) since the maps were made."""
@@ -586,9 +608,8 @@ class KernelWatch:
         raw = ctypes.string_at(data, size)
         tgid, kind, which, _pad, usage, limit, when = _EVENT.unpack_from(raw)
         final = None
-        if size >= _EVENT.size + _FINAL.size:  # struct exit_event: what the entry held
-            x0, x1, d0, d1, raised, kills, failed, u0, u1 = _FINAL.unpack_from(raw, _EVENT.size)
-            final = Taken((x0, x1), (u0, u1), (d0, d1), raised, kills > 0, failed > 0)
+        if size >= layout("exit_event").size:  # what a deleted entry held
+            final = _taken(unpack("exit_event", raw))
         self._events.append(Event(tgid, Kind(kind), Which(which), usage, limit, when, final))
         return 0
 

@@ -63,7 +63,7 @@ struct sys_exit { __u64 common; int nr; long ret; };
 
 extern struct task_struct *bpf_task_from_vpid(__s32 vpid) __ksym;
 extern struct task_struct *bpf_task_from_pid(__s32 pid) __ksym;
-enum pid_type { PIDTYPE_PID_, PIDTYPE_TGID_ };
+enum pid_type { PIDTYPE_PID, PIDTYPE_TGID };
 extern int bpf_send_signal_task(struct task_struct *task, int sig, enum pid_type type,
 				__u64 value) __ksym;
 extern void bpf_task_release(struct task_struct *p) __ksym;
@@ -85,7 +85,6 @@ extern void bpf_task_release(struct task_struct *p) __ksym;
 #define VM_LOCKED 0x2000
 #define VM_LOCKONFAULT 0x80000
 #define MAX_FD_WORDS (1 << 20) /* 64 Mi descriptors */
-#define PIDTYPE_TGID 1
 #define TS_COMPAT 0x0002	/* thread_info.status: an ia32 syscall is under way */
 #define IA32_PRLIMIT64 340
 
@@ -243,16 +242,23 @@ static void forget_shared(struct watch *w)
 		bpf_map_delete_elem(&by_files, &files);
 }
 
+/* The ring is full (the daemon is gone or behind): the counts stay in the map,
+ * and the daemon, seeing the drop count move, takes them from there. */
+static void count_dropped(void)
+{
+	__u32 zero = 0;
+	struct stats *st = bpf_map_lookup_elem(&stats, &zero);
+
+	if (st)
+		__sync_fetch_and_add(&st->dropped, 1);
+}
+
 static __always_inline int emit(__u32 tgid, __u32 kind, __u32 which, __u64 usage, __u64 limit)
 {
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	__u32 zero = 0;
 
-	if (!e) {	/* ring full: the daemon is gone or behind; counts stay in the map */
-		struct stats *st = bpf_map_lookup_elem(&stats, &zero);
-
-		if (st)
-			__sync_fetch_and_add(&st->dropped, 1);
+	if (!e) {
+		count_dropped();
 		return 0;
 	}
 	e->tgid = tgid;
@@ -270,13 +276,9 @@ static __always_inline int emit(__u32 tgid, __u32 kind, __u32 which, __u64 usage
 static void emit_exit(__u32 tgid, struct watch *w)
 {
 	struct exit_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	__u32 zero = 0;
 
 	if (!e) {
-		struct stats *st = bpf_map_lookup_elem(&stats, &zero);
-
-		if (st)
-			__sync_fetch_and_add(&st->dropped, 1);
+		count_dropped();
 		return;
 	}
 	e->head.tgid = tgid;
@@ -398,7 +400,7 @@ static void kill_owner(struct watch *w)
 	if (!task)
 		return;
 	if (BPF_CORE_READ(task, group_leader, start_boottime) / CLOCK_TICK_NS == w->start_time)
-		bpf_send_signal_task(task, SIGKILL, PIDTYPE_TGID_, 0);
+		bpf_send_signal_task(task, SIGKILL, PIDTYPE_TGID, 0);
 	bpf_task_release(task);
 }
 
@@ -422,19 +424,6 @@ static __always_inline void kill_group(struct watch *w, __u32 tgid, __u32 which,
 }
 
 static __always_inline void judge(struct watch *w, __u32 tgid, __u32 which, __u32 over,
-				  __u64 usage, __u64 limit);
-
-/* Act on usage against limit; the over flag makes notify count a crossing once.
- * A sharer that crosses is killed in its call, and the watched process with it. */
-static __always_inline void judge_shared(struct watch *w, __u32 tgid, __u32 which, __u32 over,
-					 __u64 usage, __u64 limit, int sharer)
-{
-	if (sharer && usage > limit && w->action == ACT_KILL)
-		kill_owner(w);
-	judge(w, tgid, which, over, usage, limit);
-}
-
-static __always_inline void judge(struct watch *w, __u32 tgid, __u32 which, __u32 over,
 				  __u64 usage, __u64 limit)
 {
 	if (usage <= limit) {
@@ -452,6 +441,17 @@ static __always_inline void judge(struct watch *w, __u32 tgid, __u32 which, __u3
 	__sync_fetch_and_add(&w->crossings[which == W_HEAP ? 0 : 1], 1);
 	signal_change(w, tgid, w->action == ACT_NOTIFY ? EV_NOTIFIED : EV_EXCEEDED, which, usage,
 		      limit);
+}
+
+/* judge(), for a check made in a call of a sharer (another thread group with
+ * the watched address space or table): it is killed in its call, and the
+ * watched process with it. */
+static __always_inline void judge_shared(struct watch *w, __u32 tgid, __u32 which, __u32 over,
+					 __u64 usage, __u64 limit, int sharer)
+{
+	if (sharer && usage > limit && w->action == ACT_KILL)
+		kill_owner(w);
+	judge(w, tgid, which, over, usage, limit);
 }
 
 /* Raise a watermark; two CPUs racing never lose the higher value. */
@@ -829,7 +829,6 @@ int BPF_PROG(group_exec, struct task_struct *task, int old_pid, void *bprm)
 	return 0;
 }
 
-/* In and out of take_counts: key in, what w held out (and zeroed in w). */
 /* A new thread group whose parent's group has an inherit rule: watched before
  * it runs (the tracepoint fires before wake_up_new_task), its baseline its
  * usage now (a copy of the parent's), the rule passed on. */
@@ -864,8 +863,7 @@ int BPF_PROG(group_fork, struct task_struct *parent, struct task_struct *child)
 	w.data_soft = NONE;
 	w.nofile_soft = NONE;
 	w.action = rule->action;
-	w.pending = 1;	/* the FORKED event below */
-	w.usage_at[1] = fds;	/* the daemon reads the baseline from here */
+	w.pending = 1;	/* the FORKED event below, which carries the baseline */
 	if (bpf_map_update_elem(&watched, &key, &w, BPF_NOEXIST))
 		return 0;	/* full, or already there */
 	struct watch *in = bpf_map_lookup_elem(&watched, &key);
@@ -879,6 +877,7 @@ int BPF_PROG(group_fork, struct task_struct *parent, struct task_struct *child)
 	return 0;
 }
 
+/* In and out of take_counts: key in, what w held out (and zeroed in w). */
 struct take {
 	__u32 key;
 	__u32 found;
@@ -970,15 +969,18 @@ SEC("tp_btf/sched_process_exit")
 int BPF_PROG(group_exit, struct task_struct *task)
 {
 	__u32 tgid = key_of(task);
-	struct watch *w = tgid ? bpf_map_lookup_elem(&watched, &tgid) : 0;
+	struct watch *w;
 
 	/* Whatever its start time: a pid is never held by two live processes. */
-	if (!w || BPF_CORE_READ(task, signal, live.counter) != 0)
+	if (!tgid || BPF_CORE_READ(task, signal, live.counter) != 0)
+		return 0;
+	bpf_map_delete_elem(&inherit, &tgid);	/* a --track-children root's too */
+	w = bpf_map_lookup_elem(&watched, &tgid);
+	if (!w)
 		return 0;
 	forget_shared(w);
 	emit_exit(tgid, w);
 	bpf_map_delete_elem(&watched, &tgid);
-	bpf_map_delete_elem(&inherit, &tgid);
 	return 0;
 }
 
