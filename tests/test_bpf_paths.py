@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -190,6 +191,9 @@ def test_an_exec_does_not_hand_the_old_images_memory_to_the_new_one(
     assert proc.wait(20) == -signal.SIGKILL
     assert steps <= 64, f"{steps} MiB mapped after the exec"
     wait_until(lambda: f"exec: pid={pid} heap baseline" in bpf_daemon.log_text(), 2, "rebased")
+    kill = re.compile(rf"pid={pid} comm=\S+ quota=heap usage=(\d+) limit=(\d+) action=kill")
+    usage, limit = map(int, wait_until(lambda: kill.search(bpf_daemon.log_text()), 2).groups())
+    assert limit < usage <= limit + 2 * MiB, "the kill measured against the new image's base"
 
 
 def test_track_children_watches_a_child_from_its_fork(bpf_factory, bin_dir: Path) -> None:

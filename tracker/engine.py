@@ -256,19 +256,22 @@ class Engine(Policy):
     def heap_rebased(self, entry: Entry, heap_base: int) -> None:
         """An exec left the process less VmData than its heap baseline: the old
         image's memory is gone, so the baseline follows it down (never up), and
-        the heap watermark restarts there; deny's data limit is set anew."""
-        if entry.ended is not None or heap_base >= entry.heap_base:
+        the heap watermark restarts there; deny's data limit is set anew. Also for
+        a process whose exit the engine saw before the kernel's last counts came:
+        its kill is reported against the baseline of the image that crossed."""
+        if entry.ended not in (None, "exited") or heap_base >= entry.heap_base:
             return
         before = (entry.baseline, entry.high)
         entry.baseline = Counters(heap=heap_base, files=entry.files_base)
         entry.high = Counters(heap=heap_base, files=entry.high.files)
-        try:
-            self.store.put(entry)
-        except StateNotSaved:
-            entry.baseline, entry.high = before
-            return
+        if entry.ended is None:  # an exited one is out of the store: its last counts settle
+            try:
+                self.store.put(entry)
+            except StateNotSaved:
+                entry.baseline, entry.high = before
+                return
         log.info("exec: pid=%d heap baseline %d -> %d", entry.pid, before[0].heap, heap_base)
-        if entry.quota is not None and entry.quota.action is Action.DENY:
+        if entry.ended is None and entry.quota is not None and entry.quota.action is Action.DENY:
             self.deny.apply_and_keep(entry)
 
     def reset(self, entry: Entry, *, quota: bool, usage: bool, caller_uid: int) -> None:

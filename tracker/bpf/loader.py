@@ -103,7 +103,8 @@ LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "exit_event": (
         ("head", "4I3Q"), ("crossings", "2Q"), ("denied", "2Q"), ("raised", "Q"),
-        ("kills", "Q"), ("kill_failed", "Q"), ("usage_at", "2Q"),
+        ("kills", "Q"), ("kill_failed", "Q"), ("usage_at", "2Q"), ("execs", "Q"),
+        ("heap_base_pages", "Q"),
     ),
     "bind_args": (("key", "I"),),
 }  # fmt: skip
@@ -609,7 +610,8 @@ class KernelWatch:
         tgid, kind, which, _pad, usage, limit, when = _EVENT.unpack_from(raw)
         final = None
         if size >= layout("exit_event").size:  # what a deleted entry held
-            final = _taken(unpack("exit_event", raw))
+            f = unpack("exit_event", raw)
+            final = _taken(f, execs=f["execs"], heap_base_pages=f["heap_base_pages"])
         self._events.append(Event(tgid, Kind(kind), Which(which), usage, limit, when, final))
         return 0
 

@@ -176,6 +176,8 @@ struct exit_event {
 	__u64 kills;
 	__u64 kill_failed;
 	__u64 usage_at[2];
+	__u64 execs;
+	__u64 heap_base_pages;
 };
 
 /* --track-children with a default quota: the processes whose new children are
@@ -297,6 +299,8 @@ static void emit_exit(__u32 tgid, struct watch *w)
 	e->kill_failed = w->kill_failed;
 	e->usage_at[0] = w->usage_at[0];
 	e->usage_at[1] = w->usage_at[1];
+	e->execs = w->execs;
+	e->heap_base_pages = w->heap_base_pages;
 	bpf_ringbuf_submit(e, 0);
 }
 
