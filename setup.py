@@ -1,15 +1,17 @@
-"""The one C extension: tracker.bpf._counters (see its source). Everything else
+"""The one C extension: tracker.backends.bpf._counters (see its source). Everything else
 about the package is in pyproject.toml.
 
 Optional: where it cannot be compiled, the package still installs, and the
 daemon says at start that it reads heapsize through /proc instead
-(tracker/bpf/counters.py). On the machines scripts/setup prepares it always
+(tracker/backends/bpf/counters.py). On the machines scripts/setup prepares it always
 compiles, and the test suite fails if it does not load."""
 
 from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("tracker.bpf._counters", ["tracker/bpf/_counters.c"], optional=True),
+        Extension(
+            "tracker.backends.bpf._counters", ["tracker/backends/bpf/_counters.c"], optional=True
+        ),
     ]
 )

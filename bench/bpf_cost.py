@@ -9,7 +9,7 @@
 2. Per growth path, with a 64 MiB heap quota or a quota of 100 descriptors:
    the overshoot at the kill (usage - limit, from the kernel's event), and the
    time from the start of the crossing call to the death seen on a pidfd.
-Root and a kernel that loads tracker/bpf are required.
+Root and a kernel that loads tracker/backends/bpf are required.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.harness import wait_dead
-from tracker.bpf import loader
-from tracker.bpf.loader import KernelWatch, Kind, start_time_of
+from tracker.backends.bpf import loader
+from tracker.backends.bpf.loader import KernelWatch, Kind, start_time_of
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024

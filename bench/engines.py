@@ -15,7 +15,7 @@ from pathlib import Path
 from bench import bpf_cost
 from bench.harness import Config, Daemon, MiB, Sleepers, raise_limits
 from bench.report import Goal, GroupResult, Row
-from tracker.bpf.loader import BpfUnavailable, KernelWatch
+from tracker.backends.bpf.loader import BpfUnavailable, KernelWatch
 
 NAME = "engines"
 TITLE = "6. Engines side by side: bpf and procfs"

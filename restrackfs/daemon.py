@@ -23,15 +23,16 @@ import trio
 from restrackfs import logguard, scrape
 from restrackfs.files import Caller, read_metrics
 from restrackfs.fs import RestrackOperations
-from tracker import bpf_backend, state
-from tracker.autotrack import (
+from tracker.backends.base import BackendUnavailable
+from tracker.backends.bpf import backend as bpf_backend
+from tracker.engine import state
+from tracker.engine.autotrack import (
     AutoTracker,
     Policy,
     in_initial_pid_namespace,
     proc_matches_my_pid_namespace,
 )
-from tracker.backend import BackendUnavailable
-from tracker.engine import open_engine, release_state
+from tracker.engine.engine import open_engine, release_state
 from tracker.errors import InvalidArgument
 from tracker.quota import parse_quota
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 import trio
 
 from restrackfs import metrics
-from tracker.access import may_see
-from tracker.engine import Engine, Entry, Measurement
+from tracker.engine.access import may_see
+from tracker.engine.engine import Engine
+from tracker.engine.entry import Entry, Measurement
+from tracker.engine.policy import UidTurns
 from tracker.errors import InvalidArgument, NoSuchProcess
-from tracker.policy import UidTurns
-from tracker.procfs import escape_comm
+from tracker.linux.procfs import escape_comm
 from tracker.quota import WHITESPACE, parse_quota, parse_reset
 from tracker.vocabulary import EVENTS, FD_KINDS, OPENFILE_TOTAL, STAT_FIELDS, format_limit
 

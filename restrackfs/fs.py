@@ -38,7 +38,8 @@ from restrackfs.files import (
     visible,
 )
 from restrackfs.handles import HandleTable, Kept, TooManyHandles
-from tracker.engine import Engine, Entry
+from tracker.engine.engine import Engine
+from tracker.engine.entry import Entry
 from tracker.errors import AccessDenied, InvalidArgument, NoSuchProcess, TrackerError
 
 log = logging.getLogger("restrackfs.fs")

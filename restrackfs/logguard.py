@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tracker.procfs import escape_unprintable
+from tracker.linux.procfs import escape_unprintable
 
 BURST = 10
 INTERVAL = 5.0  # seconds, the kernel's DEFAULT_RATELIMIT_INTERVAL

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
-from tracker.entry import Measurement
-from tracker.procfs import escape_unprintable
+from tracker.engine.entry import Measurement
+from tracker.linux.procfs import escape_unprintable
 from tracker.quota import Action
 
 # Each gauge: its name, its help, and its value in a measurement (None: not shown).

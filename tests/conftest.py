@@ -17,8 +17,8 @@ import pytest
 
 from restrackfs import daemon as restrackfs_daemon
 from tests.grow import grow_binary, grower  # noqa: F401  (fixtures for every module)
-from tracker import bpf_backend
-from tracker.bpf import loader
+from tracker.backends.bpf import backend as bpf_backend
+from tracker.backends.bpf import loader
 
 HERE = Path(__file__).parent
 CHECKOUT = HERE.parent

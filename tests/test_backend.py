@@ -1,4 +1,4 @@
-"""The seam between the engine and a backend (tracker/backend.py), from a pushed
+"""The seam between the engine and a backend (tracker/backends/base.py), from a pushed
 backend's side: what it is told, and what the engine does with its reports.
 
 The backend here is this module's `Backend` class, chosen by name as the BPF
@@ -20,12 +20,13 @@ import trio
 import trio.testing
 
 from tests.conftest import MiB
-from tracker import backend as backends
-from tracker.backend import KILLED, NOTIFIED, PEAK, Policy, Report
-from tracker.engine import Entry, open_engine
+from tracker.backends import base as backends
+from tracker.backends.base import KILLED, NOTIFIED, PEAK, Policy, Report
+from tracker.engine.engine import open_engine
+from tracker.engine.entry import Entry
+from tracker.engine.resources import FILES_RESOURCE, HEAP_RESOURCE, Counters
 from tracker.errors import NoSuchProcess
 from tracker.quota import Action, Quota
-from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE, Counters
 
 ROOT = 0
 INTERVAL = 0.01

@@ -1,4 +1,4 @@
-"""The BPF engine's kernel side (tracker/bpf) against the real kernel.
+"""The BPF engine's kernel side (tracker/backends/bpf) against the real kernel.
 
 Every test watches only child processes it started. Where BPF cannot load
 (no BTF, no CAP_BPF, no libbpf) the tests skip with the reason; where the
@@ -26,8 +26,8 @@ import pytest
 import trio
 
 from tests.conftest import HERE, MiB, Workload, wait_until
-from tracker.bpf import loader
-from tracker.bpf.loader import BpfUnavailable, Event, KernelWatch, Kind, Which
+from tracker.backends.bpf import loader
+from tracker.backends.bpf.loader import BpfUnavailable, Event, KernelWatch, Kind, Which
 
 PAGE = 4096
 BPF_DIR = Path(loader.__file__).parent
@@ -385,7 +385,7 @@ def _holder(pin_dir: Path, quotas: dict[int, int]) -> subprocess.Popen[str]:
     """A separate daemon-like process holding the watch, to be killed with -9."""
     code = (
         "import sys\nfrom pathlib import Path\n"
-        "from tracker.bpf.loader import KernelWatch, start_time_of\n"
+        "from tracker.backends.bpf.loader import KernelWatch, start_time_of\n"
         "watch = KernelWatch.open(Path(sys.argv[1]))\n"
         "for arg in sys.argv[2:]:\n"
         "    pid, limit = map(int, arg.split(':'))\n"
@@ -473,7 +473,7 @@ def test_without_capabilities_is_one_line(pin_dir: Path) -> None:
     drop = "-bpf,-perfmon,-sys_admin"
     code = (
         "import sys\nfrom pathlib import Path\n"
-        "from tracker.bpf.loader import KernelWatch, BpfUnavailable\n"
+        "from tracker.backends.bpf.loader import KernelWatch, BpfUnavailable\n"
         "try:\n    KernelWatch.open(Path(sys.argv[1]))\n"
         "except BpfUnavailable as error:\n    print(error)\n"
     )
@@ -514,7 +514,7 @@ def test_verifier_rejection_is_one_line(
 
 
 def test_object_sources_match_stamp() -> None:
-    """Every *.bpf.o was built from the committed source (tracker/bpf/build.sh)."""
+    """Every *.bpf.o was built from the committed source (tracker/backends/bpf/build.sh)."""
     objects = sorted(BPF_DIR.glob("*.bpf.c"))
     assert [source.name for source in objects] == ["counters.bpf.c", "restrack.bpf.c"]
     for source in objects:
@@ -524,7 +524,7 @@ def test_object_sources_match_stamp() -> None:
             digest, name = line.split()
             names.append(name)
             assert hashlib.sha256((BPF_DIR / name).read_bytes()).hexdigest() == digest, (
-                f"{name} changed since {source.stem}.o was built: run tracker/bpf/build.sh"
+                f"{name} changed since {source.stem}.o was built: run tracker/backends/bpf/build.sh"
             )
         assert names == [source.name, "build.sh"]
 

@@ -1,4 +1,4 @@
-"""heapsize read in the kernel under the bpf engine (tracker/bpf/counters.bpf.c).
+"""heapsize read in the kernel under the bpf engine (tracker/backends/bpf/counters.bpf.c).
 
 The program reads `mm->data_vm` of the task with a given pid whose struct pid is
 the one a pidfd names (its pidfs inode). These tests compare it with /proc on
@@ -22,10 +22,10 @@ from tests.conftest import HERE, DaemonFactory, MiB, wait_until
 from tests.test_bpf import _prerequisites_missing
 from tests.test_engine_bpf import pin_dir
 from tests.test_run import compile_c
-from tracker import procfs
-from tracker.bpf import loader
-from tracker.bpf.counters import CounterReader
-from tracker.engine import open_engine
+from tracker.backends.bpf import loader
+from tracker.backends.bpf.counters import CounterReader
+from tracker.engine.engine import open_engine
+from tracker.linux import procfs
 
 ROOT = 0
 
@@ -129,7 +129,7 @@ async def test_the_bpf_engine_reads_heapsize_without_proc(spawn, monkeypatch):
 
 async def test_the_procfs_engine_reads_proc(spawn, monkeypatch):
     """The other side of the test above: under procfs /proc/PID/status is read
-    (through the held descriptor, tracker/process.py), and the kernel program not."""
+    (through the held descriptor, tracker/linux/process.py), and the kernel program not."""
     w = spawn()
     async with open_engine(backend="procfs") as engine:
         entry = engine.register(w.pid, ROOT)
@@ -204,7 +204,7 @@ def test_the_daemon_says_which_way_heapsize_is_read(daemon_factory: DaemonFactor
         assert lines[0].endswith("bpf: heapsize read in the kernel (counters.bpf.o)")
         assert lines[1].endswith(
             "bpf: heapsize read through /proc (counters.bpf.o: BPF object missing: "
-            "/nonexistent/counters.bpf.o (tracker/bpf/build.sh))"
+            "/nonexistent/counters.bpf.o (tracker/backends/bpf/build.sh))"
         )
         assert "Traceback" not in slow.log_text()
     finally:
@@ -218,7 +218,7 @@ def test_an_engine_stopped_before_its_backend_ran_stops_cleanly(tmp_path):
     buffer of a closed watch (a segfault)."""
     script = (
         "import trio\n"
-        "from tracker.engine import open_engine\n"
+        "from tracker.engine.engine import open_engine\n"
         "async def main():\n"
         "    async with open_engine(backend='bpf'):\n"
         "        pass\n"
@@ -231,9 +231,9 @@ def test_an_engine_stopped_before_its_backend_ran_stops_cleanly(tmp_path):
 
 
 def test_the_run_refuses_bad_arguments_with_a_precise_error(reader):
-    """tracker/bpf/_counters.c: wrong arguments are Python errors, a run the kernel
+    """tracker/backends/bpf/_counters.c: wrong arguments are Python errors, a run the kernel
     refuses an OSError with its errno, never a crash or a value."""
-    from tracker.bpf import _counters
+    from tracker.backends.bpf import _counters
 
     pid = os.getpid()
     inode = inode_of(pid)
@@ -265,12 +265,12 @@ def test_the_run_refuses_bad_arguments_with_a_precise_error(reader):
 
 
 def test_without_the_extension_the_reader_says_why_in_one_line():
-    """An install that did not compile tracker/bpf/_counters.c: the reader does not
+    """An install that did not compile tracker/backends/bpf/_counters.c: the reader does not
     load (the daemon then reads heapsize through /proc, as above) and says why."""
     script = (
-        "import sys; sys.modules['tracker.bpf._counters'] = None\n"
-        "from tracker.bpf.counters import CounterReader\n"
-        "from tracker.bpf.loader import BpfUnavailable\n"
+        "import sys; sys.modules['tracker.backends.bpf._counters'] = None\n"
+        "from tracker.backends.bpf.counters import CounterReader\n"
+        "from tracker.backends.bpf.loader import BpfUnavailable\n"
         "try:\n"
         "    CounterReader.open()\n"
         "except BpfUnavailable as error:\n"
@@ -280,7 +280,7 @@ def test_without_the_extension_the_reader_says_why_in_one_line():
         [sys.executable, "-c", script], cwd=HERE.parent, capture_output=True, text=True, check=True
     )
     line = out.stdout.strip()
-    assert line.startswith("tracker.bpf._counters not built (") and line.endswith(
+    assert line.startswith("tracker.backends.bpf._counters not built (") and line.endswith(
         "): run scripts/setup"
     ), out
     assert "\n" not in line and not out.stderr

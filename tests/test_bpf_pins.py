@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import HERE, NOBODY
 from tests.test_bpf import _prerequisites_missing
-from tracker import bpf_backend
+from tracker.backends.bpf import backend as bpf_backend
 
 pytestmark = pytest.mark.skipif(
     _prerequisites_missing() is not None, reason=f"BPF unavailable: {_prerequisites_missing()}"
@@ -67,7 +67,7 @@ def test_planted_pins_are_refused_with_the_reason(tmp_path: Path, attack: str) -
 def test_a_bpffs_the_daemon_mounts_is_root_only(tmp_path: Path) -> None:
     """Where no bpffs is mounted, the daemon mounts it 0700, and its pins are 0700."""
     probe = (
-        "import os, stat, sys; from pathlib import Path; from tracker.bpf import loader; "
+        "import os, stat, sys; from pathlib import Path; from tracker.backends.bpf import loader; "
         "loader.check_prerequisites(); w = loader.KernelWatch.open(Path(sys.argv[1])); "
         "print(oct(os.stat('/sys/fs/bpf').st_mode & 0o777), "
         "oct(os.stat(sys.argv[1]).st_mode & 0o7777)); w.close(unpin=True)"

@@ -19,8 +19,8 @@ from restrackfs.daemon import default_state_path
 from restrackfs.fs import boundary
 from tests.conftest import NOBODY, MiB, shared_tempdir, wait_until
 from tests.test_fs import errno_of, limits_of
-from tracker import state
-from tracker.procfs import NoSuchProcess
+from tracker.engine import state
+from tracker.linux.procfs import NoSuchProcess
 
 
 def test_sigterm_unmounts_cleanly(daemon):

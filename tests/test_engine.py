@@ -18,8 +18,9 @@ import trio
 import trio.testing
 
 from tests.conftest import NOBODY, MiB
-from tracker import state
-from tracker.engine import Engine, Entry, open_engine
+from tracker.engine import state
+from tracker.engine.engine import Engine, open_engine
+from tracker.engine.entry import Entry
 from tracker.errors import (
     AlreadyTracked,
     Deregistered,

@@ -27,8 +27,8 @@ from tests.grow import Grower
 from tests.test_bpf import _prerequisites_missing
 from tests.test_fs import limits_of
 from tests.test_peaks import SPIKE, peak, spike_is_caught
-from tracker import bpf_backend
-from tracker.bpf import loader
+from tracker.backends.bpf import backend as bpf_backend
+from tracker.backends.bpf import loader
 
 QUOTA = 64 * MiB
 SLOW = "2000"  # ms: the polling alone could not hold anything below

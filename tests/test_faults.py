@@ -39,7 +39,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.test_fs import errno_of, limits_of
-from tracker import state as state_file
+from tracker.engine import state as state_file
 
 NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
 NOFILE, DATA = "Max open files", "Max data size"
@@ -295,8 +295,8 @@ async def test_esrch_from_proc_fd_during_an_exit_is_no_such_process(spawn, monke
     exits; only ENOENT was taken for 'no such process', so a read of `metrics` (anyone's)
     or of the process's files was answered EIO, with a traceback in the log."""
     from restrackfs.files import Caller, read_metrics
-    from tracker import procfs
-    from tracker.engine import open_engine
+    from tracker.engine.engine import open_engine
+    from tracker.linux import procfs
 
     w = spawn()
     real_stat = os.stat

@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import NOBODY, Daemon, Workload, shared_tempdir
-from tracker import state as state_file
+from tracker.engine import state as state_file
 
 MAX_WRITE = 4096
 LIMIT_MAX = 2**63 - 1

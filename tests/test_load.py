@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import NOBODY, Daemon, MiB, Workload, wait_until
-from tracker import state as state_file
+from tracker.engine import state as state_file
 
 STABLE_FILES = ["heapsize", "openfile_count", "stat", "quota"]
 ENDINGS = ["exit", "killed-files", "killed-heap", "deregistered", "sigkill", "deny"]

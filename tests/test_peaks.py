@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from restrackfs import client
 from tests.conftest import HERE, NOBODY, Daemon, MiB, wait_until
 from tests.test_fs import sh
-from tracker import procfs
+from tracker.linux import procfs
 from tracker.vocabulary import FD_KINDS, OPENFILE_TOTAL
 
 SPIKE = 30 * MiB

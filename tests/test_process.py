@@ -1,4 +1,4 @@
-"""tracker/process.py: a process read through its pidfd, and its held status file.
+"""tracker/linux/process.py: a process read through its pidfd, and its held status file.
 
 VmData is read by pread of /proc/PID/status kept open (issue 14: no path lookup
 per read), for a bounded number of processes daemon-wide. A descriptor opened by
@@ -16,9 +16,9 @@ import pytest
 
 from tests.conftest import MiB
 from tests.test_faults import force_pids, spawn_at
-from tracker import process as process_module
-from tracker import procfs
-from tracker.process import NoSuchProcess, Process
+from tracker.linux import process as process_module
+from tracker.linux import procfs
+from tracker.linux.process import NoSuchProcess, Process
 
 
 def proc_vm_data(pid: int) -> int:

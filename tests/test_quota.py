@@ -12,9 +12,10 @@ import os
 import pytest
 
 from restrackfs.files import parse_pid
-from tracker import limits, procfs
+from tracker.deny import limits
 from tracker.errors import InvalidArgument
-from tracker.procfs import RLIM_INFINITY, NoSuchProcess
+from tracker.linux import procfs
+from tracker.linux.procfs import RLIM_INFINITY, NoSuchProcess
 from tracker.quota import (
     LIMIT_MAX,
     NO_QUOTA,

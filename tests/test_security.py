@@ -30,7 +30,7 @@ import pytest
 from tests.conftest import NOBODY, Daemon, Workload, shared_tempdir, wait_until
 from tests.conftest import as_user as user_argv
 from tests.test_fs import limits_of, sh
-from tracker import state as state_file
+from tracker.engine import state as state_file
 
 OTHER = 65533
 PYTHON = str(Path(sys.executable).parent / "python")

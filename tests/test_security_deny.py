@@ -32,8 +32,9 @@ import pytest
 
 from tests.conftest import HERE, NOBODY, Daemon, shared_tempdir, wait_until
 from tests.test_fs import limits_of, sh
-from tracker import limits, procfs
-from tracker.helpers import HELPER_TIMEOUT, HelperRunner, LimitChange, run_inline
+from tracker.deny import limits
+from tracker.deny.helpers import HELPER_TIMEOUT, HelperRunner, LimitChange, run_inline
+from tracker.linux import procfs
 
 NONE = "heap=max files=max action=kill\n"
 

@@ -26,8 +26,8 @@ from restrackfs.logguard import LogGuard
 from tests.conftest import NOBODY, Daemon
 from tests.test_run import compile_c, restrack_run
 from tests.test_security import ABI_OPS_C
-from tracker.engine import Measurement
-from tracker.procfs import PID_MAX_LIMIT, escape_comm, escape_unprintable
+from tracker.engine.entry import Measurement
+from tracker.linux.procfs import PID_MAX_LIMIT, escape_comm, escape_unprintable
 from tracker.quota import Action, Quota
 
 HERE = Path(__file__).parent

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from restrackfs.daemon import parse_args
 from tests.conftest import MiB, shared_tempdir, wait_until
-from tracker.autotrack import in_initial_pid_namespace
+from tracker.engine.autotrack import in_initial_pid_namespace
 
 HERE = Path(__file__).parent
 

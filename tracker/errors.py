@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 from typing import ClassVar
 
-from tracker.procfs import AccessDenied, NoSuchProcess
+from tracker.linux.procfs import AccessDenied, NoSuchProcess
 
 __all__ = [
     "AccessDenied",

@@ -324,11 +324,11 @@ def test_stopping_the_node_daemon_unmounts_on_the_node(node_daemon, podman):
 
 
 def test_the_image_reads_heapsize_through_the_extension(podman: Podman, image: str):
-    """deploy/Dockerfile builds tracker/bpf/_counters.c (setup.py): without it the
+    """deploy/Dockerfile builds tracker/backends/bpf/_counters.c (setup.py): without it the
     daemon would read heapsize through /proc, saying so in its log."""
     probe = (
-        "from tracker.bpf import _counters\n"
-        "import tracker.bpf.counters as counters\n"
+        "from tracker.backends.bpf import _counters\n"
+        "import tracker.backends.bpf.counters as counters\n"
         "assert counters._counters is _counters\n"
         "print(_counters.data_vm_pages.__doc__)\n"
     )

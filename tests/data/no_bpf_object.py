@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tracker.bpf import loader  # noqa: E402
+from tracker.backends.bpf import loader  # noqa: E402
 
 loader.OBJECT = Path("/nonexistent/restrack.bpf.o")
 

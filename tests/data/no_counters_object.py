@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tracker.bpf import counters  # noqa: E402
+from tracker.backends.bpf import counters  # noqa: E402
 
 counters.OBJECT = Path("/nonexistent/counters.bpf.o")
 

@@ -17,13 +17,13 @@ import ctypes
 import os
 from pathlib import Path
 
-from tracker.bpf.loader import BpfUnavailable, check_prerequisites, library, load_object
+from tracker.backends.bpf.loader import BpfUnavailable, check_prerequisites, library, load_object
 
 try:
-    from tracker.bpf import _counters  # built by scripts/setup (setup.py)
+    from tracker.backends.bpf import _counters  # built by scripts/setup (setup.py)
 except ImportError as error:  # an install that did not compile it: /proc reads heapsize
     _counters = None
-    _NOT_BUILT = f"tracker.bpf._counters not built ({error}): run scripts/setup"
+    _NOT_BUILT = f"tracker.backends.bpf._counters not built ({error}): run scripts/setup"
 
 OBJECT = Path(__file__).with_name("counters.bpf.o")
 PROGRAM = b"data_vm"

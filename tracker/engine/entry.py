@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from tracker.helpers import LimitChange
-from tracker.process import Process
+from tracker.deny.helpers import LimitChange
+from tracker.engine.resources import Counters
+from tracker.linux.process import Process
 from tracker.quota import NO_QUOTA, Quota
-from tracker.resources import Counters
 from tracker.vocabulary import EVENTS
 
 
@@ -29,7 +29,7 @@ class QuotaSetting:
 
 @dataclass(eq=False)
 class DenyState:
-    """Deny mode's bookkeeping for one entry (tracker/deny.py's alone)."""
+    """Deny mode's bookkeeping for one entry (tracker/deny/keeper.py's alone)."""
 
     # the soft limits the process had before, the ones last seen in force after
     # a set (verified in /proc/PID/limits), the sets under way

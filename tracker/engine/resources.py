@@ -15,8 +15,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from tracker import limits
-from tracker.process import Process, Usage
+from tracker.deny import limits
+from tracker.linux.process import Process, Usage
 from tracker.vocabulary import FILES, HEAP
 
 

@@ -5,7 +5,7 @@ A fresh reading that breaks a quota is acted on at once, whoever asked for it
 (a `cat` of a file, the metrics, a command, the procfs backend's period), and
 raises the entry's high-water mark (`entry.high`: heap_peak, openfile_peak),
 into which a backend's exact peaks are folded when a peak is read. The
-`Engine` (tracker/engine.py) is a `Policy` with the commands and the lifecycle
+`Engine` (tracker/engine/engine.py) is a `Policy` with the commands and the lifecycle
 on top; a backend sees it through the `backend.Policy` protocol.
 """
 
@@ -18,16 +18,23 @@ from typing import TypeVar
 
 import trio
 
-from tracker import access
-from tracker.backend import PEAK, RAISED, REFUSED, Report
-from tracker.deny import DenyKeeper
-from tracker.enforce import Enforcer
-from tracker.entry import Entry, Measurement
+from tracker.backends.base import PEAK, RAISED, REFUSED, Report
+from tracker.deny.keeper import DenyKeeper
+from tracker.engine import access
+from tracker.engine.enforce import Enforcer
+from tracker.engine.entry import Entry, Measurement
+from tracker.engine.registry import Registry
+from tracker.engine.resources import (
+    FILES_RESOURCE,
+    HEAP_RESOURCE,
+    RESOURCES,
+    Counters,
+    Resource,
+    sample,
+)
 from tracker.errors import AccessDenied, Deregistered, NoSuchProcess
-from tracker.process import Process, Usage
+from tracker.linux.process import Process, Usage
 from tracker.quota import Action
-from tracker.registry import Registry
-from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE, RESOURCES, Counters, Resource, sample
 
 # fds listings at once in worker threads (each holds the GIL for its Python loop
 # part of the time: two keep the event loop's share large; the others wait, async):

@@ -31,11 +31,11 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
-from tracker.entry import DenyState, Entry, QuotaSetting
+from tracker.engine.entry import DenyState, Entry, QuotaSetting
+from tracker.engine.resources import Counters
 from tracker.errors import StateNotSaved
-from tracker.process import Process
+from tracker.linux.process import Process
 from tracker.quota import Action, Quota
-from tracker.resources import Counters
 
 log = logging.getLogger(__name__)
 engine_log = logging.getLogger("restrackfs.engine")

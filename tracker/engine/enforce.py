@@ -13,12 +13,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from tracker.backend import Report
-from tracker.entry import Entry
+from tracker.backends.base import Report
+from tracker.engine.entry import Entry
+from tracker.engine.resources import RESOURCES, Counters, Resource
 from tracker.errors import AccessDenied, NoSuchProcess
-from tracker.procfs import escape_comm
+from tracker.linux.procfs import escape_comm
 from tracker.quota import Action
-from tracker.resources import RESOURCES, Counters, Resource
 from tracker.vocabulary import DENIED, EVENTS, EXCEEDED, KILLED, NOTIFIED
 
 enforcement_log = logging.getLogger("restrackfs.enforce")

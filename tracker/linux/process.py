@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from tracker import procfs
-from tracker.procfs import NoSuchProcess
+from tracker.linux import procfs
+from tracker.linux.procfs import NoSuchProcess
 
 T = TypeVar("T")
 

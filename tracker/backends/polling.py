@@ -1,4 +1,4 @@
-"""The procfs backend: polls /proc every `interval` (see tracker/backend.py).
+"""The procfs backend: polls /proc every `interval` (see tracker/backends/base.py).
 
 Its whole job is time: every period it asks the policy to `check` each entry
 with a quota (one sample through the entry's pidfd, enforcement, deny limits
@@ -12,9 +12,9 @@ from collections.abc import Iterable
 
 import trio
 
-from tracker.backend import Policy
-from tracker.entry import Entry
-from tracker.resources import Counters
+from tracker.backends.base import Policy
+from tracker.engine.entry import Entry
+from tracker.engine.resources import Counters
 
 log = logging.getLogger("restrackfs.engine")
 

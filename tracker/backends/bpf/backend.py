@@ -1,5 +1,5 @@
 """The bpf backend: the kernel checks each watched process at its own syscalls
-(tracker/bpf/, see its README) and this steers it (see tracker/backend.py).
+(tracker/backends/bpf/, see its README) and this steers it (see tracker/backends/base.py).
 
 What it does with what the engine tells it:
 
@@ -47,8 +47,7 @@ from typing import TypeVar
 
 import trio
 
-from tracker import limits
-from tracker.backend import (
+from tracker.backends.base import (
     EXCEEDED,
     KILLED,
     NOTIFIED,
@@ -58,9 +57,9 @@ from tracker.backend import (
     Policy,
     Report,
 )
-from tracker.bpf.counters import CounterReader
-from tracker.bpf.loader import Action as BpfAction
-from tracker.bpf.loader import (
+from tracker.backends.bpf.counters import CounterReader
+from tracker.backends.bpf.loader import Action as BpfAction
+from tracker.backends.bpf.loader import (
     BpfUnavailable,
     Event,
     KernelWatch,
@@ -69,11 +68,12 @@ from tracker.bpf.loader import (
     WatchState,
     remove_tree,
 )
-from tracker.entry import Entry
+from tracker.deny import limits
+from tracker.engine.entry import Entry
+from tracker.engine.resources import FILES_RESOURCE, HEAP_RESOURCE, Counters, Resource
 from tracker.errors import QuotaNotKept
-from tracker.process import Process
+from tracker.linux.process import Process
 from tracker.quota import Action, Quota
-from tracker.resources import FILES_RESOURCE, HEAP_RESOURCE, Counters, Resource
 
 log = logging.getLogger("restrackfs.engine")
 T = TypeVar("T")

@@ -14,8 +14,8 @@ from __future__ import annotations
 import resource
 from collections.abc import Iterable
 
-from tracker import procfs
-from tracker.procfs import RLIM_INFINITY, AccessDenied, NoSuchProcess
+from tracker.linux import procfs
+from tracker.linux.procfs import RLIM_INFINITY, AccessDenied, NoSuchProcess
 from tracker.vocabulary import LIMIT_MAX
 
 DATA = resource.RLIMIT_DATA

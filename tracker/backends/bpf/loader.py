@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
-from tracker.bpf import libbpf
+from tracker.backends.bpf import libbpf
 
 OBJECT = Path(__file__).with_name("restrack.bpf.o")
 BPFFS = Path("/sys/fs/bpf")
@@ -778,7 +778,7 @@ def check_prerequisites(obj: Path | None = None, *, mounts: bool = True) -> None
     if not Path("/sys/kernel/btf/vmlinux").exists():
         raise BpfUnavailable("no kernel BTF (/sys/kernel/btf/vmlinux): CO-RE cannot relocate")
     if not obj.exists():
-        raise BpfUnavailable(f"BPF object missing: {obj} (tracker/bpf/build.sh)")
+        raise BpfUnavailable(f"BPF object missing: {obj} (tracker/backends/bpf/build.sh)")
     caps = _effective_caps()
     if not (caps >> _CAP_SYS_ADMIN & 1 or (caps >> _CAP_BPF & 1 and caps >> _CAP_PERFMON & 1)):
         raise BpfUnavailable("no CAP_BPF/CAP_PERFMON (nor CAP_SYS_ADMIN)")

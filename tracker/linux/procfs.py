@@ -3,7 +3,7 @@
 Parsing only: no policy, no caching. Every reader raises `NoSuchProcess` when the
 process is gone (or never was) and `AccessDenied` when /proc refuses; callers
 that need to know the answer belongs to *their* process check a pidfd after
-reading (see `tracker.process`).
+reading (see `tracker.linux.process`).
 """
 
 from __future__ import annotations

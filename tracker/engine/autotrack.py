@@ -20,12 +20,12 @@ from dataclasses import dataclass
 
 import trio
 
-from tracker import procfs
-from tracker.access import ROOT
-from tracker.engine import Engine
-from tracker.procfs import Stat
+from tracker.engine.access import ROOT
+from tracker.engine.engine import Engine
+from tracker.engine.resources import Counters
+from tracker.linux import procfs
+from tracker.linux.procfs import Stat
 from tracker.quota import Action, Quota
-from tracker.resources import Counters
 
 log = logging.getLogger("restrackfs.autotrack")
 

@@ -4,8 +4,8 @@
 # committed objects make them unnecessary at run time. The build is
 # deterministic, so tests/test_bpf.py rebuilds them where clang exists and
 # compares bytes, and checks *.bpf.o.sources (the sources' hashes) everywhere.
-#   tracker/bpf/build.sh            rebuild the committed objects and their stamps
-#   tracker/bpf/build.sh DIR        build the objects into DIR only
+#   tracker/backends/bpf/build.sh            rebuild the committed objects and their stamps
+#   tracker/backends/bpf/build.sh DIR        build the objects into DIR only
 set -euo pipefail
 here=$(dirname "$0")
 dest=$(realpath -m "${1:-$here}")

@@ -1,4 +1,4 @@
-/* tracker.bpf._counters: BPF_PROG_TEST_RUN of counters.bpf.c's data_vm.
+/* tracker.backends.bpf._counters: BPF_PROG_TEST_RUN of counters.bpf.c's data_vm.
  *
  * The read of PID/heapsize is the hot path of the mount, and most reads come
  * after an idle spell, when every code path is cold. Called through ctypes,

@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection
 
 import trio
 
-from tracker.entry import Entry
+from tracker.engine.entry import Entry
 
 log = logging.getLogger("restrackfs.engine")
 

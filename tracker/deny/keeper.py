@@ -1,7 +1,7 @@
 """Deny mode's soft limits, kept: lowered, verified, re-checked, given back.
 
 A deny quota holds only once the kernel shows its limits in /proc/PID/limits.
-Where the daemon may not call prlimit(2) itself a helper does (tracker/helpers.py);
+Where the daemon may not call prlimit(2) itself a helper does (tracker/deny/helpers.py);
 what a request started is awaited by it (`limit_changes`), the rest is finished
 in the background. A soft limit the process raises is lowered back and counted
 (denied); each raise, and each limit not in force after a set, is a defeat; a
@@ -18,12 +18,14 @@ from contextlib import AbstractContextManager
 
 import trio
 
-from tracker import access, limits, procfs
-from tracker.enforce import Enforcer, enforcement_log
-from tracker.entry import Entry
+from tracker.deny import limits
+from tracker.deny.helpers import HelperRunner, LimitChange, Pending
+from tracker.engine import access
+from tracker.engine.enforce import Enforcer, enforcement_log
+from tracker.engine.entry import Entry
+from tracker.engine.resources import BY_RLIMIT, RESOURCES, Counters
 from tracker.errors import AccessDenied, LimitNotInForce, NoSuchProcess, NotPermitted
-from tracker.helpers import HelperRunner, LimitChange, Pending
-from tracker.resources import BY_RLIMIT, RESOURCES, Counters
+from tracker.linux import procfs
 from tracker.vocabulary import DENIED, KILLED
 
 log = logging.getLogger("restrackfs.engine")

@@ -24,11 +24,15 @@ from pathlib import Path
 
 import trio
 
-from tracker import access, procfs, state
-from tracker.backend import Backend, choose
-from tracker.deny import DEFEATS_BEFORE_KILL, DenyKeeper
-from tracker.enforce import Enforcer
-from tracker.entry import Entry, Measurement, QuotaSetting
+from tracker.backends.base import Backend, choose
+from tracker.deny.helpers import LimitChange, Pending
+from tracker.deny.keeper import DenyKeeper
+from tracker.engine import access, state
+from tracker.engine.enforce import Enforcer
+from tracker.engine.entry import Entry, QuotaSetting
+from tracker.engine.policy import Policy
+from tracker.engine.registry import Registry
+from tracker.engine.resources import Counters
 from tracker.errors import (
     AccessDenied,
     AlreadyTracked,
@@ -41,16 +45,10 @@ from tracker.errors import (
     QuotaNotKept,
     StateNotSaved,
 )
-from tracker.helpers import LimitChange, Pending
-from tracker.policy import Policy
-from tracker.process import Process
-from tracker.procfs import escape_comm
+from tracker.linux import procfs
+from tracker.linux.process import Process
+from tracker.linux.procfs import escape_comm
 from tracker.quota import Action, Quota
-from tracker.registry import Registry
-from tracker.resources import Counters
-from tracker.vocabulary import EVENTS, FILES, HEAP
-
-__all__ = ["DEFEATS_BEFORE_KILL", "EVENTS", "FILES", "HEAP", "Engine", "Entry", "Measurement"]
 
 log = logging.getLogger("restrackfs.engine")
 

@@ -3,12 +3,12 @@
 
 Two kinds of backend fit it:
 
-- **procfs** (tracker/procfs_backend.py): polls. Its trio task, every
+- **procfs** (tracker/backends/polling.py): polls. Its trio task, every
   `interval`, asks the policy to `check` each entry with a quota (one sample
   from /proc through the entry's pidfd, then enforcement and, in deny mode,
   keeping the soft limits). The engine's notifications are nothing to it: it
   reads `policy.watched()` afresh each period.
-- **bpf** (tracker/bpf_backend.py over tracker/bpf/): pushed. The kernel checks each watched
+- **bpf** (`backends/bpf/`): pushed. The kernel checks each watched
   process at its own syscalls and kills in the crossing call; the backend must
   be *told* what to watch, with absolute limits (baseline + quota, so a
   baseline reset changes them): `adopt` at start (the entries restored from the
@@ -65,9 +65,9 @@ from typing import Protocol
 
 import trio
 
-from tracker.entry import Entry
-from tracker.process import Process
-from tracker.resources import Counters, Resource
+from tracker.engine.entry import Entry
+from tracker.engine.resources import Counters, Resource
+from tracker.linux.process import Process
 
 log = logging.getLogger("restrackfs.engine")
 
@@ -185,7 +185,7 @@ class KernelReads(Protocol):
         apart)."""
 
 
-BACKENDS = {"bpf": "tracker.bpf_backend", "procfs": "tracker.procfs_backend"}
+BACKENDS = {"bpf": "tracker.backends.bpf.backend", "procfs": "tracker.backends.polling"}
 AUTO_ORDER = ("bpf", "procfs")
 
 

@@ -1,0 +1,2 @@
+"""The engine: tracked entries, their state file, reading with enforcement,
+and the commands (register, deregister, quota, reset)."""
