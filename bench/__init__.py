@@ -1,4 +1,4 @@
-"""The benchmark suite of restrackfs (issue 6): `scripts/bench`, or `python -m bench`.
+"""The benchmark suite of restrackfs: `scripts/bench`, or `python -m bench`.
 
 Run from the checkout (it is not installed with the package). One module per
 group; each has NAME, TITLE and `run(config, helpers) -> GroupResult`.

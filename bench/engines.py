@@ -1,4 +1,4 @@
-"""6. The two engines side by side (issue 12): how tightly a kill quota holds,
+"""6. The two engines side by side: how tightly a kill quota holds,
 what the daemon costs at 1,000 quota'd processes, and what every syscall on
 the machine pays while the bpf programs are attached."""
 

@@ -178,7 +178,7 @@ def cmd_cap(args: argparse.Namespace, out: TextIO) -> int:
 
 
 # A size as `status` prints it: a decimal with a K/M/G/T suffix (`1.5G`). The mount's
-# grammar takes whole numbers only (SPEC §3), so the command converts it.
+# grammar takes whole numbers only, so the command converts it.
 _DECIMAL_SIZE = re.compile(r"([0-9]{1,20})\.([0-9]{1,20})([KMGTkmgt])", re.ASCII)
 _SHIFT = {"k": 10, "m": 20, "g": 30, "t": 40}
 

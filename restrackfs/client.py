@@ -1,4 +1,4 @@
-"""The kernel patch's syscall API as a thin library over the mount (SPEC §7).
+"""The kernel patch's syscall API as a thin library over the mount.
 
 Every call is one read or one write of a file under the mount, nothing else:
 no private channel to the daemon, so anything this library can do a shell can

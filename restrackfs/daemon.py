@@ -270,7 +270,7 @@ def fuse_mounted(mountpoint: Path) -> bool:
 def mount_options() -> set[str]:
     options = {"fsname=restrackfs", "subtype=restrackfs", "noatime"}
     if os.geteuid() == 0:
-        options.add("allow_other")  # the daemon checks every caller itself (SPEC §5)
+        options.add("allow_other")  # the daemon checks every caller itself (docs/security.md)
     return options
 
 

@@ -198,7 +198,7 @@ def read_events(engine: Engine, entry: Entry | None, caller: Caller) -> str:
 
 
 def read_engine(engine: Engine, entry: Entry | None, caller: Caller) -> str:
-    """`bpf` or `procfs`: the engine in force (SPEC §3.1)."""
+    """`bpf` or `procfs`: the engine in force."""
     return f"{engine.backend.name}\n"
 
 

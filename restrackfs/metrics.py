@@ -1,4 +1,4 @@
-"""The `metrics` file: Prometheus text exposition format 0.0.4 (SPEC §6.1)."""
+"""The `metrics` file: Prometheus text exposition format 0.0.4."""
 
 from __future__ import annotations
 

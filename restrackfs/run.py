@@ -1,10 +1,10 @@
 """`restrack run`: run an unmodified program whose syscalls 548-553 are the
-kernel patch's, answering them through `restrackfs.client` (SPEC §7.1).
+kernel patch's, answering them through `restrackfs.client`.
 
 The supervisor is single-threaded and forks the program before anything else
 happens, so the child can safely install the filter and exec. Each trapped
 call is executed with the *caller's* file-system uid (setfsuid is per thread),
-so the daemon applies SPEC §5 to the program, not to whoever ran the
+so the daemon applies its permission rules to the program, not to whoever ran the
 supervisor. It fails closed: a call whose caller's ids cannot be established
 for certain is refused, never made with the supervisor's own.
 """

@@ -1,4 +1,4 @@
-"""`--metrics-listen`: the `metrics` exposition over HTTP for Prometheus (SPEC §6.1).
+"""`--metrics-listen`: the `metrics` exposition over HTTP for Prometheus.
 
 The server runs in the daemon's trio loop, beside the FUSE request loop, so
 nothing here may block or hold it: every socket operation is trio's
@@ -43,7 +43,7 @@ import trio
 log = logging.getLogger("restrackfs.scrape")
 
 # prometheus_client.exposition.CONTENT_TYPE_PLAIN_0_0_4; its CONTENT_TYPE_LATEST
-# is 1.0.0 now, and SPEC §6.1 serves 0.0.4.
+# is 1.0.0 now, and the `metrics` file serves 0.0.4.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 METRICS_PATH = b"/metrics"
 # accept() failures that mean "out of descriptors or memory now": back off, carry on.

@@ -1,4 +1,4 @@
-"""The engine's errors: `OSError` subclasses carrying the errno of SPEC §4.
+"""The engine's errors: `OSError` subclasses carrying the errno users are promised (docs/files.md).
 
 Each layer above (the filesystem, the client) answers with `error.errno`, so
 the meaning of a failure is decided once, here, where it happens.
@@ -83,7 +83,7 @@ class StateNotSaved(TrackerError):
     """The state file could not be written; the change was rolled back."""
 
     # Errors a user can act on keep their errno; any other (EEXIST from a path
-    # replaced by a file, say) would read as something else in SPEC §4's table.
+    # replaced by a file, say) would read as something else in the errno table.
     MEANINGFUL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
 
     def __init__(self, cause: OSError) -> None:

@@ -10,7 +10,7 @@ light (`test_the_client_imports_no_engine`).
 
 from __future__ import annotations
 
-# What `PID/stat` holds, in order: "field value" lines (SPEC §2).
+# What `PID/stat` holds, in order: "field value" lines.
 STAT_FIELDS = (
     "pid",
     "comm",
@@ -27,7 +27,7 @@ STAT_FIELDS = (
 )
 
 # What `PID/fds` holds, in order: the open descriptors by kind, then their sum
-# (the size of that one listing): "kind count" lines (SPEC §2).
+# (the size of that one listing): "kind count" lines.
 FD_FILE, FD_DIR, FD_SOCKET, FD_PIPE, FD_ANON, FD_OTHER = FD_KINDS = (
     "file",  # a regular file (memfd too)
     "dir",  # a directory

@@ -1,7 +1,7 @@
 /* restrack.h - the kernel patch's resource-tracking calls over a restrackfs mount.
  *
  * Header-only, libc only. For C programs that can be recompiled: the calls
- * behave as the patch's syscalls 549-553 under `restrack run` (SPEC §7.1),
+ * behave as the patch's syscalls 549-553 under `restrack run`,
  * returning 0, or -1 with errno set, but are plain reads and writes of the
  * mount's files. The mount is $RESTRACK_MOUNT, else /restrack.
  *

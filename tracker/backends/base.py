@@ -17,7 +17,7 @@ Two kinds of backend fit it:
   trio task awaits the ring buffer's fd and hands each event to
   `policy.reported(Report(...))`: the kernel already acted, the engine logs,
   counts and announces (a "raised" deny limit is lowered back by the policy).
-  Exact peaks (issue 13): the policy samples at every read and check and
+  Exact peaks: the policy samples at every read and check and
   keeps the high-water mark (`entry.high`); a backend that knows better
   offers `peaks(entry) -> Counters | None` (`ExactPeaks`, optional): the
   highest absolute values (VmData bytes, descriptors: as a sample counts
@@ -42,7 +42,7 @@ Two kinds of backend fit it:
 
 What is policy stays in the engine, shared by both: enforcement when a file is
 read (a fresh sample that breaks a quota is acted on at once), the "enforce
-before a command" rule (issue 15), deny mode's limits and their verification,
+before a command" rule, deny mode's limits and their verification,
 the registry and its exit watchers (pidfds), persistence, permissions. A
 backend never kills nor counts on its own, and touches an `Entry` only by
 reading it.

@@ -1,4 +1,4 @@
-"""Who may do what (SPEC §5): the rule of kill(2), and root's quotas bind."""
+"""Who may do what: the rule of kill(2), and root's quotas bind."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Automatic tracking for sidecars: register the processes of this PID namespace.
 
 A scan of /proc every `period` seconds (a quarter second by default, inside
-SPEC §6's one second) registers each process that the policy selects, and
+the promised one second) registers each process that the policy selects, and
 gives it the default quota. /proc is the one source that works in any
 container without extra capabilities; the proc connector would be instant
 but needs CAP_NET_ADMIN in the initial user namespace.
