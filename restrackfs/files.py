@@ -181,8 +181,7 @@ def write_quota(engine: Engine, entry: Entry | None, text: str, caller: Caller) 
 
 def write_reset(engine: Engine, entry: Entry | None, text: str, caller: Caller) -> None:
     assert entry is not None
-    quota, usage = parse_reset(text)
-    engine.reset(entry, quota=quota, usage=usage, caller_uid=caller.uid)
+    engine.reset(entry, parse_reset(text), caller.uid)
 
 
 def _events_text(counters: Mapping[str, int]) -> str:

@@ -21,12 +21,12 @@ import trio.testing
 
 from tests.conftest import MiB
 from tracker.backends import base as backends
-from tracker.backends.base import KILLED, NOTIFIED, PEAK, Policy, Report
+from tracker.backends.base import Policy, Report, ReportKind
 from tracker.engine.engine import open_engine
 from tracker.engine.entry import Entry
 from tracker.engine.resources import FILES_RESOURCE, HEAP_RESOURCE, Counters
 from tracker.errors import NoSuchProcess
-from tracker.quota import Action, Quota
+from tracker.quota import Action, Quota, Reset
 
 ROOT = 0
 INTERVAL = 0.01
@@ -106,8 +106,8 @@ async def test_a_pushed_backend_is_told_each_change(spawn, tmp_path, pushed):
         eng.set_quota(entry, quota, ROOT)
         files_before = entry.files_base
         w.do("open", 2)
-        eng.reset(entry, quota=False, usage=True, caller_uid=ROOT)
-        eng.reset(entry, quota=True, usage=False, caller_uid=ROOT)
+        eng.reset(entry, Reset.USAGE, ROOT)
+        eng.reset(entry, Reset.QUOTA, ROOT)
         eng.deregister(w.pid, ROOT)
         other.proc.kill()
         other.proc.wait()
@@ -143,7 +143,7 @@ async def test_a_report_is_logged_counted_and_announced(spawn, tmp_path, pushed,
         await settle()
         eng.set_quota(entry, Quota(files=1, action=Action.NOTIFY), ROOT)
         caplog.set_level(logging.WARNING, "restrackfs.enforce")
-        await pushed().reports.send(Report(entry, NOTIFIED, FILES_RESOURCE, 2, 1))
+        await pushed().reports.send(Report(entry, ReportKind.NOTIFIED, FILES_RESOURCE, 2, 1))
         with trio.fail_after(2):
             while not announced:
                 await trio.sleep(0.001)
@@ -163,7 +163,7 @@ async def test_a_kill_the_kernel_made_answers_as_exited(spawn, tmp_path, pushed)
         await settle()
         eng.set_quota(entry, Quota(heap=1 * MiB, action=Action.KILL), ROOT)
         os.kill(w.pid, signal.SIGKILL)  # what bpf_send_signal did in the crossing call
-        eng.reported(Report(entry, KILLED, HEAP_RESOURCE, 2 * MiB, 1 * MiB))
+        eng.reported(Report(entry, ReportKind.KILLED, HEAP_RESOURCE, 2 * MiB, 1 * MiB))
         assert entry.killed
         assert entry.events["killed"] == entry.events["exceeded"] == 1
         assert eng.enforcements[Action.KILL] == 1
@@ -179,7 +179,7 @@ async def test_a_report_of_an_entry_gone_is_ignored(spawn, tmp_path, pushed):
         await settle()
         eng.set_quota(entry, Quota(files=1, action=Action.NOTIFY), ROOT)
         eng.deregister(w.pid, ROOT)
-        eng.reported(Report(entry, NOTIFIED, FILES_RESOURCE, 2, 1))
+        eng.reported(Report(entry, ReportKind.NOTIFIED, FILES_RESOURCE, 2, 1))
         assert entry.events["notified"] == 0
 
 
@@ -204,18 +204,18 @@ async def test_a_backends_exact_peaks_are_folded_into_the_sampled_ones(spawn, tm
         assert eng.heap_peak(entry) == eng.heapsize(entry)
         w.do("munmap")
 
-        eng.reset(entry, quota=False, usage=True, caller_uid=ROOT)
+        eng.reset(entry, Reset.USAGE, ROOT)
         assert backend.told[-1][0] == "baseline_reset"
         assert (eng.heap_peak(entry), eng.openfile_peak(entry)) == (0, 0)
 
         # a quota cleared: the peaks are taken before the backend forgets them
         backend.exact[w.pid] = Counters(entry.heap_base + 5 * MiB, None)
-        eng.reset(entry, quota=True, usage=False, caller_uid=ROOT)
+        eng.reset(entry, Reset.QUOTA, ROOT)
         assert backend.told[-1] == ("quota_cleared", w.pid) and w.pid not in backend.exact
         assert eng.heap_peak(entry) == 5 * MiB
 
         # a "peak" report (relative, as every report) is folded in too
-        eng.reported(Report(entry, PEAK, FILES_RESOURCE, 9, 0))
+        eng.reported(Report(entry, ReportKind.PEAK, FILES_RESOURCE, 9, 0))
         assert eng.openfile_peak(entry) == 9
 
 

@@ -30,7 +30,7 @@ from tracker.errors import (
     NotTracked,
     QuotaBusy,
 )
-from tracker.quota import Action, Quota
+from tracker.quota import Action, Quota, Reset
 
 PAGE = 4096
 INTERVAL = 0.01
@@ -510,12 +510,12 @@ async def test_deny_heap(spawn, tmp_path, owner):
         assert engine.enforcements[Action.KILL] == 0
 
         # a usage reset recomputes the limit from the new baseline
-        engine.reset(entry, quota=False, usage=True, caller_uid=ROOT)
+        engine.reset(entry, Reset.USAGE, ROOT)
         assert data_soft(w.pid) == vm_data(w.pid) + 10 * MiB
         assert w.do("mmap", 8 * MiB) == "ok"
 
         # a quota reset gives the original soft limit back
-        engine.reset(entry, quota=True, usage=False, caller_uid=ROOT)
+        engine.reset(entry, Reset.QUOTA, ROOT)
         assert data_soft(w.pid) == original
         assert w.do("mmap", 20 * MiB) == "ok"
 
@@ -552,10 +552,10 @@ async def test_deny_files(spawn, tmp_path, owner):
         assert engine.enforcements[Action.DENY] == 1  # lowering after a close is no breach
 
         # a usage reset gives 3 more from here
-        engine.reset(entry, quota=False, usage=True, caller_uid=ROOT)
+        engine.reset(entry, Reset.USAGE, ROOT)
         assert w.do("open", 5) == f"ok 3 {errno.EMFILE}"
 
-        engine.reset(entry, quota=True, usage=False, caller_uid=ROOT)
+        engine.reset(entry, Reset.QUOTA, ROOT)
         assert nofile_soft(w.pid) == original
         assert w.do("open", 5) == "ok 5"
 
@@ -602,7 +602,7 @@ async def test_deny_keeps_a_lower_limit_of_the_process(spawn, tmp_path):
         await settle()
         engine.set_quota(entry, Quota(files=100, action=Action.DENY), ROOT)
         assert nofile_soft(w.pid) == 5
-        engine.reset(entry, quota=True, usage=False, caller_uid=ROOT)
+        engine.reset(entry, Reset.QUOTA, ROOT)
         assert nofile_soft(w.pid) == 5
 
 
@@ -633,21 +633,19 @@ async def test_owner_controls_its_own_process(spawn, tmp_path):
         assert entry.quota is None
         engine.set_quota(entry, Quota(files=5), NOBODY)
         with pytest.raises(NotPermitted):
-            engine.reset(entry, quota=True, usage=True, caller_uid=OTHER_USER)
+            engine.reset(entry, Reset.ALL, OTHER_USER)
         with pytest.raises(NotPermitted):
             engine.deregister(w.pid, OTHER_USER)
         # a quota the owner set, the owner may lift
-        engine.reset(entry, quota=True, usage=True, caller_uid=NOBODY)
+        engine.reset(entry, Reset.ALL, NOBODY)
         assert entry.quota is None
         engine.set_quota(entry, Quota(files=5), NOBODY)
         engine.deregister(w.pid, NOBODY)
         assert engine.get(w.pid) is None
 
 
-@pytest.mark.parametrize(
-    ("quota", "usage"), [(True, True), (True, False), (False, True)], ids=["all", "quota", "usage"]
-)
-async def test_root_quota_binds_the_owner(spawn, tmp_path, quota, usage):
+@pytest.mark.parametrize("what", list(Reset), ids=str)
+async def test_root_quota_binds_the_owner(spawn, tmp_path, what):
     w = spawn(uid=NOBODY)
     async with engine_at(tmp_path) as engine:
         entry = engine.register(w.pid, NOBODY)
@@ -656,7 +654,7 @@ async def test_root_quota_binds_the_owner(spawn, tmp_path, quota, usage):
         w.do("open", 2)
         state_before = (tmp_path / "s.json").read_bytes()
         with pytest.raises(NotPermitted) as info:
-            engine.reset(entry, quota=quota, usage=usage, caller_uid=NOBODY)
+            engine.reset(entry, what, NOBODY)
         assert info.value.errno == errno.EPERM
         with pytest.raises(NotPermitted):
             engine.deregister(w.pid, NOBODY)
@@ -666,9 +664,9 @@ async def test_root_quota_binds_the_owner(spawn, tmp_path, quota, usage):
         assert engine.get(w.pid) is entry
         assert (tmp_path / "s.json").read_bytes() == state_before
         # root may
-        engine.reset(entry, quota=quota, usage=usage, caller_uid=ROOT)
-        assert (entry.quota is None) == quota
-        assert engine.measure(entry).openfile_count == (0 if usage else 2)
+        engine.reset(entry, what, ROOT)
+        assert (entry.quota is None) == what.clears_quota
+        assert engine.measure(entry).openfile_count == (0 if what.restarts_usage else 2)
         engine.deregister(w.pid, ROOT)
         assert engine.get(w.pid) is None
 
@@ -688,11 +686,11 @@ async def test_second_quota_is_ebusy_until_reset(spawn, tmp_path):
         assert entry.quota == Quota()
 
         # a usage reset does not free the quota
-        engine.reset(entry, quota=False, usage=True, caller_uid=ROOT)
+        engine.reset(entry, Reset.USAGE, ROOT)
         with pytest.raises(QuotaBusy):
             engine.set_quota(entry, Quota(files=1), ROOT)
 
-        engine.reset(entry, quota=True, usage=False, caller_uid=ROOT)
+        engine.reset(entry, Reset.QUOTA, ROOT)
         engine.set_quota(entry, Quota(files=7, action=Action.NOTIFY), ROOT)
         assert entry.quota == Quota(files=7, action=Action.NOTIFY)
         assert engine.measure(entry).quota == Quota(files=7, action=Action.NOTIFY)
@@ -734,7 +732,7 @@ async def test_rejected_calls_change_nothing(spawn, tmp_path):
             engine.set_quota(entry, Quota(files=1), NOBODY)
         assert unchanged()
         with pytest.raises(NotPermitted):
-            engine.reset(entry, quota=True, usage=True, caller_uid=NOBODY)
+            engine.reset(entry, Reset.ALL, NOBODY)
         assert unchanged()
         with pytest.raises(AlreadyTracked):
             engine.register(w.pid, ROOT)
@@ -781,7 +779,7 @@ async def test_state_resumes_entries_with_their_counters(spawn, tmp_path):
         assert m.openfile_count == 3
         # the root-set quota still binds the owner after the restart
         with pytest.raises(NotPermitted):
-            engine.reset(back, quota=True, usage=True, caller_uid=NOBODY)
+            engine.reset(back, Reset.ALL, NOBODY)
         with pytest.raises(QuotaBusy):
             engine.set_quota(back, Quota(files=1), ROOT)
         # and the resumed entry is watched: exit removes it
@@ -949,7 +947,7 @@ async def test_quota_reset_then_restart_leaves_process_limits_alone(spawn, tmp_p
         entry = engine.register(w.pid, ROOT)
         await settle()
         engine.set_quota(entry, Quota(files=3, action=Action.DENY), ROOT)
-        engine.reset(entry, quota=True, usage=False, caller_uid=ROOT)
+        engine.reset(entry, Reset.QUOTA, ROOT)
     w.do("setrlimit", "nofile", 100)  # the process's own choice, no quota in force
     async with engine_at(tmp_path) as engine:
         assert engine.get(w.pid) is not None

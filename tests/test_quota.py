@@ -21,6 +21,7 @@ from tracker.quota import (
     NO_QUOTA,
     Action,
     Quota,
+    Reset,
     parse_count,
     parse_quota,
     parse_reset,
@@ -351,14 +352,14 @@ def test_parse_pid_rejects(text):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("1", (True, True)),
-        ("1\n", (True, True)),
-        ("all", (True, True)),
-        ("all \n", (True, True)),
-        ("quota", (True, False)),
-        ("quota\n", (True, False)),
-        ("usage", (False, True)),
-        ("usage\t\n", (False, True)),
+        ("1", Reset.ALL),
+        ("1\n", Reset.ALL),
+        ("all", Reset.ALL),
+        ("all \n", Reset.ALL),
+        ("quota", Reset.QUOTA),
+        ("quota\n", Reset.QUOTA),
+        ("usage", Reset.USAGE),
+        ("usage\t\n", Reset.USAGE),
     ],
 )
 def test_parse_reset_accepts(text, expected):

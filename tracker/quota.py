@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from tracker.errors import InvalidArgument
 from tracker.vocabulary import FILES, HEAP, LIMIT_MAX, UNLIMITED, format_limit
 
-__all__ = ["LIMIT_MAX", "NO_QUOTA", "UNLIMITED", "Action", "Quota"]  # and the parse_* functions
+# and the parse_* functions
+__all__ = ["LIMIT_MAX", "NO_QUOTA", "UNLIMITED", "Action", "Quota", "Reset"]
 # Leading zeros, then at most 20 significant digits: anything longer is past
 # LIMIT_MAX anyway, and int() of a huge digit string is slow (refused past 4300).
 _SIZE = re.compile(r"0*([0-9]{1,20})([KMGTkmgt]?)", re.ASCII)
@@ -97,11 +98,28 @@ def parse_quota(text: str) -> Quota:
     return Quota(**values)  # type: ignore[arg-type]
 
 
-RESETS = {"1": (True, True), "all": (True, True), "quota": (True, False), "usage": (False, True)}
+class Reset(enum.StrEnum):
+    """What a write of `reset` clears: the quota, the usage counters (the peaks
+    restart with them), or both; the value is the file's word, for the log."""
+
+    ALL = "all"
+    QUOTA = "quota"
+    USAGE = "usage"
+
+    @property
+    def clears_quota(self) -> bool:
+        return self is not Reset.USAGE
+
+    @property
+    def restarts_usage(self) -> bool:
+        return self is not Reset.QUOTA
 
 
-def parse_reset(text: str) -> tuple[bool, bool]:
-    """`1`/`all`, `quota` or `usage` -> (clear quota, restart usage)."""
+RESETS = {"1": Reset.ALL, "all": Reset.ALL, "quota": Reset.QUOTA, "usage": Reset.USAGE}
+
+
+def parse_reset(text: str) -> Reset:
+    """`1`/`all`, `quota` or `usage`."""
     try:
         return RESETS[text.rstrip(WHITESPACE)]
     except KeyError:

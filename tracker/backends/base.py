@@ -29,7 +29,7 @@ Two kinds of backend fit it:
   last snapshot and `close()`). `baseline_reset` means the peaks restart
   too: from then on `peaks` must not return anything reached before it (the
   engine has already set `entry.high` to the new baseline). A `Report` of
-  kind "peak" (usage relative to the baseline) is folded the same way. What it needs to fill
+  kind PEAK (usage relative to the baseline) is folded the same way. What it needs to fill
   the kernel's map it reads from the entry: `process.start_time`,
   `heap_base`/`files_base` + the `quota`'s limits, the action, and deny's
   soft limits in force (`entry.deny.applied_soft`). Nothing polls under it:
@@ -56,6 +56,7 @@ with a class `Backend` and one line here.
 
 from __future__ import annotations
 
+import enum
 import importlib
 import logging
 from collections.abc import Iterable
@@ -71,15 +72,16 @@ from tracker.linux.process import Process
 
 log = logging.getLogger("restrackfs.engine")
 
-# What a pushed backend reports about an entry.
-EXCEEDED, KILLED, NOTIFIED, RAISED, PEAK, REFUSED = REPORT_KINDS = (
-    "exceeded",  # deny: usage passed the limit anyway
-    "killed",  # a kill quota: the kernel sent SIGKILL in the crossing call
-    "notified",  # a notify quota crossed
-    "raised",  # deny: the process raised its soft limit above the one set
-    "peak",  # a new high-water mark
-    "refused",  # deny: the kernel refused calls for the limit (counted as denied)
-)
+
+class ReportKind(enum.Enum):
+    """What a pushed backend reports about an entry."""
+
+    EXCEEDED = enum.auto()  # deny: usage passed the limit anyway
+    KILLED = enum.auto()  # a kill quota: the kernel sent SIGKILL in the crossing call
+    NOTIFIED = enum.auto()  # a notify quota crossed
+    RAISED = enum.auto()  # deny: the process raised its soft limit above the one set
+    PEAK = enum.auto()  # a new high-water mark
+    REFUSED = enum.auto()  # deny: the kernel refused calls for the limit (counted as denied)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +89,7 @@ class Report:
     """One thing a backend saw happen to an entry; `usage` and `limit` relative to the baseline."""
 
     entry: Entry
-    kind: str  # one of REPORT_KINDS
+    kind: ReportKind
     resource: Resource
     usage: int
     limit: int

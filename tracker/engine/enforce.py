@@ -13,8 +13,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from tracker.backends.base import Report
-from tracker.engine.entry import Entry
+from tracker.backends.base import Report, ReportKind
+from tracker.engine.entry import Ended, Entry
 from tracker.engine.resources import RESOURCES, Counters, Resource
 from tracker.errors import AccessDenied, NoSuchProcess
 from tracker.linux.procfs import escape_comm
@@ -128,11 +128,11 @@ class Enforcer:
     def reported(self, report: Report) -> None:
         """What a pushed backend saw: the kernel already acted; log, count, announce."""
         entry = report.entry
-        if entry.quota is None or entry.ended not in (None, "exited"):
+        if entry.quota is None or entry.ended not in (None, Ended.EXITED):
             return
         entry.over = entry.over | {report.resource.name}
         self._exceeded(entry, report.resource, report.usage, report.limit, None, report.count)
-        if report.kind == KILLED:
+        if report.kind is ReportKind.KILLED:
             entry.killed = True
             self.count(entry, KILLED)
         self.announce(entry)
@@ -140,7 +140,7 @@ class Enforcer:
     def refused(self, report: Report) -> None:
         """Calls the kernel refused for a deny limit (ENOMEM, EMFILE): one line, counted."""
         entry = report.entry
-        if entry.quota is None or entry.ended not in (None, "exited"):
+        if entry.quota is None or entry.ended not in (None, Ended.EXITED):
             return
         refused = self._throttle.admit(entry, report.count)
         if refused is not None:

@@ -29,7 +29,7 @@ from tracker.deny.helpers import LimitChange, Pending
 from tracker.deny.keeper import DenyKeeper
 from tracker.engine import access, state
 from tracker.engine.enforce import Enforcer
-from tracker.engine.entry import Entry, QuotaSetting
+from tracker.engine.entry import Ended, Entry, QuotaSetting
 from tracker.engine.policy import Policy
 from tracker.engine.registry import Registry
 from tracker.engine.resources import Counters
@@ -48,7 +48,7 @@ from tracker.errors import (
 from tracker.linux import procfs
 from tracker.linux.process import Process
 from tracker.linux.procfs import escape_comm
-from tracker.quota import Action, Quota
+from tracker.quota import Action, Quota, Reset
 
 log = logging.getLogger("restrackfs.engine")
 
@@ -174,7 +174,7 @@ class Engine(Policy):
         self._check_may_lift(entry, caller_uid)
         self.store.drop(entry)
         self.deny.restore(entry)
-        self.registry.remove(entry, "deregistered")
+        self.registry.remove(entry, Ended.DEREGISTERED)
         log.info("deregistered pid=%d by uid=%d", pid, caller_uid)
 
     def set_quota(self, entry: Entry, quota: Quota, caller_uid: int) -> None:
@@ -257,7 +257,7 @@ class Engine(Policy):
         the heap watermark restarts there; deny's data limit is set anew. Also for
         a process whose exit the engine saw before the kernel's last counts came:
         its kill is reported against the baseline of the image that crossed."""
-        if entry.ended not in (None, "exited") or heap_base >= entry.heap_base:
+        if entry.ended not in (None, Ended.EXITED) or heap_base >= entry.heap_base:
             return
         before = (entry.baseline, entry.high)
         entry.baseline = Counters(heap=heap_base, files=entry.files_base)
@@ -272,8 +272,9 @@ class Engine(Policy):
         if entry.ended is None and entry.quota is not None and entry.quota.action is Action.DENY:
             self.deny.apply_and_keep(entry)
 
-    def reset(self, entry: Entry, *, quota: bool, usage: bool, caller_uid: int) -> None:
+    def reset(self, entry: Entry, what: Reset, caller_uid: int) -> None:
         """Clear the quota, restart the usage counters, or both."""
+        quota, usage = what.clears_quota, what.restarts_usage
         self._enforce_before_command(entry)
         self._check_may_lift(entry, caller_uid)
         if quota:
@@ -302,7 +303,6 @@ class Engine(Policy):
             if entry.quota.action is Action.DENY:
                 self.deny.apply_and_keep(entry)
             self.backend.baseline_reset(entry)
-        what = "all" if quota and usage else "quota" if quota else "usage"  # the file's words
         log.info("reset pid=%d %s by uid=%d", entry.pid, what, caller_uid)
 
     # ----- lifecycle -----------------------------------------------------
@@ -354,7 +354,7 @@ class Engine(Policy):
             log.error("state file %s: peaks not saved at stop: %s", self.state_path, error)
         self.backend.close()  # first: the entries' removal below must not unwatch them
         for entry in list(self.registry.entries()):
-            entry.ended = "stopped"
+            entry.ended = Ended.STOPPED
         self.deny.helpers.inline = True
         self.registry.close_all()
         self.store.close()
@@ -371,7 +371,7 @@ class Engine(Policy):
 
     def _removed(self, entry: Entry) -> None:
         """An entry left the registry: the state file forgets an exited one, the backend all."""
-        if entry.ended == "exited":
+        if entry.ended is Ended.EXITED:
             with suppress(StateNotSaved):  # nobody to tell; the next start drops it anyway
                 self.store.drop(entry)
         self.backend.removed(entry)

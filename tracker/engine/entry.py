@@ -9,10 +9,11 @@ old value back, nothing to undo field by field.
 
 from __future__ import annotations
 
+import enum
 from collections import Counter
 from dataclasses import dataclass, field
 
-from tracker.deny.helpers import LimitChange
+from tracker.deny.state import DenyState
 from tracker.engine.resources import Counters
 from tracker.linux.process import Process
 from tracker.quota import NO_QUOTA, Quota
@@ -27,18 +28,12 @@ class QuotaSetting:
     uid: int
 
 
-@dataclass(eq=False)
-class DenyState:
-    """Deny mode's bookkeeping for one entry (tracker/deny/keeper.py's alone)."""
+class Ended(enum.StrEnum):
+    """Why an entry left the registry (the value is the log's word)."""
 
-    # the soft limits the process had before, the ones last seen in force after
-    # a set (verified in /proc/PID/limits), the sets under way
-    saved_soft: dict[int, int] = field(default_factory=dict)
-    applied_soft: dict[int, int] = field(default_factory=dict)
-    pending: dict[int, LimitChange] = field(default_factory=dict)
-    defeats: int = 0  # of this deny quota: limits found raised, or not in force after a set
-    failures: int = 0  # sets failed in a row: retries back off
-    retry_at: float = 0.0  # monotonic time before which no set is retried
+    EXITED = "exited"  # its process exited (or was killed)
+    DEREGISTERED = "deregistered"
+    STOPPED = "stopped"  # the daemon stopped: the state file keeps it
 
 
 @dataclass(eq=False)
@@ -63,7 +58,7 @@ class Entry:
     over: frozenset[str] = frozenset()  # resources over their quota at the last check
     killed: bool = False  # SIGKILL sent for a kill quota: answers as exited from then on
     events: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(EVENTS, 0)))
-    ended: str | None = None  # "exited", "deregistered" or "stopped" once it left
+    ended: Ended | None = None  # once it left
 
     @property
     def pid(self) -> int:

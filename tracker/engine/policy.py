@@ -18,11 +18,11 @@ from typing import TypeVar
 
 import trio
 
-from tracker.backends.base import PEAK, RAISED, REFUSED, Report
+from tracker.backends.base import Report, ReportKind
 from tracker.deny.keeper import DenyKeeper
 from tracker.engine import access
 from tracker.engine.enforce import Enforcer
-from tracker.engine.entry import Entry, Measurement
+from tracker.engine.entry import Ended, Entry, Measurement
 from tracker.engine.registry import Registry
 from tracker.engine.resources import (
     FILES_RESOURCE,
@@ -188,7 +188,7 @@ class Policy:
                 kinds = await trio.to_thread.run_sync(worker.fd_kinds, limiter=limiter)
         except NoSuchProcess:
             if entry.ended is None:
-                self.registry.remove(entry, "exited")
+                self.registry.remove(entry, Ended.EXITED)
             self.check_current(entry)  # deregistered meanwhile: ENOENT, not ESRCH
             raise
         finally:
@@ -220,7 +220,7 @@ class Policy:
 
     def check_current(self, entry: Entry) -> None:
         """Raise unless the entry is still registered and its process alive."""
-        if entry.ended == "deregistered":
+        if entry.ended is Ended.DEREGISTERED:
             raise Deregistered(f"{entry.pid}: deregistered")
         if entry.ended is not None or entry.killed or not entry.process.is_alive():
             raise NoSuchProcess(entry.pid, "process exited")
@@ -251,13 +251,13 @@ class Policy:
     def reported(self, report: Report) -> None:
         """A pushed backend's report: the kernel acted; log, count, announce (or keep limits)."""
         entry = report.entry
-        if self.registry.get(entry.pid) is not entry and entry.ended != "exited":
+        if self.registry.get(entry.pid) is not entry and entry.ended is not Ended.EXITED:
             return  # deregistered meanwhile; what an exited one did before it exited counts
-        if report.kind == RAISED:
+        if report.kind is ReportKind.RAISED:
             self.check(entry)  # lowers it back, counts it denied, a defeat
-        elif report.kind == REFUSED:
+        elif report.kind is ReportKind.REFUSED:
             self.enforcer.refused(report)
-        elif report.kind == PEAK:  # usage relative to the baseline, as every report's
+        elif report.kind is ReportKind.PEAK:  # usage relative to the baseline, as every report's
             base = entry.baseline.of(report.resource) or 0
             self._raise_high(entry, report.resource.alone(base + report.usage))
         else:  # exceeded, killed, notified
@@ -302,5 +302,5 @@ class Policy:
         try:
             return read(*args)  # checks the pidfd after reading
         except NoSuchProcess:
-            self.registry.remove(entry, "exited")
+            self.registry.remove(entry, Ended.EXITED)
             raise

@@ -1,7 +1,7 @@
 """The registry: the tracked entries by pid, and a watcher on each one's exit.
 
 Each entry's pidfd is awaited in the engine's nursery, so an exit is seen at
-once and the entry leaves (`ended` = "exited"); every way out (exited,
+once and the entry leaves (`ended` is `Ended.EXITED`); every way out (exited,
 deregistered) goes through `remove`, which closes the pidfd and tells the
 removal listeners (the filesystem, the state file, the backend), in the order
 they were added.
@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection
 
 import trio
 
-from tracker.engine.entry import Entry
+from tracker.engine.entry import Ended, Entry
 
 log = logging.getLogger("restrackfs.engine")
 
@@ -81,9 +81,9 @@ class Registry:
         if entry.ended is None:
             for hook in self._before_exit:
                 hook()
-            self.remove(entry, "exited")
+            self.remove(entry, Ended.EXITED)
 
-    def remove(self, entry: Entry, why: str) -> None:
+    def remove(self, entry: Entry, why: Ended) -> None:
         """Take `entry` out, saying why; nothing if it was not (or no longer) in."""
         if self._entries.get(entry.pid) is not entry:
             return

@@ -31,7 +31,8 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
-from tracker.engine.entry import DenyState, Entry, QuotaSetting
+from tracker.deny.state import DenyState
+from tracker.engine.entry import Entry, QuotaSetting
 from tracker.engine.resources import Counters
 from tracker.errors import StateNotSaved
 from tracker.linux.process import Process

@@ -47,16 +47,7 @@ from typing import TypeVar
 
 import trio
 
-from tracker.backends.base import (
-    EXCEEDED,
-    KILLED,
-    NOTIFIED,
-    RAISED,
-    REFUSED,
-    BackendUnavailable,
-    Policy,
-    Report,
-)
+from tracker.backends.base import BackendUnavailable, Policy, Report, ReportKind
 from tracker.backends.bpf.counters import CounterReader
 from tracker.backends.bpf.loader import Action as BpfAction
 from tracker.backends.bpf.loader import (
@@ -69,11 +60,12 @@ from tracker.backends.bpf.loader import (
     remove_tree,
 )
 from tracker.deny import limits
-from tracker.engine.entry import Entry
+from tracker.engine.entry import Ended, Entry
 from tracker.engine.resources import FILES_RESOURCE, HEAP_RESOURCE, Counters, Resource
 from tracker.errors import QuotaNotKept
 from tracker.linux.process import Process
 from tracker.quota import Action, Quota
+from tracker.vocabulary import EXCEEDED
 
 log = logging.getLogger("restrackfs.engine")
 T = TypeVar("T")
@@ -307,7 +299,7 @@ class Backend:
 
     def _unwatch(self, entry: Entry) -> None:
         if self._watched.get(entry.pid) is entry:
-            if entry.ended == "exited" and not self._closed:
+            if entry.ended is Ended.EXITED and not self._closed:
                 self._take(entry)  # the kernel's entry if its exit hook has not run yet
                 self._exited[entry.pid] = entry  # for the counts its exit event carries
                 while len(self._exited) > EXITED_KEPT:
@@ -446,7 +438,8 @@ class Backend:
         if taken.kill_failed:
             log.warning("bpf: the kernel could not signal pid=%d; killing it", entry.pid)
             self.policy.check(entry)  # a sample over the quota kills through the pidfd
-        crossing = NOTIFIED if entry.effective_quota.action is Action.NOTIFY else EXCEEDED
+        notify = entry.effective_quota.action is Action.NOTIFY
+        crossing = ReportKind.NOTIFIED if notify else ReportKind.EXCEEDED
         reports = []
         for index, (resource, usage, limit) in enumerate(self._scaled(entry, taken)):
             if taken.crossings[index]:
@@ -454,13 +447,17 @@ class Backend:
                     Report(entry, crossing, resource, usage, limit, taken.crossings[index])
                 )
             if taken.denied[index]:
-                reports.append(Report(entry, REFUSED, resource, usage, limit, taken.denied[index]))
+                reports.append(
+                    Report(entry, ReportKind.REFUSED, resource, usage, limit, taken.denied[index])
+                )
         if taken.killed and not entry.killed:  # else a read's sample killed it first and counted it
             reports.append(self._kill_report(entry, taken))
         if taken.raised:
-            reports.append(Report(entry, RAISED, HEAP_RESOURCE, 0, 0, taken.raised))
+            reports.append(Report(entry, ReportKind.RAISED, HEAP_RESOURCE, 0, 0, taken.raised))
         for report in reports:
-            if report.kind in (NOTIFIED, EXCEEDED) and self._counted_already(entry, report):
+            if report.kind in (ReportKind.NOTIFIED, ReportKind.EXCEEDED) and self._counted_already(
+                entry, report
+            ):
                 if report.count == 1:
                     continue
                 report = dataclasses.replace(report, count=report.count - 1)
@@ -493,7 +490,7 @@ class Backend:
         quota = entry.effective_quota
         heap_over = quota.heap is not None and heap[1] > heap[2]
         files_over = quota.files is not None and files[1] > files[2]
-        return Report(entry, KILLED, *(files if files_over and not heap_over else heap))
+        return Report(entry, ReportKind.KILLED, *(files if files_over and not heap_over else heap))
 
     def _reconcile(self) -> None:
         """The ring dropped events (it was full): every count is still in the map, and
