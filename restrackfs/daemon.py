@@ -28,7 +28,7 @@ from tracker.backends.bpf import backend as bpf_backend
 from tracker.engine import state
 from tracker.engine.autotrack import (
     AutoTracker,
-    Policy,
+    Selection,
     in_initial_pid_namespace,
     proc_matches_my_pid_namespace,
 )
@@ -111,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("a mount point is needed (or --release --state FILE)")
     if args.interval < 1:
         parser.error("--interval must be at least 1 ms")
-    args.policy = _tracking_policy(parser, args)
+    args.selection = _tracking_selection(parser, args)
     if args.metrics_listen is not None:
         try:
             args.metrics_listen = scrape.check_listen(
@@ -158,20 +158,24 @@ def _add_tracking_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _tracking_policy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Policy:
+def _tracking_selection(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Selection:
     """The automatic tracking the options ask for; a usage error if they contradict."""
     try:
         default_quota = parse_quota(args.default_quota) if args.default_quota else None
     except InvalidArgument as error:
         parser.error(f"--default-quota: {error}")
-    policy = Policy(args.track_all, args.track_comm, args.track_children, default_quota)
-    if default_quota is not None and not policy.enabled:
+    selection = Selection(args.track_all, args.track_comm, args.track_children, default_quota)
+    if default_quota is not None and not selection.enabled:
         parser.error("--default-quota needs --track-all, --track-comm or --track-children")
-    if policy.enabled and not proc_matches_my_pid_namespace():
+    if selection.enabled and not proc_matches_my_pid_namespace():
         parser.error(MISMATCHED_PROC)
-    if policy.acts_on_everything and not args.yes_all_host_processes and in_initial_pid_namespace():
+    if (
+        selection.acts_on_everything
+        and not args.yes_all_host_processes
+        and in_initial_pid_namespace()
+    ):
         parser.error(HOST_NAMESPACE)
-    return policy
+    return selection
 
 
 HOST_NAMESPACE = (
@@ -348,8 +352,8 @@ async def serve(args: argparse.Namespace, on_ready: Callable[[], None]) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_terminate_on_signal)
                 nursery.start_soon(ops.run_invalidations)
-                if args.policy.enabled:
-                    nursery.start_soon(AutoTracker(engine, args.policy).run)
+                if args.selection.enabled:
+                    nursery.start_soon(AutoTracker(engine, args.selection).run)
                 if listeners:
                     render = functools.partial(read_metrics, engine, None, Caller(0, False))
                     nursery.start_soon(scrape.MetricsServer(listeners, render).serve)

@@ -18,7 +18,7 @@ from restrackfs import metrics
 from tracker.engine.access import may_see
 from tracker.engine.engine import Engine
 from tracker.engine.entry import Entry, Measurement
-from tracker.engine.policy import UidTurns
+from tracker.engine.reading import UidTurns, check_current
 from tracker.errors import InvalidArgument, NoSuchProcess
 from tracker.linux.procfs import escape_comm
 from tracker.quota import WHITESPACE, parse_quota, parse_reset
@@ -81,36 +81,36 @@ def parse_pid_name(name: str) -> int:
 
 def read_heapsize(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     assert entry is not None
-    return f"{engine.heapsize(entry)}\n"
+    return f"{engine.reader.heapsize(entry)}\n"
 
 
 def read_openfile_count(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     assert entry is not None
-    return f"{engine.openfile_count(entry)}\n"
+    return f"{engine.reader.openfile_count(entry)}\n"
 
 
 def read_heap_peak(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     assert entry is not None
-    return f"{engine.heap_peak(entry)}\n"
+    return f"{engine.reader.heap_peak(entry)}\n"
 
 
 def read_openfile_peak(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     assert entry is not None
-    return f"{engine.openfile_peak(entry)}\n"
+    return f"{engine.reader.openfile_peak(entry)}\n"
 
 
 async def read_fds(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     """The descriptors by kind, then `openfile_total`: their sum, the size of the
     one listing they come from (kinds only: no path is ever shown)."""
     assert entry is not None
-    kinds = await engine.fds(entry, caller.uid)
+    kinds = await engine.reader.fds(entry, caller.uid)
     lines = [f"{kind} {kinds[kind]}\n" for kind in FD_KINDS]
     return "".join(lines) + f"{OPENFILE_TOTAL} {sum(kinds.values())}\n"
 
 
 def read_stat(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     assert entry is not None
-    m = engine.measure(entry)
+    m = engine.reader.measure(entry)
     values = {
         "pid": m.pid,
         "comm": escape_comm(m.comm),
@@ -156,14 +156,14 @@ def _measured(engine: Engine, caller: Caller, entries: list[Entry]) -> list[Meas
     for tracked in entries:
         if caller.sees(tracked) and tracked.ended is None:
             with contextlib.suppress(NoSuchProcess):  # exited while we read the others
-                measured.append(engine.measure(tracked))
+                measured.append(engine.reader.measure(tracked))
     return measured
 
 
 def _exposition(engine: Engine, measurements: list[Measurement]) -> str:
     # the bpf engine's count of events its ring dropped (None: not this engine)
-    dropped = getattr(engine.backend, "events_dropped", None)
-    return metrics.render(measurements, engine.enforcements, engine.backend.name, dropped)
+    backend = engine.backend
+    return metrics.render(measurements, engine.enforcements, backend.name, backend.events_dropped)
 
 
 def write_register(engine: Engine, entry: Entry | None, text: str, caller: Caller) -> None:
@@ -192,7 +192,7 @@ def read_events(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     """`exceeded killed denied notified` counters; the top file's are the totals."""
     if entry is None:
         return _events_text(engine.events)
-    engine.check_current(entry)
+    check_current(entry)
     return _events_text(entry.events)
 
 
@@ -203,7 +203,7 @@ def read_engine(engine: Engine, entry: Entry | None, caller: Caller) -> str:
 
 def read_quota(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     assert entry is not None
-    engine.check_current(entry)
+    check_current(entry)
     return entry.effective_quota.format() + "\n"
 
 

@@ -21,9 +21,12 @@ import trio.testing
 
 from tests.conftest import MiB
 from tracker.backends import base as backends
-from tracker.backends.base import Policy, Report, ReportKind
+from tracker.backends.base import Report, ReportKind
+from tracker.backends.readers import ProcReader
 from tracker.engine.engine import open_engine
 from tracker.engine.entry import Entry
+from tracker.engine.policy import Policy
+from tracker.engine.reading import check_current
 from tracker.engine.resources import FILES_RESOURCE, HEAP_RESOURCE, Counters
 from tracker.errors import NoSuchProcess
 from tracker.quota import Action, Quota, Reset
@@ -37,9 +40,11 @@ class Backend:
     """A pushed backend: told every change, it reports what it is given."""
 
     name = "pushed"
+    events_dropped = None
 
     def __init__(self, policy: Policy, interval: float) -> None:
         self.policy = policy
+        self.reader = ProcReader()
         self.told: list[tuple[object, ...]] = []
         self.reports, self._received = trio.open_memory_channel[Report](16)
         # the exact peaks "the kernel" keeps, absolute, by pid (the test plays the kernel)
@@ -66,8 +71,11 @@ class Backend:
         self.exact.pop(entry.pid, None)  # the peaks restart (KernelWatch.reset_peaks)
 
     def peaks(self, entry: Entry) -> Counters | None:
-        """backend.ExactPeaks: what the kernel's map says (None: not watched)."""
+        """What the kernel's map says (None: not watched)."""
         return self.exact.get(entry.pid)
+
+    def inherit(self, pid: int, start_time: int, quota: Quota) -> bool:
+        return False
 
     def removed(self, entry: Entry) -> None:
         self.told.append(("removed", entry.pid, entry.ended))
@@ -163,12 +171,12 @@ async def test_a_kill_the_kernel_made_answers_as_exited(spawn, tmp_path, pushed)
         await settle()
         eng.set_quota(entry, Quota(heap=1 * MiB, action=Action.KILL), ROOT)
         os.kill(w.pid, signal.SIGKILL)  # what bpf_send_signal did in the crossing call
-        eng.reported(Report(entry, ReportKind.KILLED, HEAP_RESOURCE, 2 * MiB, 1 * MiB))
+        eng.policy.reported(Report(entry, ReportKind.KILLED, HEAP_RESOURCE, 2 * MiB, 1 * MiB))
         assert entry.killed
         assert entry.events["killed"] == entry.events["exceeded"] == 1
         assert eng.enforcements[Action.KILL] == 1
         with pytest.raises(NoSuchProcess):
-            eng.check_current(entry)
+            check_current(entry)
         w.proc.wait()
 
 
@@ -179,7 +187,7 @@ async def test_a_report_of_an_entry_gone_is_ignored(spawn, tmp_path, pushed):
         await settle()
         eng.set_quota(entry, Quota(files=1, action=Action.NOTIFY), ROOT)
         eng.deregister(w.pid, ROOT)
-        eng.reported(Report(entry, ReportKind.NOTIFIED, FILES_RESOURCE, 2, 1))
+        eng.policy.reported(Report(entry, ReportKind.NOTIFIED, FILES_RESOURCE, 2, 1))
         assert entry.events["notified"] == 0
 
 
@@ -192,31 +200,31 @@ async def test_a_backends_exact_peaks_are_folded_into_the_sampled_ones(spawn, tm
         await settle()
         eng.set_quota(entry, Quota(heap=1024 * MiB, action=Action.NOTIFY), ROOT)
         backend = pushed()
-        assert eng.heap_peak(entry) == 0
+        assert eng.reader.heap_peak(entry) == 0
         spike = Counters(entry.heap_base + 30 * MiB, entry.files_base + 7)
         backend.exact[w.pid] = spike  # what the kernel's map says now
-        assert (eng.heap_peak(entry), eng.openfile_peak(entry)) == (30 * MiB, 7)
-        m = eng.measure(entry)
+        assert (eng.reader.heap_peak(entry), eng.reader.openfile_peak(entry)) == (30 * MiB, 7)
+        m = eng.reader.measure(entry)
         assert (m.heap_peak, m.openfile_peak, m.heapsize) == (30 * MiB, 7, 0)
 
         w.do("mmap", 40 * MiB)  # a sample above the exact peak: the higher wins
-        assert eng.heapsize(entry) >= 40 * MiB
-        assert eng.heap_peak(entry) == eng.heapsize(entry)
+        assert eng.reader.heapsize(entry) >= 40 * MiB
+        assert eng.reader.heap_peak(entry) == eng.reader.heapsize(entry)
         w.do("munmap")
 
         eng.reset(entry, Reset.USAGE, ROOT)
         assert backend.told[-1][0] == "baseline_reset"
-        assert (eng.heap_peak(entry), eng.openfile_peak(entry)) == (0, 0)
+        assert (eng.reader.heap_peak(entry), eng.reader.openfile_peak(entry)) == (0, 0)
 
         # a quota cleared: the peaks are taken before the backend forgets them
         backend.exact[w.pid] = Counters(entry.heap_base + 5 * MiB, None)
         eng.reset(entry, Reset.QUOTA, ROOT)
         assert backend.told[-1] == ("quota_cleared", w.pid) and w.pid not in backend.exact
-        assert eng.heap_peak(entry) == 5 * MiB
+        assert eng.reader.heap_peak(entry) == 5 * MiB
 
         # a "peak" report (relative, as every report) is folded in too
-        eng.reported(Report(entry, ReportKind.PEAK, FILES_RESOURCE, 9, 0))
-        assert eng.openfile_peak(entry) == 9
+        eng.policy.reported(Report(entry, ReportKind.PEAK, FILES_RESOURCE, 9, 0))
+        assert eng.reader.openfile_peak(entry) == 9
 
 
 async def test_a_clean_stop_saves_the_exact_peaks_before_the_backend_closes(
@@ -231,12 +239,12 @@ async def test_a_clean_stop_saves_the_exact_peaks_before_the_backend_closes(
     async with engine(tmp_path, "procfs") as eng:  # nothing exact now: the saved ones
         entry = eng.get(w.pid)
         assert entry is not None
-        assert (eng.heap_peak(entry), eng.openfile_peak(entry)) == (12 * MiB, 3)
+        assert (eng.reader.heap_peak(entry), eng.reader.openfile_peak(entry)) == (12 * MiB, 3)
 
 
 def test_an_engine_is_chosen_by_name():
     class NoPolicy:
-        pass
+        state_path = None
 
     assert backends.choose("procfs", NoPolicy(), INTERVAL).name == "procfs"  # type: ignore[arg-type]
     chosen = backends.choose("auto", NoPolicy(), INTERVAL)  # type: ignore[arg-type]

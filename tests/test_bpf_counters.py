@@ -24,6 +24,7 @@ from tests.test_engine_bpf import pin_dir
 from tests.test_run import compile_c
 from tracker.backends.bpf import loader
 from tracker.backends.bpf.counters import CounterReader
+from tracker.backends.readers import ProcReader
 from tracker.engine.engine import open_engine
 from tracker.linux import procfs
 
@@ -116,13 +117,13 @@ async def test_the_bpf_engine_reads_heapsize_without_proc(spawn, monkeypatch):
         for name in ("read_status_text", "reread_status"):  # by path, or held
             monkeypatch.setattr(procfs, name, no_proc)
         w.do("mmap", 16 * MiB)
-        assert engine.heapsize(entry) == 16 * MiB
+        assert engine.reader.heapsize(entry) == 16 * MiB
         w.do("munmap", 16 * MiB)
-        assert engine.heapsize(entry) == 0
-        assert engine.heap_peak(entry) == 16 * MiB  # the kernel read raised the mark
+        assert engine.reader.heapsize(entry) == 0
+        assert engine.reader.heap_peak(entry) == 16 * MiB  # the kernel read raised the mark
         w.do("mmap", 8 * MiB)
         w.do("open", 3)
-        measured = engine.measure(entry)  # stat and metrics: the name comes along
+        measured = engine.reader.measure(entry)  # stat and metrics: the name comes along
         assert (measured.heapsize, measured.openfile_count) == (8 * MiB, 3)
         assert measured.comm == entry.comm
 
@@ -142,10 +143,10 @@ async def test_the_procfs_engine_reads_proc(spawn, monkeypatch):
         for name in ("read_status_text", "reread_status"):
             monkeypatch.setattr(procfs, name, recording(name))
         w.do("mmap", 16 * MiB)
-        assert engine.heapsize(entry) == 16 * MiB
+        assert engine.reader.heapsize(entry) == 16 * MiB
         assert calls == ["reread_status"]
-        assert engine.kernel_vm_data is None and engine.kernel_usage is None
-        assert engine.measure(entry).heapsize == 16 * MiB
+        assert type(engine.reader.counters) is ProcReader
+        assert engine.reader.measure(entry).heapsize == 16 * MiB
         assert calls == ["reread_status", "reread_status"]
 
 
@@ -167,9 +168,9 @@ async def test_a_zombie_leader_is_read_through_its_live_thread(bin_dir):
             proc.stdin.flush()
             assert proc.stdout.readline() == "mapped 32\n"
             tid = next(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
-            assert engine.heapsize(entry) >= 32 * MiB  # and the thread's malloc arena
-            assert entry.heap_base + engine.heapsize(entry) == proc_vm_data(pid, tid)
-            measured = engine.measure(entry)  # the kernel read says no; the thread's /proc
+            assert engine.reader.heapsize(entry) >= 32 * MiB  # and the thread's malloc arena
+            assert entry.heap_base + engine.reader.heapsize(entry) == proc_vm_data(pid, tid)
+            measured = engine.reader.measure(entry)  # the kernel read says no; the thread's /proc
             assert measured.heap_total == proc_vm_data(pid, tid)
             assert measured.comm == procfs.read_status(pid, tid).name
     finally:
@@ -297,6 +298,6 @@ async def test_a_run_the_kernel_refuses_is_answered_from_proc(spawn, monkeypatch
             with pytest.raises(OSError):  # what each run now meets
                 engine.backend._counters.data_vm(w.pid, inode_of(w.pid))
             w.do("mmap", 16 * MiB)
-            assert engine.heapsize(entry) == 16 * MiB
-            measured = engine.measure(entry)
+            assert engine.reader.heapsize(entry) == 16 * MiB
+            measured = engine.reader.measure(entry)
             assert (measured.heapsize, measured.comm) == (16 * MiB, entry.comm)

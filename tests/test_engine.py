@@ -102,13 +102,13 @@ async def settle() -> None:
 def count_checks(engine: Engine) -> list[Entry]:
     """Record every periodic quota check from now on."""
     checked: list[Entry] = []
-    original = engine.check
+    original = engine.policy.check
 
     def check(entry: Entry) -> None:
         checked.append(entry)
         original(entry)
 
-    engine.check = check  # type: ignore[method-assign]
+    engine.policy.check = check  # type: ignore[method-assign]
     return checked
 
 
@@ -148,20 +148,20 @@ async def test_heapsize_counts_mmap_exactly(spawn, tmp_path):
         assert entry.pid == w.pid
         assert [e.pid for e in engine.entries()] == [w.pid]
         assert engine.get(w.pid) is entry
-        first = engine.measure(entry)
+        first = engine.reader.measure(entry)
         assert first.heapsize == 0
         assert first.heap_total == vm_data(w.pid)
 
         w.do("mmap", 20 * MiB)
-        now = engine.measure(entry)
+        now = engine.reader.measure(entry)
         assert abs(now.heapsize - 20 * MiB) <= PAGE
         assert now.heap_total == vm_data(w.pid)
         assert now.heap_total - entry.heap_base == now.heapsize
 
         w.do("mmap", 3 * MiB)
-        assert abs(engine.measure(entry).heapsize - 23 * MiB) <= PAGE
+        assert abs(engine.reader.measure(entry).heapsize - 23 * MiB) <= PAGE
         w.do("munmap")
-        assert abs(engine.measure(entry).heapsize - 20 * MiB) <= PAGE
+        assert abs(engine.reader.measure(entry).heapsize - 20 * MiB) <= PAGE
 
 
 async def test_heapsize_counts_sbrk(spawn, tmp_path):
@@ -169,12 +169,12 @@ async def test_heapsize_counts_sbrk(spawn, tmp_path):
     async with engine_at(tmp_path) as engine:
         entry = engine.register(w.pid, ROOT)
         await settle()
-        before = engine.measure(entry).heapsize
+        before = engine.reader.measure(entry).heapsize
         w.do("sbrk", 4 * MiB)
-        grown = engine.measure(entry).heapsize - before
+        grown = engine.reader.measure(entry).heapsize - before
         assert abs(grown - 4 * MiB) <= PAGE
         w.do("sbrk", 2 * MiB)
-        assert abs(engine.measure(entry).heapsize - before - 6 * MiB) <= PAGE
+        assert abs(engine.reader.measure(entry).heapsize - before - 6 * MiB) <= PAGE
 
 
 async def test_openfile_count_follows_open_and_close(spawn, tmp_path):
@@ -182,15 +182,15 @@ async def test_openfile_count_follows_open_and_close(spawn, tmp_path):
     async with engine_at(tmp_path) as engine:
         entry = engine.register(w.pid, ROOT)
         await settle()
-        assert engine.measure(entry).openfile_count == 0
+        assert engine.reader.measure(entry).openfile_count == 0
         assert w.do("open", 3) == "ok 3"
-        m = engine.measure(entry)
+        m = engine.reader.measure(entry)
         assert m.openfile_count == 3
         assert m.openfile_total == len(os.listdir(f"/proc/{w.pid}/fd"))
         w.do("close", 2)
-        assert engine.measure(entry).openfile_count == 1
+        assert engine.reader.measure(entry).openfile_count == 1
         w.do("close", 1)
-        assert engine.measure(entry).openfile_count == 0
+        assert engine.reader.measure(entry).openfile_count == 0
 
 
 async def test_usage_is_floored_at_zero(spawn, tmp_path):
@@ -203,16 +203,16 @@ async def test_usage_is_floored_at_zero(spawn, tmp_path):
         await settle()
         w.do("munmap")
         w.do("close", 4)
-        m = engine.measure(entry)
+        m = engine.reader.measure(entry)
         assert m.heapsize == 0
         assert m.openfile_count == 0
         assert m.heap_total == vm_data(w.pid)
         assert m.heap_total <= entry.heap_base - 20 * MiB + PAGE
         # growth from the lower level still only counts above the baseline
         w.do("mmap", 12 * MiB)
-        assert engine.measure(entry).heapsize == 0
+        assert engine.reader.measure(entry).heapsize == 0
         w.do("mmap", 10 * MiB)
-        assert abs(engine.measure(entry).heapsize - 2 * MiB) <= PAGE
+        assert abs(engine.reader.measure(entry).heapsize - 2 * MiB) <= PAGE
 
 
 async def test_thread_stack_counts_as_heap(spawn, tmp_path):
@@ -221,7 +221,7 @@ async def test_thread_stack_counts_as_heap(spawn, tmp_path):
         entry = engine.register(w.pid, ROOT)
         await settle()
         w.thread()
-        assert engine.measure(entry).heapsize >= 8 * MiB  # glibc's default stack
+        assert engine.reader.measure(entry).heapsize >= 8 * MiB  # glibc's default stack
 
 
 # ----- registration ----------------------------------------------------------
@@ -324,7 +324,7 @@ async def test_deregister_removes_and_allows_registering_again(spawn, tmp_path):
         assert saved_records(tmp_path / "s.json") == []
         # the old entry now answers "deregistered", not "exited"
         with pytest.raises(Deregistered) as info:
-            engine.measure(first)
+            engine.reader.measure(first)
         assert info.value.errno == errno.ENOENT
         with pytest.raises(Deregistered):
             engine.set_quota(first, Quota(files=1), ROOT)
@@ -353,7 +353,7 @@ async def test_exit_removes_entry_promptly(spawn, tmp_path):
         assert removed == [entry]
         assert entry.ended == "exited"
         with pytest.raises(NoSuchProcess) as info:
-            engine.measure(entry)
+            engine.reader.measure(entry)
         assert info.value.errno == errno.ESRCH
         await wait_for(lambda: saved_records(tmp_path / "s.json") == [])
         await trio.sleep(10 * INTERVAL)  # nothing else may call the listener later
@@ -374,7 +374,7 @@ async def test_exit_of_one_leaves_the_others(spawn, tmp_path):
         assert [e.pid for e in removed] == [a.pid]
         assert list(engine.entries()) == [kept]
         b.do("open", 1)
-        assert engine.measure(kept).openfile_count == 1
+        assert engine.reader.measure(kept).openfile_count == 1
 
 
 # ----- kill ---------------------------------------------------------------
@@ -435,7 +435,7 @@ async def test_measure_enforces_between_checks(spawn, tmp_path):
         engine.set_quota(entry, Quota(heap=MiB), ROOT)
         w.do("mmap", 2 * MiB)
         assert w.alive()
-        engine.measure(entry)
+        engine.reader.measure(entry)
         assert engine.enforcements[Action.KILL] == 1
         assert await wait_dead(w) == -signal.SIGKILL
 
@@ -454,7 +454,7 @@ async def test_notify_counts_once_per_episode(spawn, tmp_path):
         await wait_for(lambda: engine.enforcements[Action.NOTIFY] == 1)
         await wait_checks(checks, 10)
         for _ in range(5):
-            engine.measure(entry)  # reads do not count again either
+            engine.reader.measure(entry)  # reads do not count again either
         assert engine.enforcements[Action.NOTIFY] == 1
         assert w.alive()
         assert engine.enforcements[Action.KILL] == engine.enforcements[Action.DENY] == 0
@@ -484,7 +484,7 @@ async def test_notify_heap_and_files_each_count(spawn, tmp_path):
         await wait_checks(checks, 5)
         assert engine.enforcements[Action.NOTIFY] == 2
         assert w.alive()
-        m = engine.measure(entry)
+        m = engine.reader.measure(entry)
         assert m.heapsize > MiB and m.openfile_count == 2
 
 
@@ -506,7 +506,7 @@ async def test_deny_heap(spawn, tmp_path, owner):
         assert w.do("mmap", 5 * MiB) == "ok"
         assert w.ask("mmap", 6 * MiB) == f"err {errno.ENOMEM}"
         assert w.alive()
-        assert engine.measure(entry).heapsize <= 10 * MiB
+        assert engine.reader.measure(entry).heapsize <= 10 * MiB
         assert engine.enforcements[Action.KILL] == 0
 
         # a usage reset recomputes the limit from the new baseline
@@ -531,7 +531,7 @@ async def test_deny_files(spawn, tmp_path, owner):
         lowered = nofile_soft(w.pid)
         assert lowered < original
         assert w.do("open", 5) == f"ok 3 {errno.EMFILE}"
-        assert engine.measure(entry).openfile_count == 3
+        assert engine.reader.measure(entry).openfile_count == 3
         assert w.alive()
 
         # the process takes its soft limit back up: the check lowers it again, once
@@ -660,13 +660,13 @@ async def test_root_quota_binds_the_owner(spawn, tmp_path, what):
             engine.deregister(w.pid, NOBODY)
         # nothing changed
         assert entry.quota == Quota(heap=100 * MiB, files=50)
-        assert engine.measure(entry).openfile_count == 2
+        assert engine.reader.measure(entry).openfile_count == 2
         assert engine.get(w.pid) is entry
         assert (tmp_path / "s.json").read_bytes() == state_before
         # root may
         engine.reset(entry, what, ROOT)
         assert (entry.quota is None) == what.clears_quota
-        assert engine.measure(entry).openfile_count == (0 if what.restarts_usage else 2)
+        assert engine.reader.measure(entry).openfile_count == (0 if what.restarts_usage else 2)
         engine.deregister(w.pid, ROOT)
         assert engine.get(w.pid) is None
 
@@ -693,7 +693,7 @@ async def test_second_quota_is_ebusy_until_reset(spawn, tmp_path):
         engine.reset(entry, Reset.QUOTA, ROOT)
         engine.set_quota(entry, Quota(files=7, action=Action.NOTIFY), ROOT)
         assert entry.quota == Quota(files=7, action=Action.NOTIFY)
-        assert engine.measure(entry).quota == Quota(files=7, action=Action.NOTIFY)
+        assert engine.reader.measure(entry).quota == Quota(files=7, action=Action.NOTIFY)
 
 
 async def test_rejected_calls_change_nothing(spawn, tmp_path):
@@ -749,7 +749,7 @@ async def test_rejected_calls_change_nothing(spawn, tmp_path):
         with pytest.raises(NotTracked):
             engine.deregister(other.pid, ROOT)
         assert unchanged()
-        assert engine.measure(entry).openfile_count == 2
+        assert engine.reader.measure(entry).openfile_count == 2
         assert w.alive()
 
 
@@ -774,7 +774,7 @@ async def test_state_resumes_entries_with_their_counters(spawn, tmp_path):
         assert (back.heap_base, back.files_base, back.quota, back.registered) == saved
         assert back.quota_uid == ROOT
         assert back.owner_uid == NOBODY
-        m = engine.measure(back)
+        m = engine.reader.measure(back)
         assert abs(m.heapsize - 24 * MiB) <= PAGE
         assert m.openfile_count == 3
         # the root-set quota still binds the owner after the restart
@@ -899,7 +899,7 @@ async def test_unsaved_state_rejects_quota_and_deregister(spawn, tmp_path):
             engine.deregister(w.pid, ROOT)
         assert engine.get(w.pid) is entry
         w.do("open", 2)
-        assert engine.measure(entry).openfile_count == 2
+        assert engine.reader.measure(entry).openfile_count == 2
         # repaired: everything works again
         (state_dir / "s.json").rmdir()
         engine.set_quota(entry, Quota(files=10), ROOT)
@@ -917,7 +917,7 @@ async def test_engine_survives_register_rolled_back_by_state_save(spawn, tmp_pat
         (state_dir / "s.json").rmdir()
         entry = engine.register(w.pid, ROOT)
         await settle()
-        assert engine.measure(entry).openfile_count == 0
+        assert engine.reader.measure(entry).openfile_count == 0
 
 
 async def test_deregister_right_after_register(spawn, tmp_path):

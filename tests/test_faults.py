@@ -312,7 +312,7 @@ async def test_esrch_from_proc_fd_during_an_exit_is_no_such_process(spawn, monke
         try:
             text = read_metrics(engine, None, Caller(0, False))
             with pytest.raises(procfs.NoSuchProcess):
-                engine.measure(entry)
+                engine.reader.measure(entry)
         finally:
             monkeypatch.undo()
     assert "restrack_tracked_processes" in text

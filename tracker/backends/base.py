@@ -19,7 +19,7 @@ Two kinds of backend fit it:
   counts and announces (a "raised" deny limit is lowered back by the policy).
   Exact peaks: the policy samples at every read and check and
   keeps the high-water mark (`entry.high`); a backend that knows better
-  offers `peaks(entry) -> Counters | None` (`ExactPeaks`, optional): the
+  offers `peaks(entry) -> Counters | None` (None where it does not): the
   highest absolute values (VmData bytes, descriptors: as a sample counts
   them, not relative to the baseline) the process reached since its
   baseline, None where it does not watch the entry or does not know. The
@@ -61,14 +61,17 @@ import importlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from tracker.backends.readers import ProcReader
 from tracker.engine.entry import Entry
 from tracker.engine.resources import Counters, Resource
-from tracker.linux.process import Process
+from tracker.quota import Quota
+
+if TYPE_CHECKING:
+    from tracker.engine.policy import Policy
 
 log = logging.getLogger("restrackfs.engine")
 
@@ -100,37 +103,14 @@ class BackendUnavailable(Exception):
     """This backend cannot run here; str() is one line saying why (for "auto" to log)."""
 
 
-class Policy(Protocol):
-    """What the engine offers a backend."""
-
-    # The state file (None: not kept). A backend that keeps state outside the
-    # daemon (bpf: pins in bpffs, adopted by the next daemon) names it after this.
-    state_path: Path | None
-
-    def watched(self) -> Iterable[Entry]:
-        """The entries with a quota, now."""
-
-    def check(self, entry: Entry) -> None:
-        """Sample `entry` now and enforce its quota (polling backends)."""
-
-    def reported(self, report: Report) -> None:
-        """Log, count and announce what the backend saw (pushed backends)."""
-
-    def heap_rebased(self, entry: Entry, heap_base: int) -> None:
-        """The process exec'd into an image with less VmData than its heap baseline:
-        the baseline (bytes) is lowered to it (pushed backends that see exec)."""
-
-    def forked(self, pid: int, baseline: Counters) -> None:
-        """A child the backend watches since its fork (an inherit rule), not yet
-        registered: its usage at fork is `baseline` (absolute)."""
-
-
 class Backend(Protocol):
     """What the engine asks of a backend. Each notification is synchronous and
     cheap (the engine calls them while answering a request); slow work goes to
     the backend's own task."""
 
     name: str
+    reader: ProcReader  # how the engine reads counters: /proc, or the kernel first
+    events_dropped: int | None  # events the backend lost (a full ring); None: none to lose
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The backend's trio task, for as long as the engine runs."""
@@ -156,35 +136,19 @@ class Backend(Protocol):
         seen, before the entry is removed: the kernel's report of the kill that
         made it exit may still wait in the ring, and would then find no entry."""
 
+    def peaks(self, entry: Entry) -> Counters | None:
+        """The highest absolute values (VmData bytes, descriptors, as a sample counts
+        them) since `entry`'s baseline, where the backend measures them exactly
+        (Counters fields None where unknown); None where it does not (the policy's
+        own samples are the peaks then). Cheap and synchronous: called on the
+        event loop at each read of a peak."""
+
+    def inherit(self, pid: int, start_time: int, quota: Quota) -> bool:
+        """Watch the children `pid` forks from now on, from their fork, with `quota`
+        over their usage then; False where the backend cannot (the next scan finds them)."""
+
     def close(self) -> None:
         """The engine stops: give back what the backend holds."""
-
-
-class ExactPeaks(Protocol):
-    """What a backend that measures peaks exactly adds (optional: `Engine` looks
-    for the method, so a backend without it samples like procfs)."""
-
-    def peaks(self, entry: Entry) -> Counters | None:
-        """The highest absolute values since `entry`'s baseline (Counters fields
-        None where unknown); None if the entry is not watched. Cheap and synchronous:
-        called on the event loop at each read of a peak."""
-
-
-class KernelReads(Protocol):
-    """What a backend that reads counters in the kernel adds (optional: `Engine` looks
-    for the method; without it the policy reads /proc)."""
-
-    def vm_data(self, process: Process) -> int | None:
-        """VmData of `process` now, in bytes, from the kernel's own counter: never a
-        cached value, never another process's (the identity is checked in the
-        kernel, as exactly as the pidfd would). None where it cannot tell: the
-        policy then reads /proc. Called on the event loop at each read of heapsize."""
-
-    def usage(self, process: Process) -> tuple[int, str] | None:
-        """(VmData in bytes, comm) of `process` now, from one kernel read, with the
-        same guarantees as `vm_data`; the name as /proc/PID/status shows it,
-        unescaped. Called at each read of stat and metrics (the fds are counted
-        apart)."""
 
 
 BACKENDS = {"bpf": "tracker.backends.bpf.backend", "procfs": "tracker.backends.polling"}

@@ -9,22 +9,29 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import trio
 
-from tracker.backends.base import Policy
+from tracker.backends.readers import ProcReader
 from tracker.engine.entry import Entry
 from tracker.engine.resources import Counters
+from tracker.quota import Quota
+
+if TYPE_CHECKING:
+    from tracker.engine.policy import Policy
 
 log = logging.getLogger("restrackfs.engine")
 
 
 class Backend:
     name = "procfs"
+    events_dropped = None  # nothing queued, nothing to lose
 
     def __init__(self, policy: Policy, interval: float) -> None:
         self.policy = policy
         self.interval = interval
+        self.reader = ProcReader()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -59,6 +66,10 @@ class Backend:
     def peaks(self, entry: Entry) -> Counters | None:
         """Nothing exact: the policy's own samples (each read and check) are the peaks."""
         return None
+
+    def inherit(self, pid: int, start_time: int, quota: Quota) -> bool:
+        """Not from the fork: the next scan of --track-children finds them."""
+        return False
 
     def close(self) -> None:
         pass

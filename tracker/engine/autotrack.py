@@ -1,7 +1,7 @@
 """Automatic tracking for sidecars: register the processes of this PID namespace.
 
 A scan of /proc every `period` seconds (a quarter second by default, inside
-the promised one second) registers each process that the policy selects, and
+the promised one second) registers each process the selection names, and
 gives it the default quota. /proc is the one source that works in any
 container without extra capabilities; the proc connector would be instant
 but needs CAP_NET_ADMIN in the initial user namespace.
@@ -52,7 +52,7 @@ def proc_matches_my_pid_namespace() -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class Policy:
+class Selection:
     """What `--track-all`, `--track-comm` and `--track-children` select."""
 
     track_all: bool = False
@@ -79,26 +79,26 @@ class Policy:
 
 
 class AutoTracker:
-    def __init__(self, engine: Engine, policy: Policy) -> None:
+    def __init__(self, engine: Engine, selection: Selection) -> None:
         self.engine = engine
-        self.policy = policy
+        self.selection = selection
         self.me = os.getpid()
         # identity -> the comm it was decided with (None: decided for good)
         self._decided: dict[tuple[int, int], str | None] = {}
         self._previous: dict[int, Stat] = {}
         if self._at_fork:
-            engine.on_forked(self._forked)
+            engine.policy.on_forked(self._forked)
 
     @property
     def _at_fork(self) -> bool:
         """--track-children with a default quota and no --track-comm (a name is only
         known after an exec): where the backend can, children are watched at fork,
         before they run, and registered as soon as the daemon hears of them."""
-        policy = self.policy
+        selection = self.selection
         return (
-            policy.children_of is not None
-            and policy.default_quota is not None
-            and policy.comm_glob is None
+            selection.children_of is not None
+            and selection.default_quota is not None
+            and selection.comm_glob is None
         )
 
     def _forked(self, pid: int, baseline: Counters) -> None:
@@ -144,19 +144,21 @@ class AutoTracker:
                 self._decided[key] = stat.comm
 
     def _selects(self, pid: int, stat: Stat, stats: dict[int, Stat]) -> bool:
-        policy = self.policy
+        selection = self.selection
         if pid == self.me or stat.is_kernel_thread or stat.state in "ZX":
             return False  # kernel threads have no heap to track
-        if policy.comm_glob is not None and not fnmatch.fnmatchcase(stat.comm, policy.comm_glob):
+        if selection.comm_glob is not None and not fnmatch.fnmatchcase(
+            stat.comm, selection.comm_glob
+        ):
             return False
-        return policy.children_of is None or _descends(pid, policy.children_of, stats)
+        return selection.children_of is None or _descends(pid, selection.children_of, stats)
 
     def _inherit_from_root(self) -> None:
         """The root of --track-children is not tracked itself: a registration of it
         carrying the default quota as an inherit rule only would be one; instead
         the rule is set on it directly, where the backend takes rules."""
-        root = self.policy.children_of
-        quota = self.policy.default_quota
+        root = self.selection.children_of
+        quota = self.selection.default_quota
         assert root is not None and quota is not None
         try:
             start_time = procfs.read_stat(root).start_time
@@ -173,11 +175,11 @@ class AutoTracker:
         try:
             entry = self.engine.register(pid, ROOT, baseline)
             key = (pid, entry.process.start_time)
-            if self.policy.default_quota is not None:
-                self.engine.set_quota(entry, self.policy.default_quota, ROOT)
+            if self.selection.default_quota is not None:
+                self.engine.set_quota(entry, self.selection.default_quota, ROOT)
                 if self._at_fork:
                     start = entry.process.start_time
-                    self.engine.inherit(entry.pid, start, self.policy.default_quota)
+                    self.engine.inherit(entry.pid, start, self.selection.default_quota)
         except OSError as error:  # it exited meanwhile, or a state save failed
             log.debug("auto-track pid=%d: %s", pid, error)
             return

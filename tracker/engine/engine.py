@@ -31,6 +31,7 @@ from tracker.engine import access, state
 from tracker.engine.enforce import Enforcer
 from tracker.engine.entry import Ended, Entry, QuotaSetting
 from tracker.engine.policy import Policy
+from tracker.engine.reading import Reader, check_current
 from tracker.engine.registry import Registry
 from tracker.engine.resources import Counters
 from tracker.errors import (
@@ -53,8 +54,9 @@ from tracker.quota import Action, Quota, Reset
 log = logging.getLogger("restrackfs.engine")
 
 
-class Engine(Policy):
-    """The registry's commands and lifecycle, on top of the shared policy."""
+class Engine:
+    """The registry's commands and lifecycle; it composes the rooms it relies on
+    (`reader` for the files' readings, `policy` for what backends call)."""
 
     def __init__(
         self,
@@ -64,17 +66,18 @@ class Engine(Policy):
         helpers_in_background: bool = False,
         backend: str = "procfs",
     ) -> None:
-        enforcer = Enforcer()
-        deny = DenyKeeper(enforcer, interval=interval, in_background=helpers_in_background)
-        super().__init__(Registry(), enforcer, deny)
         self.state_path = state_path
         self.interval = interval
+        self.registry = Registry()
+        self.enforcer = Enforcer()
+        self.deny = DenyKeeper(
+            self.enforcer, interval=interval, in_background=helpers_in_background
+        )
         self.store = state.Store(state_path, self.registry.entries)
-        self._fork_listeners: list[Callable[[int, Counters], None]] = []
-        self.backend: Backend = choose(backend, self, interval)
-        self.exact_peaks = getattr(self.backend, "peaks", None)  # backend.ExactPeaks
-        self.kernel_vm_data = getattr(self.backend, "vm_data", None)  # backend.KernelReads
-        self.kernel_usage = getattr(self.backend, "usage", None)
+        self.reader = Reader(self.registry, self.enforcer)
+        self.policy = Policy(self.registry, self.enforcer, self.deny, self.reader, self.store)
+        self.backend: Backend = choose(backend, self.policy, interval)
+        self.reader.use(self.backend.reader, self.backend.peaks)
         self.registry.on_removal(self._removed)
         self.registry.before_exit(self.backend.flush)
 
@@ -127,7 +130,7 @@ class Engine(Policy):
         access.check_control(caller_uid, status.real_uid, tgid)
         known = self.registry.get(tgid)
         if known is not None:
-            self._enforce_before_command(known)
+            self.policy.enforce_first(known)
             raise AlreadyTracked(f"{tgid}: already tracked")
         entry = self._new_entry(Process.open(tgid), caller_uid, baseline)
         try:
@@ -170,8 +173,8 @@ class Engine(Policy):
             with suppress(NoSuchProcess, AccessDenied):
                 access.check_control(caller_uid, procfs.read_status(pid).real_uid, pid)
             raise NotTracked(f"{pid}: not tracked")
-        self._enforce_before_command(entry)
-        self._check_may_lift(entry, caller_uid)
+        self.policy.enforce_first(entry)
+        self.policy.check_may_lift(entry, caller_uid)
         self.store.drop(entry)
         self.deny.restore(entry)
         self.registry.remove(entry, Ended.DEREGISTERED)
@@ -183,8 +186,8 @@ class Engine(Policy):
         Where a helper sets them, the quota is answered when the request's helpers
         are done (`limit_changes`): if the kernel does not show a limit then, the
         quota is undone and the request fails with EAGAIN (LimitNotInForce)."""
-        self._enforce_before_command(entry)
-        access.check_control(caller_uid, self._owner(entry), entry.pid)
+        self.policy.enforce_first(entry)
+        access.check_control(caller_uid, self.policy.owner(entry), entry.pid)
         if entry.setting is not None:
             raise QuotaBusy(f"{entry.pid}: a quota is already set; reset it first")
         setting = entry.setting = QuotaSetting(quota, caller_uid)
@@ -204,7 +207,7 @@ class Engine(Policy):
     ) -> None:
         """The quota's limits are set or given up on: keep the quota, or undo it."""
         if entry.ended is not None:
-            self.check_current(entry)  # deregistered or exited meanwhile: say which
+            check_current(entry)  # deregistered or exited meanwhile: say which
         if entry.setting is not setting:
             return  # reset meanwhile: nothing left to keep or undo
         quota, uid = setting.quota.format(), setting.uid
@@ -226,7 +229,7 @@ class Engine(Policy):
             log.error("quota pid=%d %s by uid=%d refused: %s", entry.pid, quota, uid, refused)
             raise
         log.info("quota pid=%d %s by uid=%d", entry.pid, quota, uid)
-        self.check(entry)
+        self.policy.check(entry)
 
     def _undo_quota(self, entry: Entry) -> None:
         saved_soft = dict(entry.deny.saved_soft)
@@ -236,53 +239,23 @@ class Engine(Policy):
         self.registry.quota_changed(entry)
         self.deny.restore(entry, saved_soft)
 
-    def on_forked(self, listener: Callable[[int, Counters], None]) -> None:
-        """Call `listener(pid, baseline)` for each child a backend watches since its fork."""
-        self._fork_listeners.append(listener)
-
-    def forked(self, pid: int, baseline: Counters) -> None:
-        for listener in self._fork_listeners:
-            listener(pid, baseline)
-
     def inherit(self, pid: int, start_time: int, quota: Quota) -> bool:
         """Have the backend watch the children `pid` forks from now on, from their
         fork, with `quota`, where it can (bpf); False where it cannot (the next
         scan finds them)."""
-        inherit = getattr(self.backend, "inherit", None)
-        return inherit is not None and inherit(pid, start_time, quota)
-
-    def heap_rebased(self, entry: Entry, heap_base: int) -> None:
-        """An exec left the process less VmData than its heap baseline: the old
-        image's memory is gone, so the baseline follows it down (never up), and
-        the heap watermark restarts there; deny's data limit is set anew. Also for
-        a process whose exit the engine saw before the kernel's last counts came:
-        its kill is reported against the baseline of the image that crossed."""
-        if entry.ended not in (None, Ended.EXITED) or heap_base >= entry.heap_base:
-            return
-        before = (entry.baseline, entry.high)
-        entry.baseline = Counters(heap=heap_base, files=entry.files_base)
-        entry.high = Counters(heap=heap_base, files=entry.high.files)
-        if entry.ended is None:  # an exited one is out of the store: its last counts settle
-            try:
-                self.store.put(entry)
-            except StateNotSaved:
-                entry.baseline, entry.high = before
-                return
-        log.info("exec: pid=%d heap baseline %d -> %d", entry.pid, before[0].heap, heap_base)
-        if entry.ended is None and entry.quota is not None and entry.quota.action is Action.DENY:
-            self.deny.apply_and_keep(entry)
+        return self.backend.inherit(pid, start_time, quota)
 
     def reset(self, entry: Entry, what: Reset, caller_uid: int) -> None:
         """Clear the quota, restart the usage counters, or both."""
         quota, usage = what.clears_quota, what.restarts_usage
-        self._enforce_before_command(entry)
-        self._check_may_lift(entry, caller_uid)
+        self.policy.enforce_first(entry)
+        self.policy.check_may_lift(entry, caller_uid)
         if quota:
-            self.fold_exact_peaks(entry)  # the backend forgets them with the quota
+            self.reader.fold_exact_peaks(entry)  # the backend forgets them with the quota
         before = (entry.setting, entry.baseline, entry.high)
         saved_soft = dict(entry.deny.saved_soft)
         if usage:
-            now = self._read_counters(entry, self._usage, entry.process)
+            now = self.reader.read_counters(entry, self.reader.counters.usage, entry.process)
             entry.baseline = entry.high = Counters.of_usage(now)  # the peaks restart too
         if quota:
             entry.setting = None
@@ -347,7 +320,7 @@ class Engine(Policy):
         The state file keeps the entries, with the peaks as they are now."""
         self.deny.helpers.stop_all()
         for entry in self.registry.entries():
-            self.fold_exact_peaks(entry)  # before the backend closes
+            self.reader.fold_exact_peaks(entry)  # before the backend closes
         try:
             self.store.save_at_stop()
         except OSError as error:

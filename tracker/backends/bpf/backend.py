@@ -40,14 +40,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
-from tracker.backends.base import BackendUnavailable, Policy, Report, ReportKind
+from tracker.backends.base import BackendUnavailable, Report, ReportKind
 from tracker.backends.bpf.counters import CounterReader
 from tracker.backends.bpf.loader import Action as BpfAction
 from tracker.backends.bpf.loader import (
@@ -59,13 +59,16 @@ from tracker.backends.bpf.loader import (
     WatchState,
     remove_tree,
 )
+from tracker.backends.readers import KernelReader, ProcReader
 from tracker.deny import limits
 from tracker.engine.entry import Ended, Entry
 from tracker.engine.resources import FILES_RESOURCE, HEAP_RESOURCE, Counters, Resource
 from tracker.errors import QuotaNotKept
-from tracker.linux.process import Process
 from tracker.quota import Action, Quota
 from tracker.vocabulary import EXCEEDED
+
+if TYPE_CHECKING:
+    from tracker.engine.policy import Policy
 
 log = logging.getLogger("restrackfs.engine")
 T = TypeVar("T")
@@ -99,7 +102,7 @@ class Backend:
 
     def __init__(self, policy: Policy, interval: float) -> None:
         self.policy = policy
-        state_path: Path | None = getattr(policy, "state_path", None)
+        state_path = policy.state_path
         try:
             self.kw = KernelWatch.open(pin_dir_of(state_path))
         except BpfUnavailable as why:
@@ -115,6 +118,7 @@ class Backend:
         self._changed = trio.Event()
         self._closed = False
         self._counters = _open_counters()
+        self.reader = ProcReader() if self._counters is None else KernelReader(self._counters)
         self._dropped = 0  # the kernel's count of events it could not queue, when last seen
         self._exited: dict[int, Entry] = {}  # pid -> an entry the engine removed at its exit
         self._inheriting = False  # an inherit rule set for a process not tracked
@@ -167,7 +171,7 @@ class Backend:
         self._unwatch(entry)
 
     def peaks(self, entry: Entry) -> Counters | None:
-        """The kernel's watermarks (backend.ExactPeaks): raised at every checked syscall,
+        """The kernel's watermarks: raised at every checked syscall,
         so a spike between two reads shows. Absolute, as a sample is; restarted by
         `baseline_reset` (re-watched with zero peaks) and kept across a restart (adopt
         keeps the pinned entry)."""
@@ -177,28 +181,6 @@ class Backend:
         if state is None or state.start_time != entry.process.start_time:
             return None
         return Counters(heap=state.heap_peak_pages * PAGE, files=state.fd_peak)
-
-    def vm_data(self, process: Process) -> int | None:
-        """VmData now, read in the kernel (backend.KernelReads); None: read /proc."""
-        return self._in_kernel(CounterReader.data_vm, process, "heapsize")
-
-    def usage(self, process: Process) -> tuple[int, str] | None:
-        """(VmData, comm) now, read in the kernel (backend.KernelReads); None: /proc."""
-        return self._in_kernel(CounterReader.usage, process, "usage")
-
-    def _in_kernel(
-        self, read: Callable[[CounterReader, int, int], T], process: Process, what: str
-    ) -> T | None:
-        """`read` run for `process`; None where the reader did not load, the process
-        has no pidfs inode, or the kernel refuses the run (ENOMEM...): /proc answers."""
-        counters = self._counters
-        if counters is None or process.inode is None:
-            return None
-        try:
-            return read(counters, process.pid, process.inode)
-        except OSError as error:
-            log.debug("bpf: %s of pid=%d through /proc: %s", what, process.pid, error)
-            return None
 
     @property
     def events_dropped(self) -> int:
@@ -215,6 +197,8 @@ class Backend:
         everything is detached and unpinned (waits for a detach under way)."""
         self._closed = True
         if self._counters is not None:
+            if isinstance(self.reader, KernelReader):
+                self.reader.stop()
             self._counters.close()
             self._counters = None
         keep = self._needed
