@@ -42,20 +42,21 @@ def visible(entry: Entry, uid: int, hidepid: bool) -> bool:
     return may_see(uid, entry.owner_uid, hidepid)
 
 
-Reader = Callable[[Engine, Entry | None, Caller], str]
-AsyncReader = Callable[[Engine, Entry | None, Caller], Awaitable[str]]
-Writer = Callable[[Engine, Entry | None, str, Caller], None]
+TextOf = Callable[[Engine, Entry | None, Caller], str]
+AsyncTextOf = Callable[[Engine, Entry | None, Caller], Awaitable[str]]
+# a write: the command it gives, awaited; the entry it removed (deregister), if any
+Command = Callable[[Engine, Entry | None, str, Caller], Awaitable[Entry | None]]
 
 
 @dataclass(frozen=True, slots=True)
 class FileSpec:
     name: str
     mode: int  # permission bits shown by ls; the daemon checks callers itself
-    read: Reader | None = None
-    write: Writer | None = None
+    read: TextOf | None = None
+    write: Command | None = None
     pollable: bool = False  # poll() reports a change since the reader last looked
     # a read that takes long (O(descriptors)): awaited, so other requests go on meanwhile
-    read_async: AsyncReader | None = None
+    read_async: AsyncTextOf | None = None
     readable: bool = field(init=False)  # derived once: every open asks
 
     def __post_init__(self) -> None:
@@ -166,22 +167,33 @@ def _exposition(engine: Engine, measurements: list[Measurement]) -> str:
     return metrics.render(measurements, engine.enforcements, backend.name, backend.events_dropped)
 
 
-def write_register(engine: Engine, entry: Entry | None, text: str, caller: Caller) -> None:
+async def write_register(
+    engine: Engine, entry: Entry | None, text: str, caller: Caller
+) -> Entry | None:
     engine.register(parse_pid(text), caller.uid)
+    return None
 
 
-def write_deregister(engine: Engine, entry: Entry | None, text: str, caller: Caller) -> None:
-    engine.deregister(parse_pid(text), caller.uid)
+async def write_deregister(
+    engine: Engine, entry: Entry | None, text: str, caller: Caller
+) -> Entry | None:
+    return await engine.deregister(parse_pid(text), caller.uid)
 
 
-def write_quota(engine: Engine, entry: Entry | None, text: str, caller: Caller) -> None:
+async def write_quota(
+    engine: Engine, entry: Entry | None, text: str, caller: Caller
+) -> Entry | None:
     assert entry is not None
-    engine.set_quota(entry, parse_quota(text), caller.uid)
+    await engine.set_quota(entry, parse_quota(text), caller.uid)
+    return None
 
 
-def write_reset(engine: Engine, entry: Entry | None, text: str, caller: Caller) -> None:
+async def write_reset(
+    engine: Engine, entry: Entry | None, text: str, caller: Caller
+) -> Entry | None:
     assert entry is not None
-    engine.reset(entry, parse_reset(text), caller.uid)
+    await engine.reset(entry, parse_reset(text), caller.uid)
+    return None
 
 
 def _events_text(counters: Mapping[str, int]) -> str:

@@ -206,7 +206,6 @@ class KernelNotices:
     the request that removed it, in the background otherwise."""
 
     def __init__(self) -> None:
-        self.removed_by_request: list[bytes] | None = None  # collected during a write
         self.pollers: dict[int, dict[int, pyfuse3.PollHandle]] = {}
         # Names of removed directories for `run_invalidations`; None while it does not run.
         self._invalidations: trio.MemorySendChannel[bytes] | None = None
@@ -219,8 +218,6 @@ class KernelNotices:
         for poll_handle in pollers:
             poll_handle.notify()
         name = str(entry.pid).encode()
-        if self.removed_by_request is not None:
-            self.removed_by_request.append(name)
         if self._invalidations is None:
             return  # not mounted (engine-only use), or the session is ending
         with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
@@ -266,17 +263,16 @@ class KernelNotices:
         self._invalidations = None
 
     @staticmethod
-    async def invalidate_now(names: list[bytes]) -> None:
-        """Make the kernel forget directories removed by this request before it returns.
+    async def invalidate_now(name: bytes) -> None:
+        """Make the kernel forget a directory removed by this request before it returns.
 
         The background invalidation would race the caller's next lookup (the
         shell's `ls` right after `echo PID > deregister`). Blocking in a worker
         thread keeps the event loop free to answer the lookups the kernel may
         wait for meanwhile, so this cannot deadlock.
         """
-        for name in names:
-            with contextlib.suppress(OSError):
-                await trio.to_thread.run_sync(pyfuse3.invalidate_entry, ROOT, name)
+        with contextlib.suppress(OSError):
+            await trio.to_thread.run_sync(pyfuse3.invalidate_entry, ROOT, name)
 
 
 class RestrackOperations(pyfuse3.Operations):
@@ -475,7 +471,7 @@ class RestrackOperations(pyfuse3.Operations):
         entry = self.engine.get(pid)
         if entry is None or not self._visible(entry, ctx.uid):
             raise pyfuse3.FUSEError(errno.ENOENT)
-        self.engine.deregister(pid, ctx.uid)
+        await self.engine.deregister(pid, ctx.uid)
 
     # ----- files ---------------------------------------------------------
 
@@ -561,17 +557,10 @@ class RestrackOperations(pyfuse3.Operations):
             text = buf.decode("ascii")
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(errno.EINVAL) from None
-        # The write runs without a checkpoint, so only its own removals are collected.
-        self.notices.removed_by_request = removed = []
-        try:
-            with self.engine.limit_changes() as helpers:
-                spec.write(self.engine, handle.node.entry, text, handle.caller)
-        finally:
-            self.notices.removed_by_request = None
-            await self.notices.invalidate_now(removed)
-        # deny mode: answer once the rlimits are in force or given up on (only this
-        # request waits, HELPER_TIMEOUT at most); a quota not in force fails here
-        await helpers.settle()
+        # deny mode: the command answers once the rlimits are in force or given up on
+        removed = await spec.write(self.engine, handle.node.entry, text, handle.caller)
+        if removed is not None:  # the caller's next lookup must not find it cached
+            await self.notices.invalidate_now(str(removed.pid).encode())
         return len(buf)
 
     @boundary

@@ -111,12 +111,12 @@ async def test_a_pushed_backend_is_told_each_change(spawn, tmp_path, pushed):
         entry = eng.register(w.pid, ROOT)
         eng.register(other.pid, ROOT)
         await settle()
-        eng.set_quota(entry, quota, ROOT)
+        await eng.set_quota(entry, quota, ROOT)
         files_before = entry.files_base
         w.do("open", 2)
-        eng.reset(entry, Reset.USAGE, ROOT)
-        eng.reset(entry, Reset.QUOTA, ROOT)
-        eng.deregister(w.pid, ROOT)
+        await eng.reset(entry, Reset.USAGE, ROOT)
+        await eng.reset(entry, Reset.QUOTA, ROOT)
+        await eng.deregister(w.pid, ROOT)
         other.proc.kill()
         other.proc.wait()
         with trio.fail_after(2):
@@ -149,7 +149,7 @@ async def test_a_report_is_logged_counted_and_announced(spawn, tmp_path, pushed,
         eng.on_event(announced.append)
         entry = eng.register(w.pid, ROOT)
         await settle()
-        eng.set_quota(entry, Quota(files=1, action=Action.NOTIFY), ROOT)
+        await eng.set_quota(entry, Quota(files=1, action=Action.NOTIFY), ROOT)
         caplog.set_level(logging.WARNING, "restrackfs.enforce")
         await pushed().reports.send(Report(entry, ReportKind.NOTIFIED, FILES_RESOURCE, 2, 1))
         with trio.fail_after(2):
@@ -169,7 +169,7 @@ async def test_a_kill_the_kernel_made_answers_as_exited(spawn, tmp_path, pushed)
     async with engine(tmp_path) as eng:
         entry = eng.register(w.pid, ROOT)
         await settle()
-        eng.set_quota(entry, Quota(heap=1 * MiB, action=Action.KILL), ROOT)
+        await eng.set_quota(entry, Quota(heap=1 * MiB, action=Action.KILL), ROOT)
         os.kill(w.pid, signal.SIGKILL)  # what bpf_send_signal did in the crossing call
         eng.policy.reported(Report(entry, ReportKind.KILLED, HEAP_RESOURCE, 2 * MiB, 1 * MiB))
         assert entry.killed
@@ -185,8 +185,8 @@ async def test_a_report_of_an_entry_gone_is_ignored(spawn, tmp_path, pushed):
     async with engine(tmp_path) as eng:
         entry = eng.register(w.pid, ROOT)
         await settle()
-        eng.set_quota(entry, Quota(files=1, action=Action.NOTIFY), ROOT)
-        eng.deregister(w.pid, ROOT)
+        await eng.set_quota(entry, Quota(files=1, action=Action.NOTIFY), ROOT)
+        await eng.deregister(w.pid, ROOT)
         eng.policy.reported(Report(entry, ReportKind.NOTIFIED, FILES_RESOURCE, 2, 1))
         assert entry.events["notified"] == 0
 
@@ -198,7 +198,7 @@ async def test_a_backends_exact_peaks_are_folded_into_the_sampled_ones(spawn, tm
     async with engine(tmp_path) as eng:
         entry = eng.register(w.pid, ROOT)
         await settle()
-        eng.set_quota(entry, Quota(heap=1024 * MiB, action=Action.NOTIFY), ROOT)
+        await eng.set_quota(entry, Quota(heap=1024 * MiB, action=Action.NOTIFY), ROOT)
         backend = pushed()
         assert eng.reader.heap_peak(entry) == 0
         spike = Counters(entry.heap_base + 30 * MiB, entry.files_base + 7)
@@ -212,13 +212,13 @@ async def test_a_backends_exact_peaks_are_folded_into_the_sampled_ones(spawn, tm
         assert eng.reader.heap_peak(entry) == eng.reader.heapsize(entry)
         w.do("munmap")
 
-        eng.reset(entry, Reset.USAGE, ROOT)
+        await eng.reset(entry, Reset.USAGE, ROOT)
         assert backend.told[-1][0] == "baseline_reset"
         assert (eng.reader.heap_peak(entry), eng.reader.openfile_peak(entry)) == (0, 0)
 
         # a quota cleared: the peaks are taken before the backend forgets them
         backend.exact[w.pid] = Counters(entry.heap_base + 5 * MiB, None)
-        eng.reset(entry, Reset.QUOTA, ROOT)
+        await eng.reset(entry, Reset.QUOTA, ROOT)
         assert backend.told[-1] == ("quota_cleared", w.pid) and w.pid not in backend.exact
         assert eng.reader.heap_peak(entry) == 5 * MiB
 
@@ -234,7 +234,7 @@ async def test_a_clean_stop_saves_the_exact_peaks_before_the_backend_closes(
     async with engine(tmp_path) as eng:
         entry = eng.register(w.pid, ROOT)
         await settle()
-        eng.set_quota(entry, Quota(files=100, action=Action.NOTIFY), ROOT)
+        await eng.set_quota(entry, Quota(files=100, action=Action.NOTIFY), ROOT)
         pushed().exact[w.pid] = Counters(entry.heap_base + 12 * MiB, entry.files_base + 3)
     async with engine(tmp_path, "procfs") as eng:  # nothing exact now: the saved ones
         entry = eng.get(w.pid)

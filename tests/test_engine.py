@@ -299,7 +299,7 @@ async def test_register_bad_pid(pid, error, code, tmp_path):
 async def test_deregister_bad_pid(pid, error, code, tmp_path):
     async with engine_at(tmp_path) as engine:
         with pytest.raises(error) as info:
-            engine.deregister(pid, ROOT)
+            await engine.deregister(pid, ROOT)
         assert info.value.errno == code
 
 
@@ -307,7 +307,7 @@ async def test_deregister_untracked_is_esrch(spawn, tmp_path):
     w = spawn()
     async with engine_at(tmp_path) as engine:
         with pytest.raises(NotTracked) as info:
-            engine.deregister(w.pid, ROOT)
+            await engine.deregister(w.pid, ROOT)
         assert info.value.errno == errno.ESRCH
 
 
@@ -318,7 +318,7 @@ async def test_deregister_removes_and_allows_registering_again(spawn, tmp_path):
         engine.on_removal(removed.append)
         first = engine.register(w.pid, ROOT)
         await settle()
-        engine.deregister(w.pid, ROOT)
+        await engine.deregister(w.pid, ROOT)
         assert removed == [first]
         assert list(engine.entries()) == []
         assert saved_records(tmp_path / "s.json") == []
@@ -327,7 +327,7 @@ async def test_deregister_removes_and_allows_registering_again(spawn, tmp_path):
             engine.reader.measure(first)
         assert info.value.errno == errno.ENOENT
         with pytest.raises(Deregistered):
-            engine.set_quota(first, Quota(files=1), ROOT)
+            await engine.set_quota(first, Quota(files=1), ROOT)
         second = engine.register(w.pid, ROOT)
         await settle()
         assert second is not first
@@ -385,7 +385,7 @@ async def test_kill_on_files_quota(spawn, tmp_path):
     async with engine_at(tmp_path) as engine:
         entry = engine.register(w.pid, ROOT)
         await settle()
-        engine.set_quota(entry, Quota(files=2), ROOT)
+        await engine.set_quota(entry, Quota(files=2), ROOT)
         assert w.do("open", 2) == "ok 2"  # at the quota: allowed
         checks = count_checks(engine)
         await wait_checks(checks, 3)
@@ -403,7 +403,7 @@ async def test_kill_on_heap_quota(spawn, tmp_path):
     async with engine_at(tmp_path) as engine:
         entry = engine.register(w.pid, ROOT)
         await settle()
-        engine.set_quota(entry, Quota(heap=10 * MiB), ROOT)
+        await engine.set_quota(entry, Quota(heap=10 * MiB), ROOT)
         w.do("mmap", 8 * MiB)
         checks = count_checks(engine)
         await wait_checks(checks, 3)
@@ -421,7 +421,7 @@ async def test_quota_already_exceeded_kills_at_once(spawn, tmp_path):
         entry = engine.register(w.pid, ROOT)
         await settle()
         w.do("open", 3)
-        engine.set_quota(entry, Quota(files=2), ROOT)
+        await engine.set_quota(entry, Quota(files=2), ROOT)
         assert engine.enforcements[Action.KILL] == 1
         assert await wait_dead(w) == -signal.SIGKILL
 
@@ -432,7 +432,7 @@ async def test_measure_enforces_between_checks(spawn, tmp_path):
     async with engine_at(tmp_path, interval=3600) as engine:
         entry = engine.register(w.pid, ROOT)
         await settle()
-        engine.set_quota(entry, Quota(heap=MiB), ROOT)
+        await engine.set_quota(entry, Quota(heap=MiB), ROOT)
         w.do("mmap", 2 * MiB)
         assert w.alive()
         engine.reader.measure(entry)
@@ -448,7 +448,7 @@ async def test_notify_counts_once_per_episode(spawn, tmp_path):
     async with engine_at(tmp_path) as engine:
         entry = engine.register(w.pid, ROOT)
         await settle()
-        engine.set_quota(entry, Quota(files=2, action=Action.NOTIFY), ROOT)
+        await engine.set_quota(entry, Quota(files=2, action=Action.NOTIFY), ROOT)
         checks = count_checks(engine)
         w.do("open", 3)
         await wait_for(lambda: engine.enforcements[Action.NOTIFY] == 1)
@@ -475,7 +475,7 @@ async def test_notify_heap_and_files_each_count(spawn, tmp_path):
     async with engine_at(tmp_path) as engine:
         entry = engine.register(w.pid, ROOT)
         await settle()
-        engine.set_quota(entry, Quota(heap=MiB, files=1, action=Action.NOTIFY), ROOT)
+        await engine.set_quota(entry, Quota(heap=MiB, files=1, action=Action.NOTIFY), ROOT)
         checks = count_checks(engine)
         w.do("mmap", 2 * MiB)
         await wait_for(lambda: engine.enforcements[Action.NOTIFY] == 1)
@@ -500,7 +500,7 @@ async def test_deny_heap(spawn, tmp_path, owner):
         entry = engine.register(w.pid, ROOT)
         await settle()
         assert entry.heap_base == baseline
-        engine.set_quota(entry, Quota(heap=10 * MiB, action=Action.DENY), ROOT)
+        await engine.set_quota(entry, Quota(heap=10 * MiB, action=Action.DENY), ROOT)
         assert data_soft(w.pid) == baseline + 10 * MiB
         assert w.ask("mmap", 20 * MiB) == f"err {errno.ENOMEM}"
         assert w.do("mmap", 5 * MiB) == "ok"
@@ -510,12 +510,12 @@ async def test_deny_heap(spawn, tmp_path, owner):
         assert engine.enforcements[Action.KILL] == 0
 
         # a usage reset recomputes the limit from the new baseline
-        engine.reset(entry, Reset.USAGE, ROOT)
+        await engine.reset(entry, Reset.USAGE, ROOT)
         assert data_soft(w.pid) == vm_data(w.pid) + 10 * MiB
         assert w.do("mmap", 8 * MiB) == "ok"
 
         # a quota reset gives the original soft limit back
-        engine.reset(entry, Reset.QUOTA, ROOT)
+        await engine.reset(entry, Reset.QUOTA, ROOT)
         assert data_soft(w.pid) == original
         assert w.do("mmap", 20 * MiB) == "ok"
 
@@ -527,7 +527,7 @@ async def test_deny_files(spawn, tmp_path, owner):
     async with engine_at(tmp_path) as engine:
         entry = engine.register(w.pid, ROOT)
         await settle()
-        engine.set_quota(entry, Quota(files=3, action=Action.DENY), ROOT)
+        await engine.set_quota(entry, Quota(files=3, action=Action.DENY), ROOT)
         lowered = nofile_soft(w.pid)
         assert lowered < original
         assert w.do("open", 5) == f"ok 3 {errno.EMFILE}"
@@ -552,10 +552,10 @@ async def test_deny_files(spawn, tmp_path, owner):
         assert engine.enforcements[Action.DENY] == 1  # lowering after a close is no breach
 
         # a usage reset gives 3 more from here
-        engine.reset(entry, Reset.USAGE, ROOT)
+        await engine.reset(entry, Reset.USAGE, ROOT)
         assert w.do("open", 5) == f"ok 3 {errno.EMFILE}"
 
-        engine.reset(entry, Reset.QUOTA, ROOT)
+        await engine.reset(entry, Reset.QUOTA, ROOT)
         assert nofile_soft(w.pid) == original
         assert w.do("open", 5) == "ok 5"
 
@@ -567,9 +567,9 @@ async def test_deny_limits_restored_by_deregister(spawn, tmp_path, owner):
     async with engine_at(tmp_path) as engine:
         entry = engine.register(w.pid, ROOT)
         await settle()
-        engine.set_quota(entry, Quota(heap=MiB, files=1, action=Action.DENY), ROOT)
+        await engine.set_quota(entry, Quota(heap=MiB, files=1, action=Action.DENY), ROOT)
         assert (data_soft(w.pid), nofile_soft(w.pid)) != original
-        engine.deregister(w.pid, ROOT)
+        await engine.deregister(w.pid, ROOT)
         assert (data_soft(w.pid), nofile_soft(w.pid)) == original
 
 
@@ -580,7 +580,7 @@ async def test_deny_limits_kept_at_shutdown_and_at_start(spawn, tmp_path, owner)
     async with engine_at(tmp_path) as engine:
         entry = engine.register(w.pid, ROOT)
         await settle()
-        engine.set_quota(entry, Quota(heap=2 * MiB, files=2, action=Action.DENY), ROOT)
+        await engine.set_quota(entry, Quota(heap=2 * MiB, files=2, action=Action.DENY), ROOT)
         applied = (data_soft(w.pid), nofile_soft(w.pid))
         assert applied[0] == entry.heap_base + 2 * MiB
     assert (data_soft(w.pid), nofile_soft(w.pid)) == applied  # no gap while none runs
@@ -589,7 +589,7 @@ async def test_deny_limits_kept_at_shutdown_and_at_start(spawn, tmp_path, owner)
         await settle()
         assert (data_soft(w.pid), nofile_soft(w.pid)) == applied
         assert w.ask("mmap", 4 * MiB) == f"err {errno.ENOMEM}"
-        assert engine.release_all() == 1
+        assert await engine.release_all() == 1
         assert (data_soft(w.pid), nofile_soft(w.pid)) == original
 
 
@@ -600,9 +600,9 @@ async def test_deny_keeps_a_lower_limit_of_the_process(spawn, tmp_path):
     async with engine_at(tmp_path) as engine:
         entry = engine.register(w.pid, ROOT)
         await settle()
-        engine.set_quota(entry, Quota(files=100, action=Action.DENY), ROOT)
+        await engine.set_quota(entry, Quota(files=100, action=Action.DENY), ROOT)
         assert nofile_soft(w.pid) == 5
-        engine.reset(entry, Reset.QUOTA, ROOT)
+        await engine.reset(entry, Reset.QUOTA, ROOT)
         assert nofile_soft(w.pid) == 5
 
 
@@ -629,18 +629,18 @@ async def test_owner_controls_its_own_process(spawn, tmp_path):
         await settle()
         assert entry.owner_uid == NOBODY
         with pytest.raises(NotPermitted):
-            engine.set_quota(entry, Quota(files=5), OTHER_USER)
+            await engine.set_quota(entry, Quota(files=5), OTHER_USER)
         assert entry.quota is None
-        engine.set_quota(entry, Quota(files=5), NOBODY)
+        await engine.set_quota(entry, Quota(files=5), NOBODY)
         with pytest.raises(NotPermitted):
-            engine.reset(entry, Reset.ALL, OTHER_USER)
+            await engine.reset(entry, Reset.ALL, OTHER_USER)
         with pytest.raises(NotPermitted):
-            engine.deregister(w.pid, OTHER_USER)
+            await engine.deregister(w.pid, OTHER_USER)
         # a quota the owner set, the owner may lift
-        engine.reset(entry, Reset.ALL, NOBODY)
+        await engine.reset(entry, Reset.ALL, NOBODY)
         assert entry.quota is None
-        engine.set_quota(entry, Quota(files=5), NOBODY)
-        engine.deregister(w.pid, NOBODY)
+        await engine.set_quota(entry, Quota(files=5), NOBODY)
+        await engine.deregister(w.pid, NOBODY)
         assert engine.get(w.pid) is None
 
 
@@ -650,24 +650,24 @@ async def test_root_quota_binds_the_owner(spawn, tmp_path, what):
     async with engine_at(tmp_path) as engine:
         entry = engine.register(w.pid, NOBODY)
         await settle()
-        engine.set_quota(entry, Quota(heap=100 * MiB, files=50), ROOT)
+        await engine.set_quota(entry, Quota(heap=100 * MiB, files=50), ROOT)
         w.do("open", 2)
         state_before = (tmp_path / "s.json").read_bytes()
         with pytest.raises(NotPermitted) as info:
-            engine.reset(entry, what, NOBODY)
+            await engine.reset(entry, what, NOBODY)
         assert info.value.errno == errno.EPERM
         with pytest.raises(NotPermitted):
-            engine.deregister(w.pid, NOBODY)
+            await engine.deregister(w.pid, NOBODY)
         # nothing changed
         assert entry.quota == Quota(heap=100 * MiB, files=50)
         assert engine.reader.measure(entry).openfile_count == 2
         assert engine.get(w.pid) is entry
         assert (tmp_path / "s.json").read_bytes() == state_before
         # root may
-        engine.reset(entry, what, ROOT)
+        await engine.reset(entry, what, ROOT)
         assert (entry.quota is None) == what.clears_quota
         assert engine.reader.measure(entry).openfile_count == (0 if what.restarts_usage else 2)
-        engine.deregister(w.pid, ROOT)
+        await engine.deregister(w.pid, ROOT)
         assert engine.get(w.pid) is None
 
 
@@ -679,19 +679,19 @@ async def test_second_quota_is_ebusy_until_reset(spawn, tmp_path):
     async with engine_at(tmp_path) as engine:
         entry = engine.register(w.pid, ROOT)
         await settle()
-        engine.set_quota(entry, Quota(), ROOT)  # heap=max files=max defines a quota too
+        await engine.set_quota(entry, Quota(), ROOT)  # heap=max files=max defines a quota too
         with pytest.raises(QuotaBusy) as info:
-            engine.set_quota(entry, Quota(files=1), ROOT)
+            await engine.set_quota(entry, Quota(files=1), ROOT)
         assert info.value.errno == errno.EBUSY
         assert entry.quota == Quota()
 
         # a usage reset does not free the quota
-        engine.reset(entry, Reset.USAGE, ROOT)
+        await engine.reset(entry, Reset.USAGE, ROOT)
         with pytest.raises(QuotaBusy):
-            engine.set_quota(entry, Quota(files=1), ROOT)
+            await engine.set_quota(entry, Quota(files=1), ROOT)
 
-        engine.reset(entry, Reset.QUOTA, ROOT)
-        engine.set_quota(entry, Quota(files=7, action=Action.NOTIFY), ROOT)
+        await engine.reset(entry, Reset.QUOTA, ROOT)
+        await engine.set_quota(entry, Quota(files=7, action=Action.NOTIFY), ROOT)
         assert entry.quota == Quota(files=7, action=Action.NOTIFY)
         assert engine.reader.measure(entry).quota == Quota(files=7, action=Action.NOTIFY)
 
@@ -702,7 +702,7 @@ async def test_rejected_calls_change_nothing(spawn, tmp_path):
     async with engine_at(tmp_path) as engine:
         entry = engine.register(w.pid, ROOT)
         await settle()
-        engine.set_quota(entry, Quota(heap=50 * MiB, files=20, action=Action.NOTIFY), ROOT)
+        await engine.set_quota(entry, Quota(heap=50 * MiB, files=20, action=Action.NOTIFY), ROOT)
         w.do("open", 2)
         snapshot = (
             path.read_bytes(),
@@ -726,13 +726,13 @@ async def test_rejected_calls_change_nothing(spawn, tmp_path):
             )
 
         with pytest.raises(QuotaBusy):
-            engine.set_quota(entry, Quota(files=1, action=Action.KILL), ROOT)
+            await engine.set_quota(entry, Quota(files=1, action=Action.KILL), ROOT)
         assert unchanged()
         with pytest.raises(NotPermitted):
-            engine.set_quota(entry, Quota(files=1), NOBODY)
+            await engine.set_quota(entry, Quota(files=1), NOBODY)
         assert unchanged()
         with pytest.raises(NotPermitted):
-            engine.reset(entry, Reset.ALL, NOBODY)
+            await engine.reset(entry, Reset.ALL, NOBODY)
         assert unchanged()
         with pytest.raises(AlreadyTracked):
             engine.register(w.pid, ROOT)
@@ -744,10 +744,10 @@ async def test_rejected_calls_change_nothing(spawn, tmp_path):
             engine.register(other.pid, OTHER_USER)
         assert unchanged()
         with pytest.raises(NotPermitted):
-            engine.deregister(w.pid, NOBODY)
+            await engine.deregister(w.pid, NOBODY)
         assert unchanged()
         with pytest.raises(NotTracked):
-            engine.deregister(other.pid, ROOT)
+            await engine.deregister(other.pid, ROOT)
         assert unchanged()
         assert engine.reader.measure(entry).openfile_count == 2
         assert w.alive()
@@ -761,7 +761,7 @@ async def test_state_resumes_entries_with_their_counters(spawn, tmp_path):
     async with engine_at(tmp_path) as engine:
         entry = engine.register(w.pid, NOBODY)
         await settle()
-        engine.set_quota(entry, Quota(heap=100 * MiB, files=50, action=Action.NOTIFY), ROOT)
+        await engine.set_quota(entry, Quota(heap=100 * MiB, files=50, action=Action.NOTIFY), ROOT)
         w.do("mmap", 4 * MiB)
         w.do("open", 1)
         saved = (entry.heap_base, entry.files_base, entry.quota, entry.registered)
@@ -779,9 +779,9 @@ async def test_state_resumes_entries_with_their_counters(spawn, tmp_path):
         assert m.openfile_count == 3
         # the root-set quota still binds the owner after the restart
         with pytest.raises(NotPermitted):
-            engine.reset(back, Reset.ALL, NOBODY)
+            await engine.reset(back, Reset.ALL, NOBODY)
         with pytest.raises(QuotaBusy):
-            engine.set_quota(back, Quota(files=1), ROOT)
+            await engine.set_quota(back, Quota(files=1), ROOT)
         # and the resumed entry is watched: exit removes it
         w.proc.kill()
         await wait_for(lambda: engine.get(w.pid) is None)
@@ -793,7 +793,7 @@ async def test_state_resumed_quota_is_enforced(spawn, tmp_path):
     async with engine_at(tmp_path) as engine:
         entry = engine.register(w.pid, ROOT)
         await settle()
-        engine.set_quota(entry, Quota(files=2), ROOT)
+        await engine.set_quota(entry, Quota(files=2), ROOT)
     w.do("open", 3)  # over the quota while no engine runs
     async with engine_at(tmp_path) as engine:
         assert await wait_dead(w) == -signal.SIGKILL
@@ -838,7 +838,7 @@ async def test_state_records_identity_and_quota(spawn, tmp_path):
     async with engine_at(tmp_path) as engine:
         entry = engine.register(w.pid, ROOT)
         await settle()
-        engine.set_quota(entry, Quota(heap=3 * MiB, files=4, action=Action.NOTIFY), ROOT)
+        await engine.set_quota(entry, Quota(heap=3 * MiB, files=4, action=Action.NOTIFY), ROOT)
         (record,) = saved_records(tmp_path / "s.json")
         assert record["pid"] == w.pid
         assert record["start_time"] == start_time(w.pid)
@@ -891,18 +891,18 @@ async def test_unsaved_state_rejects_quota_and_deregister(spawn, tmp_path):
         original = nofile_soft(w.pid)
         state_is_a_directory(state_dir)
         with pytest.raises(OSError) as info:
-            engine.set_quota(entry, Quota(files=1, action=Action.DENY), ROOT)
+            await engine.set_quota(entry, Quota(files=1, action=Action.DENY), ROOT)
         assert info.value.errno not in (None, 0)
         assert entry.quota is None
         assert nofile_soft(w.pid) == original  # the limit lowered on the way is given back
         with pytest.raises(OSError):
-            engine.deregister(w.pid, ROOT)
+            await engine.deregister(w.pid, ROOT)
         assert engine.get(w.pid) is entry
         w.do("open", 2)
         assert engine.reader.measure(entry).openfile_count == 2
         # repaired: everything works again
         (state_dir / "s.json").rmdir()
-        engine.set_quota(entry, Quota(files=10), ROOT)
+        await engine.set_quota(entry, Quota(files=10), ROOT)
         assert saved_records(state_dir / "s.json")[0]["quota"]["files"] == 10
 
 
@@ -925,7 +925,7 @@ async def test_deregister_right_after_register(spawn, tmp_path):
     w = spawn()
     async with engine_at(tmp_path) as engine:
         engine.register(w.pid, ROOT)
-        engine.deregister(w.pid, ROOT)
+        await engine.deregister(w.pid, ROOT)
         await settle()
         assert list(engine.entries()) == []
 
@@ -946,8 +946,8 @@ async def test_quota_reset_then_restart_leaves_process_limits_alone(spawn, tmp_p
     async with engine_at(tmp_path) as engine:
         entry = engine.register(w.pid, ROOT)
         await settle()
-        engine.set_quota(entry, Quota(files=3, action=Action.DENY), ROOT)
-        engine.reset(entry, Reset.QUOTA, ROOT)
+        await engine.set_quota(entry, Quota(files=3, action=Action.DENY), ROOT)
+        await engine.reset(entry, Reset.QUOTA, ROOT)
     w.do("setrlimit", "nofile", 100)  # the process's own choice, no quota in force
     async with engine_at(tmp_path) as engine:
         assert engine.get(w.pid) is not None

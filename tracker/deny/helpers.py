@@ -59,21 +59,6 @@ class LimitChange:
         self.done.set()
 
 
-@dataclass(eq=False)
-class Pending:
-    """What a request started: the limit changes to await, then what to do after them."""
-
-    changes: list[LimitChange] = field(default_factory=list)
-    then: list[Callable[[], None]] = field(default_factory=list)
-
-    async def settle(self) -> None:
-        """Wait for the helpers (each bounded by HELPER_TIMEOUT); the finishers may raise."""
-        for change in self.changes:
-            await change.done.wait()
-        for finish in self.then:
-            finish()
-
-
 class Helper:
     """One started helper process, held by a pidfd, its stderr a non-blocking pipe."""
 
@@ -167,7 +152,10 @@ class HelperRunner:
         self._running: dict[LimitChange, Helper] = {}
         self._stopped = False
         self._batch: list[tuple[Helper, Callable[[str | None], None]]] | None = None
-        self.collecting: Pending | None = None
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Run helpers in `nursery` from now on (where `in_background`)."""
+        self.nursery = nursery
 
     def start(
         self, change: LimitChange, argv: list[str], verify: Callable[[str | None], None]
@@ -182,8 +170,6 @@ class HelperRunner:
             except OSError as error:
                 verify(f"not started: {error}")
             return
-        if self.collecting is not None:
-            self.collecting.changes.append(change)
         self.nursery.start_soon(self._run, change, argv, verify)
 
     @contextmanager
@@ -208,15 +194,6 @@ class HelperRunner:
                 helper.close()  # an unreaped one is left to subprocess's WNOHANG clean-up
                 verify(failure)
 
-    @contextmanager
-    def collect(self) -> Iterator[Pending]:
-        """What a (synchronous) call starts, for its caller to await."""
-        self.collecting = pending = Pending()
-        try:
-            yield pending
-        finally:
-            self.collecting = None
-
     def cancel(self, change: LimitChange) -> None:
         """Kill the helper of `change`, if it still runs: a later change replaces it."""
         change.superseded = True
@@ -225,8 +202,10 @@ class HelperRunner:
             helper.kill()
 
     def stop_all(self) -> None:
-        """Before the final restore: no helper still under way may lower a limit after it."""
+        """Before the final restore: no helper still under way may lower a limit after
+        it; from now on helpers run inline (nothing else is served)."""
         self._stopped = True  # nor one whose task has not run yet
+        self.inline = True
         for change in list(self._running):
             self.cancel(change)
 
@@ -276,3 +255,11 @@ class HelperRunner:
                 delay = min(delay * 2, _REAP_RETRY_MAX)
         finally:
             helper.close()
+
+
+async def settled(changes: list[LimitChange]) -> None:
+    """Wait until `changes` are done (each helper bounded by HELPER_TIMEOUT).
+    Shielded: a cancelled request must not leave a quota half set."""
+    with trio.CancelScope(shield=True):
+        for change in changes:
+            await change.done.wait()

@@ -2,8 +2,8 @@
 
 A deny quota holds only once the kernel shows its limits in /proc/PID/limits.
 Where the daemon may not call prlimit(2) itself a helper does (tracker/deny/helpers.py);
-what a request started is awaited by it (`limit_changes`), the rest is finished
-in the background. A soft limit the process raises is lowered back and counted
+a command awaits the changes it started (`settled`), the rest is finished in
+the background. A soft limit the process raises is lowered back and counted
 (denied); each raise, and each limit not in force after a set, is a defeat; a
 deny quota root set falls back to kill after DEFEATS_BEFORE_KILL of them.
 Every read of the process goes through its pidfd-guarded `Process`.
@@ -14,12 +14,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 
 import trio
 
 from tracker.deny import limits
-from tracker.deny.helpers import HelperRunner, LimitChange, Pending
+from tracker.deny.helpers import HelperRunner, LimitChange
 from tracker.engine import access
 from tracker.engine.enforce import Enforcer, enforcement_log
 from tracker.engine.entry import Entry
@@ -49,11 +48,8 @@ class DenyKeeper:
 
     def start(self, nursery: trio.Nursery) -> None:
         """Finish what requests did not await, and run helpers, in `nursery`."""
-        self.nursery = self.helpers.nursery = nursery
-
-    def limit_changes(self) -> AbstractContextManager[Pending]:
-        """Collect the rlimit helpers a call starts, for its caller to `settle()`."""
-        return self.helpers.collect()
+        self.nursery = nursery
+        self.helpers.attach(nursery)
 
     def wanted(self, entry: Entry) -> dict[int, int]:
         """The soft limits that make the kernel refuse what the quota forbids."""
@@ -138,12 +134,9 @@ class DenyKeeper:
             change.finish(None)
 
     def after(self, changes: list[LimitChange], then: Callable[[], None]) -> None:
-        """Run `then` once `changes` are done: at once, when the request that started
-        them has awaited them (`limit_changes`), or else in the background."""
+        """Run `then` once `changes` are done: at once, or else in the background."""
         if all(change.done.is_set() for change in changes):
             then()
-        elif self.helpers.collecting is not None:
-            self.helpers.collecting.then.append(then)
         else:
             assert self.nursery is not None, "the engine is not running"
             self.nursery.start_soon(self._then_after, changes, then)
@@ -159,10 +152,12 @@ class DenyKeeper:
         except Exception:  # a bug must not take the nursery, and the daemon, down
             log.exception("after a limit change")
 
-    def apply_and_keep(self, entry: Entry) -> None:
-        """Lower the limits; those not in force are the periodic check's to retry."""
+    def apply_and_keep(self, entry: Entry) -> list[LimitChange]:
+        """Lower the limits; those not in force are the periodic check's to retry.
+        The changes started, for a command to await."""
         changes = self.apply(entry)
         self.after(changes, lambda: self.kept(entry, changes))
+        return changes
 
     def recheck(self, entry: Entry, absolute: Counters) -> None:
         """Keep the deny limits: a raise is lowered back, counted, and a defeat."""
@@ -251,12 +246,14 @@ class DenyKeeper:
         """A quota gone: no defeats nor failures carry over to the next one."""
         entry.deny.defeats = entry.deny.failures = 0
 
-    def restore(self, entry: Entry, saved_soft: dict[int, int] | None = None) -> None:
-        """Give back the soft limits deny mode saved (by default, the entry's)."""
+    def restore(self, entry: Entry, saved_soft: dict[int, int] | None = None) -> list[LimitChange]:
+        """Give back the soft limits deny mode saved (by default, the entry's); the
+        changes started, for a command to await."""
         deny = entry.deny
         for change in list(deny.pending.values()):
             self.helpers.cancel(change)  # none may lower a limit after the restore
         deny.pending.clear()
+        changes = []
         for which, soft in (deny.saved_soft if saved_soft is None else saved_soft).items():
             try:
                 change = self._set_soft(entry, which, soft, restore=True)
@@ -264,8 +261,10 @@ class DenyKeeper:
                 log.info("pid=%d: limits not restored: %s", entry.pid, error)
                 continue
             self.after([change], lambda change=change: self._restored(entry, change))
+            changes.append(change)
         deny.saved_soft.clear()
         deny.applied_soft.clear()
+        return changes
 
     @staticmethod
     def _restored(entry: Entry, change: LimitChange) -> None:

@@ -22,6 +22,7 @@ import trio
 
 from tracker.engine.access import ROOT
 from tracker.engine.engine import Engine
+from tracker.engine.entry import Entry
 from tracker.engine.resources import Counters
 from tracker.linux import procfs
 from tracker.linux.procfs import Stat
@@ -86,8 +87,7 @@ class AutoTracker:
         # identity -> the comm it was decided with (None: decided for good)
         self._decided: dict[tuple[int, int], str | None] = {}
         self._previous: dict[int, Stat] = {}
-        if self._at_fork:
-            engine.policy.on_forked(self._forked)
+        self._quotas: trio.Nursery | None = None  # run()'s: default quotas being set
 
     @property
     def _at_fork(self) -> bool:
@@ -113,11 +113,14 @@ class AutoTracker:
         )
 
     async def run(self, period: float = 0.25) -> None:
-        if self._at_fork:
-            self._inherit_from_root()
-        while True:
-            self.scan()
-            await trio.sleep(period)
+        async with trio.open_nursery() as nursery:
+            self._quotas = nursery  # default quotas, each awaiting its own deny limits
+            if self._at_fork:
+                self.engine.policy.on_forked(self._forked)  # before: the next scan
+                self._inherit_from_root()
+            while True:
+                self.scan()
+                await trio.sleep(period)
 
     def scan(self) -> None:
         stats: dict[int, Stat] = {}
@@ -168,6 +171,19 @@ class AutoTracker:
         if self.engine.inherit(root, start_time, quota):
             log.info("children of pid=%d watched from their fork (%s)", root, quota.format())
 
+    async def _set_default_quota(self, entry: Entry) -> None:
+        """The default quota on an entry just registered, and, where the backend
+        watches children from their fork, its rule for them; a user's stopped
+        helper delays this one entry, never the scan."""
+        quota = self.selection.default_quota
+        assert quota is not None
+        try:
+            await self.engine.set_quota(entry, quota, ROOT)
+            if self._at_fork:
+                self.engine.inherit(entry.pid, entry.process.start_time, quota)
+        except OSError as error:  # it exited meanwhile, a state save failed, no limits
+            log.debug("auto-track pid=%d: quota not set: %s", entry.pid, error)
+
     def _track(self, pid: int, baseline: Counters | None = None) -> None:
         if self.engine.get(pid) is not None:
             return
@@ -176,10 +192,8 @@ class AutoTracker:
             entry = self.engine.register(pid, ROOT, baseline)
             key = (pid, entry.process.start_time)
             if self.selection.default_quota is not None:
-                self.engine.set_quota(entry, self.selection.default_quota, ROOT)
-                if self._at_fork:
-                    start = entry.process.start_time
-                    self.engine.inherit(entry.pid, start, self.selection.default_quota)
+                assert self._quotas is not None, "tracking before run()"
+                self._quotas.start_soon(self._set_default_quota, entry)
         except OSError as error:  # it exited meanwhile, or a state save failed
             log.debug("auto-track pid=%d: %s", pid, error)
             return

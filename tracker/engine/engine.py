@@ -19,13 +19,13 @@ import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import AbstractContextManager, asynccontextmanager, suppress
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import trio
 
 from tracker.backends.base import Backend, choose
-from tracker.deny.helpers import LimitChange, Pending
+from tracker.deny.helpers import LimitChange, settled
 from tracker.deny.keeper import DenyKeeper
 from tracker.engine import access, state
 from tracker.engine.enforce import Enforcer
@@ -108,10 +108,6 @@ class Engine:
         """Call `listener(entry)` whenever one of the entry's event counters moves."""
         self.enforcer.on_event(listener)
 
-    def limit_changes(self) -> AbstractContextManager[Pending]:
-        """Collect the rlimit helpers a call starts, for its caller to `settle()`."""
-        return self.deny.limit_changes()
-
     # ----- commands ------------------------------------------------------
 
     def register(self, pid: int, caller_uid: int, baseline: Counters | None = None) -> Entry:
@@ -163,7 +159,9 @@ class Engine:
             comm=usage.comm,
         )
 
-    def deregister(self, pid: int, caller_uid: int) -> None:
+    async def deregister(self, pid: int, caller_uid: int) -> Entry:
+        """Stop tracking `pid`: answered once deny's soft limits are given back (or
+        given up on); the entry removed."""
         if pid < 1:
             raise InvalidArgument(f"{pid}: not a valid pid")
         entry = self.registry.get(pid)
@@ -176,16 +174,27 @@ class Engine:
         self.policy.enforce_first(entry)
         self.policy.check_may_lift(entry, caller_uid)
         self.store.drop(entry)
-        self.deny.restore(entry)
+        changes = self.deny.restore(entry)
         self.registry.remove(entry, Ended.DEREGISTERED)
         log.info("deregistered pid=%d by uid=%d", pid, caller_uid)
+        await settled(changes)
+        return entry
 
-    def set_quota(self, entry: Entry, quota: Quota, caller_uid: int) -> None:
+    async def set_quota(self, entry: Entry, quota: Quota, caller_uid: int) -> None:
         """Set the quota; a deny quota holds only once the kernel shows its limits.
 
-        Where a helper sets them, the quota is answered when the request's helpers
-        are done (`limit_changes`): if the kernel does not show a limit then, the
-        quota is undone and the request fails with EAGAIN (LimitNotInForce)."""
+        Where a helper sets them, the quota is answered when they are done (only
+        this request waits, HELPER_TIMEOUT at most): if the kernel does not show a
+        limit then, the quota is undone and the request fails with EAGAIN
+        (LimitNotInForce)."""
+        setting, changes = self._begin_quota(entry, quota, caller_uid)
+        await settled(changes)
+        self._confirm_quota(entry, setting, changes)
+
+    def _begin_quota(
+        self, entry: Entry, quota: Quota, caller_uid: int
+    ) -> tuple[QuotaSetting, list[LimitChange]]:
+        """The quota set and saved, deny's limits started; confirmed once they are done."""
         self.policy.enforce_first(entry)
         access.check_control(caller_uid, self.policy.owner(entry), entry.pid)
         if entry.setting is not None:
@@ -200,7 +209,7 @@ class Engine:
             self._undo_quota(entry)
             raise
         self.registry.quota_changed(entry)
-        self.deny.after(changes, lambda: self._confirm_quota(entry, setting, changes))
+        return setting, changes
 
     def _confirm_quota(
         self, entry: Entry, setting: QuotaSetting, changes: list[LimitChange]
@@ -245,8 +254,9 @@ class Engine:
         scan finds them)."""
         return self.backend.inherit(pid, start_time, quota)
 
-    def reset(self, entry: Entry, what: Reset, caller_uid: int) -> None:
-        """Clear the quota, restart the usage counters, or both."""
+    async def reset(self, entry: Entry, what: Reset, caller_uid: int) -> None:
+        """Clear the quota, restart the usage counters, or both: answered once deny's
+        soft limits are given back or set anew (or given up on)."""
         quota, usage = what.clears_quota, what.restarts_usage
         self.policy.enforce_first(entry)
         self.policy.check_may_lift(entry, caller_uid)
@@ -267,16 +277,18 @@ class Engine:
             entry.deny.saved_soft = saved_soft
             raise
         entry.over = frozenset()
+        changes: list[LimitChange] = []
         if quota:
             self.deny.forget(entry)
-            self.deny.restore(entry, saved_soft)
+            changes = self.deny.restore(entry, saved_soft)
             self.registry.quota_changed(entry)
             self.backend.quota_cleared(entry)
         elif entry.quota is not None:
             if entry.quota.action is Action.DENY:
-                self.deny.apply_and_keep(entry)
+                changes = self.deny.apply_and_keep(entry)
             self.backend.baseline_reset(entry)
         log.info("reset pid=%d %s by uid=%d", entry.pid, what, caller_uid)
+        await settled(changes)
 
     # ----- lifecycle -----------------------------------------------------
 
@@ -328,17 +340,16 @@ class Engine:
         self.backend.close()  # first: the entries' removal below must not unwatch them
         for entry in list(self.registry.entries()):
             entry.ended = Ended.STOPPED
-        self.deny.helpers.inline = True
         self.registry.close_all()
         self.store.close()
 
-    def release_all(self) -> int:
+    async def release_all(self) -> int:
         """Deregister every entry as root would (soft limits restored, the state file
         emptied): what `restrackfs --release` does. The number released."""
         released = 0
         for entry in list(self.registry.entries()):
             with suppress(NoSuchProcess, NotTracked, StateNotSaved):
-                self.deregister(entry.pid, caller_uid=0)
+                await self.deregister(entry.pid, caller_uid=0)
                 released += 1
         return released
 
@@ -378,4 +389,4 @@ async def release_state(state_path: Path) -> int:
     """Deregister every entry of the state file (soft limits restored), without
     the bpf backend: `restrackfs --release`. The number released."""
     async with open_engine(state_path=state_path, backend="procfs") as engine:
-        return engine.release_all()
+        return await engine.release_all()
