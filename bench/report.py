@@ -47,7 +47,7 @@ class Row:
 
 @dataclass
 class Goal:
-    """A goal of the issue, checked against one figure of this run."""
+    """A goal the project set itself, checked against one figure of this run."""
 
     text: str  # what the goal asks, e.g. "read p50 of PID/heapsize <= 1.0 x lxcfs uptime"
     value: float | None  # the measured figure, in `unit`
