@@ -115,7 +115,7 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
     cpu: dict[str, float] = {}
     for engine, interval in ENGINES:
         with Daemon(cfg.work, "--engine", engine, "--interval", interval) as daemon:
-            if (daemon.path("engine")).read_text().strip() != engine:
+            if daemon.path("engine").read_text().strip() != engine:
                 raise RuntimeError(f"--engine {engine} not in force")
             for mode, worst in measure_kills(daemon, binaries["grow"], sizes, tmp).items():
                 kills.setdefault(mode, {})[engine] = worst
