@@ -67,18 +67,48 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench: run as root (it mounts FUSE filesystems and lxcfs)", file=sys.stderr)
         return 2
+    busy = busy_before_run()
+    started = time.monotonic()
+    results = run_groups(args.groups, quick=args.quick)
+    seconds = time.monotonic() - started
+    info = machine()
+    info["busy before the run"] = f"{busy:.0%} of all cores (/proc/stat over 1 s)"
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot_name, plot_note = draw_plot(args, results, info)
+    text = markdown(
+        results,
+        info,
+        quick=args.quick,
+        plot=plot_name,
+        plot_note=plot_note,
+        argv=list(argv if argv is not None else sys.argv[1:]),
+        seconds=seconds,
+    )
+    (args.out / "benchmarks.md").write_text(text)
+    print_summary(args.out, results, plot_name, plot_note, seconds)
+    return 1 if any(result.error for result in results) else 0
+
+
+def busy_before_run() -> float:
+    """The machine's busy share before the run, with a warning when others load it:
+    every figure of the run would carry their load."""
     busy = busy_share()
     if busy > 0.15:
         print(
             f"bench: warning: the machine is already {busy:.0%} busy; the figures will show it",
             file=sys.stderr,
         )
-    started = time.monotonic()
+    return busy
+
+
+def run_groups(names: list[str], *, quick: bool) -> list[GroupResult]:
+    """Each group in turn, in one work dir; a group that fails becomes a result with
+    its error, so the others still run and the report says what went wrong."""
     results: list[GroupResult] = []
     with work_dir() as work:
-        cfg = Config.quick_config(work) if args.quick else Config(work=work)
+        cfg = Config.quick_config(work) if quick else Config(work=work)
         helpers = build_helpers(work / "bin")
-        for name in args.groups:
+        for name in names:
             module = GROUPS[name]
             print(f"bench: {module.TITLE} ...", file=sys.stderr, flush=True)
             t0 = time.monotonic()
@@ -90,42 +120,36 @@ def main(argv: list[str] | None = None) -> int:
             result.seconds = time.monotonic() - t0
             results.append(result)
             print(table([result]), flush=True)
-    seconds = time.monotonic() - started
-    info = machine()
-    info["busy before the run"] = f"{busy:.0%} of all cores (/proc/stat over 1 s)"
-    args.out.mkdir(parents=True, exist_ok=True)
-    png = args.out / "benchmarks.png"
-    plot_note = ""
-    plot_name: str | None = None
+    return results
+
+
+def draw_plot(
+    args: argparse.Namespace, results: list[GroupResult], info: dict[str, str]
+) -> tuple[str | None, str]:
+    """(the PNG's name for the report, or None; why there is no plot, or "")."""
     if args.no_plot:
-        plot_note = "--no-plot"
-    else:
-        title = (
-            f"restrackfs benchmarks, {info['date']} — {info['CPU']}, {info['cores (nproc)']}"
-            f" cores, Linux {info['kernel']}" + (" (QUICK sizes)" if args.quick else "")
-        )
-        plot_note = plot(results, png, title) or ""
-        if not plot_note:
-            plot_name = png.name
-    text = markdown(
-        results,
-        info,
-        quick=args.quick,
-        plot=plot_name,
-        plot_note=plot_note,
-        argv=list(argv if argv is not None else sys.argv[1:]),
-        seconds=seconds,
+        return None, "--no-plot"
+    title = (
+        f"restrackfs benchmarks, {info['date']} — {info['CPU']}, {info['cores (nproc)']}"
+        f" cores, Linux {info['kernel']}" + (" (QUICK sizes)" if args.quick else "")
     )
-    (args.out / "benchmarks.md").write_text(text)
+    png = args.out / "benchmarks.png"
+    plot_note = plot(results, png, title) or ""
+    return (None if plot_note else png.name), plot_note
+
+
+def print_summary(
+    out: Path, results: list[GroupResult], plot_name: str | None, plot_note: str, seconds: float
+) -> None:
     print("Goals:")
     for result in results:
         for goal in result.goals:
             print("  " + goal.line())
     if plot_note:
         print(f"plot: skipped ({plot_note})")
-    print(f"wrote {args.out / 'benchmarks.md'}" + (f" and {png}" if plot_name else ""))
+    png = out / "benchmarks.png"
+    print(f"wrote {out / 'benchmarks.md'}" + (f" and {png}" if plot_name else ""))
     print(f"total {seconds:.0f} s")
-    return 1 if any(result.error for result in results) else 0
 
 
 if __name__ == "__main__":

@@ -24,12 +24,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.harness import wait_dead
+from bench.harness import ROOT, MiB, status_kib, wait_dead
 from tracker.backends.bpf import loader
 from tracker.backends.bpf.loader import KernelWatch, Kind, start_time_of
 
-ROOT = Path(__file__).resolve().parent.parent
-MiB = 1024 * 1024
 PAGE = 4096
 SETTLE_S = 1.0
 OPS = {"getppid": 2_000_000, "mmap": 100_000, "open": 400_000}  # iterations per run
@@ -174,7 +172,7 @@ def one_kill(kwatch: KernelWatch, grow: Path, mode: str, step: int, count: int, 
 
     def arm(pid: int) -> None:
         if which == "heap":
-            vm_data = _status(pid, "VmData") // PAGE
+            vm_data = status_kib(pid, "VmData") * 1024 // PAGE
             kwatch.watch(pid, start_time_of(pid), vm_data + 64 * MiB // PAGE, None, "kill")
         else:
             kwatch.watch(pid, start_time_of(pid), None, len(os.listdir(f"/proc/{pid}/fd")) + 100,
@@ -190,13 +188,6 @@ def one_kill(kwatch: KernelWatch, grow: Path, mode: str, step: int, count: int, 
         "death_ms": (dead - started) / 1e6,
         "maxrss_mib": maxrss_kib / 1024,
     }
-
-
-def _status(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def enforcement(kwatch: KernelWatch, grow: Path, rounds: int, tmp: Path) -> dict[str, object]:

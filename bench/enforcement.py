@@ -62,66 +62,99 @@ def one_kill(daemon: Daemon, victim: Path, interval_ms: int, rng: random.Random)
 
 def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
     result = GroupResult(NAME, TITLE)
-    rows = result.rows
     rng = random.Random(6)
-    most = max(cfg.under_quota)
-    reason = raise_limits(most + 50)
+    reason = raise_limits(max(cfg.under_quota) + 50)
     if reason:
         raise RuntimeError(reason)
     kill: dict[int, dict[int, tuple[float, float]]] = {}
     cpu: dict[int, dict[int, float]] = {}
     for interval in cfg.intervals_ms:
-        with (
-            Sleepers(helpers["sleepers"], most - 1) as sleepers,
-            Daemon(cfg.work, "--interval", str(interval)) as daemon,
-        ):
-            active = 0
-            for n in cfg.under_quota:
-                # n processes under quota: n - 1 sleepers and the victim of the moment
-                for pid in sleepers.pids[active : n - 1]:
-                    daemon.register(pid)
-                    daemon.set_quota(pid, BACKGROUND_QUOTA)
-                active = max(active, n - 1)
-                meter = daemon.cpu()
-                time.sleep(cfg.cpu_window_seconds)
-                share = meter.share() * 100
-                cpu.setdefault(interval, {})[n] = share
-                samples: list[float] = []
-                timeouts = 0
-                box = time.monotonic() + cfg.kill_box_seconds
-                while len(samples) + timeouts < cfg.kill_samples and time.monotonic() < box:
-                    try:
-                        samples.append(one_kill(daemon, helpers["victim"], interval, rng))
-                    except Timeout:
-                        timeouts += 1
-                label = f"--interval {interval}, {n} under quota"
-                boxed = "" if len(samples) + timeouts >= cfg.kill_samples else ", time-boxed"
-                note = f"n={len(samples)}{boxed}" + (
-                    f", {timeouts} never killed" if timeouts else ""
+        kill_cells, cpu[interval] = measure_interval(cfg, helpers, interval, rng, result.rows)
+        if kill_cells:
+            kill[interval] = kill_cells
+    result.goals += kill_goals(cfg, kill)
+    result.plot = {"kill": kill, "cpu": cpu}
+    result.method = method(cfg)
+    return result
+
+
+def measure_interval(
+    cfg: Config, helpers: dict[str, Path], interval: int, rng: random.Random, rows: list[Row]
+) -> tuple[dict[int, tuple[float, float]], dict[int, float]]:
+    """One daemon at `interval`, N growing through `cfg.under_quota`: its CPU with N - 1
+    under quota, then kill samples; ({N: (p50, p99) ms}, {N: CPU %}), the rows appended."""
+    kill: dict[int, tuple[float, float]] = {}
+    cpu: dict[int, float] = {}
+    with (
+        Sleepers(helpers["sleepers"], max(cfg.under_quota) - 1) as sleepers,
+        Daemon(cfg.work, "--interval", str(interval)) as daemon,
+    ):
+        active = 0
+        for n in cfg.under_quota:
+            # n processes under quota: n - 1 sleepers and the victim of the moment
+            for pid in sleepers.pids[active : n - 1]:
+                daemon.register(pid)
+                daemon.set_quota(pid, BACKGROUND_QUOTA)
+            active = max(active, n - 1)
+            meter = daemon.cpu()
+            time.sleep(cfg.cpu_window_seconds)
+            cpu[n] = meter.share() * 100
+            samples, timeouts = sample_kills(cfg, daemon, helpers["victim"], interval, rng)
+            if samples:
+                kill[n] = (percentile(samples, 50), percentile(samples, 99))
+            label = f"--interval {interval}, {n} under quota"
+            rows += kill_rows(cfg, label, interval, samples, timeouts)
+            rows.append(
+                Row(
+                    f"daemon CPU, {label}",
+                    cpu[n],
+                    "%",
+                    f"% of one core, {cfg.cpu_window_seconds:g} s with nobody reading",
                 )
-                if samples:
-                    p50, p99 = percentile(samples, 50), percentile(samples, 99)
-                    kill.setdefault(interval, {})[n] = (p50, p99)
-                    rows.append(Row(f"kill p50, {label}", p50, "ms", note))
-                    rows.append(Row(f"kill p99, {label}", p99, "ms", note))
-                    rows.append(Row(f"kill p99 / interval, {label}", p99 / interval, "x"))
-                else:
-                    rows.append(Row(f"kill p50, {label}", None, "ms", note))
-                rows.append(
-                    Row(
-                        f"daemon CPU, {label}",
-                        share,
-                        "%",
-                        f"% of one core, {cfg.cpu_window_seconds:g} s with nobody reading",
-                    )
-                )
+            )
+    return kill, cpu
+
+
+def sample_kills(
+    cfg: Config, daemon: Daemon, victim: Path, interval: int, rng: random.Random
+) -> tuple[list[float], int]:
+    """Kill latencies (ms) of victims one at a time, and how many were never killed."""
+    samples: list[float] = []
+    timeouts = 0
+    box = time.monotonic() + cfg.kill_box_seconds
+    while len(samples) + timeouts < cfg.kill_samples and time.monotonic() < box:
+        try:
+            samples.append(one_kill(daemon, victim, interval, rng))
+        except Timeout:
+            timeouts += 1
+    return samples, timeouts
+
+
+def kill_rows(
+    cfg: Config, label: str, interval: int, samples: list[float], timeouts: int
+) -> list[Row]:
+    boxed = "" if len(samples) + timeouts >= cfg.kill_samples else ", time-boxed"
+    note = f"n={len(samples)}{boxed}" + (f", {timeouts} never killed" if timeouts else "")
+    if not samples:
+        return [Row(f"kill p50, {label}", None, "ms", note)]
+    p50, p99 = percentile(samples, 50), percentile(samples, 99)
+    return [
+        Row(f"kill p50, {label}", p50, "ms", note),
+        Row(f"kill p99, {label}", p99, "ms", note),
+        Row(f"kill p99 / interval, {label}", p99 / interval, "x"),
+    ]
+
+
+def kill_goals(cfg: Config, kill: dict[int, dict[int, tuple[float, float]]]) -> list[Goal]:
+    """p99 over the interval at GOAL_N under quota (the largest N in a quick run)."""
     goal_n = GOAL_N if GOAL_N in cfg.under_quota else max(cfg.under_quota)
+    goals = []
     for interval in cfg.intervals_ms:
         cell = kill.get(interval, {}).get(goal_n)
         where = f"--interval {interval}, {goal_n} under quota"
         if goal_n != GOAL_N:
             where += f" (quick size, not {GOAL_N})"
-        result.goals.append(
+        goals.append(
             Goal(
                 f"kill detection p99 <= 2 x --interval at {GOAL_N} under quota",
                 None if cell is None else cell[1] / interval,
@@ -130,8 +163,11 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
                 where + ("" if cell is None else f": p99 {cell[1]:.0f} ms"),
             )
         )
-    result.plot = {"kill": kill, "cpu": cpu}
-    result.method = f"""
+    return goals
+
+
+def method(cfg: Config) -> str:
+    return f"""
 A compiled C victim (bench/c/victim.c) is registered and given the quota
 `{VICTIM_QUOTA}`; after a random delay in [0, interval) (a random phase against
 the periodic check) the bench tells it to cross: it reads CLOCK_MONOTONIC,
@@ -148,4 +184,3 @@ interval). Daemon CPU: utime + stime from /proc/DAEMON/stat over
 {cfg.cpu_window_seconds:g} s just before the samples, with the N - 1 under quota
 and nothing else going on: the cost of the periodic check, as a share of one core.
 """
-    return result

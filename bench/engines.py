@@ -10,6 +10,7 @@ import signal
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import bpf_cost
@@ -84,15 +85,28 @@ def workload_ns(daemon: Daemon | None, syscost: Path, op: str) -> float:
     return bpf_cost.syscost(syscost, op, tracked if daemon else None)
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """How much of each measurement a run makes: all of it, or the smoke test's few."""
+
+    sleepers: int  # the processes under kill quotas while the daemon's CPU is measured
+    rounds: int  # kill runs per path, workload runs per op
+    cost_rounds: int  # rounds of the machine-wide per-syscall cost
+    paths: list[tuple[str, int, int, str]]
+    ops: tuple[str, ...]
+
+    @classmethod
+    def of(cls, cfg: Config) -> Sizes:
+        if cfg.quick:
+            paths = [p for p in PATHS if p[0] in ("touch", "open")]
+            return cls(20, 1, 1, paths, WORKLOAD_OPS[:1])
+        return cls(CPU_N, 3, 7, PATHS, WORKLOAD_OPS)
+
+
 def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
     result = GroupResult(NAME, TITLE)
-    rows = result.rows
-    n = CPU_N if not cfg.quick else 20
-    rounds = 1 if cfg.quick else 3
-    cost_rounds = 1 if cfg.quick else 7
-    paths = [p for p in PATHS if p[0] in ("touch", "open")] if cfg.quick else PATHS
-    ops = WORKLOAD_OPS[:1] if cfg.quick else WORKLOAD_OPS
-    reason = raise_limits(n + 50)
+    sizes = Sizes.of(cfg)
+    reason = raise_limits(sizes.sleepers + 50)
     if reason:
         raise RuntimeError(reason)
     tmp = Path(tempfile.mkdtemp(prefix="engines-", dir=cfg.work))
@@ -101,28 +115,60 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
     cpu: dict[str, float] = {}
     for engine, interval in ENGINES:
         with Daemon(cfg.work, "--engine", engine, "--interval", interval) as daemon:
-            if (daemon.path("engine")).read_text().strip() != engine:
+            if daemon.path("engine").read_text().strip() != engine:
                 raise RuntimeError(f"--engine {engine} not in force")
-            for mode, step, count, which in paths:
-                runs = [one_kill(daemon, binaries["grow"], mode, step, count, which,
-                                 tmp / "stamp") for _ in range(rounds)]  # fmt: skip
-                kills.setdefault(mode, {})[engine] = {
-                    key: max(r[key] for r in runs) for key in runs[0]
-                } | {
-                    "death_ms": statistics.median(r["death_ms"] for r in runs),
-                    "killed": min(r["killed"] for r in runs),
-                }
-            for op in ops:
-                bare = statistics.median(workload_ns(None, binaries["syscost"], op)
-                                         for _ in range(rounds))  # fmt: skip
-                tracked = statistics.median(workload_ns(daemon, binaries["syscost"], op)
-                                            for _ in range(rounds))  # fmt: skip
-                note = f"{tracked:.0f} vs {bare:.0f} ns untracked, same daemon"
-                rows.append(Row(f"tracked workload {op}, {engine}", tracked - bare, "ns", note))
-            with Sleepers(helpers["sleepers"], n) as sleepers:
+            for mode, worst in measure_kills(daemon, binaries["grow"], sizes, tmp).items():
+                kills.setdefault(mode, {})[engine] = worst
+            result.rows += workload_rows(daemon, engine, binaries["syscost"], sizes)
+            with Sleepers(helpers["sleepers"], sizes.sleepers) as sleepers:
                 cpu[engine] = daemon_cpu(daemon, sleepers, cfg.cpu_window_seconds)
-            rows.append(Row(f"daemon CPU, {n} under kill quotas, {engine} (--interval {interval})",
-                            cpu[engine], "%", "% of one core, nobody reading"))  # fmt: skip
+            result.rows.append(
+                Row(
+                    f"daemon CPU, {sizes.sleepers} under kill quotas, {engine}"
+                    f" (--interval {interval})",
+                    cpu[engine],
+                    "%",
+                    "% of one core, nobody reading",
+                )
+            )
+    result.rows += kill_rows(kills)
+    result.method = method(cfg, sizes)
+    costs = _syscall_costs(binaries["syscost"], sizes.cost_rounds, result.rows)
+    if not cfg.quick:  # the smoke test: too few paths and rounds for the goals
+        result.goals += engine_goals(kills, cpu, costs, sizes.sleepers)
+    return result
+
+
+def measure_kills(
+    daemon: Daemon, grow: Path, sizes: Sizes, tmp: Path
+) -> dict[str, dict[str, float]]:
+    """Per growth path, the worst of its runs (the median for the time to death)."""
+    worst = {}
+    for mode, step, count, which in sizes.paths:
+        runs = [
+            one_kill(daemon, grow, mode, step, count, which, tmp / "stamp")
+            for _ in range(sizes.rounds)
+        ]
+        worst[mode] = {key: max(r[key] for r in runs) for key in runs[0]} | {
+            "death_ms": statistics.median(r["death_ms"] for r in runs),
+            "killed": min(r["killed"] for r in runs),
+        }
+    return worst
+
+
+def workload_rows(daemon: Daemon, engine: str, syscost: Path, sizes: Sizes) -> list[Row]:
+    """What tracking adds to a workload's ns per op, against untracked runs alike."""
+    rows = []
+    for op in sizes.ops:
+        bare = statistics.median(workload_ns(None, syscost, op) for _ in range(sizes.rounds))
+        tracked = statistics.median(workload_ns(daemon, syscost, op) for _ in range(sizes.rounds))
+        note = f"{tracked:.0f} vs {bare:.0f} ns untracked, same daemon"
+        rows.append(Row(f"tracked workload {op}, {engine}", tracked - bare, "ns", note))
+    return rows
+
+
+def kill_rows(kills: dict[str, dict[str, dict[str, float]]]) -> list[Row]:
+    rows = []
     for mode, by in kills.items():
         unit = "MiB" if next(w for m, _, _, w in PATHS if m == mode) == "heap" else "fds"
         for engine, r in by.items():
@@ -130,10 +176,58 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
             note = f"{killed}; max RSS {r['maxrss_mib']:.1f} MiB"
             over = None if r["usage_over"] == float("inf") else r["usage_over"]
             rows.append(Row(f"{mode}: usage at kill over quota, {engine}", over, unit, note))
-            rows.append(Row(f"{mode}: granted past quota (calls returned), {engine}",
-                            r["returned_over"], unit))  # fmt: skip
+            rows.append(
+                Row(
+                    f"{mode}: granted past quota (calls returned), {engine}",
+                    r["returned_over"],
+                    unit,
+                )
+            )
             rows.append(Row(f"{mode}: last call's start to death, {engine}", r["death_ms"], "ms"))
-    result.method = f"""
+    return rows
+
+
+def engine_goals(
+    kills: dict[str, dict[str, dict[str, float]]],
+    cpu: dict[str, float],
+    costs: dict[str, float],
+    sleepers: int,
+) -> list[Goal]:
+    bpf = {mode: by["bpf"] for mode, by in kills.items()}
+    requests = {mode: bpf_cost.request_of(mode, step, which) for mode, step, _, which in PATHS}
+    one_request = all(
+        r["usage_over"] <= requests[m] and r["killed"] for m, r in bpf.items() if m != "populate"
+    )
+    goals = [
+        Goal(
+            "bpf: overshoot <= one syscall's request (every growth path)",
+            1.0 if one_request else 0.0,
+            1.0,
+            "x",
+            "1 = held on every path",
+        ),
+        Goal(
+            "bpf: no page populated past the quota (512 MiB MAP_POPULATE, max RSS)",
+            bpf["populate"]["maxrss_mib"],
+            HEAP_QUOTA / MiB,
+            "MiB",
+        ),
+        Goal(f"bpf: daemon CPU <= 1 % of a core at {sleepers} quota'd", cpu["bpf"], 1.0, "%"),
+    ]
+    if costs:
+        goals.append(
+            Goal(
+                "bpf: getppid +ns while attached, process not watched <= 150",
+                costs["getppid"],
+                150.0,
+                "ns",
+            )
+        )
+    return goals
+
+
+def method(cfg: Config, sizes: Sizes) -> str:
+    return f"""
 Both engines in one run, each in a fresh daemon: procfs at its default
 `--interval 100`, bpf at `--interval 2000` (nothing polls under it). Growth
 paths: tests/c/grow.c (1 MiB steps by mmap untouched/touched, brk, mprotect of
@@ -143,55 +237,21 @@ socket, pipe (2 per call), dup, ia32 dup and open, a CLONE_FILES sharer,
 io_uring opens completed by an io-wq worker and by the SQPOLL thread, and
 batches: one recvmsg of 250 and one io_uring_enter of 300, whose request is the
 batch), registered and given
-`heap=64M` or `files=100` with `action=kill` through the mount, {rounds} run(s)
+`heap=64M` or `files=100` with `action=kill` through the mount, {sizes.rounds} run(s)
 each (the worst shown). "usage at kill over quota" is the usage in the daemon's
 enforcement log line minus the quota (bpf: the kernel's reading in the crossing
 call; procfs: the sample that decided); "granted" counts calls that returned
 beyond the quota. "last call's start to death": GROW_STAMP's last
 CLOCK_MONOTONIC stamp to the pidfd (for bpf that call is the crossing one; for
 procfs, see group 3 for kill latency against the interval). Daemon CPU:
-{n} sleepers under `{BACKGROUND_QUOTA}`, utime+stime over
+{sizes.sleepers} sleepers under `{BACKGROUND_QUOTA}`, utime+stime over
 {cfg.cpu_window_seconds:g} s with nobody reading. Tracked workload: bench/c/syscost.c
-(100k-2M ops) registered with a notify quota vs untracked, medians of {rounds}.
+(100k-2M ops) registered with a notify quota vs untracked, medians of {sizes.rounds}.
 Per-syscall cost machine-wide: bench/bpf_cost.py's rounds (detached / attached
-with the process not watched / watched), alternating, min of {cost_rounds} rounds.
+with the process not watched / watched), alternating, min of {sizes.cost_rounds} rounds.
 A procfs row "unavailable" with "NOT KILLED": the grower finished all its calls
 and exited before a check saw it.
 """
-    costs = _syscall_costs(binaries["syscost"], cost_rounds, rows)
-    bpf = {mode: by["bpf"] for mode, by in kills.items()}
-    requests = {mode: bpf_cost.request_of(mode, step, which) for mode, step, _, which in PATHS}
-    one_request = all(
-        r["usage_over"] <= requests[m] and r["killed"] for m, r in bpf.items() if m != "populate"
-    )  # fmt: skip
-    if cfg.quick:
-        return result  # the smoke test: too few paths and rounds for the goals
-    result.goals += [
-        Goal(
-            "bpf: overshoot <= one syscall's request (every growth path)",
-            1.0 if one_request else 0.0,
-            1.0,
-            "x",
-            "1 = held on every path",
-        ),  # fmt: skip
-        Goal(
-            "bpf: no page populated past the quota (512 MiB MAP_POPULATE, max RSS)",
-            bpf["populate"]["maxrss_mib"],
-            HEAP_QUOTA / MiB,
-            "MiB",
-        ),  # fmt: skip
-        Goal(f"bpf: daemon CPU <= 1 % of a core at {n} quota'd", cpu["bpf"], 1.0, "%"),
-    ]
-    if costs:
-        result.goals.append(
-            Goal(
-                "bpf: getppid +ns while attached, process not watched <= 150",
-                costs["getppid"],
-                150.0,
-                "ns",
-            )  # fmt: skip
-        )
-    return result
 
 
 def _syscall_costs(syscost: Path, rounds: int, rows: list[Row]) -> dict[str, float]:

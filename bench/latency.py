@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.harness import Config, Daemon, Lxcfs, Sleepers, percentile
@@ -115,63 +116,97 @@ def request_counts(cfg: Config, helpers: dict[str, Path], pid: int) -> dict[str,
     return counts
 
 
+@dataclass
+class Readings:
+    """The latencies (ns) of one run by target: interleaved blocks, isolated reads, `cat`."""
+
+    lat: dict[str, list[int]]
+    gap: dict[str, list[int]]
+    cat: dict[str, list[int]]
+    rounds: int  # interleaved rounds per reader process
+
+
 def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
     result = GroupResult(NAME, TITLE)
-    rows = result.rows
     with Sleepers(helpers["sleepers"], 1) as sleepers, Lxcfs(cfg.work) as lxcfs:
         pid = sleepers.pids[0]
         with contextlib.ExitStack() as daemons:
             instances, engine = start_instances(daemons, cfg, pid)
-            paths = {
-                f"{label} #{i + 1}": path
-                for label, paths_of in instances.items()
-                for i, path in enumerate(paths_of)
-            }
-            paths[PROC] = Path(f"/proc/{pid}/status")
-            if lxcfs.reason is None:
-                paths[LXCFS] = lxcfs.uptime
-            rounds = -(-cfg.latency_rounds // cfg.latency_readers)  # per process
-            lat = by_target(
-                pooled_reader(
-                    helpers["reader"],
-                    ["lat", str(cfg.latency_block), str(rounds)],
-                    paths,
-                    cfg.latency_readers,
-                )
-            )
-            gap = by_target(
-                pooled_reader(
-                    helpers["reader"],
-                    ["gap", str(cfg.gap_us), str(cfg.gap_block), str(cfg.gap_rounds)],
-                    paths,
-                    cfg.latency_readers,
-                )
-            )
-            cat_paths = {HEAPSIZE: instances[HEAPSIZE][0], PROC: paths[PROC]}
-            if LXCFS in paths:
-                cat_paths[LXCFS] = paths[LXCFS]
-            cat = run_reader(
-                helpers["reader"],
-                ["cat", str(cfg.cat_block), str(cfg.cat_rounds), "/bin/cat"],
-                cat_paths,
-            )
+            readings = read_targets(cfg, helpers["reader"], instances, pid, lxcfs)
         counts = request_counts(cfg, helpers, pid)
+    n = cfg.latency_block * readings.rounds * cfg.latency_readers  # per instance
+    n_of = {label: n * len(instances.get(label, [None])) for label in readings.lat}
+    p50, p99 = microseconds_at(readings.lat, 50), microseconds_at(readings.lat, 99)
+    result.rows += latency_rows(p50, p99, n_of, engine, lxcfs.reason)
+    result.rows += ratio_rows(p50, p99, lxcfs.reason)
+    result.rows += isolated_rows(readings.gap, engine)
+    result.rows += cat_rows(readings.cat, cfg.cat_block * cfg.cat_rounds, lxcfs.reason)
+    result.rows += count_rows(counts)
+    result.goals += latency_goals(p50, p99, engine, lxcfs.reason)
+    result.plot = {"latencies": dict(readings.lat)}
+    result.method = method(cfg, readings.rounds, engine)
+    return result
 
-    n = cfg.latency_block * rounds * cfg.latency_readers  # per instance
-    n_of = {label: n * len(instances.get(label, [None])) for label in lat}
-    p50 = {label: percentile(values, 50) / 1000 for label, values in lat.items()}
-    p99 = {label: percentile(values, 99) / 1000 for label, values in lat.items()}
+
+def read_targets(
+    cfg: Config, reader: Path, instances: dict[str, list[Path]], pid: int, lxcfs: Lxcfs
+) -> Readings:
+    """Every instance of every target, the process's /proc status and lxcfs read alike:
+    interleaved blocks, then isolated reads, then one `cat` per read."""
+    paths = {
+        f"{label} #{i + 1}": path
+        for label, paths_of in instances.items()
+        for i, path in enumerate(paths_of)
+    }
+    paths[PROC] = Path(f"/proc/{pid}/status")
+    if lxcfs.reason is None:
+        paths[LXCFS] = lxcfs.uptime
+    rounds = -(-cfg.latency_rounds // cfg.latency_readers)  # per process
+    lat_mode = ["lat", str(cfg.latency_block), str(rounds)]
+    lat = by_target(pooled_reader(reader, lat_mode, paths, cfg.latency_readers))
+    gap_mode = ["gap", str(cfg.gap_us), str(cfg.gap_block), str(cfg.gap_rounds)]
+    gap = by_target(pooled_reader(reader, gap_mode, paths, cfg.latency_readers))
+    cat_paths = {HEAPSIZE: instances[HEAPSIZE][0], PROC: paths[PROC]}
+    if LXCFS in paths:
+        cat_paths[LXCFS] = paths[LXCFS]
+    cat_mode = ["cat", str(cfg.cat_block), str(cfg.cat_rounds), "/bin/cat"]
+    cat = run_reader(reader, cat_mode, cat_paths)
+    return Readings(lat, gap, cat, rounds)
+
+
+def microseconds_at(latencies: dict[str, list[int]], q: float) -> dict[str, float]:
+    """The q-th percentile of each target's latencies, in µs."""
+    return {label: percentile(values, q) / 1000 for label, values in latencies.items()}
+
+
+def _count_note(n: int, label: str, engine: str) -> str:
+    """How many reads, and for the default-engine targets which engine `auto` chose."""
+    return f"n={n}, engine {engine}" if label in (HEAPSIZE, STAT) else f"n={n}"
+
+
+def latency_rows(
+    p50: dict[str, float],
+    p99: dict[str, float],
+    n_of: dict[str, int],
+    engine: str,
+    lxcfs_reason: str | None,
+) -> list[Row]:
+    rows = []
     for label in (HEAPSIZE, HEAPSIZE_PROCFS, STAT, PROC, LXCFS, FLOOR):
-        if label not in lat:
-            reason = lxcfs.reason or "not run"
+        if label not in p50:
+            reason = lxcfs_reason or "not run"
             rows.append(Row(f"{label} p50", None, "us", reason))
             rows.append(Row(f"{label} p99", None, "us", reason))
             continue
-        note = (
-            f"n={n_of[label]}, engine {engine}" if label in (HEAPSIZE, STAT) else f"n={n_of[label]}"
-        )
+        note = _count_note(n_of[label], label, engine)
         rows.append(Row(f"{label} p50", p50[label], "us", note))
         rows.append(Row(f"{label} p99", p99[label], "us", note))
+    return rows
+
+
+def ratio_rows(p50: dict[str, float], p99: dict[str, float], lxcfs_reason: str | None) -> list[Row]:
+    """Each restrackfs file's percentiles over lxcfs's, the kernel's and the minimal file's."""
+    rows = []
     for label in (HEAPSIZE, HEAPSIZE_PROCFS, STAT):
         for peer in (LXCFS, PROC, FLOOR):
             for q, table in (("p50", p50), ("p99", p99)):
@@ -179,11 +214,15 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
                 if peer in table:
                     rows.append(Row(figure, table[label] / table[peer], "x"))
                 else:
-                    rows.append(Row(figure, None, "x", lxcfs.reason or ""))
-    gap_p50 = {label: percentile(values, 50) / 1000 for label, values in gap.items()}
+                    rows.append(Row(figure, None, "x", lxcfs_reason or ""))
+    return rows
+
+
+def isolated_rows(gap: dict[str, list[int]], engine: str) -> list[Row]:
+    gap_p50 = microseconds_at(gap, 50)
+    rows = []
     for label in gap:
-        gap_n = len(gap[label])
-        note = f"n={gap_n}, engine {engine}" if label in (HEAPSIZE, STAT) else f"n={gap_n}"
+        note = _count_note(len(gap[label]), label, engine)
         rows.append(Row(f"{label}, isolated reads p50", gap_p50[label], "us", note))
         rows.append(
             Row(f"{label}, isolated reads p99", percentile(gap[label], 99) / 1000, "us", note)
@@ -193,69 +232,66 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
             if peer in gap_p50:
                 ratio = gap_p50[label] / gap_p50[peer]
                 rows.append(Row(f"{label}, isolated reads p50 / {peer}'s", ratio, "x"))
-    cat_n = cfg.cat_block * cfg.cat_rounds
+    return rows
+
+
+def cat_rows(cat: dict[str, list[int]], cat_n: int, lxcfs_reason: str | None) -> list[Row]:
+    rows = []
     for label in (HEAPSIZE, PROC, LXCFS):
         if label in cat:
-            rows.append(
-                Row(f"cat {label} p50", percentile(cat[label], 50) / 1000, "us", f"n={cat_n}")
-            )
-            rows.append(
-                Row(f"cat {label} p99", percentile(cat[label], 99) / 1000, "us", f"n={cat_n}")
-            )
+            for q in (50, 99):
+                us = percentile(cat[label], q) / 1000
+                rows.append(Row(f"cat {label} p{q}", us, "us", f"n={cat_n}"))
         else:
-            rows.append(Row(f"cat {label} p50", None, "us", lxcfs.reason or ""))
+            rows.append(Row(f"cat {label} p50", None, "us", lxcfs_reason or ""))
     for peer in (PROC, LXCFS):
         if peer in cat:
-            rows.append(
-                Row(
-                    f"cat {HEAPSIZE} p50 / cat {peer} p50",
-                    percentile(cat[HEAPSIZE], 50) / percentile(cat[peer], 50),
-                    "x",
-                )
-            )
+            ratio = percentile(cat[HEAPSIZE], 50) / percentile(cat[peer], 50)
+            rows.append(Row(f"cat {HEAPSIZE} p50 / cat {peer} p50", ratio, "x"))
+    return rows
+
+
+def count_rows(counts: dict[str, dict[str, float]]) -> list[Row]:
+    rows = []
     for label, per_op in counts.items():
         detail = ", ".join(f"{op} {value:.2f}" for op, value in per_op.items())
         rows.append(Row(f"requests per read of {label}", sum(per_op.values()), "req", detail))
+    return rows
 
-    heap_vs_lxcfs = p50[HEAPSIZE] / p50[LXCFS] if LXCFS in p50 else None
-    where = (
-        f"{p50[HEAPSIZE]:.0f} µs vs {p50[LXCFS]:.0f} µs, engine {engine}"
-        if heap_vs_lxcfs is not None
-        else f"lxcfs unavailable: {lxcfs.reason}"
-    )
-    result.goals.append(
+
+def latency_goals(
+    p50: dict[str, float], p99: dict[str, float], engine: str, lxcfs_reason: str | None
+) -> list[Goal]:
+    def against_lxcfs(table: dict[str, float]) -> tuple[float | None, str]:
+        if LXCFS not in table:
+            return None, f"lxcfs unavailable: {lxcfs_reason}"
+        where = f"{table[HEAPSIZE]:.0f} µs vs {table[LXCFS]:.0f} µs, engine {engine}"
+        return table[HEAPSIZE] / table[LXCFS], where
+
+    p50_ratio, p50_where = against_lxcfs(p50)
+    p99_ratio, p99_where = against_lxcfs(p99)
+    return [
         Goal(
             "read p50 of PID/heapsize <= 1.0 x lxcfs uptime read (stretch <= 0.5 x)",
-            heap_vs_lxcfs,
+            p50_ratio,
             1.0,
             "x",
-            where,
+            p50_where,
             stretch=0.5,
-        )
-    )
-    p99_vs_lxcfs = p99[HEAPSIZE] / p99[LXCFS] if LXCFS in p99 else None
-    result.goals.append(
-        Goal(
-            "read p99 of PID/heapsize <= 1.0 x lxcfs uptime read",
-            p99_vs_lxcfs,
-            1.0,
-            "x",
-            f"{p99[HEAPSIZE]:.0f} µs vs {p99[LXCFS]:.0f} µs, engine {engine}"
-            if p99_vs_lxcfs is not None
-            else f"lxcfs unavailable: {lxcfs.reason}",
-        )
-    )
-    result.goals.append(
+        ),
+        Goal("read p99 of PID/heapsize <= 1.0 x lxcfs uptime read", p99_ratio, 1.0, "x", p99_where),
         Goal(
             "read p50 of PID/heapsize <= 1.1 x the minimal pyfuse3 file",
             p50[HEAPSIZE] / p50[FLOOR],
             1.1,
             "x",
             f"{p50[HEAPSIZE]:.0f} µs vs {p50[FLOOR]:.0f} µs, engine {engine}",
-        )
-    )
-    result.plot = {"latencies": {label: values for label, values in lat.items()}}
-    result.method = f"""
+        ),
+    ]
+
+
+def method(cfg: Config, rounds: int, engine: str) -> str:
+    return f"""
 A compiled C reader (bench/c/reader.c) times each `open` + `read` to EOF + `close`
 with CLOCK_MONOTONIC. The targets are read in interleaved rounds: each round gives
 every target a block of {cfg.latency_block} reads, in an order rotated each round,
@@ -294,4 +330,3 @@ timing), serves {2 * cfg.count_reads} reads of each file and {
     } `cat`s of `PID/heapsize`; the counts are the requests that
 reach the daemon's Python code, per read.
 """
-    return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.harness import Config, Daemon, median, median_ci, percentile
@@ -41,61 +42,80 @@ class Churn:
             self.proc.stdout.close()
 
 
+@dataclass
+class Pairs:
+    """Tracked / untracked ratios of the pairs of runs, and each mode's wall ns per round."""
+
+    wall_ratios: list[float] = field(default_factory=list)
+    cpu_ratios: list[float] = field(default_factory=list)
+    per_round: dict[str, list[float]] = field(
+        default_factory=lambda: {"tracked": [], "untracked": []}
+    )
+
+
 def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
     result = GroupResult(NAME, TITLE)
-    rows = result.rows
-    wall_ratios: list[float] = []
-    cpu_ratios: list[float] = []
-    per_round: dict[str, list[float]] = {"tracked": [], "untracked": []}
     with Daemon(cfg.work) as daemon:
         churn = Churn(helpers["churn"])
         try:
             churn.run(cfg.churn_iters)  # warm up: caches, the heap's arenas
-            for pair in range(cfg.churn_pairs):
-                order = ("untracked", "tracked") if pair % 2 == 0 else ("tracked", "untracked")
-                got = {}
-                for mode in order:
-                    if mode == "tracked":
-                        daemon.register(churn.pid)
-                        daemon.set_quota(churn.pid, QUOTA)
-                    got[mode] = churn.run(cfg.churn_iters)
-                    if mode == "tracked":
-                        daemon.deregister(churn.pid)
-                    per_round[mode].append(got[mode][0] / cfg.churn_iters)
-                wall_ratios.append(got["tracked"][0] / got["untracked"][0])
-                cpu_ratios.append(got["tracked"][1] / got["untracked"][1])
+            pairs = measure_pairs(cfg, daemon, churn)
         finally:
             churn.stop()
-    wall = (median(wall_ratios) - 1) * 100
-    cpu = (median(cpu_ratios) - 1) * 100
-    spread = (percentile(wall_ratios, 75) - percentile(wall_ratios, 25)) * 100
-    low, high = ((r - 1) * 100 for r in median_ci(wall_ratios))
-    n = len(wall_ratios)
+    wall = (median(pairs.wall_ratios) - 1) * 100
+    low, high = ((r - 1) * 100 for r in median_ci(pairs.wall_ratios))
     ci = f"95 % CI of the median {low:+.2f} % .. {high:+.2f} %"
-    rows.append(
-        Row("tracked / untracked wall time - 1 (median of pairs)", wall, "%", f"{n} pairs, {ci}")
-    )
-    rows.append(
-        Row("interquartile range of the pair ratios", spread, "%", "the noise of this machine")
-    )
-    rows.append(Row("tracked / untracked CPU time - 1 (median of pairs)", cpu, "%", f"{n} pairs"))
-    rows.append(
-        Row(
-            "untracked round p50 (one malloc/free + open/close)",
-            median(per_round["untracked"]) / 1000,
-            "us",
-        )
-    )
+    result.rows += overhead_rows(pairs, wall, ci)
     result.goals.append(
         Goal(
             "overhead on the tracked workload <= 1 %",
             wall,
             1.0,
             "%",
-            f"median of {n} tracked/untracked pairs, {ci}",
+            f"median of {len(pairs.wall_ratios)} tracked/untracked pairs, {ci}",
         )
     )
-    result.method = f"""
+    result.method = method(cfg)
+    return result
+
+
+def measure_pairs(cfg: Config, daemon: Daemon, churn: Churn) -> Pairs:
+    """`cfg.churn_pairs` pairs of runs, tracked and untracked, the order alternating."""
+    pairs = Pairs()
+    for pair in range(cfg.churn_pairs):
+        order = ("untracked", "tracked") if pair % 2 == 0 else ("tracked", "untracked")
+        got = {}
+        for mode in order:
+            if mode == "tracked":
+                daemon.register(churn.pid)
+                daemon.set_quota(churn.pid, QUOTA)
+            got[mode] = churn.run(cfg.churn_iters)
+            if mode == "tracked":
+                daemon.deregister(churn.pid)
+            pairs.per_round[mode].append(got[mode][0] / cfg.churn_iters)
+        pairs.wall_ratios.append(got["tracked"][0] / got["untracked"][0])
+        pairs.cpu_ratios.append(got["tracked"][1] / got["untracked"][1])
+    return pairs
+
+
+def overhead_rows(pairs: Pairs, wall: float, ci: str) -> list[Row]:
+    cpu = (median(pairs.cpu_ratios) - 1) * 100
+    spread = (percentile(pairs.wall_ratios, 75) - percentile(pairs.wall_ratios, 25)) * 100
+    n = len(pairs.wall_ratios)
+    return [
+        Row("tracked / untracked wall time - 1 (median of pairs)", wall, "%", f"{n} pairs, {ci}"),
+        Row("interquartile range of the pair ratios", spread, "%", "the noise of this machine"),
+        Row("tracked / untracked CPU time - 1 (median of pairs)", cpu, "%", f"{n} pairs"),
+        Row(
+            "untracked round p50 (one malloc/free + open/close)",
+            median(pairs.per_round["untracked"]) / 1000,
+            "us",
+        ),
+    ]
+
+
+def method(cfg: Config) -> str:
+    return f"""
 One C process (bench/c/churn.c) runs {cfg.churn_iters:,} rounds of malloc/free
 (16 B to 64 KiB, one byte written) + open/close of /dev/null, timed inside the
 process (CLOCK_MONOTONIC and its CPU clock), {cfg.churn_pairs} times tracked and
@@ -106,4 +126,3 @@ the run. The figure is the median over the pairs of tracked / untracked, minus
 one; the interquartile range of those ratios shows how much of it is this
 machine's noise.
 """
-    return result

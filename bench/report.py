@@ -47,7 +47,7 @@ class Row:
 
 @dataclass
 class Goal:
-    """A goal of the issue, checked against one figure of this run."""
+    """A goal the project set itself, checked against one figure of this run."""
 
     text: str  # what the goal asks, e.g. "read p50 of PID/heapsize <= 1.0 x lxcfs uptime"
     value: float | None  # the measured figure, in `unit`
@@ -292,6 +292,15 @@ def _not_run(ax: Any, what: str) -> None:
     ax.set_yticks([])
 
 
+def _label(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
+    """The axes' labels and title, the legend and the grid every panel has."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+
+
 def _plot_latency(ax: Any, data: dict[str, Any] | None) -> None:
     if not data or not data.get("latencies"):
         _not_run(ax, "read latency")
@@ -305,13 +314,14 @@ def _plot_latency(ax: Any, data: dict[str, Any] | None) -> None:
             label=label,
         )
     ax.set_xscale("log")
-    ax.set_xlabel("open + read + close latency (µs, log)")
-    ax.set_ylabel("percentile")
     ax.axhline(50, color="grey", lw=0.5, ls=":")
     ax.axhline(99, color="grey", lw=0.5, ls=":")
-    ax.set_title("1. Read latency (CDF, interleaved rounds)")
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
+    _label(
+        ax,
+        "open + read + close latency (µs, log)",
+        "percentile",
+        "1. Read latency (CDF, interleaved rounds)",
+    )
 
 
 def _plot_throughput(ax: Any, data: dict[str, Any] | None) -> None:
@@ -325,11 +335,7 @@ def _plot_throughput(ax: Any, data: dict[str, Any] | None) -> None:
     ax.set_yscale("log")
     ticks = sorted({k for points in data["throughput"].values() for k in points})
     ax.set_xticks(ticks, [str(k) for k in ticks])
-    ax.set_xlabel("concurrent reader processes")
-    ax.set_ylabel("reads per second (log)")
-    ax.set_title("2. Read throughput")
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
+    _label(ax, "concurrent reader processes", "reads per second (log)", "2. Read throughput")
 
 
 def _plot_kill(ax: Any, data: dict[str, Any] | None) -> None:
@@ -351,11 +357,12 @@ def _plot_kill(ax: Any, data: dict[str, Any] | None) -> None:
         )
         ax.axhline(2 * interval, color=line.get_color(), lw=0.8, ls=":")
     ax.set_xscale("log")
-    ax.set_xlabel("processes under quota")
-    ax.set_ylabel("crossing -> death (ms); dotted: 2 × interval")
-    ax.set_title("3. Kill latency")
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
+    _label(
+        ax,
+        "processes under quota",
+        "crossing -> death (ms); dotted: 2 × interval",
+        "3. Kill latency",
+    )
 
 
 def _plot_cpu(ax: Any, enforcement: dict[str, Any] | None, scale: dict[str, Any] | None) -> None:
@@ -388,8 +395,9 @@ def _plot_cpu(ax: Any, enforcement: dict[str, Any] | None, scale: dict[str, Any]
     ax.set_yscale("log")
     ax.set_ylim(bottom=floor / 1.5)
     ax.set_xscale("log")
-    ax.set_xlabel("tracked processes")
-    ax.set_ylabel(f"daemon CPU, % of one core (log; < {floor} drawn at {floor})")
-    ax.set_title("Daemon CPU with nobody reading (dotted: 1 % goal)")
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
+    _label(
+        ax,
+        "tracked processes",
+        f"daemon CPU, % of one core (log; < {floor} drawn at {floor})",
+        "Daemon CPU with nobody reading (dotted: 1 % goal)",
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.harness import Config, Daemon, Lxcfs, Sleepers, median
@@ -49,14 +50,18 @@ def burst(reader: Path, path: Path, readers: int, seconds: float) -> tuple[float
     return total / seconds, median(p50s), max(p99s)
 
 
+@dataclass
+class Bursts:
+    """What the bursts measured, by target and concurrency K (the daemon's CPU by K)."""
+
+    rate: dict[str, dict[int, float]] = field(default_factory=dict)  # reads/s
+    spread: dict[str, dict[int, tuple[float, float]]] = field(default_factory=dict)  # p50, p99
+    cpu: dict[int, float] = field(default_factory=dict)  # % of one core
+    cpu_per_read: dict[int, float] = field(default_factory=dict)  # seconds
+
+
 def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
     result = GroupResult(NAME, TITLE)
-    rows = result.rows
-    reader = helpers["reader"]
-    rate: dict[str, dict[int, float]] = {}
-    spread: dict[str, dict[int, tuple[float, float]]] = {}
-    cpu: dict[int, float] = {}
-    cpu_per_read: dict[int, float] = {}
     with Sleepers(helpers["sleepers"], 1) as sleepers, Lxcfs(cfg.work) as lxcfs:
         pid = sleepers.pids[0]
         with Daemon(cfg.work, "--engine", "auto") as daemon:  # what a user gets
@@ -65,73 +70,89 @@ def run(cfg: Config, helpers: dict[str, Path]) -> GroupResult:
             targets = {HEAPSIZE: daemon.path(pid, "heapsize"), PROC: Path(f"/proc/{pid}/status")}
             if lxcfs.reason is None:
                 targets[LXCFS] = lxcfs.uptime
-            labels = list(targets)
-            for index, readers in enumerate(cfg.readers):
-                # rotate the order of the targets for each concurrency
-                order = labels[index % len(labels) :] + labels[: index % len(labels)]
-                for label in order:
-                    meter = daemon.cpu()
-                    reads, p50, p99 = burst(reader, targets[label], readers, cfg.throughput_seconds)
-                    busy = meter.seconds()
-                    rate.setdefault(label, {})[readers] = reads
-                    spread.setdefault(label, {})[readers] = (p50, p99)
-                    if label == HEAPSIZE:
-                        cpu[readers] = busy / cfg.throughput_seconds * 100
-                        cpu_per_read[readers] = busy / max(reads * cfg.throughput_seconds, 1)
-    first = cfg.readers[0]
+            bursts = measure_bursts(cfg, helpers["reader"], daemon, targets)
     for readers in cfg.readers:
-        plural = "reader" if readers == 1 else "readers"
-        for label in (HEAPSIZE, PROC, LXCFS):
-            if label not in rate:
-                rows.append(Row(f"{label}, {readers} {plural}", None, "/s", lxcfs.reason or ""))
-                continue
-            p50, p99 = spread[label][readers]
-            rows.append(
-                Row(
-                    f"{label}, {readers} {plural}",
-                    rate[label][readers],
-                    "/s",
-                    f"reader p50 {p50:.0f} µs, worst reader's p99 {p99:.0f} µs",
-                )
-            )
-        mine = rate[HEAPSIZE][readers]
-        for peer in (LXCFS, PROC):
-            figure = f"{HEAPSIZE} / {peer} reads/s, {readers} {plural}"
-            if peer in rate:
-                rows.append(Row(figure, mine / rate[peer][readers], "x"))
-            else:
-                rows.append(Row(figure, None, "x", lxcfs.reason or ""))
-        if readers != first:
-            rows.append(
-                Row(
-                    f"{HEAPSIZE} scaling, {readers} / {first} {plural}",
-                    mine / rate[HEAPSIZE][first],
-                    "x",
-                )
-            )
-        rows.append(
-            Row(
-                f"daemon CPU, {readers} {plural} of {HEAPSIZE}",
-                cpu[readers],
-                "%",
-                f"% of one core; {cpu_per_read[readers] * 1e6:.0f} µs of daemon CPU per read",
-            )
+        result.rows += concurrency_rows(cfg, bursts, readers, lxcfs.reason)
+    result.goals.append(throughput_goal(cfg, bursts.rate, lxcfs.reason))
+    result.plot = {"throughput": bursts.rate, "daemon_cpu": bursts.cpu}
+    result.method = method(cfg, engine)
+    return result
+
+
+def measure_bursts(cfg: Config, reader: Path, daemon: Daemon, targets: dict[str, Path]) -> Bursts:
+    """A burst per target and concurrency, the daemon's CPU metered over each."""
+    bursts = Bursts()
+    labels = list(targets)
+    for index, readers in enumerate(cfg.readers):
+        # rotate the order of the targets for each concurrency
+        order = labels[index % len(labels) :] + labels[: index % len(labels)]
+        for label in order:
+            meter = daemon.cpu()
+            reads, p50, p99 = burst(reader, targets[label], readers, cfg.throughput_seconds)
+            busy = meter.seconds()
+            bursts.rate.setdefault(label, {})[readers] = reads
+            bursts.spread.setdefault(label, {})[readers] = (p50, p99)
+            if label == HEAPSIZE:
+                bursts.cpu[readers] = busy / cfg.throughput_seconds * 100
+                bursts.cpu_per_read[readers] = busy / max(reads * cfg.throughput_seconds, 1)
+    return bursts
+
+
+def concurrency_rows(
+    cfg: Config, bursts: Bursts, readers: int, lxcfs_reason: str | None
+) -> list[Row]:
+    """The rows of one concurrency: reads/s of each target, ratios, scaling, daemon CPU."""
+    rows = []
+    rate = bursts.rate
+    plural = "reader" if readers == 1 else "readers"
+    for label in (HEAPSIZE, PROC, LXCFS):
+        if label not in rate:
+            rows.append(Row(f"{label}, {readers} {plural}", None, "/s", lxcfs_reason or ""))
+            continue
+        p50, p99 = bursts.spread[label][readers]
+        note = f"reader p50 {p50:.0f} µs, worst reader's p99 {p99:.0f} µs"
+        rows.append(Row(f"{label}, {readers} {plural}", rate[label][readers], "/s", note))
+    mine = rate[HEAPSIZE][readers]
+    for peer in (LXCFS, PROC):
+        figure = f"{HEAPSIZE} / {peer} reads/s, {readers} {plural}"
+        if peer in rate:
+            rows.append(Row(figure, mine / rate[peer][readers], "x"))
+        else:
+            rows.append(Row(figure, None, "x", lxcfs_reason or ""))
+    first = cfg.readers[0]
+    if readers != first:
+        figure = f"{HEAPSIZE} scaling, {readers} / {first} {plural}"
+        rows.append(Row(figure, mine / rate[HEAPSIZE][first], "x"))
+    per_read = f"{bursts.cpu_per_read[readers] * 1e6:.0f} µs of daemon CPU per read"
+    rows.append(
+        Row(
+            f"daemon CPU, {readers} {plural} of {HEAPSIZE}",
+            bursts.cpu[readers],
+            "%",
+            f"% of one core; {per_read}",
         )
+    )
+    return rows
+
+
+def throughput_goal(
+    cfg: Config, rate: dict[str, dict[int, float]], lxcfs_reason: str | None
+) -> Goal:
     goal_readers = 4 if 4 in cfg.readers else cfg.readers[-1]
-    if LXCFS in rate:
-        ours, theirs = rate[HEAPSIZE][goal_readers], rate[LXCFS][goal_readers]
-        goal = Goal(
-            f"reads/s of PID/heapsize >= lxcfs's, {goal_readers} readers (lxcfs / ours <= 1.0)",
-            theirs / ours,
-            1.0,
-            "x",
-            f"{ours:,.0f} vs {theirs:,.0f} reads/s",
-        )
-    else:
-        goal = Goal("reads/s of PID/heapsize >= lxcfs's", None, 1.0, "x", lxcfs.reason or "")
-    result.goals.append(goal)
-    result.plot = {"throughput": rate, "daemon_cpu": cpu}
-    result.method = f"""
+    if LXCFS not in rate:
+        return Goal("reads/s of PID/heapsize >= lxcfs's", None, 1.0, "x", lxcfs_reason or "")
+    ours, theirs = rate[HEAPSIZE][goal_readers], rate[LXCFS][goal_readers]
+    return Goal(
+        f"reads/s of PID/heapsize >= lxcfs's, {goal_readers} readers (lxcfs / ours <= 1.0)",
+        theirs / ours,
+        1.0,
+        "x",
+        f"{ours:,.0f} vs {theirs:,.0f} reads/s",
+    )
+
+
+def method(cfg: Config, engine: str) -> str:
+    return f"""
 K copies of the C reader (`reader tput`), separate processes started to begin at
 one common CLOCK_MONOTONIC instant, each read the same file in a loop
 (open + read to EOF + close) for {cfg.throughput_seconds:g} s; reads/s is the sum
@@ -144,4 +165,3 @@ measured minutes apart at most in this run. Daemon CPU: utime + stime from
 /proc/DAEMON/stat over the window, as a share of one core (100 % = the daemon's
 one Python thread saturated), and divided by the reads served.
 """
-    return result
