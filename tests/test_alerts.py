@@ -64,8 +64,8 @@ def test_promtool_unit_tests_pass():
 
 def readme_fleet_configs() -> list[str]:
     """The prometheus.yml snippets of the README's Fleet section."""
-    readme = (DEPLOY.parent / "README.md").read_text()
-    fleet = readme[readme.index("## Fleet") : readme.index("## Layout")]
+    readme = (DEPLOY.parent / "docs" / "deploy.md").read_text()
+    fleet = readme.split("\n## Fleet\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```yaml\n(.*?)```", fleet, re.S)
     return [textwrap.dedent(block) for block in blocks]
 

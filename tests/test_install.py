@@ -78,7 +78,7 @@ def test_the_systemd_steps_install_from_the_system_python():
     Python under /root, the node's users could not run `restrack` (issue 25)."""
     wanted = "RESTRACK_PYTHON=/usr/bin/python3 scripts/setup --link"
     unit = (CHECKOUT / "scripts" / "restrackfs.service").read_text()
-    readme = (CHECKOUT / "README.md").read_text()
+    readme = (CHECKOUT / "docs" / "deploy.md").read_text()
     fleet = readme.split("\n## Fleet\n", 1)[1].split("\n## ", 1)[0]
     for name, text in (("the unit", unit), ("the README's Fleet", fleet)):
         setups = [line for line in text.splitlines() if SETUP_COMMAND.search(line)]
