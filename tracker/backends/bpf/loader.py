@@ -27,9 +27,9 @@ from tracker.backends.bpf import libbpf
 OBJECT = Path(__file__).with_name("restrack.bpf.o")
 BPFFS = Path("/sys/fs/bpf")
 TRACEFS = Path("/sys/kernel/tracing")
-NONE = (1 << 64) - 1
+NONE = (1 << 64) - 1  # restrack_shared.h's NONE: no limit
 MAPS = ("watched", "events", "raises", "by_mm", "by_files", "stats", "inherit")
-WATCHED_MAX = 65536  # max_entries of `watched` in restrack.bpf.c
+WATCHED_MAX = 65536  # restrack_shared.h's: max_entries of `watched`
 
 # Syscalls whose exit is checked. Heap: every call that can grow mm->data_vm,
 # plus munmap and execve so a notify crossing re-arms when usage falls back.
@@ -75,9 +75,9 @@ TAKE_PROGRAM = "take_counts"  # SEC("syscall"): an entry's counts, taken once
 PEAKS_PROGRAM = "set_peaks"  # SEC("syscall"): restart an entry's watermarks
 NAMESPACE_PROGRAM = "learn_namespace"  # SEC("syscall"): run once after each load
 
-# The structs user space shares with restrack.bpf.c, field by field in its order
-# (struct codes; "2Q" is a __u64[2]): tests/test_bpf.py compares each with the
-# object's BTF, so the two sides cannot drift apart in silence.
+# The structs of restrack_shared.h, field by field in its order (struct codes;
+# "2Q" is a __u64[2]): tests/test_bpf.py compares each with the object's BTF,
+# and this list with the header's, so the two sides cannot drift apart in silence.
 LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "watch": (
         ("start_time", "Q"), ("heap_limit_pages", "Q"), ("fd_limit", "Q"),
@@ -107,6 +107,7 @@ LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("heap_base_pages", "Q"),
     ),
     "bind_args": (("key", "I"),),
+    "stats": (("dropped", "Q"),),
 }  # fmt: skip
 
 
@@ -154,6 +155,9 @@ _CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
 
 class BpfUnavailable(Exception):
     """The BPF engine cannot run here; str() is one line saying why."""
+
+
+# The enums of restrack_shared.h (tests/test_bpf.py compares them).
 
 
 class Action(IntEnum):
@@ -556,11 +560,11 @@ class KernelWatch:
 
     def dropped(self) -> int:
         """Events the kernel could not queue (a full ring) since the maps were made."""
-        value = ctypes.create_string_buffer(8)
+        value = ctypes.create_string_buffer(layout("stats").size)
         fd = self._lib.bpf_map__fd(self._maps["stats"])
         if self._lib.bpf_map_lookup_elem(fd, _KEY.pack(0), value):
             return 0
-        return struct.unpack("<Q", value.raw)[0]
+        return unpack("stats", value.raw)["dropped"]
 
     def _run(self, program: str, context: bytes) -> bytes:
         """Run a SEC("syscall") program on `context`; the context as it wrote it."""
