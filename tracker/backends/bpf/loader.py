@@ -23,6 +23,7 @@ from enum import IntEnum
 from pathlib import Path
 
 from tracker.backends.bpf import libbpf
+from tracker.linux import procfs
 
 OBJECT = Path(__file__).with_name("restrack.bpf.o")
 BPFFS = Path("/sys/fs/bpf")
@@ -284,10 +285,7 @@ def _raw(value: int | None) -> int:
     return NONE if value is None else value
 
 
-def start_time_of(tgid: int) -> int:
-    """/proc/PID/stat field 22, clock ticks since boot: what the kernel side compares."""
-    stat = Path(f"/proc/{tgid}/stat").read_bytes()
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+start_time_of = procfs.read_start_time  # the name bench/bpf_cost.py imports
 
 
 def _running(tgid: int, start_time: int) -> bool:
@@ -295,13 +293,12 @@ def _running(tgid: int, start_time: int) -> bool:
     (its exit, which removes the entry in the kernel, has not run yet). A zombie
     leader with live threads is running; a wholly dead, unreaped group is not."""
     try:
-        if start_time_of(tgid) != start_time:
+        if procfs.read_start_time(tgid) != start_time:
             return False
-        for task in Path(f"/proc/{tgid}/task").iterdir():
-            stat = (task / "stat").read_bytes()
-            if stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] not in (b"Z", b"X"):
+        for tid in procfs.list_tids(tgid):
+            if procfs.read_stat(tgid, tid).state not in ("Z", "X"):
                 return True
-    except (FileNotFoundError, ProcessLookupError):
+    except procfs.NoSuchProcess:
         pass
     return False
 
@@ -678,9 +675,8 @@ PIN_NAMES = frozenset({*MAPS, "links"})
 
 def _bpffs_root(path: Path) -> Path:
     """The mount point of the bpffs that holds `path` (the longest mount prefix)."""
-    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
-              if line.split()[2] == "bpf"]  # fmt: skip
-    under = [Path(m) for m in mounts if path == Path(m) or Path(m) in path.parents]
+    mounts = [Path(m.mount_point) for m in procfs.read_mounts() if m.fs_type == "bpf"]
+    under = [m for m in mounts if path == m or m in path.parents]
     if not under:
         raise BpfUnavailable(f"{path} is not on a bpf filesystem")
     return max(under, key=lambda m: len(m.parts))
@@ -783,7 +779,7 @@ def check_prerequisites(obj: Path | None = None, *, mounts: bool = True) -> None
         raise BpfUnavailable("no kernel BTF (/sys/kernel/btf/vmlinux): CO-RE cannot relocate")
     if not obj.exists():
         raise BpfUnavailable(f"BPF object missing: {obj} (tracker/backends/bpf/build.sh)")
-    caps = _effective_caps()
+    caps = procfs.read_effective_caps()
     if not (caps >> _CAP_SYS_ADMIN & 1 or (caps >> _CAP_BPF & 1 and caps >> _CAP_PERFMON & 1)):
         raise BpfUnavailable("no CAP_BPF/CAP_PERFMON (nor CAP_SYS_ADMIN)")
     if mounts:
@@ -791,16 +787,8 @@ def check_prerequisites(obj: Path | None = None, *, mounts: bool = True) -> None
         _ensure_mounted(TRACEFS, "tracefs")
 
 
-def _effective_caps() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return 0
-
-
 def _ensure_mounted(target: Path, fstype: str, options: str = "") -> None:
-    mounts = Path("/proc/self/mounts").read_text().splitlines()
-    if any(line.split()[1:3] == [str(target), fstype] for line in mounts):
+    if procfs.Mount(str(target), fstype) in procfs.read_mounts():
         return
     try:
         libbpf.mount("nodev" if fstype == "tracefs" else fstype, str(target), fstype, options)
