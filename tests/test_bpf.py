@@ -363,19 +363,18 @@ def test_a_missing_tracepoint_keeps_the_engine_off(monkeypatch: pytest.MonkeyPat
     assert not pin_dir.exists()
 
 
-def test_attached_only_while_watching(pin_dir: Path, spawn) -> None:
+def test_attach_pins_every_link_and_detach_removes_them(pin_dir: Path, spawn) -> None:
     watch = _open(pin_dir)
     try:
-        watch.sync_attachment()
         assert not watch.attached and not list(pin_dir.glob("links/*"))
         child: Workload = spawn()
         _watch(watch, child.pid, heap=QUOTA)
-        watch.sync_attachment()
+        watch.attach()
         links = watch.link_ids()
         assert watch.attached and len(links) == len(loader._hook_list())
         assert len(list(pin_dir.glob("links/*"))) == len(links)
         watch.unwatch(child.pid)
-        watch.sync_attachment()
+        watch.detach()
         assert not watch.attached and not list(pin_dir.glob("links/*"))
         wait_until(lambda: not any(loader.object_exists("link", i) for i in links), 5, "detach")
     finally:
