@@ -323,6 +323,21 @@ static struct watch *sharer_watch(void *by, __u64 shared, __u32 *key, int mm)
 	return w;
 }
 
+/* The entry a check of the current task is for: its own thread group's, else
+ * (*sharer set) the one whose address space (mm) or descriptor table it shares. */
+static __always_inline struct watch *checked_watch(int mm, __u32 *tgid, int *sharer)
+{
+	struct task_struct *task = (void *)bpf_get_current_task();
+	struct watch *w = current_watch(tgid);
+
+	*sharer = !w;
+	if (w)
+		return w;
+	if (mm)
+		return sharer_watch(&by_mm, (__u64)BPF_CORE_READ(task, mm), tgid, 1);
+	return sharer_watch(&by_files, (__u64)BPF_CORE_READ(task, files), tgid, 0);
+}
+
 /* SIGKILL to the watched thread group itself, from a sharer's call. */
 static void kill_owner(struct watch *w)
 {
@@ -422,19 +437,13 @@ static __always_inline void count_denied(struct watch *w, __u32 tgid, __u32 whic
 SEC("tracepoint")
 int heap_exit(struct sys_exit *ctx)
 {
-	struct task_struct *task = (void *)bpf_get_current_task();
-	int sharer = 0;
-	struct watch *w;
+	int sharer;
 	__u32 tgid;
+	struct watch *w = checked_watch(1, &tgid, &sharer);
 	__u64 pages;
 
-	w = current_watch(&tgid);
-	if (!w) {
-		w = sharer_watch(&by_mm, (__u64)BPF_CORE_READ(task, mm), &tgid, 1);
-		if (!w)
-			return 0;
-		sharer = 1;
-	}
+	if (!w)
+		return 0;
 	pages = data_vm_pages();
 	raise_peak(&w->heap_peak_pages, pages);
 	judge_shared(w, tgid, W_HEAP, F_HEAP_OVER, pages, w->heap_limit_pages, sharer);
@@ -478,19 +487,13 @@ static __u64 open_fds(void)
 /* The descriptor check; ret is the call's result (0 where there is none). */
 static __always_inline void check_files(long ret)
 {
-	struct task_struct *task = (void *)bpf_get_current_task();
-	int sharer = 0;
-	struct watch *w;
+	int sharer;
 	__u32 tgid;
+	struct watch *w = checked_watch(0, &tgid, &sharer);
 	__u64 fds;
 
-	w = current_watch(&tgid);
-	if (!w) {
-		w = sharer_watch(&by_files, (__u64)BPF_CORE_READ(task, files), &tgid, 0);
-		if (!w)
-			return;
-		sharer = 1;
-	}
+	if (!w)
+		return;
 	fds = open_fds();
 	raise_peak(&w->fd_peak, fds);
 	judge_shared(w, tgid, W_FILES, F_FILES_OVER, fds, w->fd_limit, sharer);
