@@ -11,7 +11,10 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "tracker.backends.bpf._counters", ["tracker/backends/bpf/_counters.c"], optional=True
+            "tracker.backends.bpf._counters",
+            ["tracker/backends/bpf/_counters.c"],
+            depends=["tracker/backends/bpf/counters_shared.h"],  # struct query, with the BPF side
+            optional=True,
         ),
     ]
 )

@@ -26,6 +26,7 @@ from typing import TextIO
 
 from restrackfs import client
 from restrackfs.client import NotMountedError, Stat
+from tracker.linux.procfs import escape_unprintable
 from tracker.vocabulary import LIMIT_MAX, OPENFILE_TOTAL, UNLIMITED
 
 EXIT_CODES = {
@@ -101,19 +102,10 @@ def _use_text(use: float | None) -> str:
 COLUMNS = ("PID", "COMMAND", "HEAP", "PEAK", "FILES", "HEAP-QUOTA", "FILE-QUOTA", "USE", "ACTION")
 
 
-def shown(text: str) -> str:
-    """Text from the daemon as it may reach a terminal: the daemon escapes names
-    already; anything not printable that still came through (an older daemon) is
-    escaped here the same way, so a name never moves the cursor or breaks a row."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-
-
 def _row(s: Stat) -> tuple[str, ...]:
     return (
         str(s.pid),
-        shown(s.comm),
+        escape_unprintable(s.comm),
         human_size(s.heapsize),
         human_size(s.heap_peak),
         str(s.openfile_count),
@@ -222,7 +214,7 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
     width = max(map(len, fields))
     for key, value in fields.items():
         value = UNLIMITED if value is None else value
-        out.write(f"{key.ljust(width)}  {shown(str(value))}\n")
+        out.write(f"{key.ljust(width)}  {escape_unprintable(str(value))}\n")
     return 0
 
 

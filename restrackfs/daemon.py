@@ -8,7 +8,6 @@ import errno
 import functools
 import logging
 import os
-import re
 import resource
 import signal
 import socket
@@ -34,6 +33,7 @@ from tracker.engine.autotrack import (
 )
 from tracker.engine.engine import open_engine, release_state
 from tracker.errors import InvalidArgument
+from tracker.linux import procfs
 from tracker.quota import parse_quota
 
 log = logging.getLogger("restrackfs")
@@ -212,38 +212,27 @@ def clear_stale_mount(mountpoint: Path) -> None:
         raise OSError(err, f"cannot detach stale mount {mountpoint}: {os.strerror(err)}")
 
 
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes a space as \040
-
-
 def _mount_type(mountpoint: Path) -> str | None:
     """The filesystem type of the topmost mount at `mountpoint`, from mountinfo."""
-    found = None
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields, _, tail = line.partition(" - ")
-            where = _OCTAL_ESCAPE.sub(lambda m: chr(int(m[1], 8)), fields.split(" ")[4])
-            if where == str(mountpoint) and tail:
-                found = tail.split(" ")[0]
-    return found
+    types = [m.fs_type for m in procfs.read_mountinfo() if m.mount_point == str(mountpoint)]
+    return types[-1] if types else None
 
 
 def _fuse_servers(mountpoint: Path) -> list[tuple[int, str]]:
     """Processes holding /dev/fuse whose command line names `mountpoint`."""
     servers = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
+    for pid in procfs.list_pids():
+        if pid == os.getpid():
             continue
         try:
-            fds = os.listdir(f"/proc/{name}/fd")
-            if not any(os.readlink(f"/proc/{name}/fd/{fd}") == "/dev/fuse" for fd in fds):
+            if "/dev/fuse" not in procfs.read_fd_targets(pid):
                 continue
-            with open(f"/proc/{name}/cmdline", "rb") as file:
-                argv = [os.fsdecode(arg) for arg in file.read().split(b"\0") if arg]
-            cwd = os.readlink(f"/proc/{name}/cwd")
+            argv = procfs.read_cmdline(pid)
+            cwd = procfs.read_cwd(pid)
         except OSError:
             continue  # gone meanwhile, or not ours to look at
         if any(os.path.abspath(os.path.join(cwd, arg)) == str(mountpoint) for arg in argv[1:]):
-            servers.append((int(name), " ".join(argv)))
+            servers.append((pid, " ".join(argv)))
     return servers
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import resource
 import shutil
 import signal
@@ -26,7 +27,7 @@ import pytest
 import trio
 
 from tests.conftest import HERE, MiB, Workload, wait_until
-from tracker.backends.bpf import loader
+from tracker.backends.bpf import counters, loader
 from tracker.backends.bpf.loader import BpfUnavailable, Event, KernelWatch, Kind, Which
 
 PAGE = 4096
@@ -362,19 +363,18 @@ def test_a_missing_tracepoint_keeps_the_engine_off(monkeypatch: pytest.MonkeyPat
     assert not pin_dir.exists()
 
 
-def test_attached_only_while_watching(pin_dir: Path, spawn) -> None:
+def test_attach_pins_every_link_and_detach_removes_them(pin_dir: Path, spawn) -> None:
     watch = _open(pin_dir)
     try:
-        watch.sync_attachment()
         assert not watch.attached and not list(pin_dir.glob("links/*"))
         child: Workload = spawn()
         _watch(watch, child.pid, heap=QUOTA)
-        watch.sync_attachment()
+        watch.attach()
         links = watch.link_ids()
         assert watch.attached and len(links) == len(loader._hook_list())
         assert len(list(pin_dir.glob("links/*"))) == len(links)
         watch.unwatch(child.pid)
-        watch.sync_attachment()
+        watch.detach()
         assert not watch.attached and not list(pin_dir.glob("links/*"))
         wait_until(lambda: not any(loader.object_exists("link", i) for i in links), 5, "detach")
     finally:
@@ -526,7 +526,9 @@ def test_object_sources_match_stamp() -> None:
             assert hashlib.sha256((BPF_DIR / name).read_bytes()).hexdigest() == digest, (
                 f"{name} changed since {source.stem}.o was built: run tracker/backends/bpf/build.sh"
             )
-        assert names == [source.name, "build.sh"]
+        headers = re.findall(r'^#include "(.*)"$', source.read_text(), re.MULTILINE)
+        assert headers == [source.name.replace(".bpf.c", "_shared.h")]
+        assert names == [source.name, *headers, "build.sh"]
 
 
 @pytest.mark.skipif(not shutil.which("clang"), reason="clang not installed: no rebuild")
@@ -568,8 +570,10 @@ def _btf_structs(obj: Path, names: list[str]) -> dict[str, tuple[int, list[tuple
 
 
 def test_user_space_layouts_match_the_kernel_structs() -> None:
-    """Every struct both sides read (map values, events, the syscall programs'
+    """Every struct of restrack_shared.h (map values, events, the syscall programs'
     contexts) has, in loader.LAYOUTS, the members, offsets and size of its BTF."""
+    header = (BPF_DIR / "restrack_shared.h").read_text()
+    assert sorted(re.findall(r"^struct (\w+) \{", header, re.MULTILINE)) == sorted(loader.LAYOUTS)
     kernel = _btf_structs(loader.OBJECT, list(loader.LAYOUTS))
     for name, fields in loader.LAYOUTS.items():
         ours, offset = [], 0
@@ -577,3 +581,36 @@ def test_user_space_layouts_match_the_kernel_structs() -> None:
             ours.append((member, offset))
             offset += struct.calcsize("<" + code)
         assert kernel[name] == (loader.layout(name).size, ours), name
+
+
+def test_the_extension_query_matches_the_kernel_struct() -> None:
+    """struct query as _counters.c was compiled (gcc) is counters.bpf.o's (clang)."""
+    from tracker.backends.bpf import _counters  # built by scripts/setup
+
+    size, members = _counters.QUERY_LAYOUT
+    assert _btf_structs(counters.OBJECT, ["query"])["query"] == (size, list(members))
+
+
+def _header_enum(header: str, name: str) -> dict[str, int]:
+    body = re.search(rf"^enum {name} \{{(.*?)\}};", header, re.MULTILINE | re.DOTALL)
+    assert body, f"enum {name} not in restrack_shared.h"
+    return {k: int(v) for k, v in re.findall(r"(\w+) = (\d+)", body[1])}
+
+
+def test_user_space_enums_match_the_header() -> None:
+    """The numbers user space reads in the structs are restrack_shared.h's."""
+    header = (BPF_DIR / "restrack_shared.h").read_text()
+    prefixes = {"action": "ACT_", "kind": "EV_", "which": "W_", "flag": "F_"}
+    ours = {
+        "action": {m.name: m.value for m in loader.Action},
+        "kind": {m.name: m.value for m in loader.Kind},
+        "which": {m.name: m.value for m in loader.Which},
+        "flag": {"HEAP_OVER": loader.FLAG_HEAP_OVER, "FILES_OVER": loader.FLAG_FILES_OVER,
+                 "KILLED": loader.FLAG_KILLED, "KILL_FAILED": loader.FLAG_KILL_FAILED},
+    }  # fmt: skip
+    for enum, prefix in prefixes.items():
+        theirs = {k.removeprefix(prefix): v for k, v in _header_enum(header, enum).items()}
+        assert theirs == ours[enum], enum
+    defines = dict(re.findall(r"^#define (\w+) (\S+)", header, re.MULTILINE))
+    assert int(defines["WATCHED_MAX"]) == loader.WATCHED_MAX
+    assert defines["NONE"] == "(~0ULL)" and loader.NONE == (1 << 64) - 1

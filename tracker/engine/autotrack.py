@@ -39,7 +39,7 @@ INITIAL_PID_NAMESPACE_INODE = 0xEFFFFFFC
 
 def in_initial_pid_namespace() -> bool:
     """Is this process in the host's pid namespace (so /proc shows every process)?"""
-    return os.stat("/proc/self/ns/pid").st_ino == INITIAL_PID_NAMESPACE_INODE
+    return procfs.read_pid_namespace_inode() == INITIAL_PID_NAMESPACE_INODE
 
 
 def proc_matches_my_pid_namespace() -> bool:
@@ -49,7 +49,7 @@ def proc_matches_my_pid_namespace() -> bool:
     parent namespace's, and each pid read there names another process than the
     same number does for pidfd_open() and kill() here.
     """
-    return os.readlink("/proc/self") == str(os.getpid())
+    return procfs.read_self_link() == str(os.getpid())
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,6 +69,33 @@ def _read(pid: int, name: str, tid: int | None = None) -> bytes:
         os.close(fd)
 
 
+def _read_whole(pid: int, name: str) -> bytes:
+    """The whole file, however long (a command line, a mount table)."""
+    with os.fdopen(_open(pid, name), "rb") as file:
+        try:
+            return file.read()
+        except ProcessLookupError:
+            raise NoSuchProcess(pid) from None
+
+
+def _list_dir(pid: int, directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(pid) from None
+    except PermissionError:
+        raise AccessDenied(pid) from None
+
+
+def _read_link(pid: int, name: str) -> str:
+    try:
+        return os.readlink(f"{_task_dir(pid, None)}/{name}")
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(pid) from None
+    except PermissionError:
+        raise AccessDenied(pid) from None
+
+
 class Status(NamedTuple):
     """The fields of /proc/PID/status the engine uses (a tuple: made at every
     read of `stat` and `metrics`, it costs a third of a frozen dataclass)."""
@@ -114,7 +141,9 @@ def _escaped(char: str) -> str:
 
 def escape_unprintable(text: str) -> str:
     """Every character that is not printable as `\\xHH`, `\\uHHHH` or `\\UHHHHHHHH`
-    (backslashes left alone: for text whose names are escaped already)."""
+    (backslashes left alone: for text whose names are escaped already). The log
+    and the metrics use it, and the CLI on what the daemon sends: a name from an
+    older daemon never moves the cursor or breaks a row there either."""
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else _escaped(c) for c in text)
@@ -253,8 +282,14 @@ def parse_stat(pid: int, raw: bytes) -> Stat:
     )
 
 
-def read_stat(pid: int) -> Stat:
-    return parse_stat(pid, _read(pid, "stat"))
+def read_stat(pid: int, tid: int | None = None) -> Stat:
+    return parse_stat(pid, _read(pid, "stat", tid))
+
+
+def read_start_time(pid: int) -> int:
+    """stat's start time (field 22, clock ticks since boot): with the pid, the
+    process's identity, and what the BPF programs compare."""
+    return read_stat(pid).start_time
 
 
 def read_comm(pid: int) -> str:
@@ -288,12 +323,7 @@ def count_fds(pid: int, tid: int | None = None) -> int:
 
 def list_fds(pid: int, tid: int | None = None) -> list[int]:
     """The open file descriptor numbers, ascending."""
-    try:
-        return sorted(int(name) for name in os.listdir(f"{_task_dir(pid, tid)}/fd"))
-    except (FileNotFoundError, ProcessLookupError):
-        raise NoSuchProcess(pid) from None
-    except PermissionError:
-        raise AccessDenied(pid) from None
+    return sorted(int(name) for name in _list_dir(pid, f"{_task_dir(pid, tid)}/fd"))
 
 
 # What a descriptor's /proc/PID/fd link names, by its prefix, when it is no path.
@@ -375,12 +405,17 @@ def read_fd_kinds(pid: int, tid: int | None = None) -> dict[str, int]:
     return counts
 
 
+def list_tids(pid: int) -> list[int]:
+    """The thread ids of thread group `pid` (/proc/PID/task)."""
+    return [int(name) for name in _list_dir(pid, f"{_task_dir(pid, None)}/task")]
+
+
 def live_thread(pid: int) -> int | None:
     """A thread of `pid` that still has the address space (when the leader is a
     zombie: its main thread called pthread_exit and the others go on)."""
     try:
-        tids = [int(name) for name in os.listdir(f"{PROC}/{pid}/task")]
-    except (FileNotFoundError, ProcessLookupError):
+        tids = list_tids(pid)
+    except NoSuchProcess:
         return None
     for tid in tids:
         if tid == pid:
@@ -415,3 +450,112 @@ def parse_limits(raw: bytes) -> dict[str, tuple[int, int]]:
 
 def read_limits(pid: int) -> dict[str, tuple[int, int]]:
     return parse_limits(_read(pid, "limits"))
+
+
+def read_fd_targets(pid: int) -> list[str]:
+    """What each open descriptor's /proc/PID/fd link names (a descriptor closed
+    between the listing and its link is left out)."""
+    directory = f"{_task_dir(pid, None)}/fd"
+    targets = []
+    for name in _list_dir(pid, directory):
+        try:
+            targets.append(os.readlink(f"{directory}/{name}"))
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # closed meanwhile
+        except PermissionError:
+            raise AccessDenied(pid) from None
+    return targets
+
+
+def parse_cmdline(raw: bytes) -> list[str]:
+    """The arguments of a /proc/PID/cmdline (NUL-separated), empty ones dropped."""
+    return [os.fsdecode(arg) for arg in raw.split(b"\0") if arg]
+
+
+def read_cmdline(pid: int) -> list[str]:
+    return parse_cmdline(_read_whole(pid, "cmdline"))
+
+
+def read_cwd(pid: int) -> str:
+    """The working directory of `pid` (/proc/PID/cwd), as a path."""
+    return _read_link(pid, "cwd")
+
+
+# --- this process's own view: mounts, capabilities, pid namespace ----------------
+
+
+class Mount(NamedTuple):
+    """One line of a mount table: where, and which filesystem type."""
+
+    mount_point: str
+    fs_type: str
+
+
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # mount tables write a space as \040
+
+
+def _unescape_path(field: str) -> str:
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m[1], 8)), field)
+
+
+def parse_mounts(raw: bytes) -> list[Mount]:
+    """/proc/self/mounts: `device mount_point type options 0 0` per line."""
+    mounts = []
+    for line in raw.decode(errors="replace").splitlines():
+        fields = line.split()
+        if len(fields) >= 3:
+            mounts.append(Mount(_unescape_path(fields[1]), fields[2]))
+    return mounts
+
+
+def read_mounts() -> list[Mount]:
+    """The mounts this process sees, in mount order."""
+    return parse_mounts(_read_self("mounts"))
+
+
+def parse_mountinfo(raw: bytes) -> list[Mount]:
+    """/proc/self/mountinfo: the mount point is field 5, the type the first field
+    after the " - " separator (optional fields come between)."""
+    mounts = []
+    for line in raw.decode(errors="replace").splitlines():
+        fields, _, tail = line.partition(" - ")
+        parts = fields.split(" ")
+        if tail and len(parts) >= 5:
+            mounts.append(Mount(_unescape_path(parts[4]), tail.split(" ")[0]))
+    return mounts
+
+
+def read_mountinfo() -> list[Mount]:
+    """The mounts this process sees, in mount order (the last one at a path is on top)."""
+    return parse_mountinfo(_read_self("mountinfo"))
+
+
+def parse_effective_caps(raw: bytes) -> int:
+    """status's CapEff, the effective capability bits; 0 where it is missing."""
+    try:
+        return int(_field(raw, b"CapEff"), 16)
+    except (KeyError, ValueError):
+        return 0
+
+
+def read_effective_caps() -> int:
+    """This process's effective capabilities (/proc/self/status CapEff)."""
+    return parse_effective_caps(_read_self("status"))
+
+
+def read_pid_namespace_inode() -> int:
+    """The inode of this process's pid namespace (/proc/self/ns/pid)."""
+    return os.stat(f"{PROC}/self/ns/pid").st_ino
+
+
+def read_self_link() -> str:
+    """What /proc/self names: this process's pid as /proc's namespace numbers it
+    (another number when /proc belongs to a parent pid namespace)."""
+    return os.readlink(f"{PROC}/self")
+
+
+def _read_self(name: str) -> bytes:
+    """A file of /proc/self, whole: no pid of ours to vanish, so errors are plain
+    OSErrors."""
+    with open(f"{PROC}/self/{name}", "rb") as file:
+        return file.read()

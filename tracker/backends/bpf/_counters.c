@@ -6,24 +6,20 @@
  * from here, 1.3 and ~11 us (the kernel's own part, from C: 1.7 and 9 us).
  * Two functions over one run, no state: data_vm_pages for heapsize, usage
  * (the name too) for stat and metrics. The program's fd comes from libbpf's
- * loader (counters.py), the query layout from counters.bpf.c's struct query.
+ * loader (counters.py), the query layout from counters_shared.h, which
+ * counters.bpf.c includes too.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
 #include <limits.h>
 #include <linux/bpf.h>
+#include <stddef.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
-struct query { /* counters.bpf.c: in pid and ino, out data_vm_pages and comm */
-    int pid;
-    unsigned int pad;
-    unsigned long long ino;
-    unsigned long long data_vm_pages;
-    char comm[16];
-};
+#include "counters_shared.h"
 
 /* Runs the program for (pid, ino) from the 3 arguments: 1 with `query` filled, 0
  * when the program cannot say (no such task, no address space), -1 with an
@@ -42,7 +38,7 @@ static int run(PyObject *const *args, Py_ssize_t nargs, const char *usage, struc
         return -1;
     }
     memset(query, 0, sizeof *query);
-    query->pid = (int)pid;
+    query->pid = (__s32)pid;
     query->ino = ino;
     union bpf_attr attr;
     memset(&attr, 0, sizeof attr);
@@ -99,4 +95,25 @@ static struct PyModuleDef module = {
     -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__counters(void) { return PyModule_Create(&module); }
+/* QUERY_LAYOUT: (size, ((member, offset), ...)) of struct query as this extension
+ * was compiled, for the test that compares it with counters.bpf.o's BTF. */
+static PyObject *query_layout(void) {
+    return Py_BuildValue("(n((sn)(sn)(sn)(sn)(sn)))", (Py_ssize_t)sizeof(struct query),
+                         "pid", (Py_ssize_t)offsetof(struct query, pid),
+                         "pad", (Py_ssize_t)offsetof(struct query, pad),
+                         "ino", (Py_ssize_t)offsetof(struct query, ino),
+                         "data_vm_pages", (Py_ssize_t)offsetof(struct query, data_vm_pages),
+                         "comm", (Py_ssize_t)offsetof(struct query, comm));
+}
+
+PyMODINIT_FUNC PyInit__counters(void) {
+    PyObject *self = PyModule_Create(&module);
+    if (self == NULL) return NULL;
+    PyObject *layout = query_layout();
+    if (layout == NULL || PyModule_AddObject(self, "QUERY_LAYOUT", layout) < 0) {
+        Py_XDECREF(layout);
+        Py_DECREF(self);
+        return NULL;
+    }
+    return self;
+}

@@ -11,13 +11,13 @@ What it does with what the engine tells it:
 - the programs are attached while at least one entry is watched (or children
   are to be watched at fork), at once, on the loop (5-10 ms), and detached when
   none has been for `IDLE_DETACH` seconds, in a thread: detaching waits ~3 s
-  for RCU grace periods;
+  for RCU grace periods (attachment.py);
 - its task waits on the ring buffer's fd; an event only says which entry
   changed, and the entry's counts (crossings, refusals, raises, a kill, an
   exec) are taken from the map once (`KernelWatch.take`) and handed to the
-  policy as `Report`s with a count: a process flipping over and back a
-  hundred thousand times is one event, and a full ring loses no count (the
-  kernel counts its drops; `_reconcile` takes every entry then).
+  policy as `Report`s with a count (reports.py): a process flipping over and
+  back a hundred thousand times is one event, and a full ring loses no count
+  (the kernel counts its drops; `_reconcile` takes every entry then).
 
 Nothing polls a watched process. The periodic things are cheap: every
 `RETRY_PERIOD` the deny entries whose last limit set failed get one
@@ -35,10 +35,8 @@ meanwhile counted). `release_pins` (restrackfs --release) removes them.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
-import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +45,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
-from tracker.backends.base import BackendUnavailable, Report, ReportKind
+from tracker.backends.base import BackendUnavailable
+from tracker.backends.bpf.attachment import Attachment
 from tracker.backends.bpf.counters import CounterReader
 from tracker.backends.bpf.loader import Action as BpfAction
 from tracker.backends.bpf.loader import (
@@ -55,17 +54,16 @@ from tracker.backends.bpf.loader import (
     Event,
     KernelWatch,
     Kind,
-    Taken,
     WatchState,
     remove_tree,
 )
+from tracker.backends.bpf.reports import Reporter
 from tracker.backends.readers import KernelReader, ProcReader
 from tracker.deny import limits
 from tracker.engine.entry import Ended, Entry
-from tracker.engine.resources import FILES_RESOURCE, HEAP_RESOURCE, Counters, Resource
+from tracker.engine.resources import Counters
 from tracker.errors import QuotaNotKept
 from tracker.quota import Action, Quota
-from tracker.vocabulary import EXCEEDED
 
 if TYPE_CHECKING:
     from tracker.engine.policy import Policy
@@ -75,7 +73,6 @@ T = TypeVar("T")
 
 PIN_ROOT = Path("/sys/fs/bpf/restrackfs")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-IDLE_DETACH = 10.0  # seconds with nothing watched before the programs are detached
 RETRY_PERIOD = 1.0  # seconds between looks for deny limit sets due a retry, and for drops
 BATCH = 64  # events handled between two looks at the FUSE requests
 RECHECK_GAP = 0.05  # seconds between two rounds of deny limits set anew after a close
@@ -110,12 +107,8 @@ class Backend:
                 PIN_ROOT.rmdir()
             raise BackendUnavailable(str(why)) from None
         self._watched: dict[int, Entry] = {}  # pid -> the entry its map entry is for
-        # pid -> its "exceeded" count when the kernel's last crossing was handed over
-        # (or it was watched): a count beyond it was a sample's (see _counted_already)
-        self._exceeded_seen: dict[int, int] = {}
-        self._lock = threading.Lock()  # attach/detach/close: never two at once
-        self._detaching = False
-        self._changed = trio.Event()
+        self._attachment = Attachment(self.kw, needed=lambda: self._needed)
+        self._reporter = Reporter(policy, self.kw, shrunk=self._recheck)
         self._closed = False
         self._counters = _open_counters()
         self.reader = ProcReader() if self._counters is None else KernelReader(self._counters)
@@ -137,9 +130,8 @@ class Backend:
             self.kw.unwatch(pid)
             log.info("bpf: unwatched pid=%d (not in the state file)", pid)
         for pid, entry in restored.items():
-            wanted = self._state_of(entry)
             old = held.get(pid)
-            if old is not None and _same_limits(old, wanted):
+            if old is not None and old.setting == watch_state_of(entry).setting:
                 self._watched[pid] = entry
             else:
                 self._watch(entry)
@@ -147,22 +139,22 @@ class Backend:
             log.info("bpf: adopted %d pinned entries in %s", len(held), self.kw.pin_dir)
         self._handle_all(self.kw.drain(), meanwhile=True)
         for entry in list(self._watched.values()):  # counts whose events the ring dropped
-            self._take(entry)
+            self._reporter.take(entry)
         self._dropped = self.kw.dropped()
-        self._sync()
+        self._attachment.sync()
 
     def quota_set(self, entry: Entry) -> None:
         """QuotaNotKept when the kernel cannot take the entry (its map is full) or
         its programs cannot attach: a quota is never accepted unenforced."""
         self._watch(entry, refuse=True)
-        why = self._sync()
+        why = self._attachment.sync()
         if why is not None:
             self._unwatch(entry)
             raise QuotaNotKept(f"{entry.pid}: the kernel programs did not attach: {why}")
 
     def baseline_reset(self, entry: Entry) -> None:
         self._watch(entry)  # flags cleared: the next crossing counts afresh, as in procfs
-        self._sync()
+        self._attachment.sync()
 
     def quota_cleared(self, entry: Entry) -> None:
         self._unwatch(entry)
@@ -202,8 +194,7 @@ class Backend:
             self._counters.close()
             self._counters = None
         keep = self._needed
-        with self._lock:
-            self.kw.close(unpin=not keep)
+        self._attachment.close(unpin=not keep)
         if keep:
             log.info(
                 "bpf: %d quotas stay enforced, pinned in %s", len(self._watched), self.kw.pin_dir
@@ -213,61 +204,33 @@ class Backend:
             PIN_ROOT.rmdir()
         log.info("bpf: detached and unpinned %s", self.kw.pin_dir)
 
-    # ----- the map --------------------------------------------------------
-
-    def _state_of(self, entry: Entry) -> WatchState:
-        quota = entry.quota
-        assert quota is not None
-        heap = None if quota.heap is None else (entry.heap_base + quota.heap) // PAGE
-        files = None if quota.files is None else entry.files_base + quota.files
-        soft = entry.deny.applied_soft if quota.action is Action.DENY else {}
-        return WatchState(
-            entry.process.start_time,
-            heap,
-            files,
-            0,
-            0,
-            soft.get(limits.DATA),
-            soft.get(limits.NOFILE),
-            BpfAction[quota.action.name],
-            0,
-            heap_base_pages=entry.heap_base // PAGE,
-        )
+    # ----- the map: one entry per process with a quota ---------------------
 
     def inherit(self, pid: int, start_time: int, quota: Quota) -> bool:
         """The children `pid` forks from now on (at any depth) are watched from their
         fork with `quota` over their usage then; False where the kernel cannot."""
-        heap = None if quota.heap is None else quota.heap // PAGE  # as _state_of: floor
+        heap = None if quota.heap is None else quota.heap // PAGE  # as watch_state_of: floor
         try:
             self.kw.inherit(pid, start_time, heap, quota.files, quota.action.name.lower())
         except OSError as error:
             log.error("bpf: children of pid=%d not watched at fork: %s", pid, error)
             return False
         self._inheriting = True  # the fork hook must run: attached from now on
-        self._sync()
+        self._attachment.sync()
         return True
 
     def _watch(self, entry: Entry, refuse: bool = False) -> None:
         if self._watched.get(entry.pid) is entry:
-            self._take(entry)  # the counts of the setting being replaced
-        s = self._state_of(entry)
+            self._reporter.take(entry)  # the counts of the setting being replaced
+        state = watch_state_of(entry)
         held = None if entry.pid in self._watched else self.kw.entry(entry.pid)
-        if held is not None and held.start_time == s.start_time and _same_limits(held, s):
+        if held is not None and held.setting == state.setting:
             self._watched[entry.pid] = entry  # made by the kernel at fork: kept as it is
-            self._exceeded_seen[entry.pid] = entry.events[EXCEEDED]
-            self._take(entry)
+            self._reporter.watching(entry)
+            self._reporter.take(entry)
             return
         try:
-            self.kw.watch(
-                entry.pid,
-                s.start_time,
-                s.heap_limit_pages,
-                s.fd_limit,
-                s.action.name.lower(),
-                data_soft=s.data_soft,
-                nofile_soft=s.nofile_soft,
-                heap_base_pages=s.heap_base_pages,
-            )
+            self.kw.watch_state(entry.pid, state)
         except ProcessLookupError:
             self._watched.pop(entry.pid, None)  # exited: its exit watcher removes it
             return
@@ -279,70 +242,26 @@ class Backend:
                 ) from None
             return
         self._watched[entry.pid] = entry
-        self._exceeded_seen[entry.pid] = entry.events[EXCEEDED]
+        self._reporter.watching(entry)
 
     def _unwatch(self, entry: Entry) -> None:
         if self._watched.get(entry.pid) is entry:
             if entry.ended is Ended.EXITED and not self._closed:
-                self._take(entry)  # the kernel's entry if its exit hook has not run yet
+                self._reporter.take(entry)  # the kernel's entry if its exit hook has not run yet
                 self._exited[entry.pid] = entry  # for the counts its exit event carries
                 while len(self._exited) > EXITED_KEPT:
                     del self._exited[next(iter(self._exited))]
             del self._watched[entry.pid]
-            self._exceeded_seen.pop(entry.pid, None)
+            self._reporter.forget(entry.pid)
             if not self._closed:
                 self.kw.unwatch(entry.pid)
-                self._sync()
-
-    # ----- attachment -------------------------------------------------------
-
-    def _sync(self) -> str | None:
-        """Attach at once when something is watched (a detach waits for the task);
-        the reason when the programs would not attach."""
-        failed = None
-        if self._needed and not self.kw.attached and not self._detaching:
-            with self._lock:
-                try:
-                    self.kw.attach()
-                except BpfUnavailable as why:
-                    log.error("bpf: attach failed, quotas not enforced in the kernel: %s", why)
-                    failed = str(why)
-        self._changed.set()
-        return failed
+                self._attachment.sync()
 
     @property
     def _needed(self) -> bool:
         """The programs must be attached: a quota is watched, or children are to be
         watched at fork (--track-children)."""
         return bool(self._watched) or self._inheriting
-
-    async def _attachment(self) -> None:
-        """Detach after IDLE_DETACH seconds with nothing watched; reattach after
-        a detach if a quota came meanwhile."""
-        while True:
-            await self._changed.wait()
-            self._changed = trio.Event()
-            if self._needed or not self.kw.attached:
-                continue
-            with trio.move_on_after(IDLE_DETACH):
-                while not self._needed:
-                    await self._changed.wait()
-                    self._changed = trio.Event()
-            if self._needed or self._closed:
-                continue
-            self._detaching = True
-            try:
-                started = time.monotonic()
-                await trio.to_thread.run_sync(self._detach)
-                log.info("bpf: detached (nothing watched), %.1f s", time.monotonic() - started)
-            finally:
-                self._detaching = False
-            self._sync()  # a quota set while detaching is attached now
-
-    def _detach(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self.kw.detach()
 
     # ----- events -----------------------------------------------------------
 
@@ -351,7 +270,7 @@ class Backend:
             task_status.started()
             return
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._attachment)
+            nursery.start_soon(self._attachment.run)
             nursery.start_soon(self._retries)
             nursery.start_soon(self._recheck_shrunk)
             task_status.started()
@@ -375,7 +294,7 @@ class Backend:
         if event.kind is Kind.EXITED:
             gone = entry or self._exited.pop(event.tgid, None)  # the engine saw it first
             if gone is not None and event.final is not None:  # counted, not taken yet
-                self._apply(gone, event.final)
+                self._reporter.apply(gone, event.final)
             elif gone is None and event.final is not None and event.final.killed:
                 pages, fds = event.final.usage_at  # a child watched since its fork
                 log.warning(
@@ -383,19 +302,12 @@ class Backend:
                     " (heap %d bytes, %d descriptors at the kill)", event.tgid, pages * PAGE, fds,
                 )  # fmt: skip
             if entry is not None:
-                del self._watched[event.tgid]  # the kernel removed its map entry
-                self._exceeded_seen.pop(event.tgid, None)
-                self._changed.set()
+                self._removed_in_kernel(event.tgid)
             return
         if meanwhile:
-            log.warning(
-                "bpf: while no daemon ran: pid=%d %s %s usage=%d limit=%d",
-                event.tgid,
-                event.kind.name.lower(),
-                event.which.name.lower(),
-                event.usage,
-                event.limit,
-            )
+            kind, which = event.kind.name.lower(), event.which.name.lower()
+            log.warning("bpf: while no daemon ran: pid=%d %s %s usage=%d limit=%d",
+                        event.tgid, kind, which, event.usage, event.limit)  # fmt: skip
         if event.kind is Kind.FORKED and entry is None:
             # watched by the kernel since its fork (an inherit rule): the engine
             # registers it with the kernel's baseline, then quota_set adopts it
@@ -403,78 +315,18 @@ class Backend:
             return
         if entry is None:
             return  # an entry gone meanwhile (reaped, deregistered)
-        self._take(entry)
+        self._reporter.take(entry)
 
-    def _take(self, entry: Entry) -> None:
-        """Hand the policy what the kernel counted for `entry` since the last take."""
-        taken = self.kw.take(entry.pid)
-        if taken is not None:
-            self._apply(entry, taken)
+    def _removed_in_kernel(self, pid: int) -> None:
+        """The kernel deleted the process's entry (it exited): no longer watched."""
+        del self._watched[pid]
+        self._reporter.forget(pid)
+        self._attachment.changed()
 
-    def _apply(self, entry: Entry, taken: Taken) -> None:
-        if taken.empty:
-            return
-        if taken.execs:
-            self.policy.heap_rebased(entry, taken.heap_base_pages * PAGE)
-        if taken.shrunk:
-            self._rechecks[entry.pid] = entry  # the deny limit set anew, soon (throttled)
-            self._recheck_due.set()
-        if taken.kill_failed:
-            log.warning("bpf: the kernel could not signal pid=%d; killing it", entry.pid)
-            self.policy.check(entry)  # a sample over the quota kills through the pidfd
-        notify = entry.effective_quota.action is Action.NOTIFY
-        crossing = ReportKind.NOTIFIED if notify else ReportKind.EXCEEDED
-        reports = []
-        for index, (resource, usage, limit) in enumerate(self._scaled(entry, taken)):
-            if taken.crossings[index]:
-                reports.append(
-                    Report(entry, crossing, resource, usage, limit, taken.crossings[index])
-                )
-            if taken.denied[index]:
-                reports.append(
-                    Report(entry, ReportKind.REFUSED, resource, usage, limit, taken.denied[index])
-                )
-        if taken.killed and not entry.killed:  # else a read's sample killed it first and counted it
-            reports.append(self._kill_report(entry, taken))
-        if taken.raised:
-            reports.append(Report(entry, ReportKind.RAISED, HEAP_RESOURCE, 0, 0, taken.raised))
-        for report in reports:
-            if report.kind in (ReportKind.NOTIFIED, ReportKind.EXCEEDED) and self._counted_already(
-                entry, report
-            ):
-                if report.count == 1:
-                    continue
-                report = dataclasses.replace(report, count=report.count - 1)
-            self.policy.reported(report)
-        self._exceeded_seen[entry.pid] = entry.events[EXCEEDED]
-
-    def _counted_already(self, entry: Entry, report: Report) -> bool:
-        """This crossing was counted by a sample (a read of the process's files, the
-        check when the quota was set) before its report came through the ring: the
-        entry's "exceeded" moved since the kernel's last report, and the resource
-        is over. Once per crossing, whoever saw it first."""
-        seen = self._exceeded_seen.get(entry.pid, entry.events[EXCEEDED])
-        if entry.events[EXCEEDED] > seen and report.resource.name in entry.over:
-            self._exceeded_seen[entry.pid] = entry.events[EXCEEDED]
-            return True
-        return False
-
-    @staticmethod
-    def _scaled(entry: Entry, taken: Taken) -> list[tuple[Resource, int, int]]:
-        """(resource, usage at the last crossing relative to the baseline, quota) of
-        heap and files: the kernel's absolute pages and descriptors as the policy's."""
-        quota = entry.effective_quota
-        heap = max(0, taken.usage_at[0] * PAGE - entry.heap_base)
-        files = max(0, taken.usage_at[1] - entry.files_base)
-        return [(HEAP_RESOURCE, heap, quota.heap or 0), (FILES_RESOURCE, files, quota.files or 0)]
-
-    def _kill_report(self, entry: Entry, taken: Taken) -> Report:
-        """The kill, with the resource that crossed: the one over its quota."""
-        heap, files = self._scaled(entry, taken)
-        quota = entry.effective_quota
-        heap_over = quota.heap is not None and heap[1] > heap[2]
-        files_over = quota.files is not None and files[1] > files[2]
-        return Report(entry, ReportKind.KILLED, *(files if files_over and not heap_over else heap))
+    def _recheck(self, entry: Entry) -> None:
+        """A deny entry's table shrank: its limit set anew, soon (throttled)."""
+        self._rechecks[entry.pid] = entry
+        self._recheck_due.set()
 
     def _reconcile(self) -> None:
         """The ring dropped events (it was full): every count is still in the map, and
@@ -487,11 +339,9 @@ class Backend:
         self._dropped = dropped
         for pid, entry in list(self._watched.items()):
             if self.kw.entry(pid) is None:
-                del self._watched[pid]
-                self._exceeded_seen.pop(pid, None)
-                self._changed.set()
+                self._removed_in_kernel(pid)
             else:
-                self._take(entry)
+                self._reporter.take(entry)
 
     async def _recheck_shrunk(self) -> None:
         """A deny quota's soft RLIMIT_NOFILE counts fd numbers: when its table shrank,
@@ -551,11 +401,16 @@ def _open_counters() -> CounterReader | None:
     return reader
 
 
-def _same_limits(old: WatchState, new: WatchState) -> bool:
-    """What the kernel holds is what the entry asks (peaks and flags aside)."""
-    return (old.start_time, old.heap_limit_pages, old.fd_limit, old.action) == (
-        new.start_time,
-        new.heap_limit_pages,
-        new.fd_limit,
-        new.action,
-    ) and (old.data_soft, old.nofile_soft) == (new.data_soft, new.nofile_soft)
+def watch_state_of(entry: Entry) -> WatchState:
+    """The `watched` entry for `entry`'s quota: absolute limits (baseline + quota;
+    heap in pages, rounded down), deny's soft limits in force, peaks from 0."""
+    quota = entry.quota
+    assert quota is not None
+    heap = None if quota.heap is None else (entry.heap_base + quota.heap) // PAGE
+    files = None if quota.files is None else entry.files_base + quota.files
+    soft = entry.deny.applied_soft if quota.action is Action.DENY else {}
+    return WatchState(
+        entry.process.start_time, heap, files, 0, 0, soft.get(limits.DATA),
+        soft.get(limits.NOFILE), BpfAction[quota.action.name], 0,
+        heap_base_pages=entry.heap_base // PAGE,
+    )  # fmt: skip

@@ -3,7 +3,9 @@
 # with BTF). Needs the Debian packages clang, llvm and libbpf-dev (headers); the
 # committed objects make them unnecessary at run time. The build is
 # deterministic, so tests/test_bpf.py rebuilds them where clang exists and
-# compares bytes, and checks *.bpf.o.sources (the sources' hashes) everywhere.
+# compares bytes, and checks *.bpf.o.sources everywhere: the hashes of the
+# source, of each header it includes with #include "..." (the structs shared
+# with user space) and of this script.
 #   tracker/backends/bpf/build.sh            rebuild the committed objects and their stamps
 #   tracker/backends/bpf/build.sh DIR        build the objects into DIR only
 set -euo pipefail
@@ -18,6 +20,8 @@ for source in *.bpf.c; do
     llvm-strip -g "$out.tmp"   # DWARF out, BTF (needed for CO-RE) stays
     mv "$out.tmp" "$out"
     if [ $# -eq 0 ]; then
-        sha256sum "$source" build.sh > "${source%.c}.o.sources"
+        headers=$(sed -n 's/^#include "\(.*\)"$/\1/p' "$source")
+        # shellcheck disable=SC2086  # one word per header
+        sha256sum "$source" $headers build.sh > "${source%.c}.o.sources"
     fi
 done

@@ -20,11 +20,13 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 
+#include "counters_shared.h"
+
 #define PAI __attribute__((preserve_access_index))
 
 struct mm_struct { unsigned long data_vm; } PAI;
 struct pid { __u64 ino; } PAI;
-struct task_struct { struct pid *thread_pid; struct mm_struct *mm; char comm[16]; } PAI;
+struct task_struct { struct pid *thread_pid; struct mm_struct *mm; char comm[COMM_LEN]; } PAI;
 
 extern struct task_struct *bpf_task_from_vpid(__s32 vpid) __ksym;
 extern void bpf_task_release(struct task_struct *p) __ksym;
@@ -32,23 +34,12 @@ extern void bpf_task_release(struct task_struct *p) __ksym;
 #define ESRCH 3
 #define ENODATA 61
 
-/* In: pid, ino (the pidfd's st_ino). Out: data_vm in pages, comm (NUL-terminated).
- * Returns 0; -ESRCH: no task of that number is that process; -ENODATA: it has no
- * address space (a zombie leader, an exiting task). */
-struct query {
-	__s32 pid;
-	__u32 pad;
-	__u64 ino;
-	__u64 data_vm_pages;
-	char comm[16];
-};
-
 SEC("syscall")
 int data_vm(struct query *query)
 {
 	struct task_struct *task = bpf_task_from_vpid(query->pid);
 	struct mm_struct *mm;
-	char comm[16] = {};
+	char comm[COMM_LEN] = {};
 	int ret = -ESRCH;
 
 	if (!task)

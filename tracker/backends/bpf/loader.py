@@ -23,13 +23,14 @@ from enum import IntEnum
 from pathlib import Path
 
 from tracker.backends.bpf import libbpf
+from tracker.linux import procfs
 
 OBJECT = Path(__file__).with_name("restrack.bpf.o")
 BPFFS = Path("/sys/fs/bpf")
 TRACEFS = Path("/sys/kernel/tracing")
-NONE = (1 << 64) - 1
+NONE = (1 << 64) - 1  # restrack_shared.h's NONE: no limit
 MAPS = ("watched", "events", "raises", "by_mm", "by_files", "stats", "inherit")
-WATCHED_MAX = 65536  # max_entries of `watched` in restrack.bpf.c
+WATCHED_MAX = 65536  # restrack_shared.h's: max_entries of `watched`
 
 # Syscalls whose exit is checked. Heap: every call that can grow mm->data_vm,
 # plus munmap and execve so a notify crossing re-arms when usage falls back.
@@ -75,9 +76,9 @@ TAKE_PROGRAM = "take_counts"  # SEC("syscall"): an entry's counts, taken once
 PEAKS_PROGRAM = "set_peaks"  # SEC("syscall"): restart an entry's watermarks
 NAMESPACE_PROGRAM = "learn_namespace"  # SEC("syscall"): run once after each load
 
-# The structs user space shares with restrack.bpf.c, field by field in its order
-# (struct codes; "2Q" is a __u64[2]): tests/test_bpf.py compares each with the
-# object's BTF, so the two sides cannot drift apart in silence.
+# The structs of restrack_shared.h, field by field in its order (struct codes;
+# "2Q" is a __u64[2]): tests/test_bpf.py compares each with the object's BTF,
+# and this list with the header's, so the two sides cannot drift apart in silence.
 LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "watch": (
         ("start_time", "Q"), ("heap_limit_pages", "Q"), ("fd_limit", "Q"),
@@ -107,6 +108,7 @@ LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("heap_base_pages", "Q"),
     ),
     "bind_args": (("key", "I"),),
+    "stats": (("dropped", "Q"),),
 }  # fmt: skip
 
 
@@ -154,6 +156,9 @@ _CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
 
 class BpfUnavailable(Exception):
     """The BPF engine cannot run here; str() is one line saying why."""
+
+
+# The enums of restrack_shared.h (tests/test_bpf.py compares them).
 
 
 class Action(IntEnum):
@@ -263,6 +268,15 @@ class WatchState:
     def killed(self) -> bool:
         return bool(self.flags & FLAG_KILLED)
 
+    @property
+    def setting(self) -> tuple[object, ...]:
+        """What user space decides (peaks, flags, counts and the bind aside): two
+        states with the same setting enforce the same quota on the same process."""
+        return (
+            self.start_time, self.heap_limit_pages, self.fd_limit, self.action,
+            self.data_soft, self.nofile_soft,
+        )  # fmt: skip
+
 
 def _taken(f: Fields, **rest: int) -> Taken:
     """Taken from the fields take_counts or an exit event hand over."""
@@ -280,10 +294,7 @@ def _raw(value: int | None) -> int:
     return NONE if value is None else value
 
 
-def start_time_of(tgid: int) -> int:
-    """/proc/PID/stat field 22, clock ticks since boot: what the kernel side compares."""
-    stat = Path(f"/proc/{tgid}/stat").read_bytes()
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+start_time_of = procfs.read_start_time  # the name bench/bpf_cost.py imports
 
 
 def _running(tgid: int, start_time: int) -> bool:
@@ -291,19 +302,20 @@ def _running(tgid: int, start_time: int) -> bool:
     (its exit, which removes the entry in the kernel, has not run yet). A zombie
     leader with live threads is running; a wholly dead, unreaped group is not."""
     try:
-        if start_time_of(tgid) != start_time:
+        if procfs.read_start_time(tgid) != start_time:
             return False
-        for task in Path(f"/proc/{tgid}/task").iterdir():
-            stat = (task / "stat").read_bytes()
-            if stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] not in (b"Z", b"X"):
+        for tid in procfs.list_tids(tgid):
+            if procfs.read_stat(tgid, tid).state not in ("Z", "X"):
                 return True
-    except (FileNotFoundError, ProcessLookupError):
+    except procfs.NoSuchProcess:
         pass
     return False
 
 
 class KernelWatch:
-    """The loaded object, its pinned maps, and its links while attached."""
+    """The loaded object and its pinned maps: the `watched` entries written and
+    read, the SEC("syscall") programs run on them, the ring read (`Ring`), the
+    programs attached while needed (`Links`)."""
 
     def __init__(self, lib: ctypes.CDLL, obj: int, pin_dir: Path) -> None:
         self._lib = lib
@@ -312,14 +324,8 @@ class KernelWatch:
         self._maps = {name: lib.bpf_object__find_map_by_name(obj, name.encode()) for name in MAPS}
         self._watched = lib.bpf_map__fd(self._maps["watched"])
         self._learn_namespace()
-        self._links: dict[str, int] = {}  # pin name -> struct bpf_link *
-        self._events: list[Event] = []
-        self._sample = libbpf.SAMPLE_FN(self._collect)  # referenced: libbpf calls it
-        self._ring = lib.ring_buffer__new(
-            lib.bpf_map__fd(self._maps["events"]), self._sample, None, None
-        )
-        if not self._ring:
-            raise BpfUnavailable(f"ring_buffer__new: {os.strerror(ctypes.get_errno())}")
+        self.links = Links(lib, obj, pin_dir / "links")
+        self.ring = Ring(lib, lib.bpf_map__fd(self._maps["events"]))
 
     def _learn_namespace(self) -> None:
         """Tell the programs which PID namespace the daemon's pids are in: map keys
@@ -353,7 +359,7 @@ class KernelWatch:
                 remove_tree(pin_dir)
             raise
         watch = cls(lib, obj, pin_dir)
-        watch._adopt_links()
+        watch.links.adopt()
         return watch
 
     def close(self, unpin: bool) -> None:
@@ -362,96 +368,33 @@ class KernelWatch:
         if not self._obj:
             return  # closed already
         if unpin:
-            self.detach()
+            self.links.detach()
             for bpf_map in self._maps.values():
                 self._lib.bpf_map__unpin(bpf_map, None)
             remove_tree(self.pin_dir)
         else:
-            for link in self._links.values():
-                self._lib.bpf_link__destroy(link)  # closes our fd; the pin keeps it attached
-            self._links.clear()
-        self._lib.ring_buffer__free(self._ring)
+            self.links.release()
+        self.ring.free()
         self._lib.bpf_object__close(self._obj)
-        self._ring = self._obj = 0
+        self._obj = 0
 
-    # --- attachment ----------------------------------------------------------
+    # --- attachment and events: Links and Ring, as the backend and tests call them ---
 
     @property
     def attached(self) -> bool:
-        return bool(self._links)
+        return self.links.attached
 
     def attach(self) -> None:
-        """Attach every program (the links missing only), each link pinned.
-
-        While attached, every syscall of every process on the machine takes the
-        tracepoint slow path: attach only while some process has a quota. On
-        failure the links made by this call are removed, adopted ones kept."""
-        made = []
-        try:
-            for program, category, tracepoint in _hook_list():
-                name = _pin_name(program, tracepoint)
-                if name not in self._links:
-                    made.append(name)
-                    self._attach_one(name, program, category, tracepoint)
-        except BpfUnavailable:
-            self._remove_links(made)
-            raise
+        self.links.attach()
 
     def detach(self) -> None:
-        """Remove every link (blocks ~3 s: see _remove_links); enforcement stops."""
-        self._remove_links(list(self._links))
-        remove_tree(self._links_dir)
+        self.links.detach()
 
-    def _remove_links(self, names: list[str]) -> None:
-        """Unpin and destroy links, in parallel: the last perf event of each
-        tracepoint waits for RCU grace periods as it goes (~4.5 s for all
-        serially here, ~3 s in parallel). Blocking: run it off the trio loop."""
-        links = [link for link in (self._links.pop(name, None) for name in names) if link]
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            list(pool.map(self._remove_link, links))
+    def ring_fd(self) -> int:
+        return self.ring.fd()
 
-    def _remove_link(self, link: int) -> None:
-        self._lib.bpf_link__unpin(link)
-        self._lib.bpf_link__destroy(link)
-
-    def sync_attachment(self) -> None:
-        """Attached exactly while `watched` has an entry: pay only while needed."""
-        if self.entries():
-            self.attach()
-        else:
-            self.detach()
-
-    @property
-    def _links_dir(self) -> Path:
-        return self.pin_dir / "links"
-
-    def _attach_one(self, name: str, program: str, category: str, tracepoint: str) -> None:
-        prog = self._lib.bpf_object__find_program_by_name(self._obj, program.encode())
-        if tracepoint:
-            link = self._lib.bpf_program__attach_tracepoint(
-                prog, category.encode(), tracepoint.encode()
-            )
-        else:
-            link = self._lib.bpf_program__attach(prog)
-        if not link:
-            where = f"{category}/{tracepoint}" if tracepoint else program
-            raise BpfUnavailable(f"attach {where}: {os.strerror(ctypes.get_errno())}")
-        self._links[name] = link
-        self._links_dir.mkdir(mode=0o700, exist_ok=True)
-        error = self._lib.bpf_link__pin(link, str(self._links_dir / name).encode())
-        if error:
-            raise BpfUnavailable(f"pin link {name}: {os.strerror(libbpf.errno_of(error))}")
-
-    def _adopt_links(self) -> None:
-        """Take over the links a previous holder pinned; complete a partial set."""
-        if not self._links_dir.is_dir():
-            return
-        for path in sorted(self._links_dir.iterdir()):
-            link = self._lib.bpf_link__open(str(path).encode())
-            if link:
-                self._links[path.name] = link
-        if self._links:
-            self.attach()
+    def drain(self) -> list[Event]:
+        return self.ring.drain()
 
     # --- the watched map -------------------------------------------------------
 
@@ -469,20 +412,24 @@ class KernelWatch:
         fd_peak: int = 0,
         heap_base_pages: int = 0,
     ) -> None:
-        """Watch thread group `tgid` (replacing its entry, flags cleared).
-
-        Limits are absolute data_vm pages and descriptors (baseline + quota);
-        usage is over a limit when it exceeds it. Raises ProcessLookupError, leaving no entry,
-        if `tgid` is no longer the process that started at `start_time`: an
-        entry inserted after its exit would otherwise never be removed."""
+        """Watch thread group `tgid` with these limits (`watch_state`, spelled out)."""
         state = WatchState(
             start_time, heap_limit_pages, fd_limit, heap_peak_pages, fd_peak,
             data_soft, nofile_soft, Action[action.upper()], 0, heap_base_pages=heap_base_pages,
         )  # fmt: skip
+        self.watch_state(tgid, state)
+
+    def watch_state(self, tgid: int, state: WatchState) -> None:
+        """Watch thread group `tgid` as `state` says (replacing its entry).
+
+        Limits are absolute data_vm pages and descriptors (baseline + quota);
+        usage is over a limit when it exceeds it. Raises ProcessLookupError, leaving no entry,
+        if `tgid` is no longer the process that started at `state.start_time`: an
+        entry inserted after its exit would otherwise never be removed."""
         self._update(tgid, state, libbpf.BPF_ANY)
-        if not _running(tgid, start_time) or not self._bind(tgid):
+        if not _running(tgid, state.start_time) or not self._bind(tgid):
             self.unwatch(tgid)
-            raise ProcessLookupError(tgid, f"process {tgid} (start {start_time}) is gone")
+            raise ProcessLookupError(tgid, f"process {tgid} (start {state.start_time}) is gone")
 
     def _bind(self, tgid: int) -> bool:
         """Index the process's address space and descriptor table in the kernel (for
@@ -556,11 +503,11 @@ class KernelWatch:
 
     def dropped(self) -> int:
         """Events the kernel could not queue (a full ring) since the maps were made."""
-        value = ctypes.create_string_buffer(8)
+        value = ctypes.create_string_buffer(layout("stats").size)
         fd = self._lib.bpf_map__fd(self._maps["stats"])
         if self._lib.bpf_map_lookup_elem(fd, _KEY.pack(0), value):
             return 0
-        return struct.unpack("<Q", value.raw)[0]
+        return unpack("stats", value.raw)["dropped"]
 
     def _run(self, program: str, context: bytes) -> bytes:
         """Run a SEC("syscall") program on `context`; the context as it wrote it."""
@@ -589,9 +536,117 @@ class KernelWatch:
             keys[_KEY.unpack(key)[0]] = None
         return list(keys)
 
-    # --- events ----------------------------------------------------------------
+    # --- for tests and diagnostics ------------------------------------------------
 
-    def ring_fd(self) -> int:
+    def program_ids(self) -> list[int]:
+        names = (*HOOKS, *SECTION_PROGRAMS)
+        progs = [self._lib.bpf_object__find_program_by_name(self._obj, n.encode()) for n in names]
+        return [_object_id(self._lib, self._lib.bpf_program__fd(prog)) for prog in progs]
+
+    def link_ids(self) -> list[int]:
+        return self.links.ids()
+
+
+class Links:
+    """The programs' links, each pinned in `directory` as it is made: attached
+    while some process is watched, adopted from a previous holder, left pinned
+    (enforcing) or removed at the end."""
+
+    def __init__(self, lib: ctypes.CDLL, obj: int, directory: Path) -> None:
+        self._lib = lib
+        self._obj = obj
+        self._dir = directory
+        self._links: dict[str, int] = {}  # pin name -> struct bpf_link *
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._links)
+
+    def attach(self) -> None:
+        """Attach every program (the links missing only), each link pinned.
+
+        While attached, every syscall of every process on the machine takes the
+        tracepoint slow path: attach only while some process has a quota. On
+        failure the links made by this call are removed, adopted ones kept."""
+        made = []
+        try:
+            for program, category, tracepoint in _hook_list():
+                name = _pin_name(program, tracepoint)
+                if name not in self._links:
+                    made.append(name)
+                    self._attach_one(name, program, category, tracepoint)
+        except BpfUnavailable:
+            self._remove(made)
+            raise
+
+    def detach(self) -> None:
+        """Remove every link (blocks ~3 s: see _remove); enforcement stops."""
+        self._remove(list(self._links))
+        remove_tree(self._dir)
+
+    def release(self) -> None:
+        """Close our handles only: the pins keep every link attached."""
+        for link in self._links.values():
+            self._lib.bpf_link__destroy(link)
+        self._links.clear()
+
+    def adopt(self) -> None:
+        """Take over the links a previous holder pinned; complete a partial set."""
+        if not self._dir.is_dir():
+            return
+        for path in sorted(self._dir.iterdir()):
+            link = self._lib.bpf_link__open(str(path).encode())
+            if link:
+                self._links[path.name] = link
+        if self._links:
+            self.attach()
+
+    def ids(self) -> list[int]:
+        links = self._links.values()
+        return [_object_id(self._lib, self._lib.bpf_link__fd(link)) for link in links]
+
+    def _remove(self, names: list[str]) -> None:
+        """Unpin and destroy links, in parallel: the last perf event of each
+        tracepoint waits for RCU grace periods as it goes (~4.5 s for all
+        serially here, ~3 s in parallel). Blocking: run it off the trio loop."""
+        links = [link for link in (self._links.pop(name, None) for name in names) if link]
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(self._remove_one, links))
+
+    def _remove_one(self, link: int) -> None:
+        self._lib.bpf_link__unpin(link)
+        self._lib.bpf_link__destroy(link)
+
+    def _attach_one(self, name: str, program: str, category: str, tracepoint: str) -> None:
+        prog = self._lib.bpf_object__find_program_by_name(self._obj, program.encode())
+        if tracepoint:
+            link = self._lib.bpf_program__attach_tracepoint(
+                prog, category.encode(), tracepoint.encode()
+            )
+        else:
+            link = self._lib.bpf_program__attach(prog)
+        if not link:
+            where = f"{category}/{tracepoint}" if tracepoint else program
+            raise BpfUnavailable(f"attach {where}: {os.strerror(ctypes.get_errno())}")
+        self._links[name] = link
+        self._dir.mkdir(mode=0o700, exist_ok=True)
+        error = self._lib.bpf_link__pin(link, str(self._dir / name).encode())
+        if error:
+            raise BpfUnavailable(f"pin link {name}: {os.strerror(libbpf.errno_of(error))}")
+
+
+class Ring:
+    """The `events` ring buffer: its fd to wait on, and the events it holds."""
+
+    def __init__(self, lib: ctypes.CDLL, events_fd: int) -> None:
+        self._lib = lib
+        self._events: list[Event] = []
+        self._sample = libbpf.SAMPLE_FN(self._collect)  # referenced: libbpf calls it
+        self._ring = lib.ring_buffer__new(events_fd, self._sample, None, None)
+        if not self._ring:
+            raise BpfUnavailable(f"ring_buffer__new: {os.strerror(ctypes.get_errno())}")
+
+    def fd(self) -> int:
         """Readable when events wait: `await trio.lowlevel.wait_readable(fd)`."""
         if not self._ring:
             raise ValueError("the kernel watch is closed")
@@ -605,6 +660,10 @@ class KernelWatch:
         events, self._events = self._events, []
         return events
 
+    def free(self) -> None:
+        self._lib.ring_buffer__free(self._ring)
+        self._ring = 0
+
     def _collect(self, _ctx: int | None, data: int, size: int) -> int:
         raw = ctypes.string_at(data, size)
         tgid, kind, which, _pad, usage, limit, when = _EVENT.unpack_from(raw)
@@ -614,17 +673,6 @@ class KernelWatch:
             final = _taken(f, execs=f["execs"], heap_base_pages=f["heap_base_pages"])
         self._events.append(Event(tgid, Kind(kind), Which(which), usage, limit, when, final))
         return 0
-
-    # --- for tests and diagnostics ------------------------------------------------
-
-    def program_ids(self) -> list[int]:
-        names = (*HOOKS, *SECTION_PROGRAMS)
-        progs = [self._lib.bpf_object__find_program_by_name(self._obj, n.encode()) for n in names]
-        return [_object_id(self._lib, self._lib.bpf_program__fd(prog)) for prog in progs]
-
-    def link_ids(self) -> list[int]:
-        links = self._links.values()
-        return [_object_id(self._lib, self._lib.bpf_link__fd(link)) for link in links]
 
 
 def _pin_name(program: str, tracepoint: str) -> str:
@@ -674,9 +722,8 @@ PIN_NAMES = frozenset({*MAPS, "links"})
 
 def _bpffs_root(path: Path) -> Path:
     """The mount point of the bpffs that holds `path` (the longest mount prefix)."""
-    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
-              if line.split()[2] == "bpf"]  # fmt: skip
-    under = [Path(m) for m in mounts if path == Path(m) or Path(m) in path.parents]
+    mounts = [Path(m.mount_point) for m in procfs.read_mounts() if m.fs_type == "bpf"]
+    under = [m for m in mounts if path == m or m in path.parents]
     if not under:
         raise BpfUnavailable(f"{path} is not on a bpf filesystem")
     return max(under, key=lambda m: len(m.parts))
@@ -779,7 +826,7 @@ def check_prerequisites(obj: Path | None = None, *, mounts: bool = True) -> None
         raise BpfUnavailable("no kernel BTF (/sys/kernel/btf/vmlinux): CO-RE cannot relocate")
     if not obj.exists():
         raise BpfUnavailable(f"BPF object missing: {obj} (tracker/backends/bpf/build.sh)")
-    caps = _effective_caps()
+    caps = procfs.read_effective_caps()
     if not (caps >> _CAP_SYS_ADMIN & 1 or (caps >> _CAP_BPF & 1 and caps >> _CAP_PERFMON & 1)):
         raise BpfUnavailable("no CAP_BPF/CAP_PERFMON (nor CAP_SYS_ADMIN)")
     if mounts:
@@ -787,16 +834,8 @@ def check_prerequisites(obj: Path | None = None, *, mounts: bool = True) -> None
         _ensure_mounted(TRACEFS, "tracefs")
 
 
-def _effective_caps() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return 0
-
-
 def _ensure_mounted(target: Path, fstype: str, options: str = "") -> None:
-    mounts = Path("/proc/self/mounts").read_text().splitlines()
-    if any(line.split()[1:3] == [str(target), fstype] for line in mounts):
+    if procfs.Mount(str(target), fstype) in procfs.read_mounts():
         return
     try:
         libbpf.mount("nodev" if fstype == "tracefs" else fstype, str(target), fstype, options)

@@ -19,13 +19,17 @@
  *
  * Kernel types are declared here by hand, only the fields read, with
  * preserve_access_index: libbpf relocates each access against the running
- * kernel's BTF (CO-RE), so no vmlinux.h is needed.
+ * kernel's BTF (CO-RE), so no vmlinux.h is needed. What user space reads or
+ * writes (map values, ring records, the syscall programs' contexts, the enums
+ * in them) is declared in restrack_shared.h.
  */
 #include <linux/types.h>
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
+
+#include "restrack_shared.h"
 
 #define PAI __attribute__((preserve_access_index))
 
@@ -68,10 +72,8 @@ extern int bpf_send_signal_task(struct task_struct *task, int sig, enum pid_type
 				__u64 value) __ksym;
 extern void bpf_task_release(struct task_struct *p) __ksym;
 
-#define NONE (~0ULL)
 #define PAGE_SHIFT 12
 #define SIGKILL 9
-#define CLOCK_TICK_NS 10000000ULL /* USER_HZ = 100: /proc/PID/stat start time */
 #define RLIMIT_DATA 2
 #define RLIMIT_NOFILE 7
 #define PROT_WRITE 0x2
@@ -93,61 +95,10 @@ extern void bpf_task_release(struct task_struct *p) __ksym;
 __u32 ns_level;
 __u32 ns_inum;
 
-enum action { ACT_KILL = 0, ACT_DENY = 1, ACT_NOTIFY = 2 };
-enum kind {
-	EV_EXCEEDED = 1, EV_KILLED = 2, EV_NOTIFIED = 3, EV_RAISED = 4, EV_EXITED = 5,
-	EV_KILL_FAILED = 6, EV_DENIED = 7, EV_EXEC = 8, EV_SHRUNK = 9, EV_FORKED = 10,
-};
-enum which { W_NONE = 0, W_HEAP = 1, W_FILES = 2 };
-enum flag { F_HEAP_OVER = 1, F_FILES_OVER = 2, F_KILLED = 4, F_KILL_FAILED = 8 };
-
-/* One watched thread group. Limits are absolute (baseline + quota), NONE if unset;
- * "over" means usage > limit. */
-struct watch {
-	__u64 start_time;	/* clock ticks since boot, /proc/PID/stat field 22 */
-	__u64 heap_limit_pages;	/* mm->data_vm pages */
-	__u64 fd_limit;		/* open descriptors */
-	__u64 heap_peak_pages;	/* watermarks, raised at every check */
-	__u64 fd_peak;
-	__u64 data_soft;	/* deny: the soft RLIMIT_DATA set, bytes */
-	__u64 nofile_soft;	/* deny: the soft RLIMIT_NOFILE set */
-	__u32 action;
-	__u32 flags;		/* enum flag */
-	__u64 mm;		/* its mm_struct and files_struct (bind, sched_process_exec): */
-	__u64 files;		/* another thread group sharing them grows this process */
-	__u32 host_tgid;	/* its tgid in the initial namespace, to signal it */
-	__u32 pending;		/* 1: an event for this entry is in the ring, not yet taken */
-	/* What happened, kept until the daemon takes it (take_counts): so a process
-	 * that flips over and back floods nothing, and a full ring loses no count. */
-	__u64 crossings[2];	/* [which - 1]: crossings over a notify or deny limit */
-	__u64 usage_at[2];	/* [which - 1]: the usage at the last crossing or kill */
-	__u64 denied[2];	/* [which - 1], deny: calls the kernel refused (ENOMEM, EMFILE) */
-	__u64 raised;		/* deny: soft limits raised above the ones set */
-	__u64 kills;		/* 1 once killed (kept in flags too) */
-	__u64 kill_failed;
-	__u64 heap_base_pages;	/* data_vm at the baseline: limit - base is the quota */
-	__u64 execs;		/* execs that lowered the heap baseline */
-	__u64 fd_last;		/* deny: the descriptor count at the last check */
-	__u64 shrunk;		/* deny: checks that found fewer descriptors than the last */
-};
-
 /* The ring's records in the object's BTF, for the test that compares them with
  * user space's layouts (the libbpf-bootstrap habit). */
 const struct event *unused_event __attribute__((unused));
 const struct exit_event *unused_exit_event __attribute__((unused));
-
-/* Counts kept in the kernel: ring events dropped (a full ring). */
-struct stats { __u64 dropped; };
-
-struct event {
-	__u32 tgid;
-	__u32 kind;
-	__u32 which;
-	__u32 pad;
-	__u64 usage;
-	__u64 limit;
-	__u64 time_ns;	/* CLOCK_MONOTONIC when it happened */
-};
 
 /* The address space and descriptor table of each watched process -> its key:
  * whoever shares them (CLONE_VM without CLONE_THREAD, vfork, CLONE_FILES) is
@@ -166,31 +117,7 @@ struct {
 	__type(value, __u32);
 } by_files SEC(".maps");
 
-/* The last word on an entry removed in the kernel (its group exited): the counts
- * no take_counts collected, which would go with the entry. */
-struct exit_event {
-	struct event head;	/* kind EV_EXITED */
-	__u64 crossings[2];
-	__u64 denied[2];
-	__u64 raised;
-	__u64 kills;
-	__u64 kill_failed;
-	__u64 usage_at[2];
-	__u64 execs;
-	__u64 heap_base_pages;
-};
-
-/* --track-children with a default quota: the processes whose new children are
- * watched from their first instruction, with this quota over their usage at
- * fork. A child inherits the rule, so it holds at any depth. */
-struct inherit {
-	__u64 start_time;	/* of the process this rule is for, as in struct watch */
-	__u64 heap_quota_pages;	/* NONE: no heap quota */
-	__u64 fd_quota;		/* NONE: no descriptor quota */
-	__u32 action;
-	__u32 pad;
-};
-
+/* --track-children's rules (struct inherit), by the key of the process they are for. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
@@ -208,7 +135,7 @@ struct raise {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, WATCHED_MAX);
 	__type(key, __u32);
 	__type(value, struct watch);
 } watched SEC(".maps");
@@ -396,6 +323,21 @@ static struct watch *sharer_watch(void *by, __u64 shared, __u32 *key, int mm)
 	return w;
 }
 
+/* The entry a check of the current task is for: its own thread group's, else
+ * (*sharer set) the one whose address space (mm) or descriptor table it shares. */
+static __always_inline struct watch *checked_watch(int mm, __u32 *tgid, int *sharer)
+{
+	struct task_struct *task = (void *)bpf_get_current_task();
+	struct watch *w = current_watch(tgid);
+
+	*sharer = !w;
+	if (w)
+		return w;
+	if (mm)
+		return sharer_watch(&by_mm, (__u64)BPF_CORE_READ(task, mm), tgid, 1);
+	return sharer_watch(&by_files, (__u64)BPF_CORE_READ(task, files), tgid, 0);
+}
+
 /* SIGKILL to the watched thread group itself, from a sharer's call. */
 static void kill_owner(struct watch *w)
 {
@@ -495,19 +437,13 @@ static __always_inline void count_denied(struct watch *w, __u32 tgid, __u32 whic
 SEC("tracepoint")
 int heap_exit(struct sys_exit *ctx)
 {
-	struct task_struct *task = (void *)bpf_get_current_task();
-	int sharer = 0;
-	struct watch *w;
+	int sharer;
 	__u32 tgid;
+	struct watch *w = checked_watch(1, &tgid, &sharer);
 	__u64 pages;
 
-	w = current_watch(&tgid);
-	if (!w) {
-		w = sharer_watch(&by_mm, (__u64)BPF_CORE_READ(task, mm), &tgid, 1);
-		if (!w)
-			return 0;
-		sharer = 1;
-	}
+	if (!w)
+		return 0;
 	pages = data_vm_pages();
 	raise_peak(&w->heap_peak_pages, pages);
 	judge_shared(w, tgid, W_HEAP, F_HEAP_OVER, pages, w->heap_limit_pages, sharer);
@@ -551,19 +487,13 @@ static __u64 open_fds(void)
 /* The descriptor check; ret is the call's result (0 where there is none). */
 static __always_inline void check_files(long ret)
 {
-	struct task_struct *task = (void *)bpf_get_current_task();
-	int sharer = 0;
-	struct watch *w;
+	int sharer;
 	__u32 tgid;
+	struct watch *w = checked_watch(0, &tgid, &sharer);
 	__u64 fds;
 
-	w = current_watch(&tgid);
-	if (!w) {
-		w = sharer_watch(&by_files, (__u64)BPF_CORE_READ(task, files), &tgid, 0);
-		if (!w)
-			return;
-		sharer = 1;
-	}
+	if (!w)
+		return;
 	fds = open_fds();
 	raise_peak(&w->fd_peak, fds);
 	judge_shared(w, tgid, W_FILES, F_FILES_OVER, fds, w->fd_limit, sharer);
@@ -881,21 +811,6 @@ int BPF_PROG(group_fork, struct task_struct *parent, struct task_struct *child)
 	return 0;
 }
 
-/* In and out of take_counts: key in, what w held out (and zeroed in w). */
-struct take {
-	__u32 key;
-	__u32 found;
-	__u64 crossings[2];
-	__u64 usage_at[2];
-	__u64 denied[2];
-	__u64 raised;
-	__u64 kills;
-	__u64 kill_failed;
-	__u64 execs;
-	__u64 heap_base_pages;
-	__u64 shrunk;
-};
-
 /* Run by the daemon for each event (and at a reconcile): clear pending first,
  * so a change after it sends a new event, then take each count exactly once. */
 SEC("syscall")
@@ -924,8 +839,6 @@ int take_counts(struct take *t)
 	return 0;
 }
 
-struct peaks_args { __u32 key; __u32 found; __u64 heap_pages; __u64 fds; };
-
 /* Restart the watermarks from the given values (a usage reset) without rewriting
  * the entry: flags and counts the kernel changes meanwhile stay. */
 SEC("syscall")
@@ -941,8 +854,6 @@ int set_peaks(struct peaks_args *a)
 	}
 	return 0;
 }
-
-struct bind_args { __u32 key; };
 
 /* Run by the daemon (BPF_PROG_TEST_RUN) after it writes an entry: index the
  * process's address space and descriptor table. key is a pid in the daemon's
