@@ -353,24 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("deregister", cmd_deregister, "stop tracking processes")
     sub.add_argument("pids", nargs="+", type=_pid, metavar="PID")
 
-    sub = add("cap", cmd_cap, "set a process's quota (once, until reset)")
-    sub.add_argument("pid", type=_pid, metavar="PID")
-    sub.add_argument(
-        "--heap",
-        metavar="SIZE",
-        help="bytes, K/M/G/T suffix (a decimal too, as status prints it: 1.5G), or max",
-    )
-    sub.add_argument("--files", metavar="N", help="open file count, or max")
-    sub.add_argument("--action", choices=["kill", "deny", "notify"])
-
-    sub = add("reset", cmd_reset, "clear the quota and restart the counters")
-    sub.add_argument("pid", type=_pid, metavar="PID")
-    what = sub.add_mutually_exclusive_group()
-    what.add_argument("--quota", dest="what", action="store_const", const="quota",
-                      help="clear the quota only")  # fmt: skip
-    what.add_argument("--usage", dest="what", action="store_const", const="usage",
-                      help="restart the usage counters only")  # fmt: skip
-    sub.set_defaults(what="all")
+    _add_quota_commands(add)
 
     sub = add("show", cmd_show, "every field of one tracked process")
     sub.add_argument("pid", type=_pid, metavar="PID")
@@ -393,6 +376,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("program", nargs=argparse.REMAINDER)
     add("cflags", cmd_cflags, "compiler flags for restrack.h: cc $(restrack cflags) prog.c")
     return parser
+
+
+def _add_quota_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """`cap` and `reset`: the two commands that change a quota."""
+    sub = add("cap", cmd_cap, "set a process's quota (once, until reset)")
+    sub.add_argument("pid", type=_pid, metavar="PID")
+    sub.add_argument(
+        "--heap",
+        metavar="SIZE",
+        help="bytes, K/M/G/T suffix (a decimal too, as status prints it: 1.5G), or max",
+    )
+    sub.add_argument("--files", metavar="N", help="open file count, or max")
+    sub.add_argument("--action", choices=["kill", "deny", "notify"])
+
+    sub = add("reset", cmd_reset, "clear the quota and restart the counters")
+    sub.add_argument("pid", type=_pid, metavar="PID")
+    what = sub.add_mutually_exclusive_group()
+    what.add_argument("--quota", dest="what", action="store_const", const="quota",
+                      help="clear the quota only")  # fmt: skip
+    what.add_argument("--usage", dest="what", action="store_const", const="usage",
+                      help="restart the usage counters only")  # fmt: skip
+    sub.set_defaults(what="all")
 
 
 def _describe(error: OSError) -> str:

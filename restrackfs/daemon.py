@@ -43,6 +43,13 @@ _MNT_DETACH = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check(parser, args)
+    return args
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="restrackfs",
         description="Mount the per-process resource tracking filesystem.",
@@ -94,6 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FILE",
         help="log here (default: stderr; detached, the state file's name with .log)",
     )
+    _add_endpoint_options(parser)
+    _add_tracking_options(parser)
+    return parser
+
+
+def _add_endpoint_options(parser: argparse.ArgumentParser) -> None:
     endpoint = parser.add_argument_group("scrape endpoint")
     endpoint.add_argument(
         "--metrics-listen",
@@ -105,8 +118,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="with --hidepid, allow a non-loopback --metrics-listen (it shows every process)",
     )
-    _add_tracking_options(parser)
-    args = parser.parse_args(argv)
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors the options cannot express, and the defaults that follow from others."""
     if args.mountpoint is None and not (args.release and args.state):
         parser.error("a mount point is needed (or --release --state FILE)")
     if args.interval < 1:
@@ -129,7 +144,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.foreground = True
     if args.log_file is None and not args.foreground:
         args.log_file = args.state.with_suffix(".log")
-    return args
 
 
 def _add_tracking_options(parser: argparse.ArgumentParser) -> None:
@@ -340,7 +354,7 @@ async def serve(args: argparse.Namespace, on_ready: Callable[[], None]) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_terminate_on_signal)
-                nursery.start_soon(ops.run_invalidations)
+                nursery.start_soon(ops.notices.run_invalidations)
                 if args.selection.enabled:
                     nursery.start_soon(AutoTracker(engine, args.selection).run)
                 if listeners:
@@ -355,7 +369,7 @@ async def serve(args: argparse.Namespace, on_ready: Callable[[], None]) -> None:
                 await pyfuse3.main(**main_options())
                 nursery.cancel_scope.cancel()
         finally:
-            ops.detach()
+            ops.notices.detach()
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", args.mountpoint)
 

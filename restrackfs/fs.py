@@ -275,6 +275,39 @@ class KernelNotices:
             await trio.to_thread.run_sync(pyfuse3.invalidate_entry, ROOT, name)
 
 
+def attributes_of(node: Node, mounted_at: int, dir_timeout: float) -> pyfuse3.EntryAttributes:
+    """What stat(2) shows of a node: its owner the process's, its times the
+    registration's (the mount's for the top files); process directories cached
+    for `dir_timeout` only."""
+    attr = pyfuse3.EntryAttributes()
+    attr.st_ino = node.inode
+    attr.generation = 0
+    attr.st_nlink = 2 if node.is_dir else 1
+    if node.spec is None:
+        attr.st_mode = stat.S_IFDIR | 0o555
+    else:
+        attr.st_mode = stat.S_IFREG | node.spec.mode
+    if node.inode == ROOT:
+        attr.st_mode = stat.S_IFDIR | 0o755
+    timestamp = mounted_at
+    if node.entry is not None:
+        attr.st_uid, attr.st_gid = node.entry.owner_uid, node.entry.owner_gid
+        timestamp = int(node.entry.registered * 1e9)
+    attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = timestamp
+    attr.st_size = 0
+    attr.st_blksize = 4096
+    attr.st_blocks = 0
+    is_process_dir = node.entry is not None and node.is_dir
+    attr.entry_timeout = dir_timeout if is_process_dir else STABLE_TIMEOUT
+    attr.attr_timeout = dir_timeout if node.entry is not None else STABLE_TIMEOUT
+    return attr
+
+
+def _poll_key(handle: Handle) -> int:
+    """Pollers of `events` by entry serial; 0 for the top file's."""
+    return 0 if handle.node.entry is None else handle.node.entry.serial
+
+
 class RestrackOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -301,14 +334,6 @@ class RestrackOperations(pyfuse3.Operations):
 
     # ----- helpers -------------------------------------------------------
 
-    async def run_invalidations(self) -> None:
-        """Make the kernel forget removed process directories (see `KernelNotices`)."""
-        await self.notices.run_invalidations()
-
-    def detach(self) -> None:
-        """The session is about to close: send the kernel nothing more."""
-        self.notices.detach()
-
     def _visible(self, entry: Entry, uid: int) -> bool:
         return visible(entry, uid, self.hidepid)
 
@@ -328,28 +353,7 @@ class RestrackOperations(pyfuse3.Operations):
         return caller
 
     def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
-        attr = pyfuse3.EntryAttributes()
-        attr.st_ino = node.inode
-        attr.generation = 0
-        attr.st_nlink = 2 if node.is_dir else 1
-        if node.spec is None:
-            attr.st_mode = stat.S_IFDIR | 0o555
-        else:
-            attr.st_mode = stat.S_IFREG | node.spec.mode
-        if node.inode == ROOT:
-            attr.st_mode = stat.S_IFDIR | 0o755
-        timestamp = self._mounted_at
-        if node.entry is not None:
-            attr.st_uid, attr.st_gid = node.entry.owner_uid, node.entry.owner_gid
-            timestamp = int(node.entry.registered * 1e9)
-        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = timestamp
-        attr.st_size = 0
-        attr.st_blksize = 4096
-        attr.st_blocks = 0
-        is_process_dir = node.entry is not None and node.is_dir
-        attr.entry_timeout = self._dir_timeout if is_process_dir else STABLE_TIMEOUT
-        attr.attr_timeout = self._dir_timeout if node.entry is not None else STABLE_TIMEOUT
-        return attr
+        return attributes_of(node, self._mounted_at, self._dir_timeout)
 
     # ----- lookups -------------------------------------------------------
 
@@ -567,11 +571,7 @@ class RestrackOperations(pyfuse3.Operations):
     def release(self, fh: int) -> None:
         handle = self.handles.pop(fh)
         if handle is not None and handle.node.spec is not None and handle.node.spec.pollable:
-            self.notices.pollers.get(self._poll_key(handle), {}).pop(fh, None)
-
-    @staticmethod
-    def _poll_key(handle: Handle) -> int:
-        return 0 if handle.node.entry is None else handle.node.entry.serial
+            self.notices.pollers.get(_poll_key(handle), {}).pop(fh, None)
 
     @boundary
     async def poll(
@@ -595,7 +595,7 @@ class RestrackOperations(pyfuse3.Operations):
         if changed:
             return select.POLLIN | select.POLLPRI
         if poll_handle is not None:
-            self.notices.pollers.setdefault(self._poll_key(handle), {})[fh] = poll_handle
+            self.notices.pollers.setdefault(_poll_key(handle), {})[fh] = poll_handle
         return 0
 
     # ----- refused -------------------------------------------------------

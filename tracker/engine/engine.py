@@ -128,7 +128,7 @@ class Engine:
         if known is not None:
             self.policy.enforce_first(known)
             raise AlreadyTracked(f"{tgid}: already tracked")
-        entry = self._new_entry(Process.open(tgid), caller_uid, baseline)
+        entry = new_entry(Process.open(tgid), caller_uid, self.registry.next_serial(), baseline)
         try:
             self.store.put(entry)
         except StateNotSaved:
@@ -137,27 +137,6 @@ class Engine:
         self.registry.add(entry)
         log.info("registered pid=%d comm=%s by uid=%d", tgid, escape_comm(entry.comm), caller_uid)
         return entry
-
-    def _new_entry(
-        self, process: Process, caller_uid: int, baseline: Counters | None = None
-    ) -> Entry:
-        """An entry for the pinned `process`, its baselines read now (the pinned reads decide)."""
-        try:
-            status = process.status()
-            access.check_control(caller_uid, status.real_uid, process.pid)
-            usage = process.usage()
-        except BaseException:
-            process.close()
-            raise
-        return Entry(
-            process=process,
-            serial=self.registry.next_serial(),
-            owner_uid=status.real_uid,
-            owner_gid=status.real_gid,
-            baseline=Counters.of_usage(usage) if baseline is None else baseline,
-            registered=time.time(),
-            comm=usage.comm,
-        )
 
     async def deregister(self, pid: int, caller_uid: int) -> Entry:
         """Stop tracking `pid`: answered once deny's soft limits are given back (or
@@ -359,6 +338,28 @@ class Engine:
             with suppress(StateNotSaved):  # nobody to tell; the next start drops it anyway
                 self.store.drop(entry)
         self.backend.removed(entry)
+
+
+def new_entry(
+    process: Process, caller_uid: int, serial: int, baseline: Counters | None = None
+) -> Entry:
+    """An entry for the pinned `process`, its baselines read now (the pinned reads decide)."""
+    try:
+        status = process.status()
+        access.check_control(caller_uid, status.real_uid, process.pid)
+        usage = process.usage()
+    except BaseException:
+        process.close()
+        raise
+    return Entry(
+        process=process,
+        serial=serial,
+        owner_uid=status.real_uid,
+        owner_gid=status.real_gid,
+        baseline=Counters.of_usage(usage) if baseline is None else baseline,
+        registered=time.time(),
+        comm=usage.comm,
+    )
 
 
 @asynccontextmanager
