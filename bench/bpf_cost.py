@@ -69,7 +69,7 @@ def request_of(mode: str, step: int, which: str) -> float:
 
 
 def compile_helpers(into: Path) -> dict[str, Path]:
-    sources = {"syscost": ROOT / "bench/c/syscost.c", "grow": ROOT / "tests/c/grow.c"}
+    sources = {"syscost": ROOT / "bench/c/syscost.c", "grow": ROOT / "tests/support/c/grow.c"}
     for name, source in sources.items():
         subprocess.run(["gcc", "-O2", "-pthread", "-o", into / name, source], check=True)
     return {name: into / name for name in sources}

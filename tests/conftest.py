@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 
 from restrackfs import daemon as restrackfs_daemon
-from tests.grow import grow_binary, grower  # noqa: F401  (fixtures for every module)
+from tests.support.grow import grow_binary, grower  # noqa: F401  (fixtures for every module)
+from tests.support.paths import C_SOURCES, CHECKOUT
 from tracker.backends.bpf import backend as bpf_backend
 from tracker.backends.bpf import loader
 
-HERE = Path(__file__).parent
-CHECKOUT = HERE.parent
 NOBODY = 65534
 MiB = 1024 * 1024
 # The interpreters that run this checkout's code as root; another uid gets user_python().
@@ -51,7 +50,7 @@ def bin_dir() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def workload_binary(bin_dir: Path) -> Path:
     binary = bin_dir / "workload"
-    subprocess.run(["gcc", "-O1", "-pthread", "-o", binary, HERE / "workload.c"], check=True)
+    subprocess.run(["gcc", "-O1", "-pthread", "-o", binary, C_SOURCES / "workload.c"], check=True)
     return binary
 
 
@@ -381,7 +380,7 @@ def daemon(daemon_factory: DaemonFactory) -> Daemon:
     return daemon_factory()
 
 
-BPF_TEST_MODULES = ("tests/test_bpf.py", "tests/test_engine_bpf.py")
+BPF_TEST_MODULES = ("tests/bpf/",)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
