@@ -9,16 +9,15 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from bench.harness import status_kib
-from tests.bpf.test_bpf import _prerequisites_missing
-from tests.bpf.test_engine_bpf import BPF, bpf_factory, soft_nofile  # noqa: F401  (fixture)
-from tests.conftest import NOBODY, Daemon, DaemonFactory, Workload, as_user, wait_until
+from tests.support.bpf import BPF, needs_bpf
+from tests.support.daemon import Daemon, DaemonFactory
+from tests.support.procs import nofile_soft
+from tests.support.users import NOBODY, as_user
+from tests.support.waiting import wait_until
+from tests.support.workload import Workload
 
-pytestmark = pytest.mark.skipif(
-    _prerequisites_missing() is not None, reason=f"BPF unavailable: {_prerequisites_missing()}"
-)
+pytestmark = needs_bpf
 FLIPS = 300_000
 
 
@@ -82,13 +81,13 @@ def test_a_raise_during_a_flood_is_lowered_back(
     w: Workload = spawn(uid=NOBODY)
     daemon.register(w.pid)
     daemon.write("files=10 action=deny", w.pid, "quota")
-    wanted = soft_nofile(w.pid)
+    wanted = nofile_soft(w.pid)
     flipper.stdin.write("go\n")
     flipper.stdin.flush()
     try:
         assert w.ask("setrlimit", "nofile", -1) == "ok"
         raised = time.monotonic()
-        wait_until(lambda: soft_nofile(w.pid) == wanted, 2, "the raise lowered back")
+        wait_until(lambda: nofile_soft(w.pid) == wanted, 2, "the raise lowered back")
         lowered_after = time.monotonic() - raised
         assert flipper.poll() is None, "the flood ended before the raise was handled"
         assert lowered_after < 1.0  # not the 2 s polling

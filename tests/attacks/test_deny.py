@@ -30,9 +30,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NOBODY, Daemon, shared_tempdir, wait_until
-from tests.mount.test_fs import limits_of, sh
+from tests.support.daemon import Daemon
 from tests.support.paths import C_SOURCES
+from tests.support.procs import has_cap_sys_resource, nofile_soft
+from tests.support.tempdirs import shared_tempdir
+from tests.support.users import NOBODY, sh
+from tests.support.waiting import wait_until
 from tracker.deny import limits
 from tracker.deny.helpers import HELPER_TIMEOUT, HelperRunner, LimitChange, run_inline
 from tracker.linux import procfs
@@ -40,15 +43,10 @@ from tracker.linux import procfs
 NONE = "heap=max files=max action=kill\n"
 
 
-def _has_cap_sys_resource(pid: int) -> bool:
-    eff = Path(f"/proc/{pid}/status").read_text().split("CapEff:")[1].split()[0]
-    return bool(int(eff, 16) & (1 << 24))
-
-
 @pytest.fixture
 def helper_path(daemon: Daemon) -> Daemon:
     """The daemon, where it sets limits through helpers (it lacks CAP_SYS_RESOURCE)."""
-    if _has_cap_sys_resource(daemon.proc.pid):
+    if has_cap_sys_resource(daemon.proc.pid):
         pytest.skip("the daemon has CAP_SYS_RESOURCE: no helper runs")
     return daemon
 
@@ -80,10 +78,6 @@ def events_or_none(daemon: Daemon, pid: int) -> dict[str, int] | None:
         return events(daemon, pid)
     except OSError:
         return None
-
-
-def nofile_soft(pid: int) -> str:
-    return limits_of(pid, "Max open files")[0]
 
 
 READER = textwrap.dedent(

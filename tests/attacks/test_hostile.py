@@ -31,7 +31,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import NOBODY, Daemon, Workload, shared_tempdir
+from tests.support.daemon import Daemon
+from tests.support.tempdirs import shared_tempdir
+from tests.support.users import NOBODY
+from tests.support.workload import Workload
 from tracker.engine import state as state_file
 
 MAX_WRITE = 4096

@@ -7,8 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import NOBODY
-from tests.mount.test_fs import sh
+from tests.support.users import NOBODY, sh
 
 OTHER = 65533
 

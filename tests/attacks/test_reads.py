@@ -11,7 +11,10 @@ import subprocess
 import time
 
 from bench.harness import status_kib
-from tests.conftest import NOBODY, DaemonFactory, Workload, as_user, wait_until
+from tests.support.daemon import DaemonFactory
+from tests.support.users import NOBODY, as_user
+from tests.support.waiting import wait_until
+from tests.support.workload import Workload
 
 PROCESSES = 1000
 READERS = 16

@@ -27,48 +27,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NOBODY, Daemon, Workload, shared_tempdir, wait_until
-from tests.conftest import as_user as user_argv
-from tests.mount.test_fs import limits_of, sh
+from tests.support.daemon import Daemon
+from tests.support.procs import has_cap_sys_resource, limits_of
+from tests.support.tempdirs import shared_tempdir
+from tests.support.users import NOBODY, sh
+from tests.support.users import as_user as user_argv
+from tests.support.waiting import wait_until
+from tests.support.workload import Workload
 from tracker.engine import state as state_file
 
 OTHER = 65533
 PYTHON = str(Path(sys.executable).parent / "python")
 NO_QUOTA = "heap=max files=max action=kill\n"
 
-ABI_OPS_C = r"""
-/* Calls the kernel patch's syscalls on one pid: abi_ops PID OP...; prints "op rc errno". */
-#define _GNU_SOURCE
-#include <errno.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-struct per_proc_resource {
-    pid_t pid;
-    unsigned long heapsize, openfile_count, heapsize_quota, openfile_quota;
-};
-
-int main(int argc, char **argv) {
-    pid_t pid = atoi(argv[1]);
-    struct per_proc_resource s;
-    for (int i = 2; i < argc; i++) {
-        const char *op = argv[i];
-        long rc = -2;
-        errno = 0;
-        if (!strcmp(op, "register")) rc = syscall(549, pid);
-        else if (!strcmp(op, "fetch")) rc = syscall(550, &s, pid);
-        else if (!strcmp(op, "deregister")) rc = syscall(551, pid);
-        else if (!strcmp(op, "cap")) rc = syscall(552, pid, 1L, 1L);
-        else if (!strcmp(op, "uncap")) rc = syscall(552, pid, -1L, -1L);
-        else if (!strcmp(op, "reset")) rc = syscall(553, pid);
-        printf("%s %ld %s\n", op, rc, rc ? strerrorname_np(errno) : "0");
-    }
-    return 0;
-}
-"""
 
 CLIENT_SCRIPT = textwrap.dedent(
     """
@@ -100,14 +71,6 @@ def as_user(uid: int, *argv: object, **kw) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         user_argv(uid, argv), capture_output=True, text=True, cwd="/", timeout=60, **kw
     )
-
-
-@pytest.fixture(scope="module")
-def abi_ops(bin_dir: Path) -> Path:
-    source = bin_dir / "abi_ops.c"
-    source.write_text(ABI_OPS_C)
-    subprocess.run(["gcc", "-O1", "-o", bin_dir / "abi_ops", source], check=True)
-    return bin_dir / "abi_ops"
 
 
 # ----- every path, every operation ------------------------------------------------------
@@ -665,13 +628,8 @@ int main(int argc, char **argv) {
 """
 
 
-def _has_cap_sys_resource(pid: int) -> bool:
-    eff = Path(f"/proc/{pid}/status").read_text().split("CapEff:")[1].split()[0]
-    return bool(int(eff, 16) & (1 << 24))
-
-
 def test_a_user_cannot_freeze_the_daemon(daemon, spawn, bin_dir):
-    if _has_cap_sys_resource(daemon.proc.pid):
+    if has_cap_sys_resource(daemon.proc.pid):
         pytest.skip("the daemon has CAP_SYS_RESOURCE: no helper runs")
     stopper = bin_dir / "stopper"
     (bin_dir / "stopper.c").write_text(STOPPER_C)

@@ -23,10 +23,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from restrackfs import client, handles, logguard, metrics
 from restrackfs.logguard import LogGuard
-from tests.attacks.test_security import ABI_OPS_C
-from tests.commands.test_run import compile_c, restrack_run
-from tests.conftest import NOBODY, Daemon
+from tests.support.build import compile_c
+from tests.support.cli import restrack_run
+from tests.support.daemon import Daemon
 from tests.support.paths import C_SOURCES
+from tests.support.users import NOBODY
 from tracker.engine.entry import Measurement
 from tracker.linux.procfs import PID_MAX_LIMIT, escape_comm, escape_unprintable
 from tracker.quota import Action, Quota
@@ -234,13 +235,6 @@ def test_the_run_supervisor_survives_a_fetch_of_a_forging_name(daemon, named, ab
     result = restrack_run(daemon, abi_ops, process.pid, "fetch", "fetch")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "fetch 0 0\nfetch 0 0\n"
-
-
-@pytest.fixture(scope="module")
-def abi_ops(bin_dir: Path) -> Path:
-    source = bin_dir / "abi_ops_names.c"
-    source.write_text(ABI_OPS_C)
-    return compile_c(source, bin_dir / "abi_ops_names")
 
 
 def unescape(shown: str) -> str:

@@ -25,26 +25,16 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.conftest import MiB, Workload, wait_until
+from tests.support.bpf import prerequisites_missing
 from tests.support.paths import CHECKOUT
+from tests.support.procs import MiB, exited, open_fds
+from tests.support.waiting import wait_until
+from tests.support.workload import Workload
 from tracker.backends.bpf import loader
 from tracker.backends.bpf.loader import BpfUnavailable, Event, KernelWatch, Kind, Which
 
 PAGE = 4096
 BPF_DIR = Path(loader.__file__).parent
-
-
-def _prerequisites_missing() -> str | None:
-    """Why this machine cannot run BPF at all (then skipping is right)."""
-    if not Path("/sys/kernel/btf/vmlinux").exists():
-        return "no /sys/kernel/btf/vmlinux"
-    if os.geteuid() != 0:
-        return "not root (needs CAP_BPF and CAP_PERFMON)"
-    try:
-        loader.library()
-    except BpfUnavailable as error:
-        return str(error)
-    return None
 
 
 def _pin_dir() -> Path:
@@ -55,13 +45,13 @@ def _open(pin_dir: Path) -> KernelWatch:
     try:
         return KernelWatch.open(pin_dir)
     except BpfUnavailable as error:
-        missing = _prerequisites_missing()
+        missing = prerequisites_missing()
         if missing:
             pytest.skip(f"BPF unavailable: {missing}")
         pytest.fail(f"BPF prerequisites present but the engine does not load: {error}")
 
 
-def _scrub(pin_dir: Path) -> None:
+def scrub(pin_dir: Path) -> None:
     """Last resort after a failed close: unpinning detaches links and frees maps."""
     if pin_dir.exists():
         shutil.rmtree(pin_dir, ignore_errors=True)
@@ -71,7 +61,7 @@ def _scrub(pin_dir: Path) -> None:
 def pin_dir() -> Iterator[Path]:
     path = _pin_dir()
     yield path
-    _scrub(path)
+    scrub(path)
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +78,7 @@ def kwatch() -> Iterator[KernelWatch]:
         finally:
             watch.close(unpin=True)
     finally:
-        _scrub(path)
-
-
-def _exited(pid: int) -> bool:
-    """A zombie (or gone): its exit, and the kernel's map cleanup, have run."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat[stat.rindex(")") + 2] in "ZX"
+        scrub(path)
 
 
 def _vm_data_pages(pid: int) -> int:
@@ -107,15 +88,11 @@ def _vm_data_pages(pid: int) -> int:
     raise AssertionError(f"no VmData for {pid}")
 
 
-def _open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 def _watch(kwatch: KernelWatch, pid: int, *, heap: int | None = None, files: int | None = None,
            action: str = "kill", **extra: int) -> tuple[int | None, int | None]:  # fmt: skip
     """Watch `pid` with quotas over its current usage; the absolute limits set."""
     heap_limit = None if heap is None else _vm_data_pages(pid) + heap // PAGE
-    fd_limit = None if files is None else _open_fds(pid) + files
+    fd_limit = None if files is None else open_fds(pid) + files
     kwatch.watch(pid, loader.start_time_of(pid), heap_limit, fd_limit, action, **extra)
     return heap_limit, fd_limit
 
@@ -246,7 +223,7 @@ def test_an_entry_changes_once_in_the_ring_until_taken(kwatch: KernelWatch, spaw
 
 def test_peaks_are_exact(kwatch: KernelWatch, spawn) -> None:
     child: Workload = spawn()
-    fds = _open_fds(child.pid)
+    fds = open_fds(child.pid)
     _watch(kwatch, child.pid, heap=QUOTA, files=1000, heap_peak_pages=_vm_data_pages(child.pid))
     child.do("open", 50)
     child.do("close", 50)
@@ -320,7 +297,7 @@ def test_watch_refuses_an_exited_unreaped_process(kwatch: KernelWatch, spawn) ->
     start = loader.start_time_of(child.pid)
     child.proc.stdin.write("exit\n")  # type: ignore[union-attr]
     child.proc.stdin.flush()  # type: ignore[union-attr]
-    wait_until(lambda: _exited(child.pid), 5, "zombie")  # not reaped: /proc/PID stays
+    wait_until(lambda: exited(child.pid), 5, "zombie")  # not reaped: /proc/PID stays
     with pytest.raises(ProcessLookupError):
         kwatch.watch(child.pid, start, 1, None, "kill")
     assert kwatch.entry(child.pid) is None

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.bpf.test_bpf import _prerequisites_missing
-from tests.bpf.test_engine_bpf import pin_dir
-from tests.commands.test_run import compile_c
-from tests.conftest import DaemonFactory, MiB, wait_until
+from tests.support.bpf import needs_bpf, pin_dir
+from tests.support.build import compile_c
+from tests.support.daemon import DaemonFactory
 from tests.support.paths import C_SOURCES, CHECKOUT, DATA
+from tests.support.procs import MiB, proc_vm_data
+from tests.support.waiting import wait_until
 from tracker.backends.bpf import loader
 from tracker.backends.bpf.counters import CounterReader
 from tracker.engine.engine import open_engine
@@ -30,9 +31,7 @@ from tracker.linux import procfs
 
 ROOT = 0
 
-pytestmark = pytest.mark.skipif(
-    _prerequisites_missing() is not None, reason=f"BPF unavailable: {_prerequisites_missing()}"
-)
+pytestmark = needs_bpf
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +47,6 @@ def inode_of(pid: int) -> int:
         return os.fstat(pidfd).st_ino
     finally:
         os.close(pidfd)
-
-
-def proc_vm_data(pid: int, tid: int | None = None) -> int:
-    task = f"/proc/{pid}" if tid is None else f"/proc/{pid}/task/{tid}"
-    status = Path(f"{task}/status").read_text()
-    return int(status.split("VmData:")[1].split()[0]) * 1024
 
 
 def test_reads_vm_data_as_proc_shows_it(reader, spawn):

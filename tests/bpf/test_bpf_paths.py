@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.bpf.test_bpf import _exited, _prerequisites_missing
-from tests.conftest import MiB, wait_until
+from tests.support.bpf import BPF, needs_bpf
+from tests.support.mount import capped, enforcement_line, top_events
 from tests.support.paths import C_SOURCES, CHECKOUT, SUPPORT
+from tests.support.procs import MiB, exited, nofile_soft
+from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.skipif(
-    _prerequisites_missing() is not None, reason=f"BPF unavailable: {_prerequisites_missing()}"
-)
+pytestmark = needs_bpf
 
 
 def in_pid_namespace(grow: Path, mode: str, step: int, count: int, quota: str) -> dict:
@@ -52,17 +52,6 @@ def test_a_daemon_in_a_pid_namespace_enforces_in_the_crossing_call(
 
 # ----- one daemon on the host for the paths below ---------------------------------------
 
-from tests.bpf.test_engine_bpf import (  # noqa: E402
-    BPF,
-    bpf_daemon,
-    bpf_factory,
-    capped,
-    enforcement_line,
-    soft_nofile,
-    top_events,
-)
-
-__all__ = ["bpf_daemon", "bpf_factory"]  # fixtures, used by name
 
 IA32_HEAP = ["ia32mmap", "ia32brk"]
 
@@ -101,13 +90,13 @@ def test_an_ia32_raise_of_a_deny_limit_is_lowered_back_at_once(
 ) -> None:
     monkeypatch.setenv("GROW_HOLD", "1")  # alive after its calls, until told
     child = capped(bpf_daemon, grower("ia32nofile", 0, 0), "files=10 action=deny")
-    wanted = soft_nofile(child.pid)
+    wanted = nofile_soft(child.pid)
     child.go()
     assert child.proc.stdout
     while child.proc.stdout.readline().strip() != "done":
         pass
     started = time.monotonic()
-    wait_until(lambda: soft_nofile(child.pid) == wanted, 1.5, "the soft limit lowered back")
+    wait_until(lambda: nofile_soft(child.pid) == wanted, 1.5, "the soft limit lowered back")
     assert time.monotonic() - started < 1.5, "not before the 2 s polling"
     child.go()
     child.finish()
@@ -147,7 +136,7 @@ def test_another_group_sharing_the_resource_is_held_to_the_quota(
     steps = sum(1 for line in lines if line.startswith("step "))
     assert int(end[1]) == signal.SIGKILL, lines[-5:]
     assert steps <= most, "a sharer's call that crossed the quota returned"
-    wait_until(lambda: _exited(sharer), 5, "the sharer dead")
+    wait_until(lambda: exited(sharer), 5, "the sharer dead")
 
 
 @pytest.mark.parametrize(

@@ -13,14 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.bpf.test_bpf import _prerequisites_missing
-from tests.conftest import NOBODY
+from tests.support.bpf import needs_bpf
 from tests.support.paths import CHECKOUT
+from tests.support.users import NOBODY
 from tracker.backends.bpf import backend as bpf_backend
 
-pytestmark = pytest.mark.skipif(
-    _prerequisites_missing() is not None, reason=f"BPF unavailable: {_prerequisites_missing()}"
-)
+pytestmark = needs_bpf
 
 AS_NOBODY = f"setpriv --reuid {NOBODY} --regid {NOBODY} --clear-groups"
 

@@ -11,83 +11,35 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import select
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.bpf.test_bpf import _prerequisites_missing
-from tests.conftest import Daemon, DaemonFactory, MiB, Workload, wait_until
-from tests.mount.test_fs import limits_of
-from tests.mount.test_peaks import SPIKE, peak, spike_is_caught
-from tests.support.grow import Grower
+from tests.support.bpf import BPF, needs_bpf, pin_dir
+from tests.support.daemon import Daemon, DaemonFactory
+from tests.support.mount import (
+    SPIKE,
+    capped,
+    enforcement_line,
+    events_of,
+    peak,
+    spike_is_caught,
+    top_events,
+)
 from tests.support.paths import CHECKOUT, DATA
-from tracker.backends.bpf import backend as bpf_backend
+from tests.support.procs import MiB, data_soft, nofile_soft
+from tests.support.waiting import wait_until
+from tests.support.workload import Workload
 from tracker.backends.bpf import loader
 
 QUOTA = 64 * MiB
-SLOW = "2000"  # ms: the polling alone could not hold anything below
-BPF = ("--engine", "bpf", "--interval", SLOW)
 
-pytestmark = pytest.mark.skipif(
-    _prerequisites_missing() is not None, reason=f"BPF unavailable: {_prerequisites_missing()}"
-)
-
-
-def pin_dir(daemon: Daemon) -> Path:
-    return bpf_backend.pin_dir_of(daemon.state)
-
-
-def _scrub(path: Path) -> None:
-    """Unpinning detaches a dead daemon's links and frees its maps."""
-    loader.remove_tree(path)
-
-
-@pytest.fixture(scope="module")
-def bpf_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """One bpf daemon shared by the enforcement tests: each stop detaches (~3 s)."""
-    factory = DaemonFactory(tmp_path_factory.mktemp("bpfd"))
-    try:
-        daemon = factory(*BPF)
-        yield daemon
-    finally:
-        factory.cleanup()
-        _scrub(pin_dir(factory.daemons[0]))
-
-
-@pytest.fixture
-def bpf_factory(daemon_factory: DaemonFactory) -> Iterator[DaemonFactory]:
-    """daemon_factory whose daemons' pin directories are removed at the end."""
-    try:
-        yield daemon_factory
-    finally:
-        daemon_factory.stop_all()
-        for daemon in daemon_factory.daemons:
-            _scrub(pin_dir(daemon))
-
-
-def enforcement_line(daemon: Daemon, pid: int) -> tuple[int, int] | None:
-    """(usage, limit) of the daemon's enforcement log line for `pid`, if written."""
-    found = re.search(rf"pid={pid} comm=\S+ quota=\S+ usage=(\d+) limit=(\d+)", daemon.log_text())
-    return None if found is None else (int(found[1]), int(found[2]))
-
-
-def top_events(daemon: Daemon) -> dict[str, int]:
-    return {k: int(v) for k, v in (line.split() for line in daemon.read("events").splitlines())}
-
-
-def capped(daemon: Daemon, grower: Grower, quota: str) -> Grower:
-    daemon.register(grower.pid)
-    daemon.write(quota, grower.pid, "quota")
-    return grower
-
-
+pytestmark = needs_bpf
 # ----- the engine in force ---------------------------------------------------------
 
 
@@ -226,7 +178,7 @@ def test_under_quota_nothing_happens(bpf_daemon: Daemon, grower) -> None:
 # ----- notify and deny, pushed --------------------------------------------------------
 
 
-def events_of(fd: int) -> dict[str, int]:
+def events_from_fd(fd: int) -> dict[str, int]:
     text = os.pread(fd, 4096, 0).decode()
     return {key: int(value) for key, value in (line.split() for line in text.splitlines())}
 
@@ -249,15 +201,15 @@ def test_notify_once_per_crossing_and_pollers_wake_at_once(bpf_daemon: Daemon, s
         woke = time.monotonic() - crossed
         for _ in range(3):
             w.do("mmap", MiB)  # still over: the same crossing
-        assert events_of(own) == {"exceeded": 1, "killed": 0, "denied": 0, "notified": 1}
+        assert events_from_fd(own) == {"exceeded": 1, "killed": 0, "denied": 0, "notified": 1}
         for _ in range(8):
             w.do("munmap")
         w.do("mmap", MiB)  # back under, then over again: a second crossing
         for _ in range(5):
             w.do("mmap", MiB)
-        wait_until(lambda: events_of(own)["notified"] >= 2, 1, "the second crossing")
+        wait_until(lambda: events_from_fd(own)["notified"] >= 2, 1, "the second crossing")
         # the ring is ordered: a count for the calls still over would have come first
-        assert events_of(own) == {"exceeded": 2, "killed": 0, "denied": 0, "notified": 2}
+        assert events_from_fd(own) == {"exceeded": 2, "killed": 0, "denied": 0, "notified": 2}
         assert w.alive()
         assert woke < 0.5
     finally:
@@ -271,13 +223,13 @@ def test_notify_over_when_set_is_counted_once(bpf_daemon: Daemon, spawn) -> None
     bpf_daemon.register(w.pid)
     w.do("mmap", 8 * MiB)
     bpf_daemon.write("heap=4M action=notify", w.pid, "quota")
-    assert events_of_path(bpf_daemon, w.pid)["notified"] == 1
+    assert events_of(bpf_daemon, w.pid)["notified"] == 1
     w.do("mmap", MiB)  # 9 MiB: the kernel sees it over now, its first look
     w.do("munmap")  # 8 MiB: still over, the same crossing
     w.do("munmap")  # 0: back under
     w.do("mmap", 5 * MiB)  # a new crossing
-    wait_until(lambda: events_of_path(bpf_daemon, w.pid)["notified"] >= 2, 1, "the crossing")
-    assert events_of_path(bpf_daemon, w.pid) == {
+    wait_until(lambda: events_of(bpf_daemon, w.pid)["notified"] >= 2, 1, "the crossing")
+    assert events_of(bpf_daemon, w.pid) == {
         "exceeded": 2,
         "killed": 0,
         "denied": 0,
@@ -285,33 +237,17 @@ def test_notify_over_when_set_is_counted_once(bpf_daemon: Daemon, spawn) -> None
     }
 
 
-def soft_nofile(pid: int) -> int:
-    return int(limits_of(pid, "Max open files")[0])
-
-
-def _soft_data_limit(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith("Max data size"):
-            soft = line.split()[3]
-            return -1 if soft == "unlimited" else int(soft)
-    raise AssertionError("no Max data size")
-
-
 def test_deny_raise_lowered_back_at_once(bpf_daemon: Daemon, spawn) -> None:
     w: Workload = spawn()
     bpf_daemon.register(w.pid)
     bpf_daemon.write("heap=64M action=deny", w.pid, "quota")
-    wanted = _soft_data_limit(w.pid)
+    wanted = data_soft(w.pid)
     assert wanted != -1
     raised = time.monotonic()
     assert w.ask("setrlimit", "data", -1) == "ok"
-    wait_until(lambda: _soft_data_limit(w.pid) == wanted, 1.5, "the soft limit lowered back")
+    wait_until(lambda: data_soft(w.pid) == wanted, 1.5, "the soft limit lowered back")
     assert time.monotonic() - raised < 1.5, "not before the 2 s polling"
-    wait_until(lambda: events_of_path(bpf_daemon, w.pid)["denied"] >= 1, 1, "counted denied")
-
-
-def events_of_path(daemon: Daemon, pid: int) -> dict[str, int]:
-    return {k: int(v) for k, v in (x.split() for x in daemon.read(pid, "events").splitlines())}
+    wait_until(lambda: events_of(bpf_daemon, w.pid)["denied"] >= 1, 1, "counted denied")
 
 
 # ----- restart without a gap, clean stop ----------------------------------------------
@@ -349,11 +285,11 @@ def test_killed_daemon_leaves_quotas_enforced_and_is_adopted(
     assert daemon.read("engine") == "bpf\n"
     text = daemon.log_text()
     assert f"while no daemon ran: pid={victim.pid} killed heap" in text
-    assert events_of_path(daemon, survivor.pid)["notified"] == 1  # counted on adoption
+    assert events_of(daemon, survivor.pid)["notified"] == 1  # counted on adoption
     assert sorted(_link_ids(pin_dir(daemon))) == sorted(links)  # the same links, adopted
     survivor.do("close", 5)
     survivor.do("open", 5)
-    wait_until(lambda: events_of_path(daemon, survivor.pid)["notified"] == 2, 1, "live again")
+    wait_until(lambda: events_of(daemon, survivor.pid)["notified"] == 2, 1, "live again")
 
 
 def test_restart_unwatches_what_the_state_file_lost(bpf_factory: DaemonFactory, grower) -> None:
@@ -377,12 +313,12 @@ def test_a_clean_stop_lifts_nothing_and_release_lifts_all(
     child = capped(
         daemon, grower("touch", MiB, 300), "heap=64M action=" + ("deny" if deny else "kill")
     )
-    data_soft = _soft_data_limit(child.pid)
+    soft_before = data_soft(child.pid)
     links = _link_ids(pin_dir(daemon))
     assert daemon.stop() == 0
     assert "quotas stay enforced" in daemon.log_text()
     assert sorted(_link_ids(pin_dir(daemon))) == sorted(links)
-    assert _soft_data_limit(child.pid) == data_soft
+    assert data_soft(child.pid) == soft_before
     if not deny:
         child.go()
         sig, steps = child.finish()
@@ -395,7 +331,7 @@ def test_a_clean_stop_lifts_nothing_and_release_lifts_all(
     assert not pin_dir(daemon).exists()
     wait_until(lambda: not any(loader.object_exists("link", i) for i in links), 10, "links gone")
     if deny:
-        assert _soft_data_limit(child.pid) != data_soft  # given back
+        assert data_soft(child.pid) != soft_before  # given back
         child.go()
         assert child.finish() == (0, 300)
 
@@ -468,12 +404,12 @@ def test_a_raise_through_a_thread_id_is_lowered_back_at_once(bpf_daemon: Daemon,
     assert tid != w.pid
     bpf_daemon.register(w.pid)
     bpf_daemon.write("files=10 action=deny", w.pid, "quota")
-    wanted = soft_nofile(w.pid)
+    wanted = nofile_soft(w.pid)
     raised = time.monotonic()
     subprocess.run(["prlimit", "--pid", str(tid), "--nofile=4000:"], check=True)
-    wait_until(lambda: soft_nofile(w.pid) == wanted, 1.5, "the soft limit lowered back")
+    wait_until(lambda: nofile_soft(w.pid) == wanted, 1.5, "the soft limit lowered back")
     assert time.monotonic() - raised < 1.5, "not before the 2 s polling"
-    wait_until(lambda: events_of_path(bpf_daemon, w.pid)["denied"] >= 1, 1, "counted denied")
+    wait_until(lambda: events_of(bpf_daemon, w.pid)["denied"] >= 1, 1, "counted denied")
     opened = int(w.ask("open", 300).split()[1])
     assert opened <= 10
 
@@ -540,13 +476,13 @@ def test_a_deny_limit_follows_the_table_when_descriptors_close(bpf_daemon: Daemo
         bpf_daemon.register(pid)
         bpf_daemon.write("files=10 action=deny", pid, "quota")
         base = len(os.listdir(f"/proc/{pid}/fd"))
-        assert soft_nofile(pid) < base  # fd numbers: the holes come first
+        assert nofile_soft(pid) < base  # fd numbers: the holes come first
         proc.stdin.write("close\n")
         proc.stdin.flush()
         assert proc.stdout.readline() == "closed\n"
         now = len(os.listdir(f"/proc/{pid}/fd"))
         started = time.monotonic()
-        wait_until(lambda: soft_nofile(pid) == base + 10, 1.5, "the limit set anew")
+        wait_until(lambda: nofile_soft(pid) == base + 10, 1.5, "the limit set anew")
         assert time.monotonic() - started < 1.5, "not before the 2 s polling"
         proc.stdin.write("try 100\n")
         proc.stdin.flush()

@@ -11,8 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import NOBODY, USER_MODULES, as_user, user_python
 from tests.support.paths import CHECKOUT
+from tests.support.users import NOBODY, USER_MODULES, as_user, user_python
 
 
 def test_another_uid_imports_this_checkouts_code_from_a_readable_copy():

@@ -19,7 +19,9 @@ import pytest
 
 from restrackfs import client
 from restrackfs.cli import human_size
-from tests.conftest import NOBODY, MiB, as_user, shared_tempdir
+from tests.support.procs import MiB, dead_pid
+from tests.support.tempdirs import shared_tempdir
+from tests.support.users import NOBODY, as_user
 from tracker.vocabulary import FD_KINDS
 
 VENV_BIN = Path(sys.executable).parent
@@ -77,13 +79,6 @@ def fails(result: subprocess.CompletedProcess[str], code: int, message: str | No
     else:
         assert result.stderr.startswith("restrack: ")
     return result.stderr
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    assert not os.path.exists(f"/proc/{proc.pid}")
-    return proc.pid
 
 
 def show_fields(text: str) -> dict[str, str]:

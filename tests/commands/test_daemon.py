@@ -17,9 +17,11 @@ import pytest
 
 from restrackfs.daemon import default_state_path
 from restrackfs.fs import boundary
-from tests.conftest import NOBODY, MiB, shared_tempdir, wait_until
-from tests.mount.test_fs import errno_of, limits_of
 from tests.support.paths import CHECKOUT
+from tests.support.procs import MiB, errno_of, limits_of
+from tests.support.tempdirs import shared_tempdir
+from tests.support.users import NOBODY
+from tests.support.waiting import wait_until
 from tracker.engine import state
 from tracker.linux.procfs import NoSuchProcess
 

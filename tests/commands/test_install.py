@@ -9,8 +9,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.conftest import NOBODY, as_user, shared_tempdir, user_python
 from tests.support.paths import CHECKOUT
+from tests.support.tempdirs import shared_tempdir
+from tests.support.users import NOBODY, as_user, user_python
 
 
 def link_from(home: Path) -> Path:

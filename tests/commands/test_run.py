@@ -13,17 +13,15 @@ import pytest
 
 from restrackfs import seccomp
 from restrackfs.cli import include_dir
-from tests.conftest import NOBODY, as_user, wait_until
+from tests.support.build import compile_c
+from tests.support.cli import restrack_run
 from tests.support.paths import C_SOURCES, CHECKOUT, DATA
+from tests.support.users import NOBODY
+from tests.support.waiting import wait_until
 
 # The kernel patch's README, with its example program: the repository's own copy,
 # so the example runs in every clone.
 VENDORED_SEED = DATA / "kernel-patch-README.md"
-
-
-def compile_c(source: Path | str, output: Path, *flags: str) -> Path:
-    subprocess.run(["gcc", "-O1", "-pthread", *flags, "-o", output, source], check=True)
-    return output
 
 
 @pytest.fixture(scope="session")
@@ -38,16 +36,6 @@ def binaries(bin_dir: Path) -> dict[str, Path]:
         "header": compile_c(C_SOURCES / "header.c", out / "header", f"-I{include_dir()}"),
         "example": compile_c(out / "example.c", out / "example", "-w"),
     }
-
-
-def restrack_run(daemon, *program: object, uid: int | None = None, **kw):
-    argv = [sys.executable, "-m", "restrackfs.cli", "--mount", str(daemon.mountpoint), "run"]
-    argv += ["--", *map(str, program)]
-    if uid is not None:
-        argv = as_user(uid, argv)
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, **kw)
-    print(result.stderr, file=sys.stderr)  # shown when a test fails
-    return result
 
 
 def lines(output: str) -> dict[str, str]:

@@ -14,8 +14,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from restrackfs.daemon import parse_args
-from tests.conftest import MiB, shared_tempdir, wait_until
 from tests.support.paths import CHECKOUT, SUPPORT
+from tests.support.procs import MiB
+from tests.support.tempdirs import shared_tempdir
+from tests.support.waiting import wait_until
 from tracker.engine.autotrack import in_initial_pid_namespace
 
 

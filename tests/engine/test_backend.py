@@ -19,7 +19,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.conftest import MiB
+from tests.support.procs import MiB
 from tracker.backends import base as backends
 from tracker.backends.base import KILLED, NOTIFIED, PEAK, Policy, Report
 from tracker.engine.engine import open_engine

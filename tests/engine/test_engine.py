@@ -17,7 +17,8 @@ import pytest
 import trio
 import trio.testing
 
-from tests.conftest import NOBODY, MiB
+from tests.support.procs import MiB, data_soft, nofile_soft, start_time
+from tests.support.users import NOBODY
 from tracker.engine import state
 from tracker.engine.engine import Engine, open_engine
 from tracker.engine.entry import Entry
@@ -53,34 +54,10 @@ def vm_data(pid: int) -> int:
     raise AssertionError(f"no VmData for {pid}")
 
 
-def soft_limit(pid: int, name: str) -> int:
-    """The soft limit `name` ("Max data size") of pid, -1 for unlimited."""
-    with open(f"/proc/{pid}/limits") as limits:
-        for line in limits:
-            if line.startswith(name):
-                value = line[len(name) :].split()[0]
-                return -1 if value == "unlimited" else int(value)
-    raise AssertionError(f"no {name} for {pid}")
-
-
-def data_soft(pid: int) -> int:
-    return soft_limit(pid, "Max data size")
-
-
-def nofile_soft(pid: int) -> int:
-    return soft_limit(pid, "Max open files")
-
-
 def proc_state(pid: int) -> str:
     with open(f"/proc/{pid}/stat", "rb") as stat:
         raw = stat.read()
     return raw[raw.rindex(b")") + 2 :].split()[0].decode()
-
-
-def start_time(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", "rb") as stat:
-        raw = stat.read()
-    return int(raw[raw.rindex(b")") + 2 :].split()[19])
 
 
 # ----- helpers -------------------------------------------------------------

@@ -10,23 +10,14 @@ holds and is given back.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import MiB
-from tests.mount.test_faults import force_pids, spawn_at
+from tests.support.pids import force_pids, spawn_at
+from tests.support.procs import MiB, open_fds, proc_vm_data
 from tracker.linux import process as process_module
 from tracker.linux import procfs
 from tracker.linux.process import NoSuchProcess, Process
-
-
-def proc_vm_data(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/status").read_text().split("VmData:")[1].split()[0]) * 1024
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def test_the_held_status_file_is_read_afresh(spawn):

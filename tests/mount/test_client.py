@@ -16,7 +16,10 @@ import pytest
 
 from restrackfs import client
 from restrackfs.client import NotMountedError, Resource
-from tests.conftest import NOBODY, MiB, as_user, shared_tempdir, wait_until
+from tests.support.procs import MiB, dead_pid
+from tests.support.tempdirs import shared_tempdir
+from tests.support.users import NOBODY, as_user
+from tests.support.waiting import wait_until
 from tracker.vocabulary import STAT_FIELDS
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -33,14 +36,6 @@ def _no_env_mount(monkeypatch):
 @pytest.fixture
 def m(daemon) -> str:
     return str(daemon.mountpoint)
-
-
-def dead_pid() -> int:
-    """The pid of a process that has exited and been reaped."""
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    assert not os.path.exists(f"/proc/{proc.pid}")
-    return proc.pid
 
 
 def raised(call, *args, **kwargs) -> OSError:

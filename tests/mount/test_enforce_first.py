@@ -15,10 +15,10 @@ import sys
 import pytest
 
 from restrackfs import client
-from tests.commands.test_run import compile_c
-from tests.conftest import MiB
-from tests.mount.test_fs import sh
+from tests.support.build import compile_c
 from tests.support.paths import C_SOURCES
+from tests.support.procs import MiB
+from tests.support.users import sh
 
 SLOW = ("--interval", "10000")
 

@@ -28,20 +28,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    NOBODY,
-    Daemon,
-    DaemonFactory,
-    MiB,
-    Workload,
-    release,
-    shared_tempdir,
-    wait_until,
-)
-from tests.mount.test_fs import errno_of, limits_of
+from tests.support.daemon import Daemon, DaemonFactory, release
+from tests.support.pids import force_pids, spawn_at
+from tests.support.procs import MiB, errno_of, limits_of, start_time
+from tests.support.tempdirs import shared_tempdir
+from tests.support.users import NOBODY
+from tests.support.waiting import wait_until
+from tests.support.workload import Workload
 from tracker.engine import state as state_file
 
-NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
 NOFILE, DATA = "Max open files", "Max data size"
 FIGURES: Counter[str] = Counter()
 
@@ -319,33 +314,6 @@ async def test_esrch_from_proc_fd_during_an_exit_is_no_such_process(spawn, monke
 
 
 # ----- PID recycling ----------------------------------------------------------------------
-
-
-def _can_force_pids() -> bool:
-    try:
-        NS_LAST_PID.write_text(NS_LAST_PID.read_text())
-    except OSError:
-        return False
-    return True
-
-
-force_pids = pytest.mark.skipif(not _can_force_pids(), reason="ns_last_pid not writable")
-
-
-def spawn_at(pid: int, start: Callable[[], Workload], tries: int = 300) -> Workload:
-    """A new process with exactly this (free) pid."""
-    for _ in range(tries):
-        NS_LAST_PID.write_text(str(pid - 1))
-        w = start()
-        if w.pid == pid:
-            FIGURES["pids recycled"] += 1
-            return w
-        w.stop()
-    pytest.fail(f"could not get pid {pid}")
-
-
-def start_time(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
 
 
 @force_pids

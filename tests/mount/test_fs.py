@@ -16,27 +16,17 @@ import pytest
 
 from restrackfs.files import Caller
 from restrackfs.handles import HandleTable, Kept
-from tests.conftest import Daemon, MiB, wait_until
+from tests.support.daemon import Daemon
 from tests.support.paths import CHECKOUT
+from tests.support.procs import MiB, errno_of, limits_of
+from tests.support.users import sh
+from tests.support.waiting import wait_until
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PROCESS_FILES = [
     "heapsize", "openfile_count", "quota", "reset", "stat", "events", "heap_peak",
     "openfile_peak", "fds",
 ]  # fmt: skip
-
-
-def errno_of(action) -> int:
-    with pytest.raises(OSError) as info:
-        action()
-    return info.value.errno
-
-
-def sh(command: str, uid: int | None = None) -> subprocess.CompletedProcess[str]:
-    argv = ["bash", "-c", command]
-    if uid is not None:
-        argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
-    return subprocess.run(argv, capture_output=True, text=True)
 
 
 def stat_fields(daemon: Daemon, pid: int) -> dict[str, str]:
@@ -370,14 +360,6 @@ def test_notify_reports_and_spares(daemon, spawn):
     )
     assert w.alive()
     assert "action=notify" in daemon.log_text()
-
-
-def limits_of(pid: int, name: str) -> tuple[str, str]:
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith(name):
-            soft, hard = line[26:].split()[:2]
-            return soft, hard
-    raise AssertionError(name)
 
 
 @pytest.mark.parametrize("uid", [None, 65534])

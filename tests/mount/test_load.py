@@ -30,7 +30,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NOBODY, Daemon, MiB, Workload, wait_until
+from tests.support.daemon import Daemon
+from tests.support.procs import MiB
+from tests.support.users import NOBODY
+from tests.support.waiting import wait_until
+from tests.support.workload import Workload
 from tracker.engine import state as state_file
 
 STABLE_FILES = ["heapsize", "openfile_count", "stat", "quota"]

@@ -24,17 +24,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from restrackfs import client
-from tests.conftest import NOBODY, Daemon, MiB, wait_until
-from tests.mount.test_fs import sh
+from tests.support.daemon import Daemon
+from tests.support.mount import SPIKE, peak, spike_is_caught
 from tests.support.paths import C_SOURCES
+from tests.support.users import NOBODY, sh
+from tests.support.waiting import wait_until
 from tracker.linux import procfs
 from tracker.vocabulary import FD_KINDS, OPENFILE_TOTAL
-
-SPIKE = 30 * MiB
-
-
-def peak(daemon: Daemon, pid: int, name: str = "heap_peak") -> int:
-    return int(daemon.read(pid, name))
 
 
 def fds(daemon: Daemon, pid: int) -> dict[str, int]:
@@ -149,23 +145,6 @@ def test_a_kill_9_keeps_the_peaks_of_the_last_journaled_change(daemon, spawn):
     daemon.stop(signal.SIGKILL)
     daemon.start()
     assert peak(daemon, w.pid) == journaled
-
-
-def spike_is_caught(daemon: Daemon, w, *, exact: bool) -> None:
-    """A 30 MiB spike that no read sees shows in heap_peak under a quota.
-
-    `exact` (the bpf engine: the kernel raises the peak at the mmap itself): mapped
-    and unmapped at once. Otherwise (procfs): held until the periodic check has
-    seen it (its notify breach counted in `events`, a read that samples nothing),
-    since that check is the only sample taken; then unmapped."""
-    daemon.register(w.pid)
-    daemon.write(f"heap={SPIKE // 2} action=notify", w.pid, "quota")
-    w.do("mmap", SPIKE)
-    if not exact:
-        wait_until(lambda: "notified 1" in daemon.read(w.pid, "events"), what="the check")
-    w.do("munmap")
-    assert peak(daemon, w.pid) >= SPIKE
-    assert daemon.read(w.pid, "heapsize") == "0\n"
 
 
 def test_a_spike_under_a_quota_is_caught_by_the_periodic_check(daemon_factory, spawn):

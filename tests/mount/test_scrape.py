@@ -26,7 +26,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from restrackfs import scrape
 from restrackfs.daemon import parse_args
-from tests.conftest import NOBODY, Daemon, wait_until
+from tests.support.daemon import Daemon
+from tests.support.procs import open_fds
+from tests.support.users import NOBODY
+from tests.support.waiting import wait_until
 
 LOCAL = "127.0.0.1"
 
@@ -57,10 +60,6 @@ def samples(text: str) -> dict[tuple[str, tuple], float]:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 @pytest.fixture

@@ -1,5 +1,4 @@
-"""tests/c/grow.c, the BPF tests' growing process: the binary, `Grower`, and the
-`grower` fixture (registered for every test module by conftest.py)."""
+"""c/grow.c, the BPF tests' growing process (the `grower` fixture: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,23 +6,18 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
-
+from tests.support.build import compile_c
 from tests.support.paths import C_SOURCES
 
 
-@pytest.fixture(scope="session")
-def grow_binary(bin_dir: Path) -> Path:
-    binary = bin_dir / "grow"
-    subprocess.run(["gcc", "-O1", "-pthread", "-o", binary, C_SOURCES / "grow.c"], check=True)
-    return binary
+def build_grow(bin_dir: Path) -> Path:
+    return compile_c(C_SOURCES / "grow.c", bin_dir / "grow")
 
 
 class Grower:
-    """tests/c/grow.c: waits for "go", then grows step by step, reporting each step.
+    """c/grow.c: waits for "go", then grows step by step, reporting each step.
 
     `pid` is the growing process; its parent (our child) reaps it and reports
     how it ended and its own max RSS (not inherited from this big parent)."""
@@ -59,16 +53,3 @@ class Grower:
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream:
                 stream.close()
-
-
-@pytest.fixture
-def grower(grow_binary: Path) -> Iterator[Callable[[str, int, int], Grower]]:
-    started: list[Grower] = []
-
-    def start(mode: str, step: int, count: int) -> Grower:
-        started.append(Grower(grow_binary, mode, step, count))
-        return started[-1]
-
-    yield start
-    for one in started:
-        one.stop()

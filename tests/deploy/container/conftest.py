@@ -1,16 +1,8 @@
-"""podman for `scripts/test --container`: runc, a private store, the image built here.
-
-Everything podman makes lives in one temp dir (its store, run and tmp dirs,
-the shared mounts), so the teardown can remove every container, pod, volume,
-image and mount of the run, even after a failure, and touches nothing else
-podman may hold on this machine.
-"""
+"""The podman fixtures of the container tests: a private store, the image built here."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -18,87 +10,16 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).parent
-REPO = HERE.parent.parent.parent
-ENABLED = os.environ.get("RESTRACK_CONTAINER_TEST") == "1"
-IMAGE = "localhost/restrackfs-test:latest"
-BASE = "localhost/restrackfs-test-base:latest"
-# MACHINE.md: crun refuses this cgroup hybrid; default ulimits need CAP_SYS_RESOURCE.
-CONTAINERS_CONF = """\
-[containers]
-default_ulimits = []
-[engine]
-runtime = "runc"
-events_logger = "file"
-"""
-
-needs_container_flag = pytest.mark.skipif(
-    not ENABLED, reason="minutes, and installs podman: run with scripts/test --container"
+from tests.support.podman import (
+    BASE,
+    ENABLED,
+    IMAGE,
+    REPO,
+    SETUP,
+    Podman,
+    mounts_under,
+    unmount_under,
 )
-
-
-class Podman:
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        conf = workdir / "containers.conf"
-        conf.write_text(CONTAINERS_CONF)
-        self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
-        self.argv = ["podman", "--root", str(workdir / "root"), "--runroot", str(workdir / "run")]
-        self.argv += ["--tmpdir", str(workdir / "tmp")]
-
-    def __call__(
-        self, *args: str, check: bool = True, timeout: float = 300, input: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [*self.argv, *args],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=timeout,
-            input=input,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"podman {' '.join(args)}: {result.returncode}\n{result.stderr}")
-        return result
-
-    def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [*self.argv, *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=self.env,
-        )
-
-    def remove_everything(self) -> None:
-        """Pods, containers, volumes, images, then the store itself."""
-        for args in (
-            ["pod", "rm", "--all", "--force", "--time", "5"],
-            ["rm", "--all", "--force", "--time", "5"],
-            ["volume", "rm", "--all", "--force"],
-            ["rmi", "--all", "--force"],
-            ["system", "reset", "--force"],
-        ):
-            self(*args, check=False, timeout=120)
-
-
-def mounts_under(path: Path) -> list[str]:
-    prefix = str(path)
-    with open("/proc/self/mountinfo") as mounts:
-        points = [line.split()[4] for line in mounts]
-    return [p for p in points if p == prefix or p.startswith(prefix + "/")]
-
-
-def unmount_under(path: Path) -> None:
-    """Every mount at or below `path`, deepest first, stacked ones too (a FUSE mount
-    propagated onto a shared bind mount is a second mount at the same point)."""
-    for _ in range(10):
-        points = mounts_under(path)
-        if not points:
-            return
-        for point in sorted(set(points), key=len, reverse=True):
-            subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
 @pytest.fixture(scope="session")
@@ -121,9 +42,7 @@ def podman() -> Iterator[Podman]:
 @pytest.fixture(scope="session")
 def image(podman: Podman) -> str:
     """deploy/Dockerfile built on the debootstrapped base, offline, from wheels made here."""
-    setup = subprocess.run(
-        [str(HERE / "setup")], capture_output=True, text=True, timeout=1200, check=False
-    )
+    setup = subprocess.run([str(SETUP)], capture_output=True, text=True, timeout=1200, check=False)
     assert setup.returncode == 0, setup.stderr
     tarball = setup.stdout.strip().splitlines()[-1]
     podman("import", tarball, BASE)
@@ -148,18 +67,3 @@ def image(podman: Podman) -> str:
         "--build-arg", "PIP_OPTIONS=--no-index --find-links /wheels", str(REPO),
     )  # fmt: skip
     return IMAGE
-
-
-def shared_mount(path: Path) -> Path:
-    """A directory made a shared mount, as Bidirectional propagation needs of its source
-    (Kubernetes nodes have / shared; this machine's is private)."""
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
-    subprocess.run(["mount", "--make-shared", str(path)], check=True)
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -30,14 +30,14 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from restrackfs.daemon import fuse_mounted
-from tests.conftest import wait_until
-from tests.deploy.container.conftest import (
+from tests.support.podman import (
     REPO,
     Podman,
     free_port,
     needs_container_flag,
     shared_mount,
 )
+from tests.support.waiting import wait_until
 from tracker.quota import parse_quota
 
 pytestmark = needs_container_flag
