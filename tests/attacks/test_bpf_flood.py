@@ -1,4 +1,4 @@
-"""No process can make the bpf daemon fall behind (SPEC §3.1): a user's own
+"""No process can make the bpf daemon fall behind: a user's own
 notify quota flipped over and back as fast as the CPU allows floods the kernel's
 ring on today's main (root's reads stall for seconds, crossings go uncounted).
 The kernel reports a change of an entry once, and keeps the counts in the map."""

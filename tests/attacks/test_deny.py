@@ -1,4 +1,4 @@
-"""Deny mode and its helpers under attack by the user who owns the target (issue 17).
+"""Deny mode and its helpers under attack by the user who owns the target.
 
 Where the daemon lacks CAP_SYS_RESOURCE (here, and in most containers) deny
 mode's limits are set by `setpriv … prlimit` helpers that run with the target's
@@ -11,7 +11,7 @@ attack that worked against the daemon before these fixes:
 - a process that changed its uid after registration was judged, and its
   helpers run, by its old uid;
 - the periodic check took a limit the helper had not applied yet for a raise
-  (a false `denied 1`, issue 18);
+  (a false `denied 1`);
 - a state file in a directory others can write was accepted.
 """
 
@@ -34,7 +34,7 @@ from tests.support.daemon import Daemon
 from tests.support.paths import C_SOURCES
 from tests.support.procs import has_cap_sys_resource, nofile_soft
 from tests.support.tempdirs import shared_tempdir
-from tests.support.users import NOBODY, sh
+from tests.support.users import NOBODY, as_user, sh
 from tests.support.waiting import wait_until
 from tracker.deny import limits
 from tracker.deny.helpers import HELPER_TIMEOUT, HelperRunner, LimitChange, run_inline
@@ -60,10 +60,7 @@ def attacker(bin_dir: Path) -> Path:
 
 def as_nobody(*argv: object, **kw) -> subprocess.Popen[str]:
     """A process of nobody's, niced: the attack should not win by CPU alone."""
-    prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-    return subprocess.Popen(
-        ["nice", "-n", "10", *prefix, *map(str, argv)], text=True, cwd="/", **kw
-    )
+    return subprocess.Popen(["nice", "-n", "10", *as_user(NOBODY, argv)], text=True, cwd="/", **kw)
 
 
 def events(daemon: Daemon, pid: int) -> dict[str, int]:
@@ -119,7 +116,7 @@ def p99(took: list[float]) -> float:
 def test_a_user_attacking_helpers_stalls_nothing_but_their_own_request(
     helper_path, spawn, attacker, mode, seconds
 ):
-    """Issue 17.1: a stopped or traced helper made every request wait (root's `cat
+    """Found by a review: a stopped or traced helper made every request wait (root's `cat
     metrics` 9.6 s); one made to fork a stopped child holding its stderr hung the
     daemon for ever. Now root's reads go on as when idle, and only the user's own
     quota writes fail, with EAGAIN, the quota not set, one log line each."""
@@ -210,7 +207,7 @@ def test_a_helper_holding_its_pipe_through_a_stopped_child_is_given_up_on(
 def test_a_deny_quota_write_succeeds_only_when_the_kernel_shows_its_limit(
     helper_path, spawn, attacker
 ):
-    """Issue 17.3: a user who SIGKILLs each helper made root's `files=5 action=deny`
+    """Found by a review: a user who SIGKILLs each helper made root's `files=5 action=deny`
     report success though the kernel never got the limit. Now each write either
     succeeds with the limit in /proc/PID/limits, or fails with EAGAIN and changes
     nothing."""
@@ -248,7 +245,7 @@ def test_a_deny_quota_write_succeeds_only_when_the_kernel_shows_its_limit(
 def test_root_deny_quota_defeated_again_and_again_falls_back_to_kill(
     helper_path, spawn, attacker, with_killer
 ):
-    """Issue 17.3: a process that raises its soft limit again and again (its owner
+    """Found by a review: a process that raises its soft limit again and again (its owner
     killing the helpers that lower it back) kept 365 fds under root's files=5. Each
     defeat is counted; at the third, root's deny quota kills (README)."""
     daemon = helper_path
@@ -304,11 +301,11 @@ def test_a_users_own_deny_quota_is_kept_but_never_kills(helper_path, spawn):
     assert "defeat 4)" in daemon.log_text()
 
 
-# ----- no false breach through the helper (issue 18) -------------------------------------
+# ----- no false breach through the helper -----------------------------------------------
 
 
 def test_no_false_deny_breach_for_a_non_root_target_through_the_helper(helper_path, spawn):
-    """Issue 18.1: the periodic check read /proc before the helper had applied the
+    """Found by a review: the periodic check read /proc before the helper had applied the
     limit and counted the old value as a raise: `denied 1` at once. Now `denied 0`
     until the process really raises its limit, then `denied 1`."""
     daemon = helper_path
@@ -365,7 +362,7 @@ def switcher():
 
 
 def test_a_process_that_changes_uid_is_judged_by_its_uid_now(helper_path, switcher):
-    """Issue 17.6: the owner was remembered from registration. A root process that
+    """Found by a review: the owner was remembered from registration. A root process that
     became nobody is nobody's now, as kill(2) judges: nobody may set its quota."""
     daemon = helper_path
     m, pid = daemon.mountpoint, switcher.pid
@@ -379,7 +376,7 @@ def test_a_process_that_changes_uid_is_judged_by_its_uid_now(helper_path, switch
 
 
 def test_helpers_take_the_ids_the_process_has_now(helper_path, switcher):
-    """Issue 17.6: root's deny quota on a process that then dropped to nobody: the next
+    """Found by a review: root's deny quota on a process that then dropped to nobody: the next
     set ran its helper as root (refused), and logged a failed helper and a false
     "raised its soft limit" at every check, for ever."""
     daemon = helper_path
@@ -401,7 +398,7 @@ def test_helpers_take_the_ids_the_process_has_now(helper_path, switcher):
 
 
 def test_the_setuid_check_comes_before_any_direct_prlimit(spawn):
-    """Issue 17.8: with CAP_SYS_RESOURCE, prlimit() on a setuid target succeeds, so the
+    """Found by a review: with CAP_SYS_RESOURCE, prlimit() on a setuid target succeeds, so the
     check that ids differ came too late (only after EPERM). Now ids that differ are
     refused first: shown here on a process the daemon's uid could limit directly,
     given ids as a setuid program has them (real nobody, effective root)."""
@@ -429,8 +426,7 @@ def _planted_layout(base: Path, layout: str) -> Path:
     if layout == "planted-temp":  # a user's `.<name>.tmp` directory made compactions fail
         base.chmod(0o1777)
         subprocess.run(
-            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-            + ["mkdir", str(base / ".state.json.tmp")],
+            as_user(NOBODY, ["mkdir", base / ".state.json.tmp"]),
             check=True,
         )
         return base / "state.json"
@@ -448,7 +444,7 @@ def _planted_layout(base: Path, layout: str) -> Path:
     "layout", ["sticky", "world-writable", "planted-temp", "writable-parent", "to-be-created"]
 )
 def test_a_state_file_where_others_can_write_is_refused_at_start(layout):
-    """Issue 17.8: the README said such a state file is refused; it was accepted."""
+    """Found by a review: the README said such a state file is refused; it was accepted."""
     base = shared_tempdir("restrack-statedir-")
     mountpoint = shared_tempdir("restrack-mnt-")
     try:

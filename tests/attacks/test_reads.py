@@ -1,4 +1,4 @@
-"""No user's reads make root's wait (SPEC §5, §6): a user who registers many of its
+"""No user's reads make root's wait: a user who registers many of its
 own processes and reads `metrics` from many readers at once gets its renders
 one at a time, measured in batches with the loop free between them."""
 

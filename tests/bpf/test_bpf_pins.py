@@ -1,4 +1,4 @@
-"""Pins only root made (SPEC §3.1): an unprivileged user who can write in bpffs
+"""Pins only root made: an unprivileged user who can write in bpffs
 (mounted 1777, as bpffs is without `mode=`) pre-creates the daemon's pin
 directory, a directory in place of a map, or a symlink to another daemon's pins.
 Each attack runs in a private mount namespace with a private bpffs, against a

@@ -1,4 +1,4 @@
-"""The bpf engine through the real daemon and mount (issue 12, SPEC §3.1).
+"""The bpf engine through the real daemon and mount.
 
 The daemons here poll every 2 s (`--interval 2000`): whatever holds a quota
 within milliseconds is the kernel's doing, not the polling. Each daemon's
@@ -40,7 +40,7 @@ from tracker.backends.bpf import loader
 QUOTA = 64 * MiB
 
 pytestmark = needs_bpf
-# ----- the engine in force ---------------------------------------------------------
+# ----- the engine in force --------------------------------------------------------------
 
 
 def test_engine_file_metric_and_log_line(bpf_daemon: Daemon) -> None:
@@ -109,7 +109,7 @@ def test_engine_bpf_that_cannot_load_exits_with_the_reason(tmp_path: Path) -> No
     assert not os.path.ismount(mountpoint)
 
 
-# ----- a 64 MiB kill quota holds, polling every 2 s ------------------------------------
+# ----- a 64 MiB kill quota holds, polling every 2 s -------------------------------------
 
 MEMORY_PATHS = [
     ("mmap", MiB),
@@ -175,7 +175,7 @@ def test_under_quota_nothing_happens(bpf_daemon: Daemon, grower) -> None:
     assert child.finish() == (0, 32)
 
 
-# ----- notify and deny, pushed --------------------------------------------------------
+# ----- notify and deny, pushed ----------------------------------------------------------
 
 
 def events_from_fd(fd: int) -> dict[str, int]:
@@ -250,7 +250,7 @@ def test_deny_raise_lowered_back_at_once(bpf_daemon: Daemon, spawn) -> None:
     wait_until(lambda: events_of(bpf_daemon, w.pid)["denied"] >= 1, 1, "counted denied")
 
 
-# ----- restart without a gap, clean stop ----------------------------------------------
+# ----- restart without a gap, clean stop ------------------------------------------------
 
 
 def _link_ids(directory: Path) -> list[int]:
@@ -357,7 +357,7 @@ def test_attached_only_while_a_quota_is_set(bpf_factory: DaemonFactory, spawn) -
     assert not links.exists()
 
 
-# ----- exact peaks (issue 13): the kernel raises them at the syscall ------------------
+# ----- exact peaks: the kernel raises them at the syscall -------------------------------
 
 
 def test_a_spike_between_two_reads_shows_in_the_peak(bpf_daemon: Daemon, spawn) -> None:

@@ -101,7 +101,7 @@ def m(daemon) -> Path:
     return daemon.mountpoint
 
 
-# ----- the commands -------------------------------------------------------------
+# ----- the commands ---------------------------------------------------------------------
 
 
 def test_register_and_deregister_several(m, daemon, spawn):
@@ -169,7 +169,7 @@ def test_show_without_quota(m, spawn):
     assert fields["action"] == "-"  # as status's ACTION: no limit, no action
     record = json.loads(ok(restrack(m, "show", w.pid, "--json")))
     assert (record["heap_quota"], record["file_quota"], record["quota_use"]) == (None, None, None)
-    assert record["action"] is None  # said "kill" with no quota at all (issue 25)
+    assert record["action"] is None  # said "kill" with no quota at all
     assert (record["heapsize"], record["openfile_count"]) == (0, 0)
 
 
@@ -475,7 +475,7 @@ def test_top_until_ctrl_c(m, spawn):
                 stream.close()
 
 
-# ----- how it finds the mount -----------------------------------------------------
+# ----- how it finds the mount -----------------------------------------------------------
 
 
 def test_console_script(m, spawn):
@@ -509,7 +509,7 @@ def test_mount_option_beats_environment(m, spawn):
         empty.rmdir()
 
 
-# ----- every error path -----------------------------------------------------------
+# ----- every error path -----------------------------------------------------------------
 
 
 def test_no_such_process(m):

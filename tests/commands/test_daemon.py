@@ -150,7 +150,7 @@ def test_background_mode_detaches_after_mounting(daemon_factory, tmp_path):
     try:
         assert os.path.ismount(daemon.mountpoint)  # mounted before the parent returned
         assert "restrack_tracked_processes 0" in daemon.read("metrics")
-        # detached, it logs next to its state file, and says so (issue 25: it did not)
+        # detached, it logs next to its state file, and says so (it once did not)
         log = daemon.state.with_suffix(".log")
         said = re.fullmatch(
             rf"restrackfs: mounted on {re.escape(str(daemon.mountpoint))} \(pid (\d+)\); "

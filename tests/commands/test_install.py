@@ -77,7 +77,7 @@ SETUP_COMMAND = re.compile(r"(?:^|&&|#)\s*(?:[A-Z_]+=\S+\s+)*scripts/setup\b")
 
 def test_the_systemd_steps_install_from_the_system_python():
     """The README's systemd steps and the unit's comment ran plain `scripts/setup`: with a
-    Python under /root, the node's users could not run `restrack` (issue 25)."""
+    Python under /root, the node's users could not run `restrack`."""
     wanted = "RESTRACK_PYTHON=/usr/bin/python3 scripts/setup --link"
     unit = (CHECKOUT / "scripts" / "restrackfs.service").read_text()
     readme = (CHECKOUT / "README.md").read_text()

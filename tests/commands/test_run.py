@@ -1,4 +1,4 @@
-"""`restrack run` and restrack.h: C programs written for the kernel patch (SPEC §7.1)."""
+"""`restrack run` and restrack.h: C programs written for the kernel patch."""
 
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def readme_transcript() -> list[str]:
 
 
 def test_the_readmes_transcript_is_the_real_output(daemon, binaries, tmp_path):
-    """The README hid two `open failed` lines behind `...` (issue 25): its transcript
+    """The README hid two `open failed` lines behind `...`: its transcript
     is the whole output, stdout and stderr (on a terminal they interleave there)."""
     result = restrack_run(daemon, binaries["example"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -262,7 +262,7 @@ def test_fetch_answers_reach_only_the_address_space_that_asked(tmp_path):
                         for line in Path(f"/proc/{child.pid}/maps").read_text().splitlines()
                         if " r--p " in line)  # fmt: skip
         with seccomp.CallerMemory(child.pid) as fresh:
-            assert not fresh.write(readonly, b"\0")  # protections hold, as the SPEC asks
+            assert not fresh.write(readonly, b"\0")  # protections hold, as documented
     finally:
         child.kill()
         child.wait()

@@ -40,7 +40,7 @@ def test_track_all_in_a_pid_namespace_with_default_quota():
     expected = {seen["me"], seen["before"], seen["parent"], seen["child"]}
     assert expected <= set(seen["tracked"]) | {seen["before"]}
     assert seen["daemon"] not in seen["tracked"]
-    assert seen["seen_after"] < 1.0  # SPEC §6: every new process within one second
+    assert seen["seen_after"] < 1.0  # every new process within one second
     assert set(seen["quotas"].values()) == {"heap=1073741824 files=64 action=notify"}
     assert seen["stays_deregistered"] is True
 
@@ -178,7 +178,7 @@ def test_plain_files_poll_ready(daemon, spawn):
         os.close(fd)
 
 
-# ----- the host's pid namespace ------------------------------------------------------
+# ----- the host's pid namespace ---------------------------------------------------------
 
 
 def daemon_argv(*options: str) -> list[str]:

@@ -43,7 +43,7 @@ OTHER_USER = 1000
 OWNERS = [pytest.param(None, id="root-owned"), pytest.param(NOBODY, id="nobody-owned")]
 
 
-# ----- independent views of the kernel ------------------------------------
+# ----- independent views of the kernel --------------------------------------------------
 
 
 def vm_data(pid: int) -> int:
@@ -60,7 +60,7 @@ def proc_state(pid: int) -> str:
     return raw[raw.rindex(b")") + 2 :].split()[0].decode()
 
 
-# ----- helpers -------------------------------------------------------------
+# ----- helpers --------------------------------------------------------------------------
 
 
 async def wait_for(condition, timeout: float = 2.0):
@@ -114,7 +114,7 @@ def saved_records(path: Path) -> list[dict]:
     return state.load(path)
 
 
-# ----- measurement ----------------------------------------------------------
+# ----- measurement ----------------------------------------------------------------------
 
 
 async def test_heapsize_counts_mmap_exactly(spawn, tmp_path):
@@ -201,7 +201,7 @@ async def test_thread_stack_counts_as_heap(spawn, tmp_path):
         assert engine.measure(entry).heapsize >= 8 * MiB  # glibc's default stack
 
 
-# ----- registration ----------------------------------------------------------
+# ----- registration ---------------------------------------------------------------------
 
 
 async def test_register_thread_gives_its_thread_group(spawn, tmp_path):
@@ -312,7 +312,7 @@ async def test_deregister_removes_and_allows_registering_again(spawn, tmp_path):
         assert engine.get(w.pid) is second
 
 
-# ----- exit ---------------------------------------------------------------
+# ----- exit -----------------------------------------------------------------------------
 
 
 async def test_exit_removes_entry_promptly(spawn, tmp_path):
@@ -325,7 +325,7 @@ async def test_exit_removes_entry_promptly(spawn, tmp_path):
         w.proc.kill()  # not waited for: a zombie must count as gone too
         start = trio.current_time()
         await wait_for(lambda: engine.get(w.pid) is None)
-        assert trio.current_time() - start < 0.1  # SPEC §1: within 100 ms
+        assert trio.current_time() - start < 0.1  # within 100 ms
         assert list(engine.entries()) == []
         assert removed == [entry]
         assert entry.ended == "exited"
@@ -354,7 +354,7 @@ async def test_exit_of_one_leaves_the_others(spawn, tmp_path):
         assert engine.measure(kept).openfile_count == 1
 
 
-# ----- kill ---------------------------------------------------------------
+# ----- kill -----------------------------------------------------------------------------
 
 
 async def test_kill_on_files_quota(spawn, tmp_path):
@@ -417,7 +417,7 @@ async def test_measure_enforces_between_checks(spawn, tmp_path):
         assert await wait_dead(w) == -signal.SIGKILL
 
 
-# ----- notify -------------------------------------------------------------
+# ----- notify ---------------------------------------------------------------------------
 
 
 async def test_notify_counts_once_per_episode(spawn, tmp_path):
@@ -465,7 +465,7 @@ async def test_notify_heap_and_files_each_count(spawn, tmp_path):
         assert m.heapsize > MiB and m.openfile_count == 2
 
 
-# ----- deny ---------------------------------------------------------------
+# ----- deny -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("owner", OWNERS)
@@ -583,7 +583,7 @@ async def test_deny_keeps_a_lower_limit_of_the_process(spawn, tmp_path):
         assert nofile_soft(w.pid) == 5
 
 
-# ----- permissions ----------------------------------------------------------
+# ----- permissions ----------------------------------------------------------------------
 
 
 async def test_unprivileged_cannot_register_root_process(spawn, tmp_path):
@@ -650,7 +650,7 @@ async def test_root_quota_binds_the_owner(spawn, tmp_path, quota, usage):
         assert engine.get(w.pid) is None
 
 
-# ----- quota busy -----------------------------------------------------------
+# ----- quota busy -----------------------------------------------------------------------
 
 
 async def test_second_quota_is_ebusy_until_reset(spawn, tmp_path):
@@ -732,7 +732,7 @@ async def test_rejected_calls_change_nothing(spawn, tmp_path):
         assert w.alive()
 
 
-# ----- state ----------------------------------------------------------------
+# ----- state ----------------------------------------------------------------------------
 
 
 async def test_state_resumes_entries_with_their_counters(spawn, tmp_path):
@@ -828,7 +828,7 @@ async def test_state_records_identity_and_quota(spawn, tmp_path):
         assert (tmp_path / "s.json").stat().st_mode & 0o077 == 0
 
 
-# ----- state file cannot be written -------------------------------------------
+# ----- state file cannot be written -----------------------------------------------------
 
 
 def break_state_dir(state_dir: Path) -> None:
@@ -909,7 +909,7 @@ async def test_deregister_right_after_register(spawn, tmp_path):
         assert list(engine.entries()) == []
 
 
-# ----- known bugs ---------------------------------------------------------------
+# ----- known bugs -----------------------------------------------------------------------
 
 
 async def test_shutdown_right_after_register(spawn, tmp_path):

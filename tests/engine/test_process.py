@@ -1,6 +1,6 @@
 """tracker/linux/process.py: a process read through its pidfd, and its held status file.
 
-VmData is read by pread of /proc/PID/status kept open (issue 14: no path lookup
+VmData is read by pread of /proc/PID/status kept open (no path lookup
 per read), for a bounded number of processes daemon-wide. A descriptor opened by
 path names the process that held the pid then, so these tests check that such a
 file is read afresh, never shows a later holder of the pid, and that the bound

@@ -1,4 +1,4 @@
-"""restrackfs.client (SPEC §7): every call against a real mount with real processes."""
+"""restrackfs.client: every call against a real mount with real processes."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def every_call(pid: int, mount: object) -> dict[str, object]:
     }
 
 
-# ----- the five calls -----------------------------------------------------------
+# ----- the five calls -------------------------------------------------------------------
 
 
 def test_register_fetch_deregister(m, daemon, spawn):
@@ -256,7 +256,7 @@ def test_set_quota_accepts_daemon_size_strings(m, daemon, spawn):
     assert daemon.read(w.pid, "quota") == "heap=41943040 files=max action=notify\n"
 
 
-# ----- extras -------------------------------------------------------------------
+# ----- extras ---------------------------------------------------------------------------
 
 
 def test_stat_has_every_field(m, spawn):
@@ -296,7 +296,7 @@ def test_pid_must_be_an_int(m, daemon):
     assert client.tracked(mount=m) == []
 
 
-# ----- every errno path -----------------------------------------------------------
+# ----- every errno path -----------------------------------------------------------------
 
 
 def test_register_no_such_process(m):
@@ -479,7 +479,7 @@ def test_user_manages_own_process_through_the_library(m, daemon, spawn):
     assert client.tracked(mount=m) == []
 
 
-# ----- where the mount is ---------------------------------------------------------
+# ----- where the mount is ---------------------------------------------------------------
 
 
 def test_mount_argument_beats_environment(daemon_factory, spawn, monkeypatch):
@@ -586,7 +586,7 @@ def test_hostile_comm_cannot_confuse_fetch(m):
         proc.stdout.close()
 
 
-# ----- the kernel patch README's example ------------------------------------------
+# ----- the kernel patch README's example ------------------------------------------------
 
 
 def test_kernel_patch_readme_flow(m, spawn):

@@ -1,4 +1,4 @@
-"""procfs engine: a command about a process under quota enforces the quota first (issue 15).
+"""procfs engine: a command about a process under quota enforces the quota first.
 
 With the periodic check slowed to 10 s, nothing but the command itself can see the
 breach: a reset, a deregister or a new quota that reaches the daemon right after the

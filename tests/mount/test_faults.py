@@ -32,7 +32,7 @@ from tests.support.daemon import Daemon, DaemonFactory, release
 from tests.support.pids import force_pids, spawn_at
 from tests.support.procs import MiB, errno_of, limits_of, start_time
 from tests.support.tempdirs import shared_tempdir
-from tests.support.users import NOBODY
+from tests.support.users import NOBODY, as_user
 from tests.support.waiting import wait_until
 from tests.support.workload import Workload
 from tracker.engine import state as state_file
@@ -77,10 +77,10 @@ def test_kill9_with_deny_quotas_keeps_state_and_rlimits(daemon, spawn):
         w.do("open", 1)
     daemon.write("heap=8M files=3 action=deny", root_both.pid, "quota")
     daemon.write("files=2 action=deny", nobody_files.pid, "quota")  # root's: binds the owner
+    own_quota = daemon.path(nobody_own.pid, "quota")
     code = subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "sh", "-c",
-         f"echo 'heap=16M action=deny' > {daemon.path(nobody_own.pid, 'quota')}"],
-    ).returncode  # fmt: skip
+        as_user(NOBODY, ["sh", "-c", f"echo 'heap=16M action=deny' > {own_quota}"])
+    ).returncode
     assert code == 0
     daemon.write("heap=1G files=100 action=notify", notify.pid, "quota")
     daemon.write("files=4 action=deny", exits.pid, "quota")

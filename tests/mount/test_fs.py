@@ -40,7 +40,7 @@ def snapshot(daemon: Daemon) -> dict[str, object]:
     return {pid: (daemon.read(pid, "quota"), daemon.read(pid, "heapsize")) for pid in pids}
 
 
-# ----- layout ---------------------------------------------------------------
+# ----- layout ---------------------------------------------------------------------------
 
 
 def test_layout_and_modes(daemon, spawn):
@@ -69,7 +69,7 @@ def readme_file_table() -> set[str]:
 
 
 def test_readme_file_table_names_every_file(daemon, spawn):
-    """`engine` was missing from the README's table (issue 25)."""
+    """`engine` was missing from the README's table."""
     w = spawn()
     daemon.register(w.pid)
     top = {name for name in os.listdir(daemon.mountpoint) if not name.isdigit()}
@@ -86,7 +86,7 @@ def ls_a(path: Path) -> list[tuple[int, str]]:
 
 
 def test_ls_a_shows_dot_and_dotdot(daemon, spawn):
-    """`ls -la` showed no `.` and `..` (issue 25): readdir gives both, first, with the
+    """`ls -la` showed no `.` and `..`: readdir gives both, first, with the
     directory's own inode and its parent's (the root's)."""
     w = spawn()
     daemon.register(w.pid)
@@ -119,7 +119,7 @@ def test_values_end_with_newline(daemon, spawn):
     assert daemon.read("metrics").endswith("\n")
 
 
-# ----- measurement ----------------------------------------------------------
+# ----- measurement ----------------------------------------------------------------------
 
 
 def test_heapsize_counts_mmap_exactly(daemon, spawn):
@@ -259,7 +259,7 @@ def test_thread_id_registers_its_process(daemon, spawn):
     assert not os.path.exists(daemon.path(tid))
 
 
-# ----- shell forms ----------------------------------------------------------
+# ----- shell forms ----------------------------------------------------------------------
 
 
 def test_shell_session(daemon, spawn):
@@ -295,7 +295,7 @@ def test_shell_prints_meaningful_errors(daemon, spawn):
     assert "Invalid argument" in result.stderr
 
 
-# ----- quotas ---------------------------------------------------------------
+# ----- quotas ---------------------------------------------------------------------------
 
 
 def test_quota_round_trip_and_once_only(daemon, spawn):
@@ -424,7 +424,7 @@ def test_usage_reset_keeps_quota_and_gives_room(daemon, spawn):
     assert w.alive()
 
 
-# ----- errors (SPEC §4) -------------------------------------------------------
+# ----- errors ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("text", ["abc", "0", "-1", "\n", "1.5", "0x10", " 12", "١٢", "12 13"])
@@ -553,7 +553,7 @@ def test_wrong_open_mode(daemon, spawn):
     assert errno_of(lambda: os.open(daemon.path("register"), os.O_RDONLY)) == errno.EACCES
 
 
-# ----- exit and cleanup -------------------------------------------------------
+# ----- exit and cleanup -----------------------------------------------------------------
 
 
 def test_exited_process_disappears_within_100ms(daemon, spawn):
@@ -585,7 +585,7 @@ def test_reregistered_pid_is_a_new_directory(daemon, spawn):
     assert daemon.read(w.pid, "openfile_count") == "0\n"
 
 
-# ----- metrics ----------------------------------------------------------------
+# ----- metrics --------------------------------------------------------------------------
 
 
 def test_metrics(daemon, spawn):

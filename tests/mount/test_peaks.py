@@ -1,4 +1,4 @@
-"""Peaks and kinds (issue 13): heap_peak, openfile_peak, PID/fds, with real processes.
+"""Peaks and kinds: heap_peak, openfile_peak, PID/fds, with real processes.
 
 Under procfs the peaks are sampled: every read of a process's files (and the
 metrics), every periodic check of a quota and every command's sample raises them;
@@ -47,7 +47,7 @@ def metric_samples(text: str) -> dict[tuple[str, str], float]:
     }
 
 
-# ----- sampled under procfs ---------------------------------------------------
+# ----- sampled under procfs -------------------------------------------------------------
 
 
 def test_a_spike_between_two_reads_is_missed_and_one_a_read_saw_is_kept(daemon, spawn):
@@ -151,7 +151,7 @@ def test_a_spike_under_a_quota_is_caught_by_the_periodic_check(daemon_factory, s
     spike_is_caught(daemon_factory("--interval", "20"), spawn(), exact=False)
 
 
-# ----- the descriptors by kind ---------------------------------------------------
+# ----- the descriptors by kind ----------------------------------------------------------
 
 
 class Holder:
@@ -274,7 +274,7 @@ def test_fds_of_a_process_that_exited_or_left(daemon, holder):
             opened.read()
 
 
-# ----- a process with very many descriptors does not stall the others ------------
+# ----- a process with very many descriptors does not stall the others -------------------
 
 
 def most_descriptors() -> int:

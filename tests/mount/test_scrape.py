@@ -1,4 +1,4 @@
-"""The scrape endpoint (`--metrics-listen`, SPEC §6.1), with real HTTP clients on 127.0.0.1.
+"""The scrape endpoint (`--metrics-listen`), with real HTTP clients on 127.0.0.1.
 
 Two levels: the daemon itself (same exposition as root's `metrics`, the FUSE
 mount unharmed by bad clients), and `scrape.MetricsServer` run in a trio loop
@@ -313,7 +313,7 @@ def test_200_concurrent_clients_end_and_descriptors_stay_bounded(served, spawn):
     assert daemon.proc.poll() is None
 
 
-# ----- the server alone, with short limits ----------------------------------
+# ----- the server alone, with short limits ----------------------------------------------
 
 
 @contextmanager

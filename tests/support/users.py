@@ -133,3 +133,10 @@ def sh(command: str, uid: int | None = None) -> subprocess.CompletedProcess[str]
     if uid is not None:
         argv = as_user(uid, argv)
     return subprocess.run(argv, capture_output=True, text=True)
+
+
+def run_as(uid: int, *argv: object, **kw) -> subprocess.CompletedProcess[str]:
+    """`argv` run as `uid` from /, its output captured as text (60 s at most)."""
+    return subprocess.run(
+        as_user(uid, argv), capture_output=True, text=True, cwd="/", timeout=60, **kw
+    )

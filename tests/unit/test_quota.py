@@ -1,7 +1,7 @@
 """Pure unit tests of the parsers: quota grammar, deny-mode arithmetic, /proc formats.
 
 No processes, no mount: every input is a literal, so each case documents one
-rule of SPEC §3/§4 (or of the kernel's /proc formats) by itself.
+rule of the quota grammar or deny arithmetic (or of the kernel's /proc formats) by itself.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def assert_einval(call, *args):
     assert isinstance(info.value, OSError)
 
 
-# ----- parse_size ----------------------------------------------------------
+# ----- parse_size -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -104,7 +104,7 @@ def test_parse_size_rejects(text):
     assert_einval(parse_size, text)
 
 
-# ----- parse_count ---------------------------------------------------------
+# ----- parse_count ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -136,7 +136,7 @@ def test_parse_count_rejects(text):
     assert_einval(parse_count, text)
 
 
-# ----- parse_quota ---------------------------------------------------------
+# ----- parse_quota ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -244,7 +244,7 @@ def test_quota_format(quota, text):
     assert parse_quota(quota.format()) == quota  # what is read back can be written again
 
 
-# ----- deny-mode arithmetic ------------------------------------------------
+# ----- deny-mode arithmetic -------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -304,7 +304,7 @@ def test_lower(limit, cap, expected):
     assert limits.lower(limit, cap) == expected
 
 
-# ----- restrackfs/files.py parsers ----------------------------------------
+# ----- restrackfs/files.py parsers ------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -373,7 +373,7 @@ def test_parse_reset_rejects(text):
     assert_einval(parse_reset, text)
 
 
-# ----- /proc parsers -------------------------------------------------------
+# ----- /proc parsers --------------------------------------------------------------------
 
 # Fields 3.. of a real /proc/PID/stat line; starttime (field 22) is 51084.
 _STAT_TAIL = (

@@ -1,7 +1,7 @@
 /* Calls the kernel patch's syscalls (548-553) directly, as an unmodified
  * program written for the patch would; run under `restrack run`.
  * Each check prints "name rc errno" so the tests compare whole lines.
- *   abi codes      every return code of SPEC §7.1
+ *   abi codes      every return code of the ABI
  *   abi eperm PID  register someone else's process
  *   abi sixmib     3 MiB sbrk + 3 MiB malloc read back as 6 MiB
  *   abi forks      five children each run register/cap/fetch/deregister

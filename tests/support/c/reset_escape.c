@@ -1,4 +1,4 @@
-/* The kernel patch's user, trying to outrun the procfs engine (issue 15):
+/* The kernel patch's user, trying to outrun the procfs engine:
  * register, 6 MiB, cap 7 MiB / 5 files, fetch, 2 MiB more (over the quota: the
  * patch killed here), then reset and deregister at once. Prints a line per call
  * before the crossing; nothing after it must ever print. Run under `restrack run`. */

@@ -1,0 +1,254 @@
+"""Process names a user chooses cannot forge a line, crash a reader or reach a
+terminal raw: the log, the client, the CLI, `restrack run`, metrics labels."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from restrackfs import client, metrics
+from tests.support.cli import restrack_run
+from tests.support.daemon import Daemon
+from tests.support.users import NOBODY, as_user
+from tests.support.waiting import wait_until
+from tracker.engine.entry import Measurement
+from tracker.linux.procfs import PID_MAX_LIMIT, escape_comm, escape_unprintable
+from tracker.quota import Action, Quota
+
+# A process that takes names on stdin, as hex, and gives itself each (prctl's
+# PR_SET_NAME through /proc/self/comm), answering "ok" once it is its name.
+NAMER = textwrap.dedent(
+    """
+    import sys
+    print("ready", flush=True)
+    for line in sys.stdin:
+        with open("/proc/self/comm", "wb") as comm:
+            comm.write(bytes.fromhex(line.strip()))
+        print("ok", flush=True)
+    """
+)
+
+
+FORGERS = {
+    "fs pid 1": b"x\x1cpid 1",  # str.splitlines() splits on \x1c: a forged `pid 1` line
+    "fs": b"a\x1cb",  # a line without a space: crashed `dict(...)` in the client
+    "cr esc": b"\x1b[2J\rgotcha",  # clears a terminal, rewrites a log line
+    "nel ls": "\x85\u2028p".encode(),  # C1 NEL and LINE SEPARATOR
+}
+
+
+RAW_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # what must never be printed raw
+
+
+class Named:
+    """A process of ours whose name we set: its comm is what we last told it."""
+
+    def __init__(self, uid: int | None = None) -> None:
+        argv = ["/usr/bin/python3", "-c", NAMER]
+        self.proc = subprocess.Popen(
+            as_user(NOBODY, argv) if uid == NOBODY else argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout.readline() == "ready\n"
+        self.pid = self.proc.pid
+
+    def name(self, raw: bytes) -> None:
+        self.proc.stdin.write(raw.hex() + "\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline() == "ok\n"
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def named() -> Iterator[Callable[..., Named]]:
+    started: list[Named] = []
+
+    def start(raw: bytes | None = None, uid: int | None = NOBODY) -> Named:
+        process = Named(uid)
+        started.append(process)
+        if raw is not None:
+            process.name(raw)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def shown_name(raw: bytes) -> str:
+    """A name as the daemon shows it (README, Security): escape_comm of the comm."""
+    return escape_comm(raw[:15].decode("utf-8", "replace"))
+
+
+def restrack(daemon: Daemon, *args: object) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "restrackfs.cli", "--mount", daemon.mountpoint, *args]
+    return subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=30)
+
+
+def test_a_process_name_cannot_forge_a_log_line(daemon):
+    """Found here: registration and enforcement log lines printed comm as
+    /proc/PID/comm gives it, so a process named 'x\\nFORGED LINE' wrote a line of its
+    choosing into the daemon's log."""
+    m = daemon.mountpoint
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        with open("/proc/self/comm", "w") as comm:
+            comm.write("x\\nFORGED LINE")
+        pid = os.getpid()
+        with open("{m}/register", "w") as f:
+            f.write(str(pid))
+        with open(f"{m}/{{pid}}/quota", "w") as f:
+            f.write("files=0 action=notify")
+        extra = os.open("/dev/null", os.O_RDONLY)
+        open(f"{m}/{{pid}}/stat").read()  # a read checks the quota too
+        print("done", flush=True)
+        sys.stdin.read()
+        """
+    )
+    proc = subprocess.Popen(
+        as_user(NOBODY, ["/usr/bin/python3", "-c", script]),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout.readline() == b"done\n"
+        wait_until(lambda: "action=notify" in daemon.log_text(), what="enforcement logged")
+    finally:
+        proc.kill()
+        proc.wait()
+    lines = daemon.log_text().splitlines()
+    assert not [line for line in lines if line.startswith("FORGED")], "a forged log line"
+
+
+def test_a_process_name_cannot_forge_a_line_in_the_client_or_the_cli(daemon, named):
+    """Found by a review: `client.stat` split with `str.splitlines()`, which also splits
+    on \\x1c, \\x85, \\u2028...: a process named `x\\x1cpid 1` showed as pid 1 in root's
+    `restrack status`, `show`, `--json` and `fetch()`; `a\\x1cb` crashed `status` and
+    `top` for everyone; \\r and ESC reached the terminal and the log raw. Now lines
+    split on \\n alone and the daemon escapes every character that is not printable,
+    wherever it prints a name."""
+    processes = {label: named(raw) for label, raw in FORGERS.items()}
+    for process in processes.values():
+        daemon.register(process.pid)
+    pids = {p.pid for p in processes.values()}
+    for label, process in processes.items():
+        record = client.stat(process.pid, mount=daemon.mountpoint)
+        assert (record.pid, record.comm) == (process.pid, shown_name(FORGERS[label]))
+        assert client.fetch(process.pid, mount=daemon.mountpoint).pid == process.pid
+        show = restrack(daemon, "show", process.pid)
+        assert show.returncode == 0, show.stderr
+        assert f"pid{' ' * 13}{process.pid}" in show.stdout.split("\n")
+        assert not RAW_CONTROL.search(show.stdout.replace("\n", "")), repr(show.stdout)
+    listing = restrack(daemon, "status", "--json")
+    assert listing.returncode == 0, listing.stderr
+    assert {row["pid"] for row in json.loads(listing.stdout)} == pids
+    for args in (["status"], ["top", "-n", "1"]):
+        result = restrack(daemon, *args)
+        assert result.returncode == 0, result.stderr
+        body = result.stdout.removeprefix("\x1b[H\x1b[2J")  # top's own screen clearing
+        assert not RAW_CONTROL.search(body.replace("\n", "")), repr(body)
+        rows = [line.split()[0] for line in body.split("\n")[1:] if line[:1].isdigit()]
+        assert sorted(map(int, rows)) == sorted(pids), body
+    families = text_string_to_metric_families(daemon.read("metrics"))
+    comms = {
+        s.labels["pid"]: s.labels["comm"] for f in families for s in f.samples if "pid" in s.labels
+    }
+    for label, process in processes.items():
+        assert comms[str(process.pid)] == escape_unprintable(FORGERS[label].decode())
+    log = daemon.log_text()
+    assert not RAW_CONTROL.search(log.replace("\n", "")), "a raw control character in the log"
+    assert "gotcha" in log  # the name was logged, escaped
+
+
+def test_the_run_supervisor_survives_a_fetch_of_a_forging_name(daemon, named, abi_ops):
+    """Found by a review: fetch of a process named `a\\x1cb` crashed the `restrack run`
+    supervisor (the client's stat parser), and the program's calls then got ENOSYS."""
+    process = named(FORGERS["fs"])
+    daemon.register(process.pid)
+    result = restrack_run(daemon, abi_ops, process.pid, "fetch", "fetch")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "fetch 0 0\nfetch 0 0\n"
+
+
+def unescape(shown: str) -> str:
+    """The inverse of escape_comm, written from its docstring."""
+    simple = {"\\\\": "\\", "\\n": "\n"}
+    return re.sub(
+        r"\\\\|\\n|\\x[0-9a-f]{2}|\\u[0-9a-f]{4}|\\U[0-9a-f]{8}",
+        lambda m: simple.get(m[0]) or chr(int(m[0][2:], 16)),
+        shown,
+    )
+
+
+EVERY_CODE_POINT = st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=["Cs"])
+
+
+@given(st.text(EVERY_CODE_POINT, max_size=20))
+@settings(max_examples=2000, deadline=None)
+def test_escaped_names_are_printable_and_unambiguous(name):
+    shown = escape_comm(name)
+    assert shown.isprintable()
+    assert shown.splitlines() == ([shown] if shown else [])
+    assert unescape(shown) == name
+
+
+def stat_text(pid: int, comm: str) -> str:
+    """A `PID/stat` as the daemon writes it, comm as given."""
+    fields = {"pid": pid, "comm": comm, "heapsize": 1, "openfile_count": 2}
+    fields |= {"heap_quota": "max", "file_quota": 3, "action": "kill", "heap_total": 4}
+    fields |= {"openfile_total": 5, "registered": 6, "heap_peak": 7, "openfile_peak": 8}
+    return "".join(f"{key} {value}\n" for key, value in fields.items())
+
+
+@given(st.integers(1, PID_MAX_LIMIT), st.text(EVERY_CODE_POINT, max_size=20))
+@settings(max_examples=2000, deadline=None)
+def test_the_client_parses_stat_whatever_the_name(pid, name):
+    """Escaped as the daemon does, every name comes back as shown; and even a name
+    escaped for newlines alone (a daemon before this change) cannot move the pid."""
+    record = client.parse_stat(stat_text(pid, escape_comm(name)))
+    assert (record.pid, record.comm, record.file_quota) == (pid, escape_comm(name), 3)
+    raw = name.replace("\\", "\\\\").replace("\n", "\\n")
+    assert client.parse_stat(stat_text(pid, raw)).pid == pid
+    assert client.lines(stat_text(pid, raw))[1] == f"comm {raw}"
+
+
+@given(st.text(EVERY_CODE_POINT, max_size=20))
+@settings(max_examples=1000, deadline=None)
+def test_metrics_labels_follow_the_exposition_rules_whatever_the_name(name):
+    measurement = Measurement(7, name, 1, 2, 3, 4, Quota(5, None, Action.KILL), 0.0, 6, 7)
+    text = metrics.render([measurement], dict.fromkeys(Action, 0))
+    assert text.count("\n") == len(client.lines(text))
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    comms = {s.labels["comm"] for s in samples if "comm" in s.labels}
+    assert comms == {escape_unprintable(name)}
+    assert escape_unprintable(name).isprintable()
+
+
+def test_names_from_the_kernel_reach_the_client_as_shown(daemon, named):
+    """Every byte a process can put in its name, through the real kernel and mount."""
+    process = named(uid=None)
+    daemon.register(process.pid)
+
+    @given(st.binary(min_size=1, max_size=15).filter(lambda raw: b"\0" not in raw))
+    @settings(max_examples=150, deadline=None)
+    def check(raw: bytes) -> None:
+        process.name(raw)
+        record = client.stat(process.pid, mount=daemon.mountpoint)
+        assert (record.pid, record.comm) == (process.pid, shown_name(raw))
+
+    check()
