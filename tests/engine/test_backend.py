@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+from tests.support.engine import INTERVAL, ROOT, settle
 from tests.support.procs import MiB
 from tracker.backends import base as backends
 from tracker.backends.base import KILLED, NOTIFIED, PEAK, Policy, Report
@@ -28,8 +29,6 @@ from tracker.engine.resources import FILES_RESOURCE, HEAP_RESOURCE, Counters
 from tracker.errors import NoSuchProcess
 from tracker.quota import Action, Quota
 
-ROOT = 0
-INTERVAL = 0.01
 created: list[Backend] = []
 
 
@@ -89,10 +88,6 @@ def pushed(monkeypatch):
 
 def engine(tmp_path, name="pushed"):
     return open_engine(state_path=tmp_path / "s.json", interval=INTERVAL, backend=name)
-
-
-async def settle() -> None:
-    await trio.testing.wait_all_tasks_blocked()
 
 
 async def test_a_pushed_backend_is_told_each_change(spawn, tmp_path, pushed):

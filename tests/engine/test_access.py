@@ -1,0 +1,175 @@
+"""Who may call the engine, and what a refused or busy call leaves: unchanged.
+
+Every test drives a real workload process (see c/workload.c) and checks the engine
+against what the kernel says, read independently of `tracker`. Synchronisation is
+by polling with a deadline, never by sleeping a guess."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from tests.support.engine import (
+    OTHER_USER,
+    ROOT,
+    engine_at,
+    settle,
+)
+from tests.support.procs import MiB
+from tests.support.users import NOBODY
+from tracker.errors import (
+    AlreadyTracked,
+    NotPermitted,
+    NotTracked,
+    QuotaBusy,
+)
+from tracker.quota import Action, Quota
+
+# ----- permissions ----------------------------------------------------------------------
+
+
+async def test_unprivileged_cannot_register_root_process(spawn, tmp_path):
+    w = spawn()
+    async with engine_at(tmp_path) as engine:
+        before = (tmp_path / "s.json").read_bytes()
+        with pytest.raises(NotPermitted) as info:
+            engine.register(w.pid, NOBODY)
+        assert info.value.errno == errno.EPERM
+        assert list(engine.entries()) == []
+        assert (tmp_path / "s.json").read_bytes() == before
+
+
+async def test_owner_controls_its_own_process(spawn, tmp_path):
+    w = spawn(uid=NOBODY)
+    async with engine_at(tmp_path) as engine:
+        with pytest.raises(NotPermitted):
+            engine.register(w.pid, OTHER_USER)
+        entry = engine.register(w.pid, NOBODY)
+        await settle()
+        assert entry.owner_uid == NOBODY
+        with pytest.raises(NotPermitted):
+            engine.set_quota(entry, Quota(files=5), OTHER_USER)
+        assert entry.quota is None
+        engine.set_quota(entry, Quota(files=5), NOBODY)
+        with pytest.raises(NotPermitted):
+            engine.reset(entry, quota=True, usage=True, caller_uid=OTHER_USER)
+        with pytest.raises(NotPermitted):
+            engine.deregister(w.pid, OTHER_USER)
+        # a quota the owner set, the owner may lift
+        engine.reset(entry, quota=True, usage=True, caller_uid=NOBODY)
+        assert entry.quota is None
+        engine.set_quota(entry, Quota(files=5), NOBODY)
+        engine.deregister(w.pid, NOBODY)
+        assert engine.get(w.pid) is None
+
+
+@pytest.mark.parametrize(
+    ("quota", "usage"), [(True, True), (True, False), (False, True)], ids=["all", "quota", "usage"]
+)
+async def test_root_quota_binds_the_owner(spawn, tmp_path, quota, usage):
+    w = spawn(uid=NOBODY)
+    async with engine_at(tmp_path) as engine:
+        entry = engine.register(w.pid, NOBODY)
+        await settle()
+        engine.set_quota(entry, Quota(heap=100 * MiB, files=50), ROOT)
+        w.do("open", 2)
+        state_before = (tmp_path / "s.json").read_bytes()
+        with pytest.raises(NotPermitted) as info:
+            engine.reset(entry, quota=quota, usage=usage, caller_uid=NOBODY)
+        assert info.value.errno == errno.EPERM
+        with pytest.raises(NotPermitted):
+            engine.deregister(w.pid, NOBODY)
+        # nothing changed
+        assert entry.quota == Quota(heap=100 * MiB, files=50)
+        assert engine.measure(entry).openfile_count == 2
+        assert engine.get(w.pid) is entry
+        assert (tmp_path / "s.json").read_bytes() == state_before
+        # root may
+        engine.reset(entry, quota=quota, usage=usage, caller_uid=ROOT)
+        assert (entry.quota is None) == quota
+        assert engine.measure(entry).openfile_count == (0 if usage else 2)
+        engine.deregister(w.pid, ROOT)
+        assert engine.get(w.pid) is None
+
+
+# ----- quota busy -----------------------------------------------------------------------
+
+
+async def test_second_quota_is_ebusy_until_reset(spawn, tmp_path):
+    w = spawn()
+    async with engine_at(tmp_path) as engine:
+        entry = engine.register(w.pid, ROOT)
+        await settle()
+        engine.set_quota(entry, Quota(), ROOT)  # heap=max files=max defines a quota too
+        with pytest.raises(QuotaBusy) as info:
+            engine.set_quota(entry, Quota(files=1), ROOT)
+        assert info.value.errno == errno.EBUSY
+        assert entry.quota == Quota()
+
+        # a usage reset does not free the quota
+        engine.reset(entry, quota=False, usage=True, caller_uid=ROOT)
+        with pytest.raises(QuotaBusy):
+            engine.set_quota(entry, Quota(files=1), ROOT)
+
+        engine.reset(entry, quota=True, usage=False, caller_uid=ROOT)
+        engine.set_quota(entry, Quota(files=7, action=Action.NOTIFY), ROOT)
+        assert entry.quota == Quota(files=7, action=Action.NOTIFY)
+        assert engine.measure(entry).quota == Quota(files=7, action=Action.NOTIFY)
+
+
+async def test_rejected_calls_change_nothing(spawn, tmp_path):
+    w, other = spawn(), spawn(uid=NOBODY)
+    path = tmp_path / "s.json"
+    async with engine_at(tmp_path) as engine:
+        entry = engine.register(w.pid, ROOT)
+        await settle()
+        engine.set_quota(entry, Quota(heap=50 * MiB, files=20, action=Action.NOTIFY), ROOT)
+        w.do("open", 2)
+        snapshot = (
+            path.read_bytes(),
+            list(engine.entries()),
+            entry.quota,
+            entry.quota_uid,
+            entry.heap_base,
+            entry.files_base,
+            dict(engine.enforcements),
+        )
+
+        def unchanged() -> bool:
+            return snapshot == (
+                path.read_bytes(),
+                list(engine.entries()),
+                entry.quota,
+                entry.quota_uid,
+                entry.heap_base,
+                entry.files_base,
+                dict(engine.enforcements),
+            )
+
+        with pytest.raises(QuotaBusy):
+            engine.set_quota(entry, Quota(files=1, action=Action.KILL), ROOT)
+        assert unchanged()
+        with pytest.raises(NotPermitted):
+            engine.set_quota(entry, Quota(files=1), NOBODY)
+        assert unchanged()
+        with pytest.raises(NotPermitted):
+            engine.reset(entry, quota=True, usage=True, caller_uid=NOBODY)
+        assert unchanged()
+        with pytest.raises(AlreadyTracked):
+            engine.register(w.pid, ROOT)
+        assert unchanged()
+        with pytest.raises((AlreadyTracked, NotPermitted)):
+            engine.register(w.pid, NOBODY)  # tracked already, and not theirs
+        assert unchanged()
+        with pytest.raises(NotPermitted):
+            engine.register(other.pid, OTHER_USER)
+        assert unchanged()
+        with pytest.raises(NotPermitted):
+            engine.deregister(w.pid, NOBODY)
+        assert unchanged()
+        with pytest.raises(NotTracked):
+            engine.deregister(other.pid, ROOT)
+        assert unchanged()
+        assert engine.measure(entry).openfile_count == 2
+        assert w.alive()
