@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from tests.support.bpf import BPF, pin_dir, scrub, scrub_all
+from tests.support.build import compile_c
 from tests.support.daemon import Daemon, DaemonFactory, unmount
 from tests.support.grow import Grower, build_grow
+from tests.support.paths import C_SOURCES
 from tests.support.tempdirs import left_behind, shared_tempdir
 from tests.support.users import remove_user_pythons
 from tests.support.workload import Workload, build_workload
@@ -45,6 +47,12 @@ def spawn(workload_binary: Path) -> Iterator[Callable[..., Workload]]:
     yield start
     for workload in started:
         workload.stop()
+
+
+@pytest.fixture(scope="session")
+def leaderless(bin_dir: Path) -> Path:
+    """c/leaderless.c: its main thread exits on a line, a second one lives on."""
+    return compile_c(C_SOURCES / "leaderless.c", bin_dir / "leaderless")
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from restrackfs import handles
+from tests.support.build import compile_c
+from tests.support.paths import C_SOURCES
 from tests.support.procs import has_cap_sys_resource
 from tests.support.tempdirs import shared_tempdir
 from tests.support.users import NOBODY, as_user, run_as, sh
@@ -88,30 +90,6 @@ def test_a_state_file_planted_by_a_user_is_not_trusted(daemon_factory, spawn):
 # ----- the daemon itself ----------------------------------------------------------------
 
 
-SPIN_C = r"""
-/* spin PID SECONDS: send SIGKILL to PID until it works or time is up. */
-#include <signal.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <time.h>
-int main(int argc, char **argv) {
-    pid_t pid = atoi(argv[1]);
-    double limit = atof(argv[2]);
-    struct timespec t0, t;
-    long tries = 0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (;;) {
-        for (int i = 0; i < 1000; i++, tries++)
-            if (kill(pid, SIGKILL) == 0) { printf("killed %ld\n", tries); return 0; }
-        clock_gettime(CLOCK_MONOTONIC, &t);
-        if (t.tv_sec - t0.tv_sec + (t.tv_nsec - t0.tv_nsec) / 1e9 > limit) break;
-    }
-    printf("refused %ld\n", tries);
-    return 1;
-}
-"""
-
-
 @pytest.mark.parametrize(
     "seconds", [pytest.param(2, id="short"), pytest.param(20, id="long", marks=pytest.mark.slow)]
 )
@@ -121,8 +99,7 @@ def test_a_user_cannot_kill_the_daemon(daemon, spawn, bin_dir, seconds):
     a user keeping it at that (a deny quota and `usage` resets in a loop) while another
     of their processes spun on kill(daemon, SIGKILL) got through in about 0.1 s."""
     spin = bin_dir / "spin"
-    (bin_dir / "spin.c").write_text(SPIN_C)
-    subprocess.run(["gcc", "-O2", "-o", spin, bin_dir / "spin.c"], check=True)
+    compile_c(C_SOURCES / "spin.c", spin, optimize="-O2", threads=False)
     w = spawn(uid=NOBODY)
     m = daemon.mountpoint
     assert sh(f"echo {w.pid} > {m}/register", uid=NOBODY).returncode == 0
@@ -145,63 +122,11 @@ def test_a_user_cannot_kill_the_daemon(daemon, spawn, bin_dir, seconds):
     assert daemon.proc.returncode is None, "the daemon was killed by an unprivileged user"
 
 
-STOPPER_C = r"""
-/* stopper SECONDS DAEMON: SIGSTOP each child of DAEMON of my uid named setpriv or prlimit
- * (its children only: the machine may run other suites' helpers too). */
-#include <dirent.h>
-#include <signal.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-static long parent_of(const char *pid) {
-    char path[64], buf[512];
-    snprintf(path, sizeof path, "/proc/%s/stat", pid);
-    FILE *f = fopen(path, "r");
-    if (!f) return -1;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
-    char *end = strrchr(buf, ')'); /* comm may hold spaces and parentheses */
-    return end ? atol(end + 4) : -1; /* ") S PPID" */
-}
-int main(int argc, char **argv) {
-    double limit = atof(argv[1]);
-    long daemon = atol(argv[2]);
-    struct timespec t0, t;
-    long stopped = 0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (;;) {
-        DIR *d = opendir("/proc");
-        struct dirent *e;
-        while ((e = readdir(d))) {
-            char path[64], comm[32] = {0};
-            if (e->d_name[0] < '1' || e->d_name[0] > '9') continue;
-            snprintf(path, sizeof path, "/proc/%s/comm", e->d_name);
-            FILE *f = fopen(path, "r");
-            if (!f) continue;
-            if (fgets(comm, sizeof comm, f)
-                && (!strncmp(comm, "prlimit", 7) || !strncmp(comm, "setpriv", 7))
-                && parent_of(e->d_name) == daemon && kill(atoi(e->d_name), SIGSTOP) == 0)
-                stopped++;
-            fclose(f);
-        }
-        closedir(d);
-        clock_gettime(CLOCK_MONOTONIC, &t);
-        if (t.tv_sec - t0.tv_sec + (t.tv_nsec - t0.tv_nsec) / 1e9 > limit) break;
-    }
-    printf("stopped %ld\n", stopped);
-    return 0;
-}
-"""
-
-
 def test_a_user_cannot_freeze_the_daemon(daemon, spawn, bin_dir):
     if has_cap_sys_resource(daemon.proc.pid):
         pytest.skip("the daemon has CAP_SYS_RESOURCE: no helper runs")
     stopper = bin_dir / "stopper"
-    (bin_dir / "stopper.c").write_text(STOPPER_C)
-    subprocess.run(["gcc", "-O2", "-o", stopper, bin_dir / "stopper.c"], check=True)
+    compile_c(C_SOURCES / "stopper.c", stopper, optimize="-O2", threads=False)
     w = spawn(uid=NOBODY)
     m = daemon.mountpoint
     assert sh(f"echo {w.pid} > {m}/register", uid=NOBODY).returncode == 0

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.build import compile_c
 from tests.support.daemon import Daemon
 from tests.support.paths import C_SOURCES
 from tests.support.procs import has_cap_sys_resource, nofile_soft
@@ -53,9 +54,9 @@ def helper_path(daemon: Daemon) -> Daemon:
 
 @pytest.fixture(scope="module")
 def attacker(bin_dir: Path) -> Path:
-    binary = bin_dir / "helper_attack"
-    subprocess.run(["gcc", "-O2", "-o", binary, C_SOURCES / "helper_attack.c"], check=True)
-    return binary
+    return compile_c(
+        C_SOURCES / "helper_attack.c", bin_dir / "helper_attack", optimize="-O2", threads=False
+    )
 
 
 def as_nobody(*argv: object, **kw) -> subprocess.Popen[str]:

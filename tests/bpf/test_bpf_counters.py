@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.bpf import needs_bpf, pin_dir
-from tests.support.build import compile_c
 from tests.support.daemon import DaemonFactory
-from tests.support.paths import C_SOURCES, CHECKOUT, DATA
+from tests.support.paths import CHECKOUT, DATA
 from tests.support.procs import MiB, proc_vm_data
 from tests.support.waiting import wait_until
 from tracker.backends.bpf import loader
@@ -143,12 +142,11 @@ async def test_the_procfs_engine_reads_proc(spawn, monkeypatch):
         assert calls == ["reread_status", "reread_status"]
 
 
-async def test_a_zombie_leader_is_read_through_its_live_thread(bin_dir):
-    """tests/c/leaderless.c: the main thread exits, another maps 32 MiB. The kernel
+async def test_a_zombie_leader_is_read_through_its_live_thread(leaderless):
+    """c/leaderless.c: the main thread exits, another maps 32 MiB. The kernel
     program sees no address space on the leader (-ENODATA); /proc through the live
     thread answers."""
-    binary = compile_c(C_SOURCES / "leaderless.c", bin_dir / "leaderless")
-    proc = subprocess.Popen([binary], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([leaderless], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         pid = int(proc.stdout.readline())
         async with open_engine(backend="bpf") as engine:

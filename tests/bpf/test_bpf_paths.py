@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.bpf import BPF, needs_bpf
+from tests.support.build import compile_c
 from tests.support.mount import capped, enforcement_line, top_events
 from tests.support.paths import C_SOURCES, CHECKOUT, SUPPORT
 from tests.support.procs import MiB, exited, nofile_soft
@@ -167,8 +168,7 @@ def test_an_exec_does_not_hand_the_old_images_memory_to_the_new_one(
     """Registered with 200 MiB of VmData, the process execs a small image under a
     64 MiB kill quota: the new image gets 64 MiB beyond where it starts, not the
     200 MiB the old one held (the baseline follows an exec down, never up)."""
-    binary = bin_dir / "execgrow"
-    subprocess.run(["gcc", "-O1", "-o", binary, C_SOURCES / "execgrow.c"], check=True)
+    binary = compile_c(C_SOURCES / "execgrow.c", bin_dir / "execgrow", threads=False)
     proc = subprocess.Popen([binary, str(200 * MiB), str(MiB), "300"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
     assert proc.stdin and proc.stdout
@@ -190,8 +190,7 @@ def test_track_children_watches_a_child_from_its_fork(bpf_factory, bin_dir: Path
     """--track-children with a kill quota: a child that maps at once is held from
     its first instruction, not from the next 250 ms scan (157 MiB under a 64 MiB
     quota was measured before)."""
-    binary = bin_dir / "forkgrow"
-    subprocess.run(["gcc", "-O1", "-o", binary, C_SOURCES / "forkgrow.c"], check=True)
+    binary = compile_c(C_SOURCES / "forkgrow.c", bin_dir / "forkgrow", threads=False)
     root = subprocess.Popen([binary, str(MiB), "300"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
     assert root.stdin and root.stdout

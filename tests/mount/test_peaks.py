@@ -24,6 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from restrackfs import client
+from tests.support.build import compile_c
 from tests.support.daemon import Daemon
 from tests.support.mount import SPIKE, peak, spike_is_caught
 from tests.support.paths import C_SOURCES
@@ -189,9 +190,7 @@ class Holder:
 
 @pytest.fixture(scope="session")
 def fdkinds_binary(bin_dir: Path) -> Path:
-    binary = bin_dir / "fdkinds"
-    subprocess.run(["gcc", "-O1", "-pthread", "-o", binary, C_SOURCES / "fdkinds.c"], check=True)
-    return binary
+    return compile_c(C_SOURCES / "fdkinds.c", bin_dir / "fdkinds")
 
 
 @pytest.fixture
