@@ -32,6 +32,7 @@ import pytest
 
 from tests.support.build import compile_c
 from tests.support.daemon import Daemon
+from tests.support.mount import events_of
 from tests.support.paths import C_SOURCES
 from tests.support.procs import has_cap_sys_resource, nofile_soft
 from tests.support.tempdirs import shared_tempdir
@@ -64,16 +65,10 @@ def as_nobody(*argv: object, **kw) -> subprocess.Popen[str]:
     return subprocess.Popen(["nice", "-n", "10", *as_user(NOBODY, argv)], text=True, cwd="/", **kw)
 
 
-def events(daemon: Daemon, pid: int) -> dict[str, int]:
-    return {
-        k: int(v) for k, v in (line.split() for line in daemon.read(pid, "events").splitlines())
-    }
-
-
 def events_or_none(daemon: Daemon, pid: int) -> dict[str, int] | None:
     """The process's counters; None once it is gone (killed)."""
     try:
-        return events(daemon, pid)
+        return events_of(daemon, pid)
     except OSError:
         return None
 
@@ -230,7 +225,7 @@ def test_a_deny_quota_write_succeeds_only_when_the_kernel_shows_its_limit(
                 if refused == 3:
                     break
                 continue
-            assert nofile_soft(w.pid) == "8"  # 3 open + 5: the kernel shows it
+            assert nofile_soft(w.pid) == 8  # 3 open + 5: the kernel shows it
             daemon.write("quota", w.pid, "reset")
             if nofile_soft(w.pid) != before:  # its restore was killed too: it's his
                 w.do("setrlimit", "nofile", before)
@@ -253,7 +248,7 @@ def test_root_deny_quota_defeated_again_and_again_falls_back_to_kill(
     w = spawn(uid=NOBODY)
     daemon.register(w.pid)
     daemon.write("files=5 action=deny", w.pid, "quota")
-    assert nofile_soft(w.pid) == "8"
+    assert nofile_soft(w.pid) == 8
     killer = (
         as_nobody(attacker, "kill", 20, daemon.proc.pid, stdout=subprocess.PIPE)
         if with_killer
@@ -272,7 +267,7 @@ def test_root_deny_quota_defeated_again_and_again_falls_back_to_kill(
                 lambda: (
                     (now := events_or_none(daemon, w.pid)) is None  # noqa: B023
                     or now["denied"] > seen["denied"]  # noqa: B023
-                    or nofile_soft(w.pid) == "8"
+                    or nofile_soft(w.pid) == 8
                 ),
                 what="the raise seen",
             )
@@ -296,9 +291,9 @@ def test_a_users_own_deny_quota_is_kept_but_never_kills(helper_path, spawn):
     assert sh(f"echo files=5 action=deny > {m}/{w.pid}/quota", uid=NOBODY).returncode == 0
     for raised in range(1, 5):
         w.do("setrlimit", "nofile", -1)
-        wait_until(lambda: nofile_soft(w.pid) == "8", what="lowered back")
-        wait_until(lambda: events(daemon, w.pid)["denied"] == raised, what="counted")  # noqa: B023
-    assert w.alive() and events(daemon, w.pid)["killed"] == 0
+        wait_until(lambda: nofile_soft(w.pid) == 8, what="lowered back")
+        wait_until(lambda: events_of(daemon, w.pid)["denied"] == raised, what="counted")  # noqa: B023
+    assert w.alive() and events_of(daemon, w.pid)["killed"] == 0
     assert "defeat 4)" in daemon.log_text()
 
 
@@ -313,16 +308,16 @@ def test_no_false_deny_breach_for_a_non_root_target_through_the_helper(helper_pa
     w = spawn(uid=NOBODY)
     daemon.register(w.pid)
     daemon.write("files=3 action=deny", w.pid, "quota")
-    assert nofile_soft(w.pid) == "6"
+    assert nofile_soft(w.pid) == 6
     watch_until = time.monotonic() + 1.0  # ten periodic checks
     while time.monotonic() < watch_until:
-        assert events(daemon, w.pid)["denied"] == 0, daemon.log_text()
+        assert events_of(daemon, w.pid)["denied"] == 0, daemon.log_text()
     assert "raised its soft limit" not in daemon.log_text()
     w.do("setrlimit", "nofile", -1)
-    wait_until(lambda: events(daemon, w.pid)["denied"] == 1, what="denied 1")
-    wait_until(lambda: nofile_soft(w.pid) == "6", what="lowered back")
+    wait_until(lambda: events_of(daemon, w.pid)["denied"] == 1, what="denied 1")
+    wait_until(lambda: nofile_soft(w.pid) == 6, what="lowered back")
     time.sleep(0.3)  # three more checks: one raise counts once
-    assert events(daemon, w.pid)["denied"] == 1
+    assert events_of(daemon, w.pid)["denied"] == 1
 
 
 # ----- the owner is who owns the process now ---------------------------------------------
@@ -373,7 +368,7 @@ def test_a_process_that_changes_uid_is_judged_by_its_uid_now(helper_path, switch
     result = sh(f"echo files=50 action=deny > {m}/{pid}/quota", uid=NOBODY)
     assert result.returncode == 0, result.stderr
     assert daemon.read(pid, "quota") == "heap=max files=50 action=deny\n"
-    assert int(nofile_soft(pid)) == len(os.listdir(f"/proc/{pid}/fd")) + 50
+    assert nofile_soft(pid) == len(os.listdir(f"/proc/{pid}/fd")) + 50
 
 
 def test_helpers_take_the_ids_the_process_has_now(helper_path, switcher):
@@ -388,11 +383,11 @@ def test_helpers_take_the_ids_the_process_has_now(helper_path, switcher):
     switcher.tell("open 3")
     daemon.write("usage", pid, "reset")  # new baseline: a higher limit, set by a helper
     fds = len(os.listdir(f"/proc/{pid}/fd"))
-    wait_until(lambda: int(nofile_soft(pid)) == fds + 10, what="the new limit in force")
+    wait_until(lambda: nofile_soft(pid) == fds + 10, what="the new limit in force")
     time.sleep(0.5)  # five periodic checks
     log = daemon.log_text()
     assert "raised its soft limit" not in log and "not in force" not in log, log
-    assert events(daemon, pid)["denied"] == 0
+    assert events_of(daemon, pid)["denied"] == 0
 
 
 # ----- the direct path (CAP_SYS_RESOURCE) ------------------------------------------------
@@ -410,7 +405,7 @@ def test_the_setuid_check_comes_before_any_direct_prlimit(spawn):
         limits.set_soft_limit(w.pid, setuid_ids, limits.NOFILE, 5)
     assert nofile_soft(w.pid) == before
     assert limits.set_soft_limit(w.pid, procfs.read_ids(w.pid), limits.NOFILE, 5) == 5
-    assert nofile_soft(w.pid) == "5"
+    assert nofile_soft(w.pid) == 5
 
 
 # ----- a state file where others may write -----------------------------------------------

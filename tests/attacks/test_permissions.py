@@ -28,7 +28,7 @@ from tests.support.build import compile_c
 from tests.support.cli import restrack_run
 from tests.support.daemon import Daemon
 from tests.support.paths import C_SOURCES
-from tests.support.procs import limits_of
+from tests.support.procs import limits_of, tracked
 from tests.support.users import NOBODY, as_user, run_as, sh
 from tests.support.waiting import wait_until
 from tests.support.workload import Workload
@@ -72,10 +72,6 @@ CLIENT_SCRIPT = textwrap.dedent(
 def shell_as(uid: int, command: str) -> tuple[int, str]:
     result = sh(command, uid=uid)
     return result.returncode, result.stderr
-
-
-def tracked(daemon: Daemon) -> set[int]:
-    return {int(name) for name in os.listdir(daemon.mountpoint) if name.isdigit()}
 
 
 # ----- a user and their own processes ---------------------------------------------------
@@ -372,7 +368,7 @@ def test_restrack_run_never_acts_as_root_for_a_thread_that_exits(daemon, spawn, 
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1:] == ["done"], result.stdout
     assert not [line for line in result.stdout.splitlines() if line.startswith("won")]
-    assert tracked(daemon) == {uncapped.pid, capped.pid}
+    assert tracked(daemon.mountpoint) == sorted([uncapped.pid, capped.pid])
     assert daemon.read(uncapped.pid, "quota") == NO_QUOTA
     assert all(w.alive() for w in (unregistered, uncapped, capped))
     assert "by uid=0" not in daemon.log_text()[log_before:]

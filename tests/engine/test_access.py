@@ -1,23 +1,17 @@
-"""Who may call the engine, and what a refused or busy call leaves: unchanged.
-
-Every test drives a real workload process (see c/workload.c) and checks the engine
-against what the kernel says, read independently of `tracker`. Synchronisation is
-by polling with a deadline, never by sleeping a guess."""
+"""Who may call the engine, and what a refused or busy call leaves: unchanged."""
 
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import pytest
 
-from tests.support.engine import (
-    OTHER_USER,
-    ROOT,
-    engine_at,
-    settle,
-)
+from tests.support.engine import OTHER_USER, ROOT, engine_at, registered, settle
 from tests.support.procs import MiB
 from tests.support.users import NOBODY
+from tracker.engine.engine import Engine
+from tracker.engine.entry import Entry
 from tracker.errors import (
     AlreadyTracked,
     NotPermitted,
@@ -99,8 +93,7 @@ async def test_root_quota_binds_the_owner(spawn, tmp_path, quota, usage):
 async def test_second_quota_is_ebusy_until_reset(spawn, tmp_path):
     w = spawn()
     async with engine_at(tmp_path) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
+        entry = await registered(engine, w.pid)
         engine.set_quota(entry, Quota(), ROOT)  # heap=max files=max defines a quota too
         with pytest.raises(QuotaBusy) as info:
             engine.set_quota(entry, Quota(files=1), ROOT)
@@ -118,34 +111,31 @@ async def test_second_quota_is_ebusy_until_reset(spawn, tmp_path):
         assert engine.measure(entry).quota == Quota(files=7, action=Action.NOTIFY)
 
 
+def observable(engine: Engine, entry: Entry, path: Path) -> tuple:
+    """All a call could change: the state file, the entries, the quota, baselines, counts."""
+    return (
+        path.read_bytes(),
+        list(engine.entries()),
+        entry.quota,
+        entry.quota_uid,
+        entry.heap_base,
+        entry.files_base,
+        dict(engine.enforcements),
+    )
+
+
 async def test_rejected_calls_change_nothing(spawn, tmp_path):
     w, other = spawn(), spawn(uid=NOBODY)
     path = tmp_path / "s.json"
     async with engine_at(tmp_path) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
-        engine.set_quota(entry, Quota(heap=50 * MiB, files=20, action=Action.NOTIFY), ROOT)
-        w.do("open", 2)
-        snapshot = (
-            path.read_bytes(),
-            list(engine.entries()),
-            entry.quota,
-            entry.quota_uid,
-            entry.heap_base,
-            entry.files_base,
-            dict(engine.enforcements),
+        entry = await registered(
+            engine, w.pid, Quota(heap=50 * MiB, files=20, action=Action.NOTIFY)
         )
+        w.do("open", 2)
+        snapshot = observable(engine, entry, path)
 
         def unchanged() -> bool:
-            return snapshot == (
-                path.read_bytes(),
-                list(engine.entries()),
-                entry.quota,
-                entry.quota_uid,
-                entry.heap_base,
-                entry.files_base,
-                dict(engine.enforcements),
-            )
+            return snapshot == observable(engine, entry, path)
 
         with pytest.raises(QuotaBusy):
             engine.set_quota(entry, Quota(files=1, action=Action.KILL), ROOT)

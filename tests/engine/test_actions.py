@@ -1,8 +1,4 @@
-"""The engine acts on a crossed quota: kill, notify, deny (real rlimits).
-
-Every test drives a real workload process (see c/workload.c) and checks the engine
-against what the kernel says, read independently of `tracker`. Synchronisation is
-by polling with a deadline, never by sleeping a guess."""
+"""The engine acts on a crossed quota: kill, notify, deny (real rlimits)."""
 
 from __future__ import annotations
 
@@ -15,6 +11,7 @@ from tests.support.engine import (
     ROOT,
     count_checks,
     engine_at,
+    registered,
     send,
     settle,
     wait_checks,
@@ -36,9 +33,7 @@ OWNERS = [pytest.param(None, id="root-owned"), pytest.param(NOBODY, id="nobody-o
 async def test_kill_on_files_quota(spawn, tmp_path):
     w = spawn()
     async with engine_at(tmp_path) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
-        engine.set_quota(entry, Quota(files=2), ROOT)
+        await registered(engine, w.pid, Quota(files=2))
         assert w.do("open", 2) == "ok 2"  # at the quota: allowed
         checks = count_checks(engine)
         await wait_checks(checks, 3)
@@ -54,9 +49,7 @@ async def test_kill_on_files_quota(spawn, tmp_path):
 async def test_kill_on_heap_quota(spawn, tmp_path):
     w = spawn()
     async with engine_at(tmp_path) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
-        engine.set_quota(entry, Quota(heap=10 * MiB), ROOT)
+        await registered(engine, w.pid, Quota(heap=10 * MiB))
         w.do("mmap", 8 * MiB)
         checks = count_checks(engine)
         await wait_checks(checks, 3)
@@ -71,8 +64,7 @@ async def test_quota_already_exceeded_kills_at_once(spawn, tmp_path):
     w = spawn()
     # an hour between periodic checks: only set_quota itself can act
     async with engine_at(tmp_path, interval=3600) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
+        entry = await registered(engine, w.pid)
         w.do("open", 3)
         engine.set_quota(entry, Quota(files=2), ROOT)
         assert engine.enforcements[Action.KILL] == 1
@@ -83,9 +75,7 @@ async def test_measure_enforces_between_checks(spawn, tmp_path):
     """A read that sees the breach acts on it, even before the periodic check."""
     w = spawn()
     async with engine_at(tmp_path, interval=3600) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
-        engine.set_quota(entry, Quota(heap=MiB), ROOT)
+        entry = await registered(engine, w.pid, Quota(heap=MiB))
         w.do("mmap", 2 * MiB)
         assert w.alive()
         engine.measure(entry)
@@ -99,9 +89,7 @@ async def test_measure_enforces_between_checks(spawn, tmp_path):
 async def test_notify_counts_once_per_episode(spawn, tmp_path):
     w = spawn()
     async with engine_at(tmp_path) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
-        engine.set_quota(entry, Quota(files=2, action=Action.NOTIFY), ROOT)
+        entry = await registered(engine, w.pid, Quota(files=2, action=Action.NOTIFY))
         checks = count_checks(engine)
         w.do("open", 3)
         await wait_for(lambda: engine.enforcements[Action.NOTIFY] == 1)
@@ -126,9 +114,7 @@ async def test_notify_counts_once_per_episode(spawn, tmp_path):
 async def test_notify_heap_and_files_each_count(spawn, tmp_path):
     w = spawn()
     async with engine_at(tmp_path) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
-        engine.set_quota(entry, Quota(heap=MiB, files=1, action=Action.NOTIFY), ROOT)
+        entry = await registered(engine, w.pid, Quota(heap=MiB, files=1, action=Action.NOTIFY))
         checks = count_checks(engine)
         w.do("mmap", 2 * MiB)
         await wait_for(lambda: engine.enforcements[Action.NOTIFY] == 1)
@@ -150,8 +136,7 @@ async def test_deny_heap(spawn, tmp_path, owner):
     original = data_soft(w.pid)
     baseline = proc_vm_data(w.pid)
     async with engine_at(tmp_path) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
+        entry = await registered(engine, w.pid)
         assert entry.heap_base == baseline
         engine.set_quota(entry, Quota(heap=10 * MiB, action=Action.DENY), ROOT)
         assert data_soft(w.pid) == baseline + 10 * MiB
@@ -178,9 +163,7 @@ async def test_deny_files(spawn, tmp_path, owner):
     w = spawn(uid=owner)
     original = nofile_soft(w.pid)
     async with engine_at(tmp_path) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
-        engine.set_quota(entry, Quota(files=3, action=Action.DENY), ROOT)
+        entry = await registered(engine, w.pid, Quota(files=3, action=Action.DENY))
         lowered = nofile_soft(w.pid)
         assert lowered < original
         assert w.do("open", 5) == f"ok 3 {errno.EMFILE}"
@@ -218,9 +201,7 @@ async def test_deny_limits_restored_by_deregister(spawn, tmp_path, owner):
     w = spawn(uid=owner)
     original = (data_soft(w.pid), nofile_soft(w.pid))
     async with engine_at(tmp_path) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
-        engine.set_quota(entry, Quota(heap=MiB, files=1, action=Action.DENY), ROOT)
+        await registered(engine, w.pid, Quota(heap=MiB, files=1, action=Action.DENY))
         assert (data_soft(w.pid), nofile_soft(w.pid)) != original
         engine.deregister(w.pid, ROOT)
         assert (data_soft(w.pid), nofile_soft(w.pid)) == original
@@ -231,9 +212,7 @@ async def test_deny_limits_kept_at_shutdown_and_at_start(spawn, tmp_path, owner)
     w = spawn(uid=owner)
     original = (data_soft(w.pid), nofile_soft(w.pid))
     async with engine_at(tmp_path) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
-        engine.set_quota(entry, Quota(heap=2 * MiB, files=2, action=Action.DENY), ROOT)
+        entry = await registered(engine, w.pid, Quota(heap=2 * MiB, files=2, action=Action.DENY))
         applied = (data_soft(w.pid), nofile_soft(w.pid))
         assert applied[0] == entry.heap_base + 2 * MiB
     assert (data_soft(w.pid), nofile_soft(w.pid)) == applied  # no gap while none runs
@@ -251,9 +230,7 @@ async def test_deny_keeps_a_lower_limit_of_the_process(spawn, tmp_path):
     w = spawn()
     w.do("setrlimit", "nofile", 5)
     async with engine_at(tmp_path) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
-        engine.set_quota(entry, Quota(files=100, action=Action.DENY), ROOT)
+        entry = await registered(engine, w.pid, Quota(files=100, action=Action.DENY))
         assert nofile_soft(w.pid) == 5
         engine.reset(entry, quota=True, usage=False, caller_uid=ROOT)
         assert nofile_soft(w.pid) == 5

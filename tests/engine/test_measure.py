@@ -1,8 +1,4 @@
-"""The engine measures real processes: heap, open files, registration, exit.
-
-Every test drives a real workload process (see c/workload.c) and checks the engine
-against what the kernel says, read independently of `tracker`. Synchronisation is
-by polling with a deadline, never by sleeping a guess."""
+"""The engine measures real processes: heap, open files, registration, exit."""
 
 from __future__ import annotations
 
@@ -20,6 +16,7 @@ from tests.support.engine import (
     ROOT,
     engine_at,
     proc_state,
+    registered,
     saved_records,
     send,
     settle,
@@ -43,8 +40,7 @@ from tracker.quota import Quota
 async def test_heapsize_counts_mmap_exactly(spawn, tmp_path):
     w = spawn()
     async with engine_at(tmp_path) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
+        entry = await registered(engine, w.pid)
         assert entry.pid == w.pid
         assert [e.pid for e in engine.entries()] == [w.pid]
         assert engine.get(w.pid) is entry
@@ -67,8 +63,7 @@ async def test_heapsize_counts_mmap_exactly(spawn, tmp_path):
 async def test_heapsize_counts_sbrk(spawn, tmp_path):
     w = spawn()
     async with engine_at(tmp_path) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
+        entry = await registered(engine, w.pid)
         before = engine.measure(entry).heapsize
         w.do("sbrk", 4 * MiB)
         grown = engine.measure(entry).heapsize - before
@@ -80,8 +75,7 @@ async def test_heapsize_counts_sbrk(spawn, tmp_path):
 async def test_openfile_count_follows_open_and_close(spawn, tmp_path):
     w = spawn()
     async with engine_at(tmp_path) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
+        entry = await registered(engine, w.pid)
         assert engine.measure(entry).openfile_count == 0
         assert w.do("open", 3) == "ok 3"
         m = engine.measure(entry)
@@ -99,8 +93,7 @@ async def test_usage_is_floored_at_zero(spawn, tmp_path):
     w.do("mmap", 20 * MiB)
     w.do("open", 4)
     async with engine_at(tmp_path) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
+        entry = await registered(engine, w.pid)
         w.do("munmap")
         w.do("close", 4)
         m = engine.measure(entry)
@@ -118,8 +111,7 @@ async def test_usage_is_floored_at_zero(spawn, tmp_path):
 async def test_thread_stack_counts_as_heap(spawn, tmp_path):
     w = spawn()
     async with engine_at(tmp_path) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
+        entry = await registered(engine, w.pid)
         w.thread()
         assert engine.measure(entry).heapsize >= 8 * MiB  # glibc's default stack
 
@@ -132,8 +124,7 @@ async def test_register_thread_gives_its_thread_group(spawn, tmp_path):
     tid = w.thread()
     assert tid != w.pid
     async with engine_at(tmp_path) as engine:
-        entry = engine.register(tid, ROOT)
-        await settle()
+        entry = await registered(engine, tid)
         assert entry.pid == w.pid
         assert engine.get(w.pid) is entry
         assert engine.get(tid) is None
@@ -253,8 +244,7 @@ async def test_exit_removes_entry_promptly(spawn, tmp_path):
     async with engine_at(tmp_path) as engine:
         removed: list[Entry] = []
         engine.on_removal(removed.append)
-        entry = engine.register(w.pid, ROOT)
-        await settle()
+        entry = await registered(engine, w.pid)
         w.proc.kill()  # not waited for: a zombie must count as gone too
         start = trio.current_time()
         await wait_for(lambda: engine.get(w.pid) is None)

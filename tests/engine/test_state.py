@@ -1,8 +1,4 @@
-"""The engine's state file: what it records, resumes and drops, and a file it cannot write.
-
-Every test drives a real workload process (see c/workload.c) and checks the engine
-against what the kernel says, read independently of `tracker`. Synchronisation is
-by polling with a deadline, never by sleeping a guess."""
+"""The engine's state file: what it records, resumes and drops, and a file it cannot write."""
 
 from __future__ import annotations
 
@@ -15,6 +11,7 @@ from tests.support.engine import (
     INTERVAL,
     ROOT,
     engine_at,
+    registered,
     saved_records,
     settle,
     wait_dead,
@@ -69,42 +66,38 @@ async def test_state_resumes_entries_with_their_counters(spawn, tmp_path):
 async def test_state_resumed_quota_is_enforced(spawn, tmp_path):
     w = spawn()
     async with engine_at(tmp_path) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
-        engine.set_quota(entry, Quota(files=2), ROOT)
+        await registered(engine, w.pid, Quota(files=2))
     w.do("open", 3)  # over the quota while no engine runs
     async with engine_at(tmp_path) as engine:
         assert await wait_dead(w) == -signal.SIGKILL
         assert engine.enforcements[Action.KILL] == 1
 
 
-async def test_state_drops_recycled_pid(spawn, tmp_path):
-    w, kept = spawn(), spawn()
-    path = tmp_path / "s.json"
-    async with engine_at(tmp_path) as engine:
-        engine.register(w.pid, ROOT)
-        engine.register(kept.pid, ROOT)
-        await settle()
+def recycle_in_state(path: Path, w) -> None:
+    """The state file's record of `w` now names another process that had its pid."""
     records = state.load(path)
     for record in records:
         if record["pid"] == w.pid:
             assert record["start_time"] == start_time(w.pid)
-            record["start_time"] += 1  # another process that had the same pid
+            record["start_time"] += 1
     state.Journal(path).rewrite(records)
-    async with engine_at(tmp_path) as engine:
-        assert [e.pid for e in engine.entries()] == [kept.pid]
-        await settle()
-        assert [r["pid"] for r in saved_records(path)] == [kept.pid]
 
 
-async def test_state_drops_dead_pid(spawn, tmp_path):
+@pytest.mark.parametrize(
+    "lose",
+    [
+        pytest.param(recycle_in_state, id="recycled_pid"),
+        pytest.param(lambda path, w: w.stop(), id="dead_pid"),  # killed and reaped
+    ],
+)
+async def test_state_drops_a_process_that_is_not_the_one_saved(spawn, tmp_path, lose):
     w, kept = spawn(), spawn()
     path = tmp_path / "s.json"
     async with engine_at(tmp_path) as engine:
         engine.register(w.pid, ROOT)
         engine.register(kept.pid, ROOT)
         await settle()
-    w.stop()  # killed and reaped
+    lose(path, w)
     async with engine_at(tmp_path) as engine:
         assert [e.pid for e in engine.entries()] == [kept.pid]
         await settle()
@@ -114,9 +107,7 @@ async def test_state_drops_dead_pid(spawn, tmp_path):
 async def test_state_records_identity_and_quota(spawn, tmp_path):
     w = spawn()
     async with engine_at(tmp_path) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
-        engine.set_quota(entry, Quota(heap=3 * MiB, files=4, action=Action.NOTIFY), ROOT)
+        entry = await registered(engine, w.pid, Quota(heap=3 * MiB, files=4, action=Action.NOTIFY))
         (record,) = saved_records(tmp_path / "s.json")
         assert record["pid"] == w.pid
         assert record["start_time"] == start_time(w.pid)
@@ -151,9 +142,7 @@ async def test_shutdown_right_after_register(spawn, tmp_path):
 async def test_quota_reset_then_restart_leaves_process_limits_alone(spawn, tmp_path):
     w = spawn()
     async with engine_at(tmp_path) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
-        engine.set_quota(entry, Quota(files=3, action=Action.DENY), ROOT)
+        entry = await registered(engine, w.pid, Quota(files=3, action=Action.DENY))
         engine.reset(entry, quota=True, usage=False, caller_uid=ROOT)
     w.do("setrlimit", "nofile", 100)  # the process's own choice, no quota in force
     async with engine_at(tmp_path) as engine:
@@ -199,8 +188,7 @@ async def test_unsaved_state_rejects_quota_and_deregister(spawn, tmp_path):
     w = spawn()
     state_dir = tmp_path / "state"
     async with open_engine(state_path=state_dir / "s.json", interval=INTERVAL) as engine:
-        entry = engine.register(w.pid, ROOT)
-        await settle()
+        entry = await registered(engine, w.pid)
         original = nofile_soft(w.pid)
         state_is_a_directory(state_dir)
         with pytest.raises(OSError) as info:
@@ -228,6 +216,5 @@ async def test_engine_survives_register_rolled_back_by_state_save(spawn, tmp_pat
             engine.register(w.pid, ROOT)
         await settle()  # the engine keeps serving
         (state_dir / "s.json").rmdir()
-        entry = engine.register(w.pid, ROOT)
-        await settle()
+        entry = await registered(engine, w.pid)
         assert engine.measure(entry).openfile_count == 0

@@ -443,7 +443,7 @@ NOBODY_SCRIPT = textwrap.dedent(
 )
 
 
-def as_nobody(pid: int, mount: str, *calls: str) -> dict[str, list]:
+def calls_as_nobody(pid: int, mount: str, *calls: str) -> dict[str, list]:
     argv = as_user(NOBODY, [PYTHON, "-c", NOBODY_SCRIPT, pid, mount, *calls])
     result = subprocess.run(argv, capture_output=True, text=True, cwd="/", timeout=30)
     assert result.returncode == 0, result.stderr
@@ -453,10 +453,12 @@ def as_nobody(pid: int, mount: str, *calls: str) -> dict[str, list]:
 def test_permission_denied_as_another_user(m, daemon, spawn):
     untracked, tracked = spawn(), spawn()
     client.register(tracked.pid, mount=m)
-    results = as_nobody(untracked.pid, m, "register")
+    results = calls_as_nobody(untracked.pid, m, "register")
     assert results["register"][:2] == ["PermissionError", errno.EPERM]
     assert str(untracked.pid) in results["register"][2]
-    results = as_nobody(tracked.pid, m, "resource_cap", "resource_reset", "deregister", "fetch")
+    results = calls_as_nobody(
+        tracked.pid, m, "resource_cap", "resource_reset", "deregister", "fetch"
+    )
     for call in ("resource_cap", "resource_reset", "deregister"):
         assert results[call][:2] == ["PermissionError", errno.EPERM], call
         assert str(tracked.pid) in results[call][2], call
@@ -467,7 +469,7 @@ def test_permission_denied_as_another_user(m, daemon, spawn):
 
 def test_user_manages_own_process_through_the_library(m, daemon, spawn):
     w = spawn(uid=NOBODY)
-    results = as_nobody(w.pid, m, "register", "resource_cap", "fetch", "resource_reset")
+    results = calls_as_nobody(w.pid, m, "register", "resource_cap", "fetch", "resource_reset")
     assert results == {
         "register": ["ok", None],
         "resource_cap": ["ok", None],
@@ -475,7 +477,7 @@ def test_user_manages_own_process_through_the_library(m, daemon, spawn):
         "resource_reset": ["ok", None],
     }
     assert daemon.read(w.pid, "quota") == NO_QUOTA
-    assert as_nobody(w.pid, m, "deregister") == {"deregister": ["ok", None]}
+    assert calls_as_nobody(w.pid, m, "deregister") == {"deregister": ["ok", None]}
     assert client.tracked(mount=m) == []
 
 

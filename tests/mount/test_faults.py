@@ -30,7 +30,7 @@ import pytest
 
 from tests.support.daemon import Daemon, DaemonFactory, release
 from tests.support.pids import force_pids, spawn_at
-from tests.support.procs import MiB, errno_of, limits_of, start_time
+from tests.support.procs import MiB, errno_of, limits_of, start_time, tracked
 from tests.support.tempdirs import shared_tempdir
 from tests.support.users import NOBODY, as_user
 from tests.support.waiting import wait_until
@@ -45,10 +45,6 @@ FIGURES: Counter[str] = Counter()
 def report_figures() -> Iterator[None]:
     yield
     print(f"\nfault figures: {dict(FIGURES)}")
-
-
-def tracked(daemon: Daemon) -> list[int]:
-    return sorted(int(n) for n in os.listdir(daemon.mountpoint) if n.isdigit())
 
 
 def kill9(daemon: Daemon) -> None:
@@ -98,7 +94,7 @@ def test_kill9_with_deny_quotas_keeps_state_and_rlimits(daemon, spawn):
     daemon.start()
 
     alive = [w for w in everyone if w is not exits]
-    assert tracked(daemon) == sorted(w.pid for w in alive)
+    assert tracked(daemon.mountpoint) == sorted(w.pid for w in alive)
     for w in alive:
         assert daemon.read(w.pid, "stat").splitlines()[2:4] == counters[w.pid]
         assert daemon.read(w.pid, "quota") == quotas[w.pid]
@@ -164,7 +160,7 @@ def test_kill9_at_any_moment_loses_nothing_acknowledged(daemon, spawn, cycles):
         # the acknowledged changes, and perhaps the one in flight when the kill landed
         allowed = [_apply(ops[:done]), _apply(ops[: done + 1])]
         pids = {w.pid for w in pool}
-        got = {p: daemon.read(p, "quota") for p in tracked(daemon) if p in pids}
+        got = {p: daemon.read(p, "quota") for p in tracked(daemon.mountpoint) if p in pids}
         assert got in allowed, f"after {done} acknowledged changes: {got}"
         acknowledged += done
         for pid in got:
@@ -359,7 +355,7 @@ def test_pid_recycled_while_the_daemon_was_dead_is_dropped(daemon, spawn):
         pytest.skip("recycled within the same clock tick: see the test below")
     mine = both_limits(pid)
     daemon.start()
-    assert tracked(daemon) == [other.pid]
+    assert tracked(daemon.mountpoint) == [other.pid]
     assert both_limits(pid) == mine and new.alive()
     assert [r["pid"] for r in state_file.load(daemon.state)] == [other.pid]
     assert new.ask("open", 5) == "ok 5"
@@ -508,8 +504,8 @@ def fill(directory: Path) -> Path:
 
 def world_of(daemon: Daemon, workloads: list[Workload]) -> dict[str, object]:
     return {
-        "tracked": tracked(daemon),
-        "quotas": {p: daemon.read(p, "quota") for p in tracked(daemon)},
+        "tracked": tracked(daemon.mountpoint),
+        "quotas": {p: daemon.read(p, "quota") for p in tracked(daemon.mountpoint)},
         "limits": {w.pid: both_limits(w.pid) for w in workloads},
         "journal": daemon.state.read_bytes(),
     }
@@ -630,10 +626,10 @@ def test_unsavable_state_fails_writes_loudly_and_changes_nothing(
     for name, action in attempts(daemon, registered, quota_set, fresh).items():
         if name not in ("mkdir", "rmdir"):  # the same change twice would be EEXIST/ENOENT
             action()
-    expected = tracked(daemon)
+    expected = tracked(daemon.mountpoint)
     kill9(daemon)
     daemon.start()
-    assert tracked(daemon) == expected
+    assert tracked(daemon.mountpoint) == expected
     assert registered.pid not in expected and {quota_set.pid, fresh.pid} <= set(expected)
     assert daemon.read(quota_set.pid, "quota") == "heap=max files=max action=kill\n"
 
@@ -650,7 +646,7 @@ def test_restart_on_a_full_disk_keeps_the_state(daemon_factory, spawn, small_dis
     filler = fill(small_disk)
     FIGURES["restarts on a full disk"] += 1
     daemon.start()
-    assert tracked(daemon) == sorted(w.pid for w in ws)
+    assert tracked(daemon.mountpoint) == sorted(w.pid for w in ws)
     assert both_limits(ws[0].pid) == lowered
     assert errno_of(lambda: daemon.write("files=1", ws[1].pid, "quota")) == errno.ENOSPC
     filler.unlink()

@@ -10,6 +10,7 @@ import trio.testing
 from tracker.engine import state
 from tracker.engine.engine import Engine, open_engine
 from tracker.engine.entry import Entry
+from tracker.quota import Quota
 
 INTERVAL = 0.01  # s between periodic checks: short, so the tests wait little
 ROOT = 0
@@ -72,3 +73,12 @@ def engine_at(tmp_path: Path, name: str = "s.json", interval: float = INTERVAL):
 
 def saved_records(path: Path) -> list[dict]:
     return state.load(path)
+
+
+async def registered(engine: Engine, pid: int, quota: Quota | None = None) -> Entry:
+    """`pid` registered by root, its exit watcher started, and root's `quota` set if given."""
+    entry = engine.register(pid, ROOT)
+    await settle()
+    if quota is not None:
+        engine.set_quota(entry, quota, ROOT)
+    return entry

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from restrackfs.daemon import release
+from tests.support.procs import tracked
 
 
 def wait_for(condition, timeout: float = 5.0) -> bool:
@@ -26,10 +27,6 @@ def wait_for(condition, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.005)
     return False
-
-
-def tracked(mount: Path) -> list[int]:
-    return sorted(int(name) for name in os.listdir(mount) if name.isdigit())
 
 
 def main() -> None:
