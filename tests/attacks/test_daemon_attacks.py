@@ -17,10 +17,13 @@ import pytest
 
 from restrackfs import handles
 from tests.support.build import compile_c
+from tests.support.daemon import Daemon
+from tests.support.mount import opened
 from tests.support.paths import C_SOURCES
 from tests.support.procs import has_cap_sys_resource
 from tests.support.tempdirs import shared_tempdir
 from tests.support.users import NOBODY, as_user, run_as, sh
+from tests.support.workload import Workload
 from tracker.engine import state as state_file
 
 # ----- paths and files a user controls --------------------------------------------------
@@ -90,6 +93,16 @@ def test_a_state_file_planted_by_a_user_is_not_trusted(daemon_factory, spawn):
 # ----- the daemon itself ----------------------------------------------------------------
 
 
+def under_own_deny_quota(daemon: Daemon, spawn) -> Workload:
+    """A process of nobody's, registered by nobody under nobody's own deny quota: each
+    `usage` reset then runs a limit helper as nobody."""
+    w = spawn(uid=NOBODY)
+    m = daemon.mountpoint
+    assert sh(f"echo {w.pid} > {m}/register", uid=NOBODY).returncode == 0
+    assert sh(f"echo heap=1G files=100 action=deny > {m}/{w.pid}/quota", uid=NOBODY).returncode == 0
+    return w
+
+
 @pytest.mark.parametrize(
     "seconds", [pytest.param(2, id="short"), pytest.param(20, id="long", marks=pytest.mark.slow)]
 )
@@ -100,10 +113,8 @@ def test_a_user_cannot_kill_the_daemon(daemon, spawn, bin_dir, seconds):
     of their processes spun on kill(daemon, SIGKILL) got through in about 0.1 s."""
     spin = bin_dir / "spin"
     compile_c(C_SOURCES / "spin.c", spin, optimize="-O2", threads=False)
-    w = spawn(uid=NOBODY)
+    w = under_own_deny_quota(daemon, spawn)
     m = daemon.mountpoint
-    assert sh(f"echo {w.pid} > {m}/register", uid=NOBODY).returncode == 0
-    assert sh(f"echo heap=1G files=100 action=deny > {m}/{w.pid}/quota", uid=NOBODY).returncode == 0
     hammer = subprocess.Popen(
         as_user(NOBODY, ["sh", "-c", f"while echo usage > {m}/{w.pid}/reset; do :; done"]),
         stderr=subprocess.DEVNULL,
@@ -127,10 +138,8 @@ def test_a_user_cannot_freeze_the_daemon(daemon, spawn, bin_dir):
         pytest.skip("the daemon has CAP_SYS_RESOURCE: no helper runs")
     stopper = bin_dir / "stopper"
     compile_c(C_SOURCES / "stopper.c", stopper, optimize="-O2", threads=False)
-    w = spawn(uid=NOBODY)
+    w = under_own_deny_quota(daemon, spawn)
     m = daemon.mountpoint
-    assert sh(f"echo {w.pid} > {m}/register", uid=NOBODY).returncode == 0
-    assert sh(f"echo heap=1G files=100 action=deny > {m}/{w.pid}/quota", uid=NOBODY).returncode == 0
     attack = [
         subprocess.Popen(
             as_user(NOBODY, argv),
@@ -221,14 +230,11 @@ def test_reads_past_offset_0_still_continue_the_same_rendering(daemon, spawn):
     """The bound keeps the seq_file rule: a reader part way through `metrics` reads
     the rest of the text it started, though a process was registered meanwhile."""
     daemon.register(spawn().pid)
-    fd = os.open(daemon.path("metrics"), os.O_RDONLY)
-    try:
+    with opened(daemon, "metrics") as fd:
         start = os.read(fd, 10)
         late = spawn()
         daemon.register(late.pid)
         text = start + b"".join(iter(lambda: os.read(fd, 7), b""))
-    finally:
-        os.close(fd)
     assert b"restrack_tracked_processes 1\n" in text
     assert f'pid="{late.pid}"'.encode() not in text
     assert f'pid="{late.pid}"' in daemon.read("metrics")

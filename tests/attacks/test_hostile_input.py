@@ -38,6 +38,7 @@ from hypothesis import strategies as st
 from restrackfs import logguard
 from restrackfs.logguard import LogGuard
 from tests.support.daemon import Daemon
+from tests.support.mount import opened
 from tests.support.tempdirs import shared_tempdir
 from tests.support.users import NOBODY, as_user
 from tests.support.workload import Workload
@@ -677,22 +678,16 @@ def test_one_value_split_over_two_writes_is_two_bad_values(clean):
     """sysfs: each write() is one whole value, so "hea" + "p=1M" is two EINVALs."""
     world = clean
     before = snapshot(world)
-    fd = os.open(world.path(world.fresh.pid, "quota"), os.O_WRONLY)
-    try:
+    with opened(world, world.fresh.pid, "quota", flags=os.O_WRONLY) as fd:
         assert do_write(fd, "write", b"hea", 0) == errno.EINVAL
         assert do_write(fd, "write", b"p=1M", 0) == errno.EINVAL
-    finally:
-        os.close(fd)
     assert snapshot(world) == before
 
 
 def test_writev_of_one_value_in_pieces_is_one_value(clean):
     world = clean
-    fd = os.open(world.path(world.fresh.pid, "quota"), os.O_WRONLY)
-    try:
+    with opened(world, world.fresh.pid, "quota", flags=os.O_WRONLY) as fd:
         assert os.writev(fd, [b"heap=", b"3M", b" files=", b"7\n"]) == 16
-    finally:
-        os.close(fd)
     world.fresh_quota = True
     assert world.daemon.read(world.fresh.pid, "quota") == "heap=3145728 files=7 action=kill\n"
 

@@ -27,6 +27,7 @@ import pytest
 from tests.support.build import compile_c
 from tests.support.cli import restrack_run
 from tests.support.daemon import Daemon
+from tests.support.mount import opened
 from tests.support.paths import C_SOURCES
 from tests.support.procs import limits_of, tracked
 from tests.support.users import NOBODY, as_user, run_as, sh
@@ -67,6 +68,13 @@ CLIENT_SCRIPT = textwrap.dedent(
     print(json.dumps(out))
     """
 )
+
+
+def refused_to_nobody(*commands: str) -> None:
+    """Each shell command, run as nobody, fails with EPERM."""
+    for command in commands:
+        code, err = shell_as(NOBODY, command)
+        assert code != 0 and "Operation not permitted" in err, command
 
 
 def shell_as(uid: int, command: str) -> tuple[int, str]:
@@ -117,11 +125,8 @@ def test_permission_is_checked_with_the_openers_uid(daemon, spawn):
     """An fd opened by root and handed to a user keeps root's rights, as in /proc."""
     w = spawn()
     daemon.register(w.pid)
-    fd = os.open(daemon.path(w.pid, "quota"), os.O_WRONLY)
-    try:
+    with opened(daemon, w.pid, "quota", flags=os.O_WRONLY) as fd:
         os.write(fd, b"files=3")
-    finally:
-        os.close(fd)
     assert daemon.read(w.pid, "quota").startswith("heap=max files=3")
 
 
@@ -157,15 +162,13 @@ def test_user_cannot_touch_another_users_process(daemon, spawn):
         code, err = shell_as(NOBODY, f"mkdir {m}/{target.pid}")
         assert code != 0 and "Operation not permitted" in err
         daemon.register(target.pid)
-        for command in [
+        refused_to_nobody(
             f"echo files=1 > {m}/{target.pid}/quota",
             f"echo 1 > {m}/{target.pid}/reset",
             f"echo usage > {m}/{target.pid}/reset",
             f"echo {target.pid} > {m}/deregister",
             f"rmdir {m}/{target.pid}",
-        ]:
-            code, err = shell_as(NOBODY, command)
-            assert code != 0 and "Operation not permitted" in err, command
+        )
         assert daemon.read(target.pid, "quota") == "heap=max files=max action=kill\n"
         assert os.path.isdir(daemon.path(target.pid))
         # reading is allowed to everybody without --hidepid, like /proc/PID/status
@@ -178,15 +181,13 @@ def test_root_quota_binds_the_owner(daemon, spawn):
     m = daemon.mountpoint
     daemon.register(w.pid)
     daemon.write("files=2", w.pid, "quota")
-    for command in [
+    refused_to_nobody(
         f"echo 1 > {m}/{w.pid}/reset",
         f"echo quota > {m}/{w.pid}/reset",
         f"echo usage > {m}/{w.pid}/reset",
         f"echo {w.pid} > {m}/deregister",
         f"rmdir {m}/{w.pid}",
-    ]:
-        code, err = shell_as(NOBODY, command)
-        assert code != 0 and "Operation not permitted" in err, command
+    )
     code, err = shell_as(NOBODY, f"echo files=100 > {m}/{w.pid}/quota")
     assert "Device or resource busy" in err
     assert daemon.read(w.pid, "quota") == "heap=max files=2 action=kill\n"

@@ -26,6 +26,7 @@ from tests.support.mount import (
     SPIKE,
     capped,
     enforcement_line,
+    events_from_fd,
     events_of,
     peak,
     spike_is_caught,
@@ -176,11 +177,6 @@ def test_under_quota_nothing_happens(bpf_daemon: Daemon, grower) -> None:
 
 
 # ----- notify and deny, pushed ----------------------------------------------------------
-
-
-def events_from_fd(fd: int) -> dict[str, int]:
-    text = os.pread(fd, 4096, 0).decode()
-    return {key: int(value) for key, value in (line.split() for line in text.splitlines())}
 
 
 def test_notify_once_per_crossing_and_pollers_wake_at_once(bpf_daemon: Daemon, spawn) -> None:

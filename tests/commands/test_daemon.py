@@ -181,10 +181,15 @@ def test_background_mode_says_why_it_did_not_start(daemon_factory, tmp_path):
     assert f"{missing}: not a directory" in log.read_text()
 
 
-def test_refuses_a_live_mount(daemon, tmp_path):
+def second_daemon(mountpoint: Path, state: Path) -> subprocess.CompletedProcess[str]:
+    """Another daemon started in the foreground on `mountpoint`, run to its exit."""
     argv = [sys.executable, "-m", "restrackfs.daemon", "--foreground"]
-    argv += ["--state", str(tmp_path / "other.json"), str(daemon.mountpoint)]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    argv += ["--state", str(state), str(mountpoint)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=20)
+
+
+def test_refuses_a_live_mount(daemon, tmp_path):
+    result = second_daemon(daemon.mountpoint, tmp_path / "other.json")
     assert result.returncode == 1, result.stderr
     assert f"{daemon.mountpoint}: already mounted (fuse.restrackfs, served by pid " in result.stderr
     assert f"stop that daemon first (kill {daemon.proc.pid})" in result.stderr
@@ -196,9 +201,7 @@ def test_refuses_a_mount_of_something_else(daemon_factory, tmp_path):
     tmpfs = ["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", daemon.mountpoint]
     subprocess.run(tmpfs, check=True)
     try:
-        argv = [sys.executable, "-m", "restrackfs.daemon", "--foreground"]
-        argv += ["--state", str(tmp_path / "other.json"), str(daemon.mountpoint)]
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        result = second_daemon(daemon.mountpoint, tmp_path / "other.json")
         assert result.returncode == 1, result.stderr
         assert f"{daemon.mountpoint}: already mounted (tmpfs, " in result.stderr
         assert f"umount {daemon.mountpoint} if it is not wanted" in result.stderr

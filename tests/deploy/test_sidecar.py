@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from restrackfs.daemon import parse_args
+from tests.support.mount import events_from_fd, opened
 from tests.support.paths import CHECKOUT, SUPPORT
 from tests.support.procs import MiB
 from tests.support.tempdirs import shared_tempdir
@@ -134,11 +135,6 @@ def test_textfile_for_node_exporter(daemon, spawn, tmp_path):
     assert "restrack_tracked_processes 1" in printed
 
 
-def events_of(fd: int) -> dict[str, int]:
-    text = os.pread(fd, 4096, 0).decode()
-    return {key: int(value) for key, value in (line.split() for line in text.splitlines())}
-
-
 @pytest.mark.parametrize("action", ["notify", "kill"])
 def test_poll_on_events_wakes_when_a_quota_is_crossed(daemon, spawn, action):
     w = spawn()
@@ -146,7 +142,7 @@ def test_poll_on_events_wakes_when_a_quota_is_crossed(daemon, spawn, action):
     own = os.open(daemon.path(w.pid, "events"), os.O_RDONLY)
     top = os.open(daemon.path("events"), os.O_RDONLY)
     try:
-        assert events_of(own) == {"exceeded": 0, "killed": 0, "denied": 0, "notified": 0}
+        assert events_from_fd(own) == {"exceeded": 0, "killed": 0, "denied": 0, "notified": 0}
         poller = select.poll()
         poller.register(own, select.POLLPRI | select.POLLIN)
         poller.register(top, select.POLLPRI)
@@ -157,10 +153,10 @@ def test_poll_on_events_wakes_when_a_quota_is_crossed(daemon, spawn, action):
         assert top in ready and ready[top] & select.POLLPRI
         if action == "notify":
             assert ready[own] & select.POLLPRI
-            assert events_of(own) == {"exceeded": 1, "killed": 0, "denied": 0, "notified": 1}
+            assert events_from_fd(own) == {"exceeded": 1, "killed": 0, "denied": 0, "notified": 1}
             assert own not in dict(poller.poll(50))  # read: quiet again
-        assert events_of(top)["exceeded"] == 1
-        assert events_of(top)["killed" if action == "kill" else "notified"] == 1
+        assert events_from_fd(top)["exceeded"] == 1
+        assert events_from_fd(top)["killed" if action == "kill" else "notified"] == 1
     finally:
         os.close(own)
         os.close(top)
@@ -169,13 +165,10 @@ def test_poll_on_events_wakes_when_a_quota_is_crossed(daemon, spawn, action):
 def test_plain_files_poll_ready(daemon, spawn):
     w = spawn()
     daemon.register(w.pid)
-    fd = os.open(daemon.path(w.pid, "heapsize"), os.O_RDONLY)
-    try:
+    with opened(daemon, w.pid, "heapsize") as fd:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         assert poller.poll(1000) == [(fd, select.POLLIN)]
-    finally:
-        os.close(fd)
 
 
 # ----- the host's pid namespace ---------------------------------------------------------

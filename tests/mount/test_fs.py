@@ -17,6 +17,7 @@ import pytest
 from restrackfs.files import Caller
 from restrackfs.handles import HandleTable, Kept
 from tests.support.daemon import Daemon
+from tests.support.mount import opened
 from tests.support.paths import CHECKOUT
 from tests.support.procs import MiB, errno_of, limits_of
 from tests.support.users import sh
@@ -173,14 +174,11 @@ def test_usage_is_floored_at_zero(daemon, spawn):
 def test_values_are_fresh_on_every_read(daemon, spawn):
     w = spawn()
     daemon.register(w.pid)
-    fd = os.open(daemon.path(w.pid, "openfile_count"), os.O_RDONLY)
-    try:
+    with opened(daemon, w.pid, "openfile_count") as fd:
         assert os.pread(fd, 100, 0) == b"0\n"
         w.do("open", 5)
         assert os.pread(fd, 100, 0) == b"5\n"
         assert os.pread(fd, 100, 1) == b"\n"  # a pread after the whole text: of now
-    finally:
-        os.close(fd)
 
 
 @contextmanager
@@ -188,11 +186,8 @@ def heapsize_open(daemon, spawn):
     """A tracked workload and a descriptor of its heapsize, closed at the end."""
     w = spawn()
     daemon.register(w.pid)
-    fd = os.open(daemon.path(w.pid, "heapsize"), os.O_RDONLY)
-    try:
+    with opened(daemon, w.pid, "heapsize") as fd:
         yield w, fd
-    finally:
-        os.close(fd)
 
 
 def test_a_value_read_in_pieces_continues_its_own_text(daemon, spawn):
@@ -492,26 +487,24 @@ def test_reset_malformed(daemon, spawn, text):
     assert snapshot(daemon) == before
 
 
-def test_read_after_exit_is_esrch(daemon, spawn):
+@pytest.mark.parametrize(
+    ("name", "gone", "code"),
+    [
+        pytest.param("heapsize", lambda daemon, w: w.stop(), errno.ESRCH, id="exit_is_esrch"),
+        pytest.param(
+            "stat",
+            lambda daemon, w: daemon.write(str(w.pid), "deregister"),
+            errno.ENOENT,
+            id="deregister_is_enoent",
+        ),
+    ],
+)
+def test_a_read_through_a_held_descriptor_after(daemon, spawn, name, gone, code):
     w = spawn()
     daemon.register(w.pid)
-    fd = os.open(daemon.path(w.pid, "heapsize"), os.O_RDONLY)
-    try:
-        w.stop()
-        assert errno_of(lambda: os.pread(fd, 100, 0)) == errno.ESRCH
-    finally:
-        os.close(fd)
-
-
-def test_read_after_deregister_is_enoent(daemon, spawn):
-    w = spawn()
-    daemon.register(w.pid)
-    fd = os.open(daemon.path(w.pid, "stat"), os.O_RDONLY)
-    try:
-        daemon.write(str(w.pid), "deregister")
-        assert errno_of(lambda: os.pread(fd, 100, 0)) == errno.ENOENT
-    finally:
-        os.close(fd)
+    with opened(daemon, w.pid, name) as fd:
+        gone(daemon, w)
+        assert errno_of(lambda: os.pread(fd, 100, 0)) == code
 
 
 def test_empty_write_is_a_no_op(daemon, spawn):

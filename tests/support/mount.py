@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+from collections.abc import Iterator
 
 from tests.support.daemon import Daemon
 from tests.support.grow import Grower
@@ -53,3 +56,19 @@ def spike_is_caught(daemon: Daemon, w, *, exact: bool) -> None:
     w.do("munmap")
     assert peak(daemon, w.pid) >= SPIKE
     assert daemon.read(w.pid, "heapsize") == "0\n"
+
+
+def events_from_fd(fd: int) -> dict[str, int]:
+    """The counters of an `events` file held open (read from offset 0)."""
+    text = os.pread(fd, 4096, 0).decode()
+    return {key: int(value) for key, value in (line.split() for line in text.splitlines())}
+
+
+@contextlib.contextmanager
+def opened(daemon: Daemon, *parts: object, flags: int = os.O_RDONLY) -> Iterator[int]:
+    """A descriptor of the mount's file `parts`, closed at the end."""
+    fd = os.open(daemon.path(*parts), flags)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
