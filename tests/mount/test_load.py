@@ -297,32 +297,43 @@ class Churner(threading.Thread):
                 c.workload.stop()
 
 
-def run_load(daemon: Daemon, binary: Path, spawn, shape: Shape) -> dict[str, object]:
-    stable_workloads = {
-        "plain": spawn(),
-        "notify": spawn(),
-        "deny": spawn(),
-        "theirs": spawn(NOBODY),
-    }
-    stable = {name: w.pid for name, w in stable_workloads.items()}
-    for pid in stable.values():
-        daemon.register(pid)
-    daemon.write("heap=1G files=100 action=notify", stable["notify"], "quota")
-    daemon.write("heap=512M files=50 action=deny", stable["deny"], "quota")
-    daemon.write("heap=1G files=100", stable["theirs"], "quota")
+def start_stable(daemon: Daemon, spawn) -> dict[str, Workload]:
+    """Four processes that live through the load, one under each kind of quota."""
+    stable = {"plain": spawn(), "notify": spawn(), "deny": spawn(), "theirs": spawn(NOBODY)}
+    for w in stable.values():
+        daemon.register(w.pid)
+    daemon.write("heap=1G files=100 action=notify", stable["notify"].pid, "quota")
+    daemon.write("heap=512M files=50 action=deny", stable["deny"].pid, "quota")
+    daemon.write("heap=1G files=100", stable["theirs"].pid, "quota")
+    return stable
 
-    tally = Tally()
-    # warm up: the daemon starts its worker threads and fills its caches
+
+def warm_up(daemon: Daemon, stable: dict[str, int], threads: int) -> dict[str, int]:
+    """The daemon starts its worker threads and fills its caches; then its figures."""
     warm_stop = threading.Event()
-    warm = [Hammer(100 + i, daemon, stable, Tally(), warm_stop) for i in range(shape.threads)]
+    warm = [Hammer(100 + i, daemon, stable, Tally(), warm_stop) for i in range(threads)]
     for thread in warm:
         thread.start()
     time.sleep(0.5)  # a duration of load, not a synchronisation
     warm_stop.set()
     for thread in warm:
         thread.join()
-    before = daemon_figures(daemon)
+    return daemon_figures(daemon)
 
+
+@dataclass
+class Churn:
+    """What the load phase gives: the processes started, its length, the RSS seen."""
+
+    started: list[int]
+    elapsed: float
+    rss_samples: list[int]
+    errors: list[str]
+
+
+def churn(daemon: Daemon, binary: Path, stable: dict[str, int], shape: Shape, tally: Tally):
+    """Hammer the stable processes' files while churners start, register and end
+    `shape.processes` others; returns when the churn is done (time-boxed)."""
     stop = threading.Event()
     started: list[int] = []
     hammers = [Hammer(i, daemon, stable, tally, stop) for i in range(shape.threads)]
@@ -346,8 +357,13 @@ def run_load(daemon: Daemon, binary: Path, spawn, shape: Shape) -> dict[str, obj
         thread.join(30)
     elapsed = time.monotonic() - began
     assert not any(c.is_alive() for c in churners), "churn did not finish"
+    errors = [e for c in churners for e in c.errors]
+    return Churn(started, elapsed, rss_samples, errors)
 
-    # nothing left behind for a dead process
+
+def check_nothing_left(daemon: Daemon, stable: dict[str, int], started: list[int]) -> str:
+    """Nothing is left behind for a dead process: the listing, metrics, the state file.
+    Returns the metrics text."""
     stable_names = sorted(str(pid) for pid in stable.values())
     wait_until(
         lambda: sorted(n for n in os.listdir(daemon.mountpoint) if n.isdigit()) == stable_names,
@@ -359,6 +375,16 @@ def run_load(daemon: Daemon, binary: Path, spawn, shape: Shape) -> dict[str, obj
     for pid in started:
         assert f'pid="{pid}"' not in metrics
     assert sorted(str(r["pid"]) for r in state_file.load(daemon.state)) == stable_names
+    return metrics
+
+
+def run_load(daemon: Daemon, binary: Path, spawn, shape: Shape) -> dict[str, object]:
+    stable_workloads = start_stable(daemon, spawn)
+    stable = {name: w.pid for name, w in stable_workloads.items()}
+    tally = Tally()
+    before = warm_up(daemon, stable, shape.threads)
+    load = churn(daemon, binary, stable, shape, tally)
+    metrics = check_nothing_left(daemon, stable, load.started)
 
     # The figures of the moment the descriptors were back: a later sample can catch
     # a file the daemon has open for a moment (a /proc read), which is no leak.
@@ -371,24 +397,23 @@ def run_load(daemon: Daemon, binary: Path, spawn, shape: Shape) -> dict[str, obj
     log = daemon.log_text()
     figures = {
         "shape": shape,
-        "seconds": round(elapsed, 1),
+        "seconds": round(load.elapsed, 1),
         "ops": sum(tally.ops.values()),
-        "ops_per_s": round(sum(tally.ops.values()) / elapsed),
+        "ops_per_s": round(sum(tally.ops.values()) / load.elapsed),
         "ops_by_kind": dict(tally.ops),
         "expected_errors": dict(tally.expected_errors),
         "unexpected_errors": len(tally.unexpected),
-        "processes": len(started),
+        "processes": len(load.started),
         "endings": dict(tally.endings),
         "kills_counted": kills,
         "before": before,
         "after": after,
-        "rss_kib_max": max(rss_samples),
+        "rss_kib_max": max(load.rss_samples),
     }
-    churn_errors = [e for c in churners for e in c.errors]
     print(f"\nload figures: {figures}")
     assert tally.unexpected == [], tally.unexpected[:20]
-    assert churn_errors == [], churn_errors[:20]
-    assert len(started) == shape.processes
+    assert load.errors == [], load.errors[:20]
+    assert len(load.started) == shape.processes
     assert sum(tally.endings.values()) == shape.processes
     killed = tally.endings["killed-files"] + tally.endings["killed-heap"]
     assert kills == killed
