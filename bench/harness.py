@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from tests.support import daemon as harness_daemon
 from tests.support.daemon import end_process, release, unmount
@@ -244,7 +245,22 @@ def _state_dir(work: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix="restrack-bench-", dir=work))
 
 
-class Daemon(harness_daemon.Daemon):
+class StartedInWith:
+    """`with thing:` calls its start() and stop(); a start cut short (a signal, a
+    timeout) stops it too, so it leaves nothing."""
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()  # type: ignore[attr-defined]
+        except BaseException:
+            self.stop()  # type: ignore[attr-defined]
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()  # type: ignore[attr-defined]
+
+
+class Daemon(StartedInWith, harness_daemon.Daemon):
     """One restrackfs mounted in a temp dir (the tests' harness), removed on exit.
 
     `counting`: run bench/countingd.py instead, which writes its handler calls there.
@@ -324,21 +340,11 @@ class Daemon(harness_daemon.Daemon):
         shutil.rmtree(self.state_dir, ignore_errors=True)
         return code
 
-    def __enter__(self) -> Daemon:
-        try:
-            return self.start()
-        except BaseException:  # a start cut short (a signal, a timeout) leaves nothing
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 # ----- lxcfs, the C FUSE peer ----------------------------------------------
 
 
-class Lxcfs:
+class Lxcfs(StartedInWith):
     """lxcfs mounted in a temp dir (serves DIR/proc/uptime); `reason` if it cannot run."""
 
     def __init__(self, work: Path) -> None:
@@ -381,16 +387,6 @@ class Lxcfs:
         unmount(self.mountpoint)
         with contextlib.suppress(OSError):
             self.mountpoint.rmdir()
-
-    def __enter__(self) -> Lxcfs:
-        try:
-            return self.start()
-        except BaseException:  # a start cut short (a signal, a timeout) leaves nothing
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # ----- processes to track --------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.support.engine import INTERVAL, ROOT, settle
+from tests.support.engine import INTERVAL, ROOT, registered, settle
 from tests.support.procs import MiB
 from tracker.backends import base as backends
 from tracker.backends.base import KILLED, NOTIFIED, PEAK, Policy, Report
@@ -134,9 +134,7 @@ async def test_a_report_is_logged_counted_and_announced(spawn, tmp_path, pushed,
     async with engine(tmp_path) as eng:
         announced: list[Entry] = []
         eng.on_event(announced.append)
-        entry = eng.register(w.pid, ROOT)
-        await settle()
-        eng.set_quota(entry, Quota(files=1, action=Action.NOTIFY), ROOT)
+        entry = await registered(eng, w.pid, Quota(files=1, action=Action.NOTIFY))
         caplog.set_level(logging.WARNING, "restrackfs.enforce")
         await pushed().reports.send(Report(entry, NOTIFIED, FILES_RESOURCE, 2, 1))
         with trio.fail_after(2):
@@ -154,9 +152,7 @@ async def test_a_report_is_logged_counted_and_announced(spawn, tmp_path, pushed,
 async def test_a_kill_the_kernel_made_answers_as_exited(spawn, tmp_path, pushed):
     w = spawn()
     async with engine(tmp_path) as eng:
-        entry = eng.register(w.pid, ROOT)
-        await settle()
-        eng.set_quota(entry, Quota(heap=1 * MiB, action=Action.KILL), ROOT)
+        entry = await registered(eng, w.pid, Quota(heap=1 * MiB, action=Action.KILL))
         os.kill(w.pid, signal.SIGKILL)  # what bpf_send_signal did in the crossing call
         eng.reported(Report(entry, KILLED, HEAP_RESOURCE, 2 * MiB, 1 * MiB))
         assert entry.killed
@@ -170,9 +166,7 @@ async def test_a_kill_the_kernel_made_answers_as_exited(spawn, tmp_path, pushed)
 async def test_a_report_of_an_entry_gone_is_ignored(spawn, tmp_path, pushed):
     w = spawn()
     async with engine(tmp_path) as eng:
-        entry = eng.register(w.pid, ROOT)
-        await settle()
-        eng.set_quota(entry, Quota(files=1, action=Action.NOTIFY), ROOT)
+        entry = await registered(eng, w.pid, Quota(files=1, action=Action.NOTIFY))
         eng.deregister(w.pid, ROOT)
         eng.reported(Report(entry, NOTIFIED, FILES_RESOURCE, 2, 1))
         assert entry.events["notified"] == 0
@@ -183,9 +177,7 @@ async def test_a_backends_exact_peaks_are_folded_into_the_sampled_ones(spawn, tm
     kernel's watermark caught: heap_peak shows it; a usage reset restarts it."""
     w = spawn()
     async with engine(tmp_path) as eng:
-        entry = eng.register(w.pid, ROOT)
-        await settle()
-        eng.set_quota(entry, Quota(heap=1024 * MiB, action=Action.NOTIFY), ROOT)
+        entry = await registered(eng, w.pid, Quota(heap=1024 * MiB, action=Action.NOTIFY))
         backend = pushed()
         assert eng.heap_peak(entry) == 0
         spike = Counters(entry.heap_base + 30 * MiB, entry.files_base + 7)
@@ -219,9 +211,7 @@ async def test_a_clean_stop_saves_the_exact_peaks_before_the_backend_closes(
 ):
     w = spawn()
     async with engine(tmp_path) as eng:
-        entry = eng.register(w.pid, ROOT)
-        await settle()
-        eng.set_quota(entry, Quota(files=100, action=Action.NOTIFY), ROOT)
+        entry = await registered(eng, w.pid, Quota(files=100, action=Action.NOTIFY))
         pushed().exact[w.pid] = Counters(entry.heap_base + 12 * MiB, entry.files_base + 3)
     async with engine(tmp_path, "procfs") as eng:  # nothing exact now: the saved ones
         entry = eng.get(w.pid)

@@ -207,8 +207,7 @@ async def test_deregister_removes_and_allows_registering_again(spawn, tmp_path):
     async with engine_at(tmp_path) as engine:
         removed: list[Entry] = []
         engine.on_removal(removed.append)
-        first = engine.register(w.pid, ROOT)
-        await settle()
+        first = await registered(engine, w.pid)
         engine.deregister(w.pid, ROOT)
         assert removed == [first]
         assert list(engine.entries()) == []
@@ -219,8 +218,7 @@ async def test_deregister_removes_and_allows_registering_again(spawn, tmp_path):
         assert info.value.errno == errno.ENOENT
         with pytest.raises(Deregistered):
             engine.set_quota(first, Quota(files=1), ROOT)
-        second = engine.register(w.pid, ROOT)
-        await settle()
+        second = await registered(engine, w.pid)
         assert second is not first
         assert second.serial != first.serial
         assert engine.get(w.pid) is second
@@ -266,8 +264,7 @@ async def test_exit_of_one_leaves_the_others(spawn, tmp_path):
         removed: list[Entry] = []
         engine.on_removal(removed.append)
         engine.register(a.pid, ROOT)
-        kept = engine.register(b.pid, ROOT)
-        await settle()
+        kept = await registered(engine, b.pid)
         send(a, "exit")
         await wait_dead(a)
         await wait_for(lambda: engine.get(a.pid) is None)
