@@ -146,7 +146,7 @@ def per_syscall_cost(
 
 def run_grower(grow: Path, mode: str, step: int, count: int, stamp: Path,
                arm: Callable[[int], None]) -> tuple[int, int, int, str]:  # fmt: skip
-    """tests/c/grow.c under a quota: start it, `arm(pid)` (set the quota), let it grow
+    """tests/support/c/grow.c under a quota: start it, `arm(pid)` (set the quota), let it grow
     until it dies. (pid, start of its last call, its death seen on a pidfd (monotonic ns),
     its output: "step" lines, then its reaper's "end SIGNAL MAXRSS_KIB")."""
     env = {**os.environ, "GROW_STAMP": str(stamp)}

@@ -63,7 +63,7 @@ def test_a_state_file_planted_by_a_user_is_not_trusted(daemon_factory, spawn):
     """Found here: with --state in a directory a user can write (a sticky,
     world-writable one, like /tmp), the daemon loaded a state file that user planted,
     and killed the process it named at start. Such a directory is now refused at
-    start (tests/test_security_deny.py); a file another user owns is not trusted
+    start (tests/attacks/test_deny.py); a file another user owns is not trusted
     wherever it is (here one left in a root-only directory)."""
     shared = shared_tempdir("restrack-shared-")
     try:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import re
 import shutil
@@ -36,7 +35,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from restrackfs import logguard
-from restrackfs.logguard import LogGuard
 from tests.support.daemon import Daemon
 from tests.support.mount import opened
 from tests.support.tempdirs import shared_tempdir
@@ -965,27 +963,3 @@ def test_identical_warnings_are_rate_limited_with_a_count(daemon, spawn):
     assert "notified 300\n" in daemon.read(own.pid, "events")
     crossing = f"pid={own.pid} comm=workload quota=files usage=1 limit=0 action=notify"
     assert daemon.log_text().count(crossing) == logguard.BURST
-
-
-def test_the_log_guard_counts_what_it_suppressed():
-    """The count comes with the first line after the window (printk_ratelimit's
-    "callbacks suppressed"); other messages are not held back meanwhile."""
-    now = [0.0]
-    guard = LogGuard(burst=3, interval=5.0, clock=lambda: now[0])
-    logger = logging.getLogger("test.logguard")
-    logger.propagate = False
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
-    handler.addFilter(guard)
-    logger.addHandler(handler)
-    try:
-        for _ in range(100):
-            logger.warning("pid=%d over: %s", 7, "x\x1b[2J")
-        logger.warning("another")
-        now[0] = 5.0
-        logger.warning("pid=%d over: %s", 7, "x\x1b[2J")
-    finally:
-        logger.removeHandler(handler)
-    line = "pid=7 over: x\\x1b[2J"
-    assert records == [line] * 3 + ["another", f"{line} [97 identical messages suppressed]"]

@@ -1,7 +1,7 @@
 """The bpf engine's kill quota on every way to the resource: a daemon
 in a PID namespace, ia32 calls, io_uring work, batches. Each test runs a real
 daemon (`--interval 2000`: whatever holds within the call is the kernel's doing)
-and a tests/c/grow.c process; where BPF cannot load, they skip with the reason."""
+and a c/grow.c process; where BPF cannot load, they skip with the reason."""
 
 from __future__ import annotations
 

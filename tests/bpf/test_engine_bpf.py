@@ -4,7 +4,7 @@ The daemons here poll every 2 s (`--interval 2000`): whatever holds a quota
 within milliseconds is the kernel's doing, not the polling. Each daemon's
 state file is unique, so is its pin directory; a finaliser removes it even
 when a test fails. Where BPF cannot load, these tests skip with the reason,
-and the conftest's summary says how many BPF tests ran.
+and the root conftest.py's summary says how many BPF tests ran.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def test_engine_file_metric_and_log_line(bpf_daemon: Daemon) -> None:
 
 
 def test_auto_takes_bpf_where_it_loads(bpf_factory: DaemonFactory) -> None:
-    daemon = bpf_factory("--engine", "auto")  # the default, named: conftest adds procfs
+    daemon = bpf_factory("--engine", "auto")  # the default, named: the harness adds procfs
     assert daemon.read("engine") == "bpf\n"
     assert [line for line in daemon.log_text().splitlines() if "engine bpf" in line][0].endswith(
         "engine bpf (auto)"
@@ -358,7 +358,7 @@ def test_attached_only_while_a_quota_is_set(bpf_factory: DaemonFactory, spawn) -
 
 def test_a_spike_between_two_reads_shows_in_the_peak(bpf_daemon: Daemon, spawn) -> None:
     """Mapped and unmapped with no read between: only the kernel saw it (under
-    procfs, tests/test_peaks.py shows the same spike missed without a quota)."""
+    procfs, tests/mount/test_peaks.py shows the same spike missed without a quota)."""
     spike_is_caught(bpf_daemon, spawn(), exact=True)
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from restrackfs import client
-from restrackfs.cli import human_size
 from tests.support.procs import MiB, dead_pid
 from tests.support.tempdirs import shared_tempdir
 from tests.support.users import NOBODY, as_user
@@ -294,17 +293,6 @@ def test_cap_refuses_other_decimals(m, daemon, spawn, size):
     reason = f"bad size {size!r}: want bytes with K/M/G/T suffix, or max"
     fails(restrack(m, "cap", w.pid, "--heap", size), 2, f"{w.pid}: {reason}")
     assert daemon.read(w.pid, "quota") == NO_QUOTA
-
-
-def test_one_size_format():
-    """A usage of about 30 MiB read `30.0M` beside a `40M` quota: now one format,
-    at most one decimal and no trailing .0."""
-    sizes = {
-        0: "0", 1023: "1023", 1024: "1K", 1536: "1.5K", 30 * MiB + 5: "30M",
-        40 * MiB: "40M", int(1.26 * MiB): "1.3M", 150 * MiB + MiB // 2: "150M",
-        1024 * MiB - 1: "1G", None: "-",
-    }  # fmt: skip
-    assert {size: human_size(size) for size in sizes} == sizes
 
 
 def test_reset_forms(m, daemon, spawn):

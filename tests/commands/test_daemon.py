@@ -15,7 +15,6 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from restrackfs.daemon import default_state_path
 from restrackfs.fs import boundary
 from tests.support.paths import CHECKOUT
 from tests.support.procs import MiB, errno_of, limits_of
@@ -207,11 +206,6 @@ def test_refuses_a_mount_of_something_else(daemon_factory, tmp_path):
         assert f"umount {daemon.mountpoint} if it is not wanted" in result.stderr
     finally:
         subprocess.run(["umount", daemon.mountpoint], check=True)
-
-
-def test_default_state_path_is_per_mount_point():
-    assert str(default_state_path(Path("/restrack"))) == "/run/restrackfs/restrack.json"
-    assert default_state_path(Path("/a/b-c")) != default_state_path(Path("/a-b/c"))
 
 
 async def test_boundary_turns_unexpected_errors_into_eio(caplog):

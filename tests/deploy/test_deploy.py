@@ -1,4 +1,5 @@
-"""What deployments rely on, checked without a container runtime (that is tests/container)."""
+"""What deployments rely on, checked without a container runtime (tests/deploy/container
+runs the pod)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def top_fstype(path: Path) -> str:
 def test_mounts_over_a_volume_and_leaves_it_when_it_stops(daemon_factory):
     """A pod's volume (emptyDir, hostPath) is a mount at the mount point: with
     --over-volume the daemon mounts on top of it, so the mount propagates through the
-    volume to the pod. (Without it, such a mount is refused: tests/test_daemon.py.)"""
+    volume to the pod. (Without it, such a mount is refused: tests/commands/test_daemon.py.)"""
     daemon = daemon_factory(start=False)
     subprocess.run(["mount", "-t", "tmpfs", "volume", str(daemon.mountpoint)], check=True)
     try:

@@ -225,7 +225,7 @@ def test_an_engine_is_chosen_by_name():
 
     assert backends.choose("procfs", NoPolicy(), INTERVAL).name == "procfs"  # type: ignore[arg-type]
     chosen = backends.choose("auto", NoPolicy(), INTERVAL)  # type: ignore[arg-type]
-    try:  # bpf where it loads (this machine: tests/test_engine_bpf.py), else procfs
+    try:  # bpf where it loads (this machine: tests/bpf/test_engine_bpf.py), else procfs
         assert chosen.name in ("bpf", "procfs")
     finally:
         chosen.close()

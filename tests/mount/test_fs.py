@@ -10,12 +10,9 @@ import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from restrackfs.files import Caller
-from restrackfs.handles import HandleTable, Kept
 from tests.support.daemon import Daemon
 from tests.support.mount import opened
 from tests.support.paths import CHECKOUT
@@ -209,18 +206,6 @@ def test_a_value_read_whole_ends_there_and_a_pread_into_it_renders_afresh(daemon
         w.do("mmap", 20 * MiB)
         assert os.read(fd, 4096) == b""
         assert os.pread(fd, 4096, 1) == b"0971520\n"
-
-
-def test_a_text_read_whole_keeps_no_bytes():
-    """What keep_end leaves in the per-uid budget: nothing, whatever was kept before."""
-    table = HandleTable()
-    handle = SimpleNamespace(caller=Caller(1000, False), kept=Kept())
-    fh = table.add(handle)
-    table.keep(fh, content=b"x" * 100)
-    assert table.kept_bytes(1000) == 100
-    table.keep_end(fh, 5)
-    assert table.kept_bytes(1000) == 0
-    assert (handle.kept.content, handle.kept.end) == (None, 5)
 
 
 def test_stat_file(daemon, spawn):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import resource
 import signal
-import stat
 import subprocess
 import threading
 import time
@@ -30,7 +29,6 @@ from tests.support.mount import SPIKE, peak, spike_is_caught
 from tests.support.paths import C_SOURCES
 from tests.support.users import NOBODY, sh
 from tests.support.waiting import wait_until
-from tracker.linux import procfs
 from tracker.vocabulary import FD_KINDS, OPENFILE_TOTAL
 
 
@@ -156,7 +154,7 @@ def test_a_spike_under_a_quota_is_caught_by_the_periodic_check(daemon_factory, s
 
 
 class Holder:
-    """tests/fdkinds.c: holds descriptors of each kind; stdio two pipes and /dev/null."""
+    """c/fdkinds.c: holds descriptors of each kind; stdio two pipes and /dev/null."""
 
     def __init__(self, binary: Path, nofile: int | None = None) -> None:
         def limits() -> None:  # only ever on this child of the test's own
@@ -336,24 +334,3 @@ def test_fds_of_a_process_whose_leader_exited_is_read_through_a_live_thread(daem
         OPENFILE_TOTAL: 13,
     }  # fmt: skip
     assert peak(daemon, h.pid, "openfile_peak") == 10
-
-
-@pytest.mark.parametrize(
-    ("target", "file_type", "kind"),
-    [
-        ("socket:[2077881]", None, "socket"),
-        ("pipe:[2077880]", None, "pipe"),
-        ("anon_inode:[eventfd]", None, "anon"),
-        ("anon_inode:inotify", None, "anon"),
-        ("anon_inode:[pidfd]", None, "anon"),
-        ("net:[4026531833]", None, "other"),
-        ("/etc/passwd", stat.S_IFREG, "file"),
-        ("/memfd:x (deleted)", stat.S_IFREG, "file"),
-        ("/tmp", stat.S_IFDIR, "dir"),
-        ("/run/fifo", stat.S_IFIFO, "pipe"),
-        ("/dev/null", stat.S_IFCHR, "other"),
-        ("/dev/sda", stat.S_IFBLK, "other"),
-    ],
-)
-def test_each_link_target_has_one_kind(target, file_type, kind):
-    assert procfs.fd_kind(target, file_type) == kind

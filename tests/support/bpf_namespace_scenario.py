@@ -3,7 +3,7 @@ in small, under the bpf engine.
 
     bpf_namespace_scenario.py GROW_BINARY MODE STEP COUNT QUOTA
 
-Starts a bpf daemon polling every 2 s, a tests/c/grow.c process in the same PID
+Starts a bpf daemon polling every 2 s, a c/grow.c process in the same PID
 namespace, registers it and sets QUOTA, lets it grow, and prints as JSON how the
 grower ended, the steps it reported, and the mount's `events`. The grower's pid
 here is not its pid on the host: the kernel programs must find it by the

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 import pytest
 
@@ -553,3 +554,27 @@ def test_parse_limits_of_this_process_agrees_with_getrlimit():
 def test_nofile_soft_limit_is_linear_in_open_fds_not_in_the_allowance():
     # files=2**62 with action=deny once spun the daemon forever counting up to it
     assert limits.nofile_soft_limit(range(5), 2**62) == 2**62 + 5
+
+
+# ----- fd link targets ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "file_type", "kind"),
+    [
+        ("socket:[2077881]", None, "socket"),
+        ("pipe:[2077880]", None, "pipe"),
+        ("anon_inode:[eventfd]", None, "anon"),
+        ("anon_inode:inotify", None, "anon"),
+        ("anon_inode:[pidfd]", None, "anon"),
+        ("net:[4026531833]", None, "other"),
+        ("/etc/passwd", stat.S_IFREG, "file"),
+        ("/memfd:x (deleted)", stat.S_IFREG, "file"),
+        ("/tmp", stat.S_IFDIR, "dir"),
+        ("/run/fifo", stat.S_IFIFO, "pipe"),
+        ("/dev/null", stat.S_IFCHR, "other"),
+        ("/dev/sda", stat.S_IFBLK, "other"),
+    ],
+)
+def test_each_link_target_has_one_kind(target, file_type, kind):
+    assert procfs.fd_kind(target, file_type) == kind
