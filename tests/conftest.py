@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.bpf import BPF, pin_dir, scrub, scrub_all
+from tests.support.bpf import BPF, pin_dir, pin_dirs, scrub, scrub_all
 from tests.support.build import compile_c
 from tests.support.daemon import Daemon, DaemonFactory, unmount
 from tests.support.grow import Grower, build_grow
@@ -16,7 +16,6 @@ from tests.support.paths import C_SOURCES
 from tests.support.tempdirs import left_behind, shared_tempdir
 from tests.support.users import remove_user_pythons
 from tests.support.workload import Workload, build_workload
-from tracker.backends.bpf import backend as bpf_backend
 from tracker.backends.bpf import loader
 
 BPF_TEST_FOLDER = "tests/bpf/"
@@ -125,19 +124,12 @@ def _no_pins_left() -> Iterator[None]:
     """The suite leaves no BPF pins: a stopped daemon keeps its quotas enforced
     (programs attached machine-wide), so each test releases what its daemons
     left. Any pin directory the suite made and left is removed, and fails it."""
-    before = _pin_dirs()
+    before = pin_dirs()
     yield
-    left = sorted(_pin_dirs() - before)
+    left = sorted(pin_dirs() - before)
     for path in left:
         loader.remove_tree(path)
     assert not left, f"tests left these pins behind: {[str(path) for path in left]}"
-
-
-def _pin_dirs() -> set[Path]:
-    try:
-        return set(bpf_backend.PIN_ROOT.iterdir())
-    except OSError:
-        return set()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -48,3 +48,11 @@ def scrub_all(factory: DaemonFactory) -> None:
     factory.stop_all()
     for daemon in factory.daemons:
         scrub(pin_dir(daemon))
+
+
+def pin_dirs() -> set[Path]:
+    """Every daemon's pin directory on this machine (none where bpffs is absent)."""
+    try:
+        return set(bpf_backend.PIN_ROOT.iterdir())
+    except OSError:
+        return set()
