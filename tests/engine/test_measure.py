@@ -17,6 +17,7 @@ from tests.support.engine import (
     engine_at,
     proc_state,
     registered,
+    removals,
     saved_records,
     send,
     settle,
@@ -24,7 +25,6 @@ from tests.support.engine import (
     wait_for,
 )
 from tests.support.procs import PAGE, MiB, proc_vm_data
-from tracker.engine.entry import Entry
 from tracker.errors import (
     AlreadyTracked,
     Deregistered,
@@ -205,8 +205,7 @@ async def test_deregister_untracked_is_esrch(spawn, tmp_path):
 async def test_deregister_removes_and_allows_registering_again(spawn, tmp_path):
     w = spawn()
     async with engine_at(tmp_path) as engine:
-        removed: list[Entry] = []
-        engine.on_removal(removed.append)
+        removed = removals(engine)
         first = await registered(engine, w.pid)
         engine.deregister(w.pid, ROOT)
         assert removed == [first]
@@ -240,8 +239,7 @@ async def test_deregister_right_after_register(spawn, tmp_path):
 async def test_exit_removes_entry_promptly(spawn, tmp_path):
     w = spawn()
     async with engine_at(tmp_path) as engine:
-        removed: list[Entry] = []
-        engine.on_removal(removed.append)
+        removed = removals(engine)
         entry = await registered(engine, w.pid)
         w.proc.kill()  # not waited for: a zombie must count as gone too
         start = trio.current_time()
@@ -261,8 +259,7 @@ async def test_exit_removes_entry_promptly(spawn, tmp_path):
 async def test_exit_of_one_leaves_the_others(spawn, tmp_path):
     a, b = spawn(), spawn()
     async with engine_at(tmp_path) as engine:
-        removed: list[Entry] = []
-        engine.on_removal(removed.append)
+        removed = removals(engine)
         engine.register(a.pid, ROOT)
         kept = await registered(engine, b.pid)
         send(a, "exit")

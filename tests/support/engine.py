@@ -82,3 +82,10 @@ async def registered(engine: Engine, pid: int, quota: Quota | None = None) -> En
     if quota is not None:
         engine.set_quota(entry, quota, ROOT)
     return entry
+
+
+def removals(engine: Engine) -> list[Entry]:
+    """Every entry the engine removes from now on, in order."""
+    removed: list[Entry] = []
+    engine.on_removal(removed.append)
+    return removed
