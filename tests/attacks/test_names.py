@@ -8,9 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,20 +20,6 @@ from tests.support.users import NOBODY, as_user
 from tests.support.waiting import wait_until
 from tracker.linux.procfs import escape_comm, escape_unprintable
 
-# A process that takes names on stdin, as hex, and gives itself each (prctl's
-# PR_SET_NAME through /proc/self/comm), answering "ok" once it is its name.
-NAMER = textwrap.dedent(
-    """
-    import sys
-    print("ready", flush=True)
-    for line in sys.stdin:
-        with open("/proc/self/comm", "wb") as comm:
-            comm.write(bytes.fromhex(line.strip()))
-        print("ok", flush=True)
-    """
-)
-
-
 FORGERS = {
     "fs pid 1": b"x\x1cpid 1",  # str.splitlines() splits on \x1c: a forged `pid 1` line
     "fs": b"a\x1cb",  # a line without a space: crashed `dict(...)` in the client
@@ -45,46 +29,6 @@ FORGERS = {
 
 
 RAW_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # what must never be printed raw
-
-
-class Named:
-    """A process of ours whose name we set: its comm is what we last told it."""
-
-    def __init__(self, uid: int | None = None) -> None:
-        argv = ["/usr/bin/python3", "-c", NAMER]
-        self.proc = subprocess.Popen(
-            as_user(NOBODY, argv) if uid == NOBODY else argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout.readline() == "ready\n"
-        self.pid = self.proc.pid
-
-    def name(self, raw: bytes) -> None:
-        self.proc.stdin.write(raw.hex() + "\n")
-        self.proc.stdin.flush()
-        assert self.proc.stdout.readline() == "ok\n"
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
-@pytest.fixture
-def named() -> Iterator[Callable[..., Named]]:
-    started: list[Named] = []
-
-    def start(raw: bytes | None = None, uid: int | None = NOBODY) -> Named:
-        process = Named(uid)
-        started.append(process)
-        if raw is not None:
-            process.name(raw)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
 
 
 def shown_name(raw: bytes) -> str:
