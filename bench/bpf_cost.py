@@ -67,7 +67,7 @@ def request_of(mode: str, step: int, which: str) -> float:
 
 
 def compile_helpers(into: Path) -> dict[str, Path]:
-    sources = {"syscost": ROOT / "bench/c/syscost.c", "grow": ROOT / "tests/c/grow.c"}
+    sources = {"syscost": ROOT / "bench/c/syscost.c", "grow": ROOT / "tests/support/c/grow.c"}
     for name, source in sources.items():
         subprocess.run(["gcc", "-O2", "-pthread", "-o", into / name, source], check=True)
     return {name: into / name for name in sources}
@@ -144,7 +144,7 @@ def per_syscall_cost(
 
 def run_grower(grow: Path, mode: str, step: int, count: int, stamp: Path,
                arm: Callable[[int], None]) -> tuple[int, int, int, str]:  # fmt: skip
-    """tests/c/grow.c under a quota: start it, `arm(pid)` (set the quota), let it grow
+    """tests/support/c/grow.c under a quota: start it, `arm(pid)` (set the quota), let it grow
     until it dies. (pid, start of its last call, its death seen on a pidfd (monotonic ns),
     its output: "step" lines, then its reaper's "end SIGNAL MAXRSS_KIB")."""
     env = {**os.environ, "GROW_STAMP": str(stamp)}

@@ -25,7 +25,7 @@ ENGINES = (("procfs", "100"), ("bpf", "2000"))  # (engine, --interval ms)
 HEAP_QUOTA, FD_QUOTA = 64 * MiB, 100
 BACKGROUND_QUOTA = "heap=1G files=1000 action=kill"
 CPU_N = 1000
-PATHS = bpf_cost.PATHS  # (grow mode, step, count, what the quota limits): tests/c/grow.c
+PATHS = bpf_cost.PATHS  # (grow mode, step, count, what the quota limits): tests/support/c/grow.c
 WORKLOAD_OPS = ("getppid", "mmap", "open")
 
 
@@ -230,7 +230,7 @@ def method(cfg: Config, sizes: Sizes) -> str:
     return f"""
 Both engines in one run, each in a fresh daemon: procfs at its default
 `--interval 100`, bpf at `--interval 2000` (nothing polls under it). Growth
-paths: tests/c/grow.c (1 MiB steps by mmap untouched/touched, brk, mprotect of
+paths: tests/support/c/grow.c (1 MiB steps by mmap untouched/touched, brk, mprotect of
 a PROT_NONE reservation, a second thread, ia32 mmap2 and brk, a CLONE_VM sharer
 and a vfork child; one 512 MiB MAP_POPULATE mapping; descriptors by open,
 socket, pipe (2 per call), dup, ia32 dup and open, a CLONE_FILES sharer,

@@ -7,6 +7,7 @@ the bench starts is stopped by the context managers below, also on errors.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import select
@@ -19,40 +20,16 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
-from restrackfs.daemon import release
+from tests.support import daemon as harness_daemon
+from tests.support.daemon import end_process, release, unmount
 
 ROOT = Path(__file__).resolve().parent.parent
 C_SOURCES = Path(__file__).resolve().parent / "c"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1024 * 1024
-
-
-def is_mounted(path: Path) -> bool:
-    """From the mount table: a dead FUSE mount fails stat(), so os.path.ismount misses it."""
-    target = os.fsencode(os.path.abspath(path))
-    try:
-        with open("/proc/self/mounts", "rb") as mounts:
-            return any(line.split()[1] == target for line in mounts if len(line.split()) > 1)
-    except OSError:
-        return os.path.ismount(path)
-
-
-def unmount(path: Path) -> None:
-    if is_mounted(path):
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
-def end_process(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM if it still runs, up to `grace` seconds to exit, then SIGKILL."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # ----- sizes and time boxes ------------------------------------------------
@@ -252,6 +229,7 @@ def build_helpers(dest: Path) -> dict[str, Path]:
 
 
 def _daemon_command() -> list[str]:
+    """The installed `restrackfs` script, as a user runs it; else the module."""
     script = Path(sys.executable).parent / "restrackfs"
     if script.exists():
         return [str(script)]
@@ -267,69 +245,56 @@ def _state_dir(work: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix="restrack-bench-", dir=work))
 
 
-class Daemon:
-    """One restrackfs mounted in a temp dir, stopped and unmounted on exit."""
+class StartedInWith:
+    """`with thing:` calls its start() and stop(); a start cut short (a signal, a
+    timeout) stops it too, so it leaves nothing."""
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()  # type: ignore[attr-defined]
+        except BaseException:
+            self.stop()  # type: ignore[attr-defined]
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()  # type: ignore[attr-defined]
+
+
+class Daemon(StartedInWith, harness_daemon.Daemon):
+    """One restrackfs mounted in a temp dir (the tests' harness), removed on exit.
+
+    `counting`: run bench/countingd.py instead, which writes its handler calls there.
+    """
 
     def __init__(self, work: Path, *options: str, counting: Path | None = None) -> None:
-        self.mountpoint = Path(tempfile.mkdtemp(prefix="mnt-", dir=work))
-        self.mountpoint.chmod(0o755)
+        mountpoint = Path(tempfile.mkdtemp(prefix="mnt-", dir=work))
+        mountpoint.chmod(0o755)
         self.state_dir = _state_dir(work)
-        self.log = Path(tempfile.mkstemp(prefix="daemon-", suffix=".log", dir=work)[1])
-        self.options = list(options)
-        self.counting = counting
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> Daemon:
-        argv = _daemon_command()
-        env = dict(os.environ)
-        if self.counting is not None:
-            argv = [sys.executable, "-m", "bench.countingd"]
-            env["RESTRACK_BENCH_COUNTS"] = str(self.counting)
+        log = Path(tempfile.mkstemp(prefix="daemon-", suffix=".log", dir=work)[1])
+        command, env = _daemon_command(), None
+        if counting is not None:
+            command = [sys.executable, "-m", "bench.countingd"]
+            env = dict(os.environ)
+            env["RESTRACK_BENCH_COUNTS"] = str(counting)
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        argv += ["--foreground", "--state", str(self.state_dir / "state.json"), *self.options]
-        if not any(option.startswith("--engine") for option in self.options):
-            argv += ["--engine", "procfs"]  # unless a group asks (latency, throughput: auto)
-        argv.append(str(self.mountpoint))
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-            )
-        deadline = time.monotonic() + 30
-        while not self._serving():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"restrackfs exited at start:\n{self.log.read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("restrackfs did not mount within 30 s")
-            time.sleep(0.01)
+        super().__init__(
+            mountpoint,
+            self.state_dir / "state.json",
+            log,
+            *options,
+            command=command,
+            env=env,
+            start_timeout=30,
+        )
+        self.counting = counting
+
+    def start(self, *options: str) -> Daemon:
+        try:
+            super().start(*options)
+        except harness_daemon.DaemonStartError as error:
+            self.stop()
+            raise RuntimeError(str(error)[-2000:]) from None
         return self
-
-    def _serving(self) -> bool:
-        try:
-            return "restrack_tracked_processes" in (self.mountpoint / "metrics").read_text()
-        except OSError:
-            return False
-
-    def path(self, *parts: object) -> Path:
-        return self.mountpoint.joinpath(*map(str, parts))
-
-    def write(self, text: str, *parts: object) -> None:
-        fd = os.open(self.path(*parts), os.O_WRONLY | os.O_TRUNC)
-        try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
-
-    def register(self, pid: int) -> None:
-        self.write(f"{pid}\n", "register")
-
-    def deregister(self, pid: int) -> None:
-        self.write(f"{pid}\n", "deregister")
 
     def set_quota(self, pid: int, quota: str) -> None:
         self.write(quota + "\n", pid, "quota")
@@ -340,11 +305,11 @@ class Daemon:
     def request_counts(self) -> dict[str, int]:
         """Handler calls so far (a daemon started with `counting=`)."""
         assert self.counting is not None
-        import json
+        counting = self.counting
 
         def seq() -> int:
             try:
-                return int(json.loads(self.counting.read_text())["seq"])
+                return int(json.loads(counting.read_text())["seq"])
             except (OSError, ValueError, KeyError):
                 return 0
 
@@ -355,38 +320,31 @@ class Daemon:
             if time.monotonic() > deadline:
                 raise RuntimeError("the counting daemon did not report its counts")
             time.sleep(0.005)
-        return dict(json.loads(self.counting.read_text())["counts"])
+        return dict(json.loads(counting.read_text())["counts"])
 
     def rss_mib(self) -> float:
         return status_kib(self.pid, "VmRSS") / 1024
 
-    def stop(self) -> None:
-        """Stop, then lift what the stop left enforcing (a stop keeps every quota)."""
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Stop (SIGKILL after `timeout`), unmount, lift what the stop left enforcing
+        (a stop keeps every quota) and remove the mount point and the state."""
+        code = 0
         if self.proc is not None:
-            end_process(self.proc, 60)
+            end_process(self.proc, timeout)
+            code = self.proc.returncode
         self.proc = None
         unmount(self.mountpoint)
         with contextlib.suppress(OSError):
             self.mountpoint.rmdir()
-        if self.state_dir.exists():
-            release(self.state_dir / "state.json")
+        release(self.state)
         shutil.rmtree(self.state_dir, ignore_errors=True)
-
-    def __enter__(self) -> Daemon:
-        try:
-            return self.start()
-        except BaseException:  # a start cut short (a signal, a timeout) leaves nothing
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return code
 
 
 # ----- lxcfs, the C FUSE peer ----------------------------------------------
 
 
-class Lxcfs:
+class Lxcfs(StartedInWith):
     """lxcfs mounted in a temp dir (serves DIR/proc/uptime); `reason` if it cannot run."""
 
     def __init__(self, work: Path) -> None:
@@ -429,16 +387,6 @@ class Lxcfs:
         unmount(self.mountpoint)
         with contextlib.suppress(OSError):
             self.mountpoint.rmdir()
-
-    def __enter__(self) -> Lxcfs:
-        try:
-            return self.start()
-        except BaseException:  # a start cut short (a signal, a timeout) leaves nothing
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # ----- processes to track --------------------------------------------------

@@ -1,0 +1,1 @@
+"""Unprivileged users attacking: permissions, escapes, names, hostile input, deny, floods, reads."""

@@ -1,0 +1,1 @@
+"""Deployment: sidecars, the deploy/ files, alert rules, and the pod in a container runtime."""

@@ -1,0 +1,1 @@
+"""The mounted filesystem through a real daemon: files, errors, faults, client, peaks, load."""

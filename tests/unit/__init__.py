@@ -1,0 +1,1 @@
+"""Pure tests: parsers, grammar, vocabulary, layouts. No daemon, no mount, no process."""
