@@ -12,7 +12,7 @@ naming the pid and saying why: `ProcessLookupError` (ESRCH) no such process,
 permitted, a plain `OSError` with `errno.EBUSY` a quota already set and with
 `errno.EINVAL` an invalid value; `NotMountedError` when no daemon serves the
 mount point. The daemon answers "not tracked" with ESRCH for deregister and
-ENOENT elsewhere (README, *Errors*); the client tells the two cases apart by
+ENOENT elsewhere (docs/files.md, errors); the client tells the two cases apart by
 asking the kernel whether the pid names a live process.
 
 Values are checked with the daemon's own grammar (`tracker.quota`, which is
@@ -32,9 +32,13 @@ from typing import NoReturn
 
 from tracker.quota import parse_action, parse_count, parse_reset, parse_size
 from tracker.vocabulary import (
+    ACTION,
+    COMM,
     FD_KINDS,
+    FILE_QUOTA,
     FILES,
     HEAP,
+    HEAP_QUOTA,
     OPENFILE_TOTAL,
     STAT_FIELDS,
     UNLIMITED,
@@ -355,10 +359,10 @@ def parse_stat(text: str) -> Stat:
 
 # How each stat field's text is read (int unless said here).
 _STAT_VALUE: dict[str, Callable[[str], object]] = {
-    "comm": str,
-    "action": str,
-    "heap_quota": parse_limit,
-    "file_quota": parse_limit,
+    COMM: str,
+    ACTION: str,
+    HEAP_QUOTA: parse_limit,
+    FILE_QUOTA: parse_limit,
 }
 
 

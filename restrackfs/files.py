@@ -22,7 +22,18 @@ from tracker.engine.reading import UidTurns, check_current
 from tracker.errors import InvalidArgument, NoSuchProcess
 from tracker.linux.procfs import escape_comm
 from tracker.quota import WHITESPACE, parse_quota, parse_reset
-from tracker.vocabulary import EVENTS, FD_KINDS, OPENFILE_TOTAL, STAT_FIELDS, format_limit
+from tracker.vocabulary import (
+    ACTION,
+    COMM,
+    EVENTS,
+    FD_KINDS,
+    FILE_QUOTA,
+    HEAP_QUOTA,
+    OPENFILE_TOTAL,
+    REGISTERED,
+    STAT_FIELDS,
+    format_limit,
+)
 
 MAX_WRITE = 4096
 _DECIMAL = re.compile(r"[0-9]+", re.ASCII)
@@ -109,24 +120,22 @@ async def read_fds(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     return "".join(lines) + f"{OPENFILE_TOTAL} {sum(kinds.values())}\n"
 
 
+# How a stat field is shown where it is not the Measurement's attribute as it is.
+_SHOWN: dict[str, Callable[[Measurement], object]] = {
+    COMM: lambda m: escape_comm(m.comm),
+    HEAP_QUOTA: lambda m: format_limit(m.quota.heap),
+    FILE_QUOTA: lambda m: format_limit(m.quota.files),
+    ACTION: lambda m: m.quota.action,
+    REGISTERED: lambda m: int(m.registered),
+}
+
+
 def read_stat(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     assert entry is not None
     m = engine.reader.measure(entry)
-    values = {
-        "pid": m.pid,
-        "comm": escape_comm(m.comm),
-        "heapsize": m.heapsize,
-        "openfile_count": m.openfile_count,
-        "heap_quota": format_limit(m.quota.heap),
-        "file_quota": format_limit(m.quota.files),
-        "action": m.quota.action,
-        "heap_total": m.heap_total,
-        "openfile_total": m.openfile_total,
-        "registered": int(m.registered),
-        "heap_peak": m.heap_peak,
-        "openfile_peak": m.openfile_peak,
-    }
-    return "".join(f"{key} {values[key]}\n" for key in STAT_FIELDS)
+    return "".join(
+        f"{key} {_SHOWN[key](m) if key in _SHOWN else getattr(m, key)}\n" for key in STAT_FIELDS
+    )
 
 
 def read_metrics(engine: Engine, entry: Entry | None, caller: Caller) -> str:

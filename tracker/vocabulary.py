@@ -10,18 +10,25 @@ light (`test_the_client_imports_no_engine`).
 
 from __future__ import annotations
 
+# The stat words spelled by more than one side (the daemon shows them, the client
+# parses them); the rest are `Measurement`'s attribute names as they are.
+COMM, HEAP_QUOTA, FILE_QUOTA, ACTION, REGISTERED = (
+    "comm", "heap_quota", "file_quota", "action", "registered",
+)  # fmt: skip
+OPENFILE_TOTAL = "openfile_total"
+
 # What `PID/stat` holds, in order: "field value" lines.
 STAT_FIELDS = (
     "pid",
-    "comm",
+    COMM,
     "heapsize",
     "openfile_count",
-    "heap_quota",
-    "file_quota",
-    "action",
+    HEAP_QUOTA,
+    FILE_QUOTA,
+    ACTION,
     "heap_total",
-    "openfile_total",
-    "registered",
+    OPENFILE_TOTAL,
+    REGISTERED,
     "heap_peak",
     "openfile_peak",
 )
@@ -36,7 +43,6 @@ FD_FILE, FD_DIR, FD_SOCKET, FD_PIPE, FD_ANON, FD_OTHER = FD_KINDS = (
     "anon",  # anon_inode: eventfd, epoll, signalfd, timerfd, inotify, pidfd, ...
     "other",  # devices, namespaces, and the rest
 )
-OPENFILE_TOTAL = "openfile_total"
 
 # A limit not set is written "max" (as cgroup v2 writes it).
 UNLIMITED = "max"

@@ -210,7 +210,7 @@ def test_track_all_with_a_kill_or_deny_quota_is_refused_on_the_host(tmp_path, qu
 def test_what_cannot_cap_the_whole_host_is_accepted(options):
     assert in_initial_pid_namespace()
     args = parse_args([*options, "/restrack"])  # parsing only: nothing starts
-    assert args.policy.enabled
+    assert args.selection.enabled
 
 
 def parse_in(unshare: list[str], *options: str) -> subprocess.CompletedProcess[str]:

@@ -77,7 +77,7 @@ PEAKS_PROGRAM = "set_peaks"  # SEC("syscall"): restart an entry's watermarks
 NAMESPACE_PROGRAM = "learn_namespace"  # SEC("syscall"): run once after each load
 
 # The structs of restrack_shared.h, field by field in its order (struct codes;
-# "2Q" is a __u64[2]): tests/test_bpf.py compares each with the object's BTF,
+# "2Q" is a __u64[2]): tests/unit/test_bpf_layouts.py compares each with the object's BTF,
 # and this list with the header's, so the two sides cannot drift apart in silence.
 LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "watch": (
@@ -158,7 +158,7 @@ class BpfUnavailable(Exception):
     """The BPF engine cannot run here; str() is one line saying why."""
 
 
-# The enums of restrack_shared.h (tests/test_bpf.py compares them).
+# The enums of restrack_shared.h (tests/unit/test_bpf_layouts.py compares them).
 
 
 class Action(IntEnum):
