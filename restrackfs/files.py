@@ -18,7 +18,7 @@ from restrackfs import metrics
 from tracker.engine.access import may_see
 from tracker.engine.engine import Engine
 from tracker.engine.entry import Entry, Measurement
-from tracker.engine.reading import UidTurns, check_current
+from tracker.engine.reading import Reader, UidTurns, check_current
 from tracker.errors import InvalidArgument, NoSuchProcess
 from tracker.linux.procfs import escape_comm
 from tracker.quota import WHITESPACE, parse_quota, parse_reset
@@ -91,24 +91,14 @@ def parse_pid_name(name: str) -> int:
     return pid
 
 
-def read_heapsize(engine: Engine, entry: Entry | None, caller: Caller) -> str:
-    assert entry is not None
-    return f"{engine.reader.heapsize(entry)}\n"
+def _number(measure: Callable[[Reader, Entry], int]) -> TextOf:
+    """A file whose text is one number the reader measures (the hot path: one call)."""
 
+    def read(engine: Engine, entry: Entry | None, caller: Caller) -> str:
+        assert entry is not None
+        return f"{measure(engine.reader, entry)}\n"
 
-def read_openfile_count(engine: Engine, entry: Entry | None, caller: Caller) -> str:
-    assert entry is not None
-    return f"{engine.reader.openfile_count(entry)}\n"
-
-
-def read_heap_peak(engine: Engine, entry: Entry | None, caller: Caller) -> str:
-    assert entry is not None
-    return f"{engine.reader.heap_peak(entry)}\n"
-
-
-def read_openfile_peak(engine: Engine, entry: Entry | None, caller: Caller) -> str:
-    assert entry is not None
-    return f"{engine.reader.openfile_peak(entry)}\n"
+    return read
 
 
 async def read_fds(engine: Engine, entry: Entry | None, caller: Caller) -> str:
@@ -237,13 +227,13 @@ TOP_FILES = (
 )
 
 PROCESS_FILES = (
-    FileSpec("heapsize", 0o444, read=read_heapsize),
-    FileSpec("openfile_count", 0o444, read=read_openfile_count),
+    FileSpec("heapsize", 0o444, read=_number(Reader.heapsize)),
+    FileSpec("openfile_count", 0o444, read=_number(Reader.openfile_count)),
     FileSpec("quota", 0o644, read=read_quota, write=write_quota),
     FileSpec("reset", 0o200, write=write_reset),
     FileSpec("stat", 0o444, read=read_stat),
     FileSpec("events", 0o444, read=read_events, pollable=True),
-    FileSpec("heap_peak", 0o444, read=read_heap_peak),
-    FileSpec("openfile_peak", 0o444, read=read_openfile_peak),
+    FileSpec("heap_peak", 0o444, read=_number(Reader.heap_peak)),
+    FileSpec("openfile_peak", 0o444, read=_number(Reader.openfile_peak)),
     FileSpec("fds", 0o444, read_async=read_fds),
 )
