@@ -191,8 +191,8 @@ def rows(measured: dict[str, Latencies], helper_runs: bool) -> list[Row]:
 
 
 def goals(measured: dict[str, Latencies]) -> list[Goal]:
-    """Deny's limit work without a helper (a prlimit and a read of /proc/PID/limits each
-    way) keeps a root writer within a small multiple of kill mode's bare write."""
+    """Deny's limit work without a helper (prlimit and a few /proc reads, no process
+    started) keeps a root writer within a small multiple of kill mode's bare write."""
     kill = percentile(measured[KILL_AS_ROOT.label].pair, 50)
     deny = percentile(measured[DENY_AS_ROOT.label].pair, 50)
     return [
