@@ -8,8 +8,17 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bench import enforcement, engines, latency, overhead, scale, throughput
+from bench import enforcement, engines, latency, overhead, scale, throughput, writes
 
 GROUPS: dict[str, ModuleType] = {
-    module.NAME: module for module in (latency, throughput, enforcement, overhead, scale, engines)
+    module.NAME: module
+    for module in (
+        latency,
+        throughput,
+        enforcement,
+        overhead,
+        scale,
+        engines,
+        writes,
+    )
 }

@@ -304,7 +304,7 @@ def test_recycled_pid_never_inherits(kwatch: KernelWatch, grower) -> None:
     """An entry left for an earlier owner of the pid (its start time differs)."""
     child = grower("touch", MiB, 32)
     stale = loader.WatchState(loader.start_time_of(child.pid) - 1, 1, 1, 0, 0, None, None,
-                              loader.Action.KILL, 0)  # fmt: skip
+                              loader.KernelAction.KILL, 0)  # fmt: skip
     kwatch._update(child.pid, stale, 0)
     child.go()
     assert child.finish() == (0, 32)

@@ -418,7 +418,8 @@ def test_a_quota_the_full_map_cannot_take_is_refused(bpf_factory: DaemonFactory,
     lib = loader.library()
     fd = lib.bpf_obj_get(str(pin_dir(daemon) / "watched").encode())
     assert fd >= 0
-    filler = loader.WatchState(0, None, None, 0, 0, None, None, loader.Action.NOTIFY, 0).pack()
+    notify = loader.KernelAction.NOTIFY
+    filler = loader.WatchState(0, None, None, 0, 0, None, None, notify, 0).pack()
     keys = range(5_000_000, 5_000_000 + loader.WATCHED_MAX)  # above any pid_max: no process
     try:
         for key in keys:  # the map full: 65,536 entries no process matches

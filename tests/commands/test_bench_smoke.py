@@ -81,6 +81,9 @@ def test_every_group_has_its_rows(
         "| daemon RSS, 100 tracked |",
         "| daemon idle CPU, 20 tracked |",
         "ls /restrack, first, 100 tracked",
+        "7. Command write latency (quota and reset)",
+        "| deny, root: quota + reset p50 |",
+        "| deny, uid 65534: quota p99 |",
         "How it is measured:",
     ):
         assert text in report, text
@@ -89,8 +92,8 @@ def test_every_group_has_its_rows(
         assert machine in report
     goals = [line for line in report.splitlines() if line.startswith(("PASS", "MISS", "N/A"))]
     # latency p50 (vs lxcfs, vs the minimal pyfuse3 file) and p99, 4-reader throughput,
-    # kill at 2 intervals, overhead, idle CPU, RSS
-    assert len(goals) == 9, goals
+    # kill at 2 intervals, overhead, idle CPU, RSS, deny's quota + reset vs kill's
+    assert len(goals) == 10, goals
     assert "| pyfuse3 |" in report
     assert "Goals:" in done.stdout and "PID/heapsize p50" in done.stdout
 

@@ -96,7 +96,7 @@ def test_user_space_enums_match_the_header() -> None:
     header = (BPF_DIR / "restrack_shared.h").read_text()
     prefixes = {"action": "ACT_", "kind": "EV_", "which": "W_", "flag": "F_"}
     ours = {
-        "action": {m.name: m.value for m in loader.Action},
+        "action": {m.name: m.value for m in loader.KernelAction},
         "kind": {m.name: m.value for m in loader.Kind},
         "which": {m.name: m.value for m in loader.Which},
         "flag": {"HEAP_OVER": loader.FLAG_HEAP_OVER, "FILES_OVER": loader.FLAG_FILES_OVER,

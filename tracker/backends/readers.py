@@ -11,14 +11,12 @@ run). The engine never knows which it has: a read is one call.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol
 
 from tracker.engine.resources import HEAP_RESOURCE, Resource
 from tracker.linux.process import Process, Usage
 
 log = logging.getLogger("restrackfs.engine")
-T = TypeVar("T")
 
 
 class ProcReader:
@@ -54,7 +52,7 @@ class KernelReader(ProcReader):
         self.kernel = None
 
     def usage(self, process: Process) -> Usage:
-        read = self._in_kernel(process, lambda kernel: kernel.usage)
+        read = self._in_kernel(process, "usage")
         if read is None:
             return process.usage()
         vm_data, comm = read
@@ -63,21 +61,19 @@ class KernelReader(ProcReader):
 
     def read(self, process: Process, resource: Resource) -> int:
         if resource is HEAP_RESOURCE:
-            vm_data = self._in_kernel(process, lambda kernel: kernel.data_vm)
+            vm_data = self._in_kernel(process, "data_vm")
             if vm_data is not None:
                 return vm_data
         return resource.read(process)
 
-    def _in_kernel(
-        self, process: Process, run: Callable[[KernelCounters], Callable[[int, int], T | None]]
-    ) -> T | None:
-        """The kernel's answer for this very process (its pidfd's inode, checked in
-        the kernel); None where /proc must answer."""
+    def _in_kernel(self, process: Process, what: str) -> Any:
+        """The kernel's `what` (`data_vm` or `usage`) for this very process (its
+        pidfd's inode, checked in the kernel); None where /proc must answer."""
         kernel = self.kernel
         if kernel is None or process.inode is None or process.via is not None:
             return None
         try:
-            return run(kernel)(process.pid, process.inode)
+            return getattr(kernel, what)(process.pid, process.inode)
         except OSError as error:  # the kernel refused the run (ENOMEM...)
-            log.debug("bpf: read of pid=%d through /proc: %s", process.pid, error)
+            log.debug("bpf: %s of pid=%d through /proc: %s", what, process.pid, error)
             return None

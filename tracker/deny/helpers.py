@@ -260,6 +260,9 @@ class HelperRunner:
 async def settled(changes: list[LimitChange]) -> None:
     """Wait until `changes` are done (each helper bounded by HELPER_TIMEOUT).
     Shielded: a cancelled request must not leave a quota half set."""
+    pending = [change for change in changes if not change.done.is_set()]
+    if not pending:
+        return  # Event.wait() on a set event still yields to the scheduler
     with trio.CancelScope(shield=True):
-        for change in changes:
+        for change in pending:
             await change.done.wait()

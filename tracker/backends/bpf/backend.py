@@ -48,10 +48,10 @@ import trio
 from tracker.backends.base import BackendUnavailable
 from tracker.backends.bpf.attachment import Attachment
 from tracker.backends.bpf.counters import CounterReader
-from tracker.backends.bpf.loader import Action as BpfAction
 from tracker.backends.bpf.loader import (
     BpfUnavailable,
     Event,
+    KernelAction,
     KernelWatch,
     Kind,
     WatchState,
@@ -411,6 +411,6 @@ def watch_state_of(entry: Entry) -> WatchState:
     soft = entry.deny.applied_soft if quota.action is Action.DENY else {}
     return WatchState(
         entry.process.start_time, heap, files, 0, 0, soft.get(limits.DATA),
-        soft.get(limits.NOFILE), BpfAction[quota.action.name], 0,
+        soft.get(limits.NOFILE), KernelAction[quota.action.name], 0,
         heap_base_pages=entry.heap_base // PAGE,
     )  # fmt: skip

@@ -161,7 +161,7 @@ class BpfUnavailable(Exception):
 # The enums of restrack_shared.h (tests/unit/test_bpf_layouts.py compares them).
 
 
-class Action(IntEnum):
+class KernelAction(IntEnum):
     KILL = 0
     DENY = 1
     NOTIFY = 2
@@ -235,7 +235,7 @@ class WatchState:
     fd_peak: int
     data_soft: int | None
     nofile_soft: int | None
-    action: Action
+    action: KernelAction
     flags: int
     mm: int = 0  # the kernel's: the address of its mm_struct and files_struct (bind)
     files: int = 0
@@ -248,7 +248,7 @@ class WatchState:
         return cls(
             f["start_time"], _opt(f["heap_limit_pages"]), _opt(f["fd_limit"]),
             f["heap_peak_pages"], f["fd_peak"], _opt(f["data_soft"]), _opt(f["nofile_soft"]),
-            Action(f["action"]), f["flags"], f["mm"], f["files"], f["host_tgid"],
+            KernelAction(f["action"]), f["flags"], f["mm"], f["files"], f["host_tgid"],
             f["heap_base_pages"],
         )  # fmt: skip
 
@@ -415,7 +415,8 @@ class KernelWatch:
         """Watch thread group `tgid` with these limits (`watch_state`, spelled out)."""
         state = WatchState(
             start_time, heap_limit_pages, fd_limit, heap_peak_pages, fd_peak,
-            data_soft, nofile_soft, Action[action.upper()], 0, heap_base_pages=heap_base_pages,
+            data_soft, nofile_soft, KernelAction[action.upper()], 0,
+            heap_base_pages=heap_base_pages,
         )  # fmt: skip
         self.watch_state(tgid, state)
 
@@ -448,7 +449,7 @@ class KernelWatch:
         first instruction, with these quotas over its usage at fork."""
         rule = pack(
             "inherit", start_time=start_time, heap_quota_pages=_raw(heap_quota_pages),
-            fd_quota=_raw(fd_quota), action=int(Action[action.upper()]),
+            fd_quota=_raw(fd_quota), action=int(KernelAction[action.upper()]),
         )  # fmt: skip
         fd = self._lib.bpf_map__fd(self._maps["inherit"])
         error = self._lib.bpf_map_update_elem(fd, _KEY.pack(tgid), rule, libbpf.BPF_ANY)
