@@ -1,15 +1,17 @@
 """The tracking engine: the commands on the registry, and its lifecycle.
 
-The engine decides what a command changes and who may give it; each thing it
-relies on has a room of its own: the registry and its exit watchers
-(registry.py), the policy every backend shares (policy.py: reading with
-enforcement, the one-sample check), acting on usage (enforce.py), deny mode's
-limits (deny.py), the state file (state.py), and watching the processes under
-quota (a backend, backend.py: today procfs_backend.py). Everything here is
-synchronous but for the background tasks in the engine's nursery: the exit
-watchers, the backend's task, and the finishing of limit changes no request
-awaited. Callers (the filesystem) hold `Entry` objects and call the engine with
-them; the engine never knows it is behind FUSE.
+The engine decides what a command changes and who may give it, and composes
+the rooms it relies on: the registry and its exit watchers (registry.py), the
+readings with enforcement (reading.py: `Reader`), what a backend calls and the
+rules every command applies first (policy.py: `Policy`), acting on usage
+(enforce.py), deny mode's limits (tracker/deny/), the state file (state.py),
+and the backend that watches the processes under quota (tracker/backends/).
+`register` is synchronous; `deregister`, `set_quota` and `reset` are async and
+await the deny-mode limit work they started, so only their own request waits.
+Background tasks run in the engine's nursery: the exit watchers, the backend's
+task, and the finishing of limit work nobody awaits. Callers (the filesystem)
+hold `Entry` objects and call the engine with them; the engine never knows it
+is behind FUSE.
 """
 
 from __future__ import annotations
