@@ -1,8 +1,8 @@
 """One tracked process as the engine keeps it, and one reading of it.
 
-An `Entry` is written by the engine's rooms only (tracker/engine/, tracker/deny/),
-the outer layers (the filesystem, the files, autotrack)
-read it through its properties. The quota with its setter and the baselines
+An `Entry` is written by the engine's rooms only (tracker/engine/, tracker/deny/);
+the outer layers (the filesystem, the files, autotrack) read it through its
+properties. The quota with its setter and the baselines
 are whole immutable values, replaced at once: a command that fails puts the
 old value back, nothing to undo field by field.
 """
