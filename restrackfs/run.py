@@ -361,10 +361,9 @@ def _serve(
     status: int | None = None
     timeout = None if watch is None else READING_INTERVAL * 1000
     while True:
-        ready = poller.poll(timeout)
         if watch is not None and status is None:
             watch.read_if_due()
-        for fd, events in ready:
+        for fd, events in poller.poll(timeout):
             if fd == child_fd:
                 status = _ended(child, watch, name)
                 poller.unregister(child_fd)
