@@ -7,6 +7,9 @@ call is executed with the *caller's* file-system uid (setfsuid is per thread),
 so the daemon applies its permission rules to the program, not to whoever ran the
 supervisor. It fails closed: a call whose caller's ids cannot be established
 for certain is refused, never made with the supervisor's own.
+
+The child waits for the supervisor's word (GO) before it execs, so a quota
+(`restrackfs.jobquota`) is in place before the program's first instruction.
 """
 
 from __future__ import annotations
