@@ -362,10 +362,11 @@ def _serve(
     poller.register(listener, select.POLLIN)
     poller.register(child_fd, select.POLLIN)
     status: int | None = None
-    timeout = None if watch is None else READING_INTERVAL * 1000
     while True:
-        if watch is not None and status is None:
+        timeout = None
+        if watch is not None and status is None:  # while the program runs
             watch.read_if_due()
+            timeout = READING_INTERVAL * 1000
         for fd, events in poller.poll(timeout):
             if fd == child_fd:
                 status = _ended(child, watch, name)
