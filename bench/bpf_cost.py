@@ -26,7 +26,8 @@ from pathlib import Path
 
 from bench.harness import ROOT, MiB, status_kib, wait_dead
 from tracker.backends.bpf import loader
-from tracker.backends.bpf.loader import KernelWatch, Kind, start_time_of
+from tracker.backends.bpf.loader import KernelWatch, Kind
+from tracker.linux import procfs
 
 PAGE = 4096
 SETTLE_S = 1.0
@@ -123,7 +124,7 @@ def per_syscall_cost(
     runs: dict[str, dict[str, list[float]]] = {op: {} for op in OPS}
 
     def watched(pid: int) -> None:
-        kwatch.watch(pid, start_time_of(pid), 1 << 40, 1 << 30, "notify")
+        kwatch.watch(pid, procfs.read_start_time(pid), 1 << 40, 1 << 30, "notify")
 
     states = ["detached", "attached"] + (["tp_btf/sys_exit"] if probe else [])
     for _ in range(rounds):
@@ -173,10 +174,10 @@ def one_kill(kwatch: KernelWatch, grow: Path, mode: str, step: int, count: int, 
     def arm(pid: int) -> None:
         if which == "heap":
             vm_data = status_kib(pid, "VmData") * 1024 // PAGE
-            kwatch.watch(pid, start_time_of(pid), vm_data + 64 * MiB // PAGE, None, "kill")
+            kwatch.watch(pid, procfs.read_start_time(pid), vm_data + 64 * MiB // PAGE, None, "kill")
         else:
-            kwatch.watch(pid, start_time_of(pid), None, len(os.listdir(f"/proc/{pid}/fd")) + 100,
-                         "kill")  # fmt: skip
+            fds = len(os.listdir(f"/proc/{pid}/fd"))
+            kwatch.watch(pid, procfs.read_start_time(pid), None, fds + 100, "kill")
 
     pid, started, dead, out = run_grower(grow, mode, step, count, stamp, arm)
     maxrss_kib = int(next(line for line in out.splitlines() if line.startswith("end ")).split()[2])

@@ -24,11 +24,12 @@ import trio
 
 from tests.support.bpf import prerequisites_missing
 from tests.support.paths import CHECKOUT
-from tests.support.procs import MiB, exited, open_fds
+from tests.support.procs import MiB, exited, open_fds, proc_vm_data
 from tests.support.waiting import wait_until
 from tests.support.workload import Workload
 from tracker.backends.bpf import loader
 from tracker.backends.bpf.loader import BpfUnavailable, Event, KernelWatch, Kind, Which
+from tracker.linux import procfs
 
 PAGE = 4096
 BPF_DIR = Path(loader.__file__).parent
@@ -79,10 +80,7 @@ def kwatch() -> Iterator[KernelWatch]:
 
 
 def _vm_data_pages(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmData:"):
-            return int(line.split()[1]) * 1024 // PAGE
-    raise AssertionError(f"no VmData for {pid}")
+    return proc_vm_data(pid) // PAGE
 
 
 def _watch(kwatch: KernelWatch, pid: int, *, heap: int | None = None, files: int | None = None,
@@ -90,7 +88,7 @@ def _watch(kwatch: KernelWatch, pid: int, *, heap: int | None = None, files: int
     """Watch `pid` with quotas over its current usage; the absolute limits set."""
     heap_limit = None if heap is None else _vm_data_pages(pid) + heap // PAGE
     fd_limit = None if files is None else open_fds(pid) + files
-    kwatch.watch(pid, loader.start_time_of(pid), heap_limit, fd_limit, action, **extra)
+    kwatch.watch(pid, procfs.read_start_time(pid), heap_limit, fd_limit, action, **extra)
     return heap_limit, fd_limit
 
 
@@ -283,7 +281,7 @@ def test_exit_removes_the_entry(kwatch: KernelWatch, spawn) -> None:
 
 def test_watch_refuses_a_process_that_is_not_the_one_meant(kwatch: KernelWatch, spawn) -> None:
     child: Workload = spawn()
-    start = loader.start_time_of(child.pid)
+    start = procfs.read_start_time(child.pid)
     with pytest.raises(ProcessLookupError):
         kwatch.watch(child.pid, start - 1, 1, None, "kill")
     assert kwatch.entry(child.pid) is None
@@ -291,7 +289,7 @@ def test_watch_refuses_a_process_that_is_not_the_one_meant(kwatch: KernelWatch, 
 
 def test_watch_refuses_an_exited_unreaped_process(kwatch: KernelWatch, spawn) -> None:
     child: Workload = spawn()
-    start = loader.start_time_of(child.pid)
+    start = procfs.read_start_time(child.pid)
     child.proc.stdin.write("exit\n")  # type: ignore[union-attr]
     child.proc.stdin.flush()  # type: ignore[union-attr]
     wait_until(lambda: exited(child.pid), 5, "zombie")  # not reaped: /proc/PID stays
@@ -303,7 +301,7 @@ def test_watch_refuses_an_exited_unreaped_process(kwatch: KernelWatch, spawn) ->
 def test_recycled_pid_never_inherits(kwatch: KernelWatch, grower) -> None:
     """An entry left for an earlier owner of the pid (its start time differs)."""
     child = grower("touch", MiB, 32)
-    stale = loader.WatchState(loader.start_time_of(child.pid) - 1, 1, 1, 0, 0, None, None,
+    stale = loader.WatchState(procfs.read_start_time(child.pid) - 1, 1, 1, 0, 0, None, None,
                               loader.KernelAction.KILL, 0)  # fmt: skip
     kwatch._update(child.pid, stale, 0)
     child.go()
@@ -359,11 +357,12 @@ def _holder(pin_dir: Path, quotas: dict[int, int]) -> subprocess.Popen[str]:
     """A separate daemon-like process holding the watch, to be killed with -9."""
     code = (
         "import sys\nfrom pathlib import Path\n"
-        "from tracker.backends.bpf.loader import KernelWatch, start_time_of\n"
+        "from tracker.backends.bpf.loader import KernelWatch\n"
+        "from tracker.linux.procfs import read_start_time\n"
         "watch = KernelWatch.open(Path(sys.argv[1]))\n"
         "for arg in sys.argv[2:]:\n"
         "    pid, limit = map(int, arg.split(':'))\n"
-        "    watch.watch(pid, start_time_of(pid), limit, None, 'kill')\n"
+        "    watch.watch(pid, read_start_time(pid), limit, None, 'kill')\n"
         "watch.attach()\nprint('ready', flush=True)\nsys.stdin.read()\n"
     )
     args = [f"{pid}:{limit}" for pid, limit in quotas.items()]

@@ -16,7 +16,7 @@ import pytest
 from tests.support.daemon import Daemon
 from tests.support.mount import opened
 from tests.support.paths import CHECKOUT
-from tests.support.procs import MiB, errno_of, limits_of
+from tests.support.procs import MiB, errno_of, limits_of, proc_vm_data
 from tests.support.users import sh
 from tests.support.waiting import wait_until
 
@@ -225,8 +225,7 @@ def test_stat_file(daemon, spawn):
     assert int(fields["heapsize"]) == 2 * MiB
     assert fields["openfile_count"] == "2"
     assert (fields["heap_quota"], fields["file_quota"], fields["action"]) == ("max", "max", "kill")
-    vm_data = re.search(r"VmData:\s+(\d+) kB", Path(f"/proc/{w.pid}/status").read_text())
-    assert int(fields["heap_total"]) == int(vm_data[1]) * 1024
+    assert int(fields["heap_total"]) == proc_vm_data(w.pid)
     assert int(fields["openfile_total"]) == len(os.listdir(f"/proc/{w.pid}/fd"))
     assert int(before) <= int(fields["registered"]) <= time.time()
 

@@ -246,7 +246,7 @@ class Engine:
         before = (entry.setting, entry.baseline, entry.high)
         saved_soft = dict(entry.deny.saved_soft)
         if usage:
-            now = self.reader.read_counters(entry, self.reader.counters.usage, entry.process)
+            now = self.reader.usage_now(entry)
             entry.baseline = entry.high = Counters.of_usage(now)  # the peaks restart too
         if quota:
             entry.setting = None

@@ -23,6 +23,7 @@ from tracker.engine.entry import Ended, Entry, Measurement
 from tracker.engine.registry import Registry
 from tracker.engine.resources import FILES_RESOURCE, HEAP_RESOURCE, Counters, Resource
 from tracker.errors import Deregistered, NoSuchProcess
+from tracker.linux.process import Usage
 
 # fds listings at once in worker threads (each holds the GIL for its Python loop
 # part of the time: two keep the event loop's share large; the others wait, async):
@@ -88,7 +89,7 @@ class Reader:
 
     def measure(self, entry: Entry) -> Measurement:
         """Read the process now; enforce its quota if the reading breaks it."""
-        usage = self.read_counters(entry, self.counters.usage, entry.process)
+        usage = self.usage_now(entry)
         absolute = Counters.of_usage(usage)
         raise_high(entry, absolute)
         relative = absolute.since(entry.baseline)
@@ -192,6 +193,10 @@ class Reader:
         root, users = self._fd_listings
         async with self._listing_turns.of(uid):
             yield root if uid == access.ROOT else users
+
+    def usage_now(self, entry: Entry) -> Usage:
+        """VmData, the name and the open descriptors of the entry's process now."""
+        return self.read_counters(entry, self.counters.usage, entry.process)
 
     def read_counters(self, entry: Entry, read: Callable[..., T], *args: object) -> T:
         """`read(*args)` through the entry's pidfd; an exit seen on the way removes the entry."""

@@ -294,9 +294,6 @@ def _raw(value: int | None) -> int:
     return NONE if value is None else value
 
 
-start_time_of = procfs.read_start_time  # the name bench/bpf_cost.py imports
-
-
 def _running(tgid: int, start_time: int) -> bool:
     """Thread group `tgid` is the one started at `start_time` and has a live thread
     (its exit, which removes the entry in the kernel, has not run yet). A zombie
