@@ -6,7 +6,8 @@ Exit codes: 0 success, 1 any other error, 2 usage or invalid value (EINVAL),
 serves the mount, 130 interrupted. 3 to 7 are the daemon's answers only: a
 failure outside the mount (a --textfile directory that is missing, say) is 1,
 whatever its errno. `restrack run` exits with the program's
-status (128 + signal if it was killed), or 125 if the emulation is unavailable.
+status (128 + signal if it was killed), or 125 if the emulation is unavailable;
+when its quota could not be set, with the code of that error, the program unstarted.
 """
 
 from __future__ import annotations
@@ -298,13 +299,19 @@ def cmd_cflags(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
+    from restrackfs.jobquota import StartQuota
     from restrackfs.run import EmulationUnavailable, run
 
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
     if not program:
         raise OSError(errno.EINVAL, "run: give a program to run: restrack run -- PROGRAM ARGS")
+    quota = None
+    if args.heap is not None or args.files is not None:
+        quota = StartQuota(args.heap, args.files, args.action or "kill")
+    elif args.action is not None:
+        raise OSError(errno.EINVAL, "run: --action needs --heap or --files")
     try:
-        return run(program, mount=args.mount)
+        return run(program, mount=args.mount, quota=quota)
     except EmulationUnavailable as error:
         print(f"restrack run: {error}", file=sys.stderr)
         return EXIT_NO_EMULATION
@@ -372,7 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--textfile", metavar="DIR", help="write DIR/restrack.prom atomically instead of printing"
     )
 
-    sub = add("run", cmd_run, "run a program with the kernel patch's syscalls emulated")
+    sub = add(
+        "run",
+        cmd_run,
+        "run a program with the kernel patch's syscalls emulated, "
+        "under a quota from its first instruction if --heap or --files is given",
+    )
+    sub.add_argument("--heap", metavar="SIZE", help="heap quota: bytes, K/M/G/T suffix, or max")
+    sub.add_argument("--files", metavar="N", help="open file quota: a count, or max")
+    sub.add_argument(
+        "--action", choices=["kill", "deny", "notify"], help="on a breach (default: kill)"
+    )
     sub.add_argument("program", nargs=argparse.REMAINDER)
     add("cflags", cmd_cflags, "compiler flags for restrack.h: cc $(restrack cflags) prog.c")
     return parser

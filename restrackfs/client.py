@@ -387,6 +387,17 @@ def engine(*, mount: str | os.PathLike[str] | None = None) -> str | None:
         return None
 
 
+def events(
+    pid: int | None = None, *, mount: str | os.PathLike[str] | None = None
+) -> dict[str, int]:
+    """The `events` counters (`exceeded`, `killed`, ...): the daemon's since it
+    started, or with `pid` that tracked process's."""
+    root = mount_point(mount)
+    relative = "events" if pid is None else f"{_check_pid(pid)}/events"
+    text = _read(root, relative, str(root) if pid is None else str(pid))
+    return {key: int(value) for key, _, value in (line.partition(" ") for line in lines(text))}
+
+
 def metrics(*, mount: str | os.PathLike[str] | None = None) -> str:
     """The Prometheus exposition text of `metrics`."""
     root = mount_point(mount)

@@ -7,6 +7,9 @@ call is executed with the *caller's* file-system uid (setfsuid is per thread),
 so the daemon applies its permission rules to the program, not to whoever ran the
 supervisor. It fails closed: a call whose caller's ids cannot be established
 for certain is refused, never made with the supervisor's own.
+
+The child waits for the supervisor's word (GO) before it execs, so a quota
+(`restrackfs.jobquota`) is in place before the program's first instruction.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from contextlib import contextmanager, suppress
 
 from restrackfs import client, seccomp
 from restrackfs.client import NotMountedError
+from restrackfs.jobquota import READING_INTERVAL, QuotaWatch, StartQuota, program_name
 from tracker import vocabulary
 from tracker.vocabulary import SYS_SANITY
 
@@ -226,21 +230,46 @@ class Supervisor:
         seccomp.respond(self.listener, note.id, result)
 
 
+GO = signal.SIGUSR1  # the parent's word to the waiting child: exec now
+_WAIT_STEP = 0.5  # seconds between the waiting child's looks at its parent
+
+
 def _child(program: list[str], sock: socket.socket) -> None:
-    """In the forked child: filter, hand over the listener, probe, exec."""
+    """In the forked child: filter, hand over the listener, probe, wait for GO, exec."""
+    parent = os.getppid()
     try:
         listener = seccomp.install_filter()
         socket.send_fds(sock, [b"L"], [listener])
         os.close(listener)
         result, err = seccomp.raw_syscall(SYS_SANITY)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {GO})
         sock.sendall(_READY if result == 0 else _HIDDEN + str(err).encode())
-        sock.close()
+        sock.close()  # the parent sees it closed: waiting, with no descriptor of ours left
+        _wait_for_go(parent)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a mask survives the exec
         os.execvp(program[0], program)
     except OSError as error:
         print(f"restrack run: {program[0]}: {error.strerror}", file=sys.stderr)
         os._exit(127 if error.errno == errno.ENOENT else 126)
     finally:
         os._exit(126)
+
+
+def _wait_for_go(parent: int) -> None:
+    """Block until the parent says GO; if the parent dies first, never exec.
+
+    A signal, not a read on the socket: a descriptor held here would be counted
+    in the files baseline and be gone after the exec."""
+    while signal.sigtimedwait({GO}, _WAIT_STEP) is None:
+        if os.getppid() != parent:
+            os._exit(126)
+
+
+def _wait_closed(sock: socket.socket) -> None:
+    """Until the child has closed its end of the channel (it then waits for GO)."""
+    with suppress(OSError):
+        while sock.recv(64):
+            pass
 
 
 def _handshake(sock: socket.socket, child: int, mount: str) -> tuple[Supervisor, int]:
@@ -275,8 +304,9 @@ def _handshake(sock: socket.socket, child: int, mount: str) -> tuple[Supervisor,
             )
 
 
-def run(program: list[str], mount: str | None = None) -> int:
-    """Run `program` under emulation; return its exit status (128 + signal if killed)."""
+def run(program: list[str], mount: str | None = None, quota: StartQuota | None = None) -> int:
+    """Run `program` under emulation, under `quota` from its first instruction if
+    given; return its exit status (128 + signal if killed)."""
     root = client.mount_point(mount)
     client.tracked(mount=root)  # NotMountedError now, in words, not later as ENOSYS
     parent_sock, child_sock = socket.socketpair()
@@ -288,11 +318,27 @@ def run(program: list[str], mount: str | None = None) -> int:
     forward = _forward_signals(child)
     try:
         supervisor, listener = _handshake(parent_sock, child, str(root))
+        _wait_closed(parent_sock)
         parent_sock.close()
-        return _serve(supervisor, listener, child)
+        watch = None if quota is None else QuotaWatch(child, quota, root)
+        _start(child, watch)
+        return _serve(supervisor, listener, child, watch, program_name(program))
     finally:
         for sig, handler in forward.items():
             signal.signal(sig, handler)
+
+
+def _start(child: int, watch: QuotaWatch | None) -> None:
+    """Let the waiting child exec, its quota in place first; if that fails, the child
+    is killed unstarted and the error goes up."""
+    try:
+        if watch is not None:
+            watch.put_in_place()
+    except BaseException:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        raise
+    os.kill(child, GO)
 
 
 def _forward_signals(child: int) -> dict[int, object]:
@@ -303,7 +349,13 @@ def _forward_signals(child: int) -> dict[int, object]:
     return {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
-def _serve(supervisor: Supervisor, listener: int, child: int) -> int:
+def _serve(
+    supervisor: Supervisor,
+    listener: int,
+    child: int,
+    watch: QuotaWatch | None = None,
+    name: str = "",
+) -> int:
     """Serve until no process uses the filter any more; the child's status."""
     child_fd = os.pidfd_open(child)
     poller = select.poll()
@@ -311,10 +363,13 @@ def _serve(supervisor: Supervisor, listener: int, child: int) -> int:
     poller.register(child_fd, select.POLLIN)
     status: int | None = None
     while True:
-        for fd, events in poller.poll():
+        timeout = None
+        if watch is not None and status is None:  # while the program runs
+            watch.read_if_due()
+            timeout = READING_INTERVAL * 1000
+        for fd, events in poller.poll(timeout):
             if fd == child_fd:
-                _, raw = os.waitpid(child, 0)
-                status = os.waitstatus_to_exitcode(raw)
+                status = _ended(child, watch, name)
                 poller.unregister(child_fd)
                 os.close(child_fd)
             elif events & select.POLLIN:
@@ -322,7 +377,17 @@ def _serve(supervisor: Supervisor, listener: int, child: int) -> int:
             elif events & (select.POLLHUP | select.POLLERR):
                 # every process using the filter has exited (orphans included)
                 if status is None:
-                    _, raw = os.waitpid(child, 0)
-                    status = os.waitstatus_to_exitcode(raw)
+                    status = _ended(child, watch, name)
                 os.close(listener)
                 return 128 - status if status < 0 else status
+
+
+def _ended(child: int, watch: QuotaWatch | None, name: str) -> int:
+    """The child's exit code (-signal if killed), reaped only after the record of a
+    kill is printed: held unreaped, its pid cannot name another process meanwhile."""
+    info = os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)
+    killed = info is not None and info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
+    if killed and watch is not None and info.si_status == signal.SIGKILL:
+        watch.report_kill(name)
+    _, raw = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(raw)

@@ -1,0 +1,137 @@
+"""The quota `restrack run --heap/--files` puts on its program before the program
+runs, and the record it prints when the program was killed under it.
+
+The program's process is registered and capped while it waits between fork and
+exec (its pid stays the same across the exec), so the quota is in force from
+the program's first instruction. When it dies of SIGKILL, the daemon has
+already ended its entry (an exit ends it at once): `PID/stat` and `PID/events`
+are gone. So the record is what `restrack run` knows for certain (the quota it
+wrote, the signal), whether the daemon's kill count rose meanwhile (the
+top-level `events`: the daemon's own word, though not per process), and the
+last reading of `PID/stat` it took while the program ran, with its age.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from restrackfs import client
+from tracker.quota import Action, parse_action, parse_count, parse_size
+from tracker.vocabulary import KILLED, UNLIMITED
+
+READING_INTERVAL = 0.25  # seconds between the readings of PID/stat while the program runs
+KILL_COUNT_WAIT = 1.0  # seconds the daemon may take to count a kill after the exit
+
+
+@dataclass(frozen=True, slots=True)
+class StartQuota:
+    """`--heap SIZE --files N --action A` as the mount's grammar spells them."""
+
+    heap: str | None = None
+    files: str | None = None
+    action: str = Action.KILL
+
+    def __post_init__(self) -> None:
+        """Refuse what the daemon would refuse, before any program is started."""
+        for option, parse, text in (
+            ("--heap", parse_size, self.heap),
+            ("--files", parse_count, self.files),
+            ("--action", parse_action, self.action),
+        ):
+            if text is None:
+                continue
+            try:
+                parse(text)
+            except OSError as error:
+                raise OSError(errno.EINVAL, f"run: {option}: {error.strerror}") from None
+
+    def text(self) -> str:
+        """`heap=64M files=max action=kill`, as written to `PID/quota`."""
+        return f"heap={self.heap or UNLIMITED} files={self.files or UNLIMITED} action={self.action}"
+
+
+@dataclass(slots=True)
+class Reading:
+    stat: client.Stat
+    at: float  # time.monotonic() of the reading
+
+
+class QuotaWatch:
+    """The program's quota, from its writing to the record of its end."""
+
+    def __init__(self, pid: int, quota: StartQuota, root: Path) -> None:
+        self.pid = pid
+        self.quota = quota
+        self.root = root
+        self.kills_before = 0
+        self.last: Reading | None = None
+        self._next_reading = 0.0
+
+    def put_in_place(self) -> None:
+        """Register the waiting child and write its quota; an OSError leaves it unstarted."""
+        self.kills_before = self._kills()
+        client.register(self.pid, mount=self.root)
+        client.set_quota(
+            self.pid,
+            heap=self.quota.heap,
+            files=self.quota.files,
+            action=self.quota.action,
+            mount=self.root,
+        )
+
+    def read_if_due(self) -> None:
+        """A reading of `PID/stat` every READING_INTERVAL while the program runs (a
+        failed one keeps the last), however many emulated calls come between."""
+        now = time.monotonic()
+        if now < self._next_reading:
+            return
+        self._next_reading = now + READING_INTERVAL
+        with contextlib.suppress(OSError):
+            self.last = Reading(client.stat(self.pid, mount=self.root), now)
+
+    def report_kill(self, program: str) -> None:
+        """On stderr: the record of a program that died of SIGKILL (the caller holds
+        it unreaped, so its pid names no other process meanwhile)."""
+        died = time.monotonic()
+        counted = self._kill_counted()
+        cause = "by its quota" if counted else "(SIGKILL, not counted by the daemon as its quota)"
+        print(
+            f"restrack run: {program} (pid {self.pid}) was killed {cause}: {self.quota.text()}",
+            file=sys.stderr,
+        )
+        if self.last is not None:
+            s, age = self.last.stat, died - self.last.at
+            print(
+                f"restrack run: last reading, {age:.2f} s before its end: "
+                f"heapsize={s.heapsize} heap_peak={s.heap_peak} "
+                f"openfile_count={s.openfile_count} openfile_peak={s.openfile_peak}",
+                file=sys.stderr,
+            )
+
+    def _kills(self) -> int:
+        return client.events(mount=self.root).get(KILLED, 0)
+
+    def _kill_counted(self) -> bool:
+        """Whether the daemon's kill count rose since the quota was written (it counts
+        a kill it made before it ends the entry, or moments after under bpf)."""
+        deadline = time.monotonic() + KILL_COUNT_WAIT
+        while True:
+            try:
+                if self._kills() > self.kills_before:
+                    return True
+            except OSError:
+                return False
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+
+def program_name(program: list[str]) -> str:
+    """What the kernel will call it (`comm`): the file name, 15 bytes at most."""
+    return os.path.basename(program[0])[:15]
