@@ -165,7 +165,10 @@ def cmd_cap(args: argparse.Namespace, out: TextIO) -> int:
     if args.heap is None and args.files is None and args.action is None:
         raise OSError(errno.EINVAL, "cap: give --heap, --files or --action")
     heap = None if args.heap is None else whole_bytes(args.pid, args.heap)
-    client.set_quota(args.pid, heap=heap, files=args.files, action=args.action, mount=args.mount)
+    scope = "tree" if args.tree else None
+    client.set_quota(
+        args.pid, heap=heap, files=args.files, action=args.action, scope=scope, mount=args.mount
+    )
     return 0
 
 
@@ -389,6 +392,9 @@ def _add_quota_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     )
     sub.add_argument("--files", metavar="N", help="open file count, or max")
     sub.add_argument("--action", choices=["kill", "deny", "notify"])
+    sub.add_argument(
+        "--tree", action="store_true", help="one quota for PID and every process it starts"
+    )
 
     sub = add("reset", cmd_reset, "clear the quota and restart the counters")
     sub.add_argument("pid", type=_pid, metavar="PID")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from tracker.quota import parse_action, parse_count, parse_reset, parse_size
+from tracker.quota import parse_action, parse_count, parse_reset, parse_scope, parse_size
 from tracker.vocabulary import (
     ACTION,
     COMM,
@@ -298,14 +298,19 @@ def set_quota(
     heap: int | str | None = None,
     files: int | str | None = None,
     action: str | None = None,
+    scope: str | None = None,
     mount: str | os.PathLike[str] | None = None,
 ) -> None:
-    """Write a quota; sizes may be bytes or strings the daemon parses (`40M`)."""
+    """Write a quota; sizes may be bytes or strings the daemon parses (`40M`);
+    `scope="tree"` makes it cover the process and everything it starts."""
     _check_pid(pid)
     tokens = [_quota_token(pid, HEAP, heap), _quota_token(pid, FILES, files)]
     if action is not None:
         _checked(pid, parse_action, action)
         tokens.append(f"action={action}")
+    if scope is not None:
+        _checked(pid, parse_scope, scope)
+        tokens.append(f"scope={scope}")
     _write(mount_point(mount), f"{_check_pid(pid)}/quota", " ".join(tokens) + "\n", str(pid))
 
 
