@@ -3,11 +3,20 @@ starts (real processes: a shell as the root, c/fanout.c as its job)."""
 
 from __future__ import annotations
 
+import os
 import signal
 
-from tests.support.engine import count_checks, engine_at, registered, wait_checks, wait_for
+from tests.support.engine import (
+    count_checks,
+    engine_at,
+    registered,
+    saved_records,
+    wait_checks,
+    wait_for,
+)
 from tests.support.procs import MiB
 from tests.support.tree import is_dead
+from tracker.engine import state
 from tracker.linux import procfs
 from tracker.quota import Action, Quota, Scope
 from tracker.vocabulary import KILLED, NOTIFIED
@@ -105,3 +114,31 @@ async def test_a_process_started_before_the_quota_never_joins(shell_root, tmp_pa
         assert root.alive() and engine.enforcements[Action.KILL] == 0
         assert entry.tree is not None and entry.tree.pids() == [root.pid]
         assert job not in entry.tree.pids()
+
+
+async def test_a_restart_resumes_the_tree_and_a_recycled_pid_never_joins(shell_root, tmp_path):
+    root = shell_root()
+    async with engine_at(tmp_path) as engine:
+        quota = Quota(heap=64 * MiB, action=Action.NOTIFY, scope=Scope.TREE)
+        entry = await registered(engine, root.pid, quota)
+        # the job's parent exits: no scan after the restart could find the job again
+        root.run(f"sh -c '{{fanout}} 2 mmap {STEP} 2 & sleep 0.2'")
+        job = int((await root.line("fanout"))[1])
+        children = await children_of(root, 2)
+        assert entry.tree is not None
+        await wait_for(lambda: {job, *children} <= set(entry.tree.pids()))
+        await wait_for(lambda: procfs.read_stat(job).ppid not in entry.tree.pids(), timeout=3)
+        before = engine.reader.tree(entry)
+    (record,) = saved_records(tmp_path / "s.json")
+    # a member whose pid now names another process: the start time says so
+    me = os.getpid()
+    record["tree"]["members"].append([me, procfs.read_start_time(me) + 1])
+    state.Journal(tmp_path / "s.json").rewrite([record])
+    async with engine_at(tmp_path) as engine:
+        entry = engine.get(root.pid)
+        assert entry is not None and entry.quota == quota and entry.tree is not None
+        assert set(entry.tree.pids()) == {root.pid, job, *children}
+        after = engine.reader.tree(entry)  # the same members over the same baseline
+        assert after.members == before.members == 4
+        assert abs(after.tree_heapsize - before.tree_heapsize) < MiB
+        assert me not in entry.tree.pids()
