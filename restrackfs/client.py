@@ -39,8 +39,10 @@ from tracker.vocabulary import (
     FILES,
     HEAP,
     HEAP_QUOTA,
+    MEMBERS,
     OPENFILE_TOTAL,
     STAT_FIELDS,
+    TREE_STAT_FIELDS,
     UNLIMITED,
     parse_limit,
 )
@@ -90,6 +92,14 @@ class Stat:
     registered: int  # when it was registered, in unix seconds
     heap_peak: int  # the highest heapsize since registration or the last usage reset
     openfile_peak: int  # the highest openfile_count, likewise
+    # while a tree quota is set (TREE_STAT_FIELDS): its sums and its live members
+    tree_heapsize: int | None = None
+    tree_openfile_count: int | None = None
+    members: int | None = None
+
+    @property
+    def is_tree(self) -> bool:
+        return self.members is not None
 
     def resource(self) -> Resource:
         return Resource(
@@ -325,6 +335,23 @@ def stat(pid: int, *, mount: str | os.PathLike[str] | None = None) -> Stat:
     return parse_stat(_read(mount_point(mount), f"{_check_pid(pid)}/stat", str(pid)))
 
 
+def tree_heapsize(pid: int, *, mount: str | os.PathLike[str] | None = None) -> int:
+    """A tree quota's heap: its members' VmData summed, over the root's baseline
+    (ENOENT while `pid` has no tree quota)."""
+    return int(_read(mount_point(mount), f"{_check_pid(pid)}/tree_heapsize", str(pid)))
+
+
+def tree_openfile_count(pid: int, *, mount: str | os.PathLike[str] | None = None) -> int:
+    """A tree quota's open descriptors summed over its members, over the root's baseline."""
+    return int(_read(mount_point(mount), f"{_check_pid(pid)}/tree_openfile_count", str(pid)))
+
+
+def members(pid: int, *, mount: str | os.PathLike[str] | None = None) -> list[int]:
+    """A tree quota's live members, `pid` first."""
+    text = _read(mount_point(mount), f"{_check_pid(pid)}/members", str(pid))
+    return [int(line) for line in lines(text)]
+
+
 def fds(pid: int, *, mount: str | os.PathLike[str] | None = None) -> dict[str, int]:
     """The open descriptors of a tracked process by kind (`FD_KINDS`, in order), and
     `openfile_total`, their sum: one read of `PID/fds`, one listing."""
@@ -359,7 +386,10 @@ def parse_stat(text: str) -> Stat:
         if key in fields:
             raise OSError(errno.EIO, f"stat: {key!r} given twice (a forged line?)")
         fields[key] = value
-    return Stat(**{name: _STAT_VALUE.get(name, int)(fields[name]) for name in STAT_FIELDS})
+    values = {name: _STAT_VALUE.get(name, int)(fields[name]) for name in STAT_FIELDS}
+    if MEMBERS in fields:  # a tree quota is set
+        values |= {name: int(fields[name]) for name in TREE_STAT_FIELDS}
+    return Stat(**values)
 
 
 # How each stat field's text is read (int unless said here).

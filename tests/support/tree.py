@@ -43,17 +43,21 @@ class ShellRoot:
         self.proc.stdin.flush()
 
     async def line(self, prefix: str, timeout: float = 10.0) -> list[str]:
-        """The words of the next line starting with `prefix` (read in a thread: the
-        engine's checks go on meanwhile)."""
-        assert self.proc.stdout
+        """The words of the next line starting with `prefix` (read in a thread: an
+        in-process engine's checks go on meanwhile)."""
         with trio.fail_after(timeout):
-            while True:
-                line = await trio.to_thread.run_sync(self.proc.stdout.readline)
-                if not line:
-                    raise EOFError(f"no line starting {prefix!r}: {self.lines}")
-                self.lines.append(line)
-                if line.startswith(prefix):
-                    return line.split()
+            return await trio.to_thread.run_sync(self.read_line, prefix, abandon_on_cancel=True)
+
+    def read_line(self, prefix: str) -> list[str]:
+        """The words of the next line starting with `prefix` (blocks: for a daemon's tests)."""
+        assert self.proc.stdout
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise EOFError(f"no line starting {prefix!r}: {self.lines}")
+            self.lines.append(line)
+            if line.startswith(prefix):
+                return line.split()
 
     def alive(self) -> bool:
         return self.proc.poll() is None
