@@ -251,6 +251,29 @@ def test_the_root_exit_keeps_the_tree(tree_watch: KernelWatch, treegrow) -> None
     assert_sums_are_procs(tree_watch, tree.pid)
 
 
+def test_a_quota_of_its_own_keeps_a_member_in_its_tree(tree_watch: KernelWatch, treegrow) -> None:
+    """A member given a process quota, then none, is a member all along: its share
+    of the sums is never lost or counted twice."""
+    tree = treegrow()
+    set_tree(tree_watch, tree.pid, heap=1 << 40, action="notify")
+    tree.send(f"fan 2 mmap {STEP} 2")
+    children = tree.pids("child", 2)
+    tree.send("go")
+    tree.wait_for("held", 2)
+    child = children[0]
+    tree_watch.watch(child, start_time(child), vm_data_pages(child) + 1000, None, "notify")
+    assert tree_watch.entry(child).tree == tree.pid
+    assert tree_watch.entry(child).heap_limit_pages is not None
+    assert_sums_are_procs(tree_watch, tree.pid)
+    tree_watch.unwatch(child)
+    assert tree_watch.entry(child).tree == tree.pid
+    assert tree_watch.entry(child).heap_limit_pages is None
+    assert_sums_are_procs(tree_watch, tree.pid)
+    os.kill(child, signal.SIGKILL)
+    wait_until(lambda: child not in tree_watch.tree_members(tree.pid), 5, "the member out")
+    assert_sums_are_procs(tree_watch, tree.pid)
+
+
 def test_only_processes_forked_from_a_member_join(tree_watch: KernelWatch, treegrow) -> None:
     """Children forked before the quota, and processes of another tree, never join."""
     tree, other = treegrow(), treegrow()

@@ -78,6 +78,7 @@ NAMESPACE_PROGRAM = "learn_namespace"  # SEC("syscall"): run once after each loa
 SET_TREE_PROGRAM = "set_tree"  # SEC("syscall"): make or update a tree, its root a member
 TAKE_TREE_PROGRAM = "take_tree"  # SEC("syscall"): a tree's counts, taken once
 DROP_MEMBER_PROGRAM = "drop_member"  # SEC("syscall"): a member with its own quota leaves
+REWATCH_PROGRAM = "rewatch"  # SEC("syscall"): a member's settings rewritten, its tree kept
 
 # The structs of restrack_shared.h, field by field in its order (struct codes;
 # "2Q" is a __u64[2]): tests/unit/test_bpf_layouts.py compares each with the object's BTF,
@@ -131,6 +132,10 @@ LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "bind_args": (("key", "I"),),
     "stats": (("dropped", "Q"),),
 }  # fmt: skip
+# struct rewatch holds a struct watch whole: one field of all its codes.
+LAYOUTS["rewatch"] = (
+    ("key", "I"), ("found", "I"), ("w", "".join(code for _, code in LAYOUTS["watch"])),
+)  # fmt: skip
 
 
 Fields = dict[str, "int | tuple[int, ...]"]
@@ -504,10 +509,18 @@ class KernelWatch:
         usage is over a limit when it exceeds it. Raises ProcessLookupError, leaving no entry,
         if `tgid` is no longer the process that started at `state.start_time`: an
         entry inserted after its exit would otherwise never be removed."""
-        self._update(tgid, state, libbpf.BPF_ANY)
+        if not self._rewatch(tgid, state):
+            self._update(tgid, state, libbpf.BPF_ANY)
         if not _running(tgid, state.start_time) or not self._bind(tgid):
             self.unwatch(tgid)
             raise ProcessLookupError(tgid, f"process {tgid} (start {state.start_time}) is gone")
+
+    def _rewatch(self, tgid: int, state: WatchState) -> bool:
+        """Rewrite a tree member's entry in the kernel, its membership and share of
+        the sums kept (a write of the whole entry would lose them); False when
+        `tgid` is no tree member started at `state.start_time`."""
+        args = pack("rewatch", key=tgid, w=_WATCH.unpack(state.pack()))
+        return bool(unpack("rewatch", self._run(REWATCH_PROGRAM, args))["found"])
 
     def _bind(self, tgid: int) -> bool:
         """Index the process's address space and descriptor table in the kernel (for
@@ -620,7 +633,12 @@ class KernelWatch:
         return TreeTaken(f["crossings"], f["usage_at"], f["kills"] > 0)  # type: ignore[arg-type]
 
     def unwatch(self, tgid: int) -> None:
+        """Watch `tgid` no more; a member of a tree stays one, with no quota of its own."""
         state = self.entry(tgid)
+        if state is not None and state.tree and self.tree(state.tree) is not None:
+            member = WatchState(state.start_time, None, None, 0, 0, None, None, state.action, 0)
+            if self._rewatch(tgid, member):
+                return
         self._lib.bpf_map_delete_elem(self._watched, _KEY.pack(tgid))
         if state is not None:  # its index entries, unless someone else's by now
             for name, pointer in (("by_mm", state.mm), ("by_files", state.files)):

@@ -1097,6 +1097,43 @@ int take_tree(struct tree_take *a)
 	return 0;
 }
 
+/* Run by the daemon instead of writing a tree member's entry whole (a quota of
+ * its own set or reset): the settings replaced, the counts restarted, its
+ * membership and its share of the sums kept. found: 0 if not such a member. */
+SEC("syscall")
+int rewatch(struct rewatch *a)
+{
+	__u32 key = a->key;
+	struct watch *w = bpf_map_lookup_elem(&watched, &key);
+
+	a->found = 0;
+	if (!w || !w->tree || w->start_time != a->w.start_time)
+		return 0;
+	w->heap_limit_pages = a->w.heap_limit_pages;
+	w->fd_limit = a->w.fd_limit;
+	w->heap_peak_pages = a->w.heap_peak_pages;
+	w->fd_peak = a->w.fd_peak;
+	w->data_soft = a->w.data_soft;
+	w->nofile_soft = a->w.nofile_soft;
+	w->action = a->w.action;
+	w->flags = a->w.flags;
+	w->heap_base_pages = a->w.heap_base_pages;
+	w->pending = 0;
+	for (int i = 0; i < 2; i++) {
+		w->crossings[i] = 0;
+		w->usage_at[i] = 0;
+		w->denied[i] = 0;
+	}
+	w->raised = 0;
+	w->kills = 0;
+	w->kill_failed = 0;
+	w->execs = 0;
+	w->fd_last = 0;
+	w->shrunk = 0;
+	a->found = 1;
+	return 0;
+}
+
 /* Run by the daemon on each member of a tree it removed (unwatch_tree) that has
  * a quota of its own: it stays watched, no longer a member. */
 SEC("syscall")

@@ -169,6 +169,14 @@ struct tree_take {
 	__u64 kills;
 };
 
+/* In and out of rewatch: a member's entry rewritten with w's settings (as a
+ * write of the whole entry would, counts restarted) but its tree kept. */
+struct rewatch {
+	__u32 key;
+	__u32 found;
+	struct watch w;
+};
+
 /* In and out of set_peaks: key and the new watermarks in, found out. */
 struct peaks_args { __u32 key; __u32 found; __u64 heap_pages; __u64 fds; };
 
