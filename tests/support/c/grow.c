@@ -530,6 +530,7 @@ int main(int argc, char **argv) {
             }
         }
         printf("refused %ld\ndone\n", refused);
+        if (getenv("GROW_HOLD")) fgets(line, sizeof line, stdin); /* held until a line */
         return 0;
     }
     if (is("flip")) { /* over a files=0 quota and back, COUNT times: a flood of crossings */
