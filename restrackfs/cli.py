@@ -28,7 +28,7 @@ from typing import TextIO
 from restrackfs import client
 from restrackfs.client import NotMountedError, Stat
 from tracker.linux.procfs import escape_unprintable
-from tracker.vocabulary import LIMIT_MAX, OPENFILE_TOTAL, UNLIMITED
+from tracker.vocabulary import LIMIT_MAX, OPENFILE_TOTAL, TREE_STAT_FIELDS, UNLIMITED
 
 EXIT_CODES = {
     errno.EINVAL: 2,
@@ -67,6 +67,13 @@ def human_size(size: int | None) -> str:
     raise AssertionError("unreachable")
 
 
+def judged(s: Stat) -> tuple[int, int]:
+    """(heap, files) as the quota judges them: a tree's sums, else the process's own."""
+    if s.tree_heapsize is not None and s.tree_openfile_count is not None:
+        return s.tree_heapsize, s.tree_openfile_count
+    return s.heapsize, s.openfile_count
+
+
 def quota_use(s: Stat) -> float | None:
     """The highest share of a quota in use, in percent; None without a quota.
 
@@ -74,9 +81,10 @@ def quota_use(s: Stat) -> float | None:
     still reads as a (large) number, never as "no quota" or an infinity that
     JSON cannot carry.
     """
+    heap, files = judged(s)
     shares = [
         100.0 * used / max(limit, 1)
-        for used, limit in ((s.heapsize, s.heap_quota), (s.openfile_count, s.file_quota))
+        for used, limit in ((heap, s.heap_quota), (files, s.file_quota))
         if limit is not None
     ]
     return max(shares) if shares else None
@@ -89,9 +97,10 @@ def action_of(s: Stat) -> str | None:
 
 
 def over_quota(s: Stat) -> bool:
+    heap, files = judged(s)
     return any(
         limit is not None and used > limit
-        for used, limit in ((s.heapsize, s.heap_quota), (s.openfile_count, s.file_quota))
+        for used, limit in ((heap, s.heap_quota), (files, s.file_quota))
     )
 
 
@@ -104,12 +113,15 @@ COLUMNS = ("PID", "COMMAND", "HEAP", "PEAK", "FILES", "HEAP-QUOTA", "FILE-QUOTA"
 
 
 def _row(s: Stat) -> tuple[str, ...]:
+    """One process; a tree's root shows its tree's sums and how many members it has."""
+    heap, files = judged(s)
+    tree = "" if s.members is None else f"(tree:{s.members})"  # one word: awk-able
     return (
         str(s.pid),
-        escape_unprintable(s.comm),
-        human_size(s.heapsize),
-        human_size(s.heap_peak),
-        str(s.openfile_count),
+        escape_unprintable(s.comm) + tree,
+        human_size(heap),
+        "-" if s.is_tree else human_size(s.heap_peak),  # no peak is kept of a tree's sum
+        str(files),
         human_size(s.heap_quota),
         "-" if s.file_quota is None else str(s.file_quota),
         _use_text(quota_use(s)),
@@ -127,12 +139,21 @@ def table(stats: Sequence[Stat]) -> str:
 
 
 def stat_json(s: Stat) -> dict[str, object]:
-    record: dict[str, object] = asdict(s)
+    record: dict[str, object] = _fields(s)
     record["action"] = action_of(s)  # null without a limit, as heap_quota and file_quota
     use = quota_use(s)
     record["quota_use"] = None if use is None else round(use, 2)
     record["over_quota"] = over_quota(s)
     return record
+
+
+def _fields(s: Stat) -> dict[str, object]:
+    """The stat's fields; the tree's only while a tree quota is set."""
+    fields: dict[str, object] = asdict(s)
+    if not s.is_tree:
+        for name in TREE_STAT_FIELDS:
+            del fields[name]
+    return fields
 
 
 def collect(mount: str | None) -> list[Stat]:
@@ -166,7 +187,10 @@ def cmd_cap(args: argparse.Namespace, out: TextIO) -> int:
     if args.heap is None and args.files is None and args.action is None:
         raise OSError(errno.EINVAL, "cap: give --heap, --files or --action")
     heap = None if args.heap is None else whole_bytes(args.pid, args.heap)
-    client.set_quota(args.pid, heap=heap, files=args.files, action=args.action, mount=args.mount)
+    scope = "tree" if args.tree else None
+    client.set_quota(
+        args.pid, heap=heap, files=args.files, action=args.action, scope=scope, mount=args.mount
+    )
     return 0
 
 
@@ -208,7 +232,7 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
         json.dump({**stat_json(s), "fds": kinds}, out)
         out.write("\n")
         return 0
-    fields: dict[str, object] = asdict(s)
+    fields = _fields(s)
     fields["action"] = action_of(s) or "-"
     fields["quota_use"] = _use_text(quota_use(s))
     fields["fds"] = fds_text(kinds)
@@ -406,6 +430,9 @@ def _add_quota_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     )
     sub.add_argument("--files", metavar="N", help="open file count, or max")
     sub.add_argument("--action", choices=["kill", "deny", "notify"])
+    sub.add_argument(
+        "--tree", action="store_true", help="one quota for PID and every process it starts"
+    )
 
     sub = add("reset", cmd_reset, "clear the quota and restart the counters")
     sub.add_argument("pid", type=_pid, metavar="PID")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from tracker.quota import parse_action, parse_count, parse_reset, parse_size
+from tracker.quota import parse_action, parse_count, parse_reset, parse_scope, parse_size
 from tracker.vocabulary import (
     ACTION,
     COMM,
@@ -39,8 +39,10 @@ from tracker.vocabulary import (
     FILES,
     HEAP,
     HEAP_QUOTA,
+    MEMBERS,
     OPENFILE_TOTAL,
     STAT_FIELDS,
+    TREE_STAT_FIELDS,
     UNLIMITED,
     parse_limit,
 )
@@ -90,6 +92,14 @@ class Stat:
     registered: int  # when it was registered, in unix seconds
     heap_peak: int  # the highest heapsize since registration or the last usage reset
     openfile_peak: int  # the highest openfile_count, likewise
+    # while a tree quota is set (TREE_STAT_FIELDS): its sums and its live members
+    tree_heapsize: int | None = None
+    tree_openfile_count: int | None = None
+    members: int | None = None
+
+    @property
+    def is_tree(self) -> bool:
+        return self.members is not None
 
     def resource(self) -> Resource:
         return Resource(
@@ -298,14 +308,19 @@ def set_quota(
     heap: int | str | None = None,
     files: int | str | None = None,
     action: str | None = None,
+    scope: str | None = None,
     mount: str | os.PathLike[str] | None = None,
 ) -> None:
-    """Write a quota; sizes may be bytes or strings the daemon parses (`40M`)."""
+    """Write a quota; sizes may be bytes or strings the daemon parses (`40M`);
+    `scope="tree"` makes it cover the process and everything it starts."""
     _check_pid(pid)
     tokens = [_quota_token(pid, HEAP, heap), _quota_token(pid, FILES, files)]
     if action is not None:
         _checked(pid, parse_action, action)
         tokens.append(f"action={action}")
+    if scope is not None:
+        _checked(pid, parse_scope, scope)
+        tokens.append(f"scope={scope}")
     _write(mount_point(mount), f"{_check_pid(pid)}/quota", " ".join(tokens) + "\n", str(pid))
 
 
@@ -318,6 +333,23 @@ def reset(pid: int, what: str = "all", *, mount: str | os.PathLike[str] | None =
 def stat(pid: int, *, mount: str | os.PathLike[str] | None = None) -> Stat:
     """Every field of `PID/stat`, read at once (one consistent reading)."""
     return parse_stat(_read(mount_point(mount), f"{_check_pid(pid)}/stat", str(pid)))
+
+
+def tree_heapsize(pid: int, *, mount: str | os.PathLike[str] | None = None) -> int:
+    """A tree quota's heap: its members' VmData summed, over the root's baseline
+    (ENOENT while `pid` has no tree quota)."""
+    return int(_read(mount_point(mount), f"{_check_pid(pid)}/tree_heapsize", str(pid)))
+
+
+def tree_openfile_count(pid: int, *, mount: str | os.PathLike[str] | None = None) -> int:
+    """A tree quota's open descriptors summed over its members, over the root's baseline."""
+    return int(_read(mount_point(mount), f"{_check_pid(pid)}/tree_openfile_count", str(pid)))
+
+
+def members(pid: int, *, mount: str | os.PathLike[str] | None = None) -> list[int]:
+    """A tree quota's live members, `pid` first."""
+    text = _read(mount_point(mount), f"{_check_pid(pid)}/members", str(pid))
+    return [int(line) for line in lines(text)]
 
 
 def fds(pid: int, *, mount: str | os.PathLike[str] | None = None) -> dict[str, int]:
@@ -354,7 +386,10 @@ def parse_stat(text: str) -> Stat:
         if key in fields:
             raise OSError(errno.EIO, f"stat: {key!r} given twice (a forged line?)")
         fields[key] = value
-    return Stat(**{name: _STAT_VALUE.get(name, int)(fields[name]) for name in STAT_FIELDS})
+    values = {name: _STAT_VALUE.get(name, int)(fields[name]) for name in STAT_FIELDS}
+    if MEMBERS in fields:  # a tree quota is set
+        values |= {name: int(fields[name]) for name in TREE_STAT_FIELDS}
+    return Stat(**values)
 
 
 # How each stat field's text is read (int unless said here).

@@ -17,9 +17,9 @@ import trio
 from restrackfs import metrics
 from tracker.engine.access import may_see
 from tracker.engine.engine import Engine
-from tracker.engine.entry import Entry, Measurement
+from tracker.engine.entry import Entry, Measurement, TreeReading
 from tracker.engine.reading import Reader, UidTurns, check_current
-from tracker.errors import InvalidArgument, NoSuchProcess
+from tracker.errors import InvalidArgument, NoSuchProcess, NoTree
 from tracker.linux.procfs import escape_comm
 from tracker.quota import WHITESPACE, parse_quota, parse_reset
 from tracker.vocabulary import (
@@ -32,6 +32,7 @@ from tracker.vocabulary import (
     OPENFILE_TOTAL,
     REGISTERED,
     STAT_FIELDS,
+    TREE_STAT_FIELDS,
     format_limit,
 )
 
@@ -121,11 +122,40 @@ _SHOWN: dict[str, Callable[[Measurement], object]] = {
 
 
 def read_stat(engine: Engine, entry: Entry | None, caller: Caller) -> str:
+    """STAT_FIELDS; then TREE_STAT_FIELDS while a tree quota is set (so a process
+    quota's stat reads exactly as before trees existed)."""
     assert entry is not None
     m = engine.reader.measure(entry)
-    return "".join(
+    text = "".join(
         f"{key} {_SHOWN[key](m) if key in _SHOWN else getattr(m, key)}\n" for key in STAT_FIELDS
     )
+    if m.tree is not None:
+        text += "".join(f"{key} {getattr(m.tree, key)}\n" for key in TREE_STAT_FIELDS)
+    return text
+
+
+def _tree_reading(engine: Engine, entry: Entry | None) -> TreeReading:
+    """The tree checked now (members found, sums enforced); ENOENT once it ended."""
+    assert entry is not None
+    check_current(entry)
+    if entry.tree is None:
+        raise NoTree(f"{entry.pid}: no tree quota")
+    return engine.reader.tree(entry)
+
+
+def read_tree_heapsize(engine: Engine, entry: Entry | None, caller: Caller) -> str:
+    return f"{_tree_reading(engine, entry).tree_heapsize}\n"
+
+
+def read_tree_openfile_count(engine: Engine, entry: Entry | None, caller: Caller) -> str:
+    return f"{_tree_reading(engine, entry).tree_openfile_count}\n"
+
+
+def read_members(engine: Engine, entry: Entry | None, caller: Caller) -> str:
+    """The live members' pids, one a line, the root first."""
+    _tree_reading(engine, entry)
+    assert entry is not None and entry.tree is not None
+    return "".join(f"{pid}\n" for pid in entry.tree.pids())
 
 
 def read_metrics(engine: Engine, entry: Entry | None, caller: Caller) -> str:
@@ -237,3 +267,22 @@ PROCESS_FILES = (
     FileSpec("openfile_peak", 0o444, read=_number(Reader.openfile_peak)),
     FileSpec("fds", 0o444, read_async=read_fds),
 )
+
+# The files a tree quota adds to PROCESS_FILES, for as long as it is set.
+TREE_FILES = (
+    FileSpec("tree_heapsize", 0o444, read=read_tree_heapsize),
+    FileSpec("tree_openfile_count", 0o444, read=read_tree_openfile_count),
+    FileSpec("members", 0o444, read=read_members),
+)
+
+
+_TREE_FILE_NAMES = frozenset(spec.name for spec in TREE_FILES)
+
+
+def is_tree_file(spec: FileSpec | None) -> bool:
+    return spec is not None and spec.name in _TREE_FILE_NAMES
+
+
+def files_of(entry: Entry) -> tuple[FileSpec, ...]:
+    """The files of a process directory now: the tree's only while it has one."""
+    return PROCESS_FILES if entry.tree is None else PROCESS_FILES + TREE_FILES

@@ -32,8 +32,11 @@ from restrackfs.files import (
     MAX_WRITE,
     PROCESS_FILES,
     TOP_FILES,
+    TREE_FILES,
     Caller,
     FileSpec,
+    files_of,
+    is_tree_file,
     parse_pid_name,
     visible,
 )
@@ -52,7 +55,9 @@ SLOT_BITS = 40  # random slots: inodes below 2**45, collisions drawn again
 # readdir offsets: `.` and `..` first, then a child's inode + CHILD_OFFSET (so they
 # rise with inode numbers and never meet the two: inodes start at ROOT = 1).
 DOT_OFFSET, DOTDOT_OFFSET, CHILD_OFFSET = 1, 2, 2
-assert len(PROCESS_FILES) < STRIDE
+# a directory's files: its process files, then a tree quota's (there or not)
+ALL_PROCESS_FILES = PROCESS_FILES + TREE_FILES
+assert len(ALL_PROCESS_FILES) < STRIDE
 # Names that never change meaning can be cached by the kernel for long; a
 # process directory is invalidated explicitly when it goes away.
 STABLE_TIMEOUT = 300.0
@@ -170,7 +175,7 @@ class Inodes:
 
     def process_files(self, entry: Entry) -> list[tuple[str, Node]]:
         base = self.dir_inode(entry) + 1
-        return [(spec.name, Node(base + i, spec, entry)) for i, spec in enumerate(PROCESS_FILES)]
+        return [(spec.name, Node(base + i, spec, entry)) for i, spec in enumerate(files_of(entry))]
 
     def top_file(self, name: str) -> Node | None:
         return next((node for child, node in self.top_files() if child == name), None)
@@ -182,6 +187,8 @@ class Inodes:
         node = self._nodes.get(inode)
         if node is None:
             node = self._nodes[inode] = self._make_node(inode)
+        if node.entry is not None and node.entry.tree is None and is_tree_file(node.spec):
+            raise pyfuse3.FUSEError(errno.ENOENT)  # the tree quota ended: its files went
         return node
 
     def _make_node(self, inode: int) -> Node:
@@ -191,9 +198,9 @@ class Inodes:
             return Node(inode, TOP_FILES[inode - FIRST_TOP])
         slot, offset = divmod(inode - FIRST_DIR, STRIDE)
         entry = self.by_slot.get(slot)
-        if entry is None or offset > len(PROCESS_FILES):
+        if entry is None or offset > len(ALL_PROCESS_FILES):
             raise pyfuse3.FUSEError(errno.ENOENT)
-        spec = PROCESS_FILES[offset - 1] if offset else None
+        spec = ALL_PROCESS_FILES[offset - 1] if offset else None
         return Node(inode, spec, entry)
 
 
@@ -300,6 +307,8 @@ def attributes_of(node: Node, mounted_at: int, dir_timeout: float) -> pyfuse3.En
     is_process_dir = node.entry is not None and node.is_dir
     attr.entry_timeout = dir_timeout if is_process_dir else STABLE_TIMEOUT
     attr.attr_timeout = dir_timeout if node.entry is not None else STABLE_TIMEOUT
+    if is_tree_file(node.spec):  # there while a tree quota is: the kernel asks each time
+        attr.entry_timeout = attr.attr_timeout = 0
     return attr
 
 

@@ -42,6 +42,23 @@ _GAUGES: tuple[tuple[str, str, Callable[[Measurement], int | None]], ...] = (
         "Open file quota (present only when set).",
         lambda m: m.quota.files,
     ),
+    (
+        "restrack_tree_heap_bytes",
+        "A tree quota's heap: its members' heap bytes summed, over the root's baseline"
+        " (present only while a tree quota is set; labels of its root).",
+        lambda m: None if m.tree is None else m.tree.tree_heapsize,
+    ),
+    (
+        "restrack_tree_open_files",
+        "A tree quota's open file descriptors summed over its members, over the root's"
+        " baseline (present only while a tree quota is set).",
+        lambda m: None if m.tree is None else m.tree.tree_openfile_count,
+    ),
+    (
+        "restrack_tree_members",
+        "A tree quota's live members, its root included (present only while one is set).",
+        lambda m: None if m.tree is None else m.tree.members,
+    ),
 )
 
 

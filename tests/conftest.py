@@ -14,6 +14,7 @@ from tests.support.daemon import Daemon, DaemonFactory, unmount
 from tests.support.grow import Grower, build_grow
 from tests.support.paths import C_SOURCES
 from tests.support.tempdirs import left_behind, shared_tempdir
+from tests.support.tree import ShellRoot, build_fanout
 from tests.support.users import remove_user_pythons
 from tests.support.workload import Workload, build_workload
 from tracker.backends.bpf import loader
@@ -70,6 +71,26 @@ def grower(grow_binary: Path) -> Iterator[Callable[[str, int, int], Grower]]:
     yield start
     for one in started:
         one.stop()
+
+
+@pytest.fixture(scope="session")
+def fanout_binary(bin_dir: Path) -> Path:
+    """c/fanout.c: forks N children that grow in steps (a job for a tree quota)."""
+    return build_fanout(bin_dir)
+
+
+@pytest.fixture
+def shell_root(fanout_binary: Path) -> Iterator[Callable[..., ShellRoot]]:
+    """A shell to be a tree's root (`run` a command line in it); killed with its session."""
+    started: list[ShellRoot] = []
+
+    def start(**env: str) -> ShellRoot:
+        started.append(ShellRoot(fanout_binary, **env))
+        return started[-1]
+
+    yield start
+    for root in started:
+        root.stop()
 
 
 @pytest.fixture

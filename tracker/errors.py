@@ -57,6 +57,12 @@ class Deregistered(TrackerError):
     code = errno.ENOENT
 
 
+class NoTree(TrackerError):
+    """A tree file read once the tree quota ended (reset, or never set): the file is gone."""
+
+    code = errno.ENOENT
+
+
 class QuotaBusy(TrackerError):
     code = errno.EBUSY
 

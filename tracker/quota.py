@@ -18,7 +18,7 @@ from tracker.errors import InvalidArgument
 from tracker.vocabulary import FILES, HEAP, LIMIT_MAX, UNLIMITED, format_limit
 
 # and the parse_* functions
-__all__ = ["LIMIT_MAX", "NO_QUOTA", "UNLIMITED", "Action", "Quota", "Reset"]
+__all__ = ["LIMIT_MAX", "NO_QUOTA", "UNLIMITED", "Action", "Quota", "Reset", "Scope"]
 # Leading zeros, then at most 20 significant digits: anything longer is past
 # LIMIT_MAX anyway, and int() of a huge digit string is slow (refused past 4300).
 _SIZE = re.compile(r"0*([0-9]{1,20})([KMGTkmgt]?)", re.ASCII)
@@ -36,15 +36,38 @@ class Action(enum.StrEnum):
     NOTIFY = "notify"
 
 
+class Scope(enum.StrEnum):
+    """What a quota covers: one process, or the process and everything it starts."""
+
+    PROCESS = "process"
+    TREE = "tree"
+
+
+# Why a tree cannot deny: each member's rlimit holds its own usage, never the sum.
+TREE_CANNOT_DENY = "scope=tree cannot deny: per-process rlimits cannot hold a sum"
+
+
 @dataclass(frozen=True, slots=True)
 class Quota:
     heap: int | None = None  # bytes; None is no limit
     files: int | None = None
     action: Action = Action.KILL
+    scope: Scope = Scope.PROCESS
+
+    def __post_init__(self) -> None:
+        if self.scope is Scope.TREE and self.action is Action.DENY:
+            raise InvalidArgument(TREE_CANNOT_DENY)
+
+    @property
+    def is_tree(self) -> bool:
+        return self.scope is Scope.TREE
 
     def format(self) -> str:
+        """The `quota` file's text; ` scope=tree` only for a tree, so a process
+        quota reads exactly as before trees existed."""
         heap, files = format_limit(self.heap), format_limit(self.files)
-        return f"{HEAP}={heap} {FILES}={files} action={self.action}"
+        scope = " scope=tree" if self.is_tree else ""
+        return f"{HEAP}={heap} {FILES}={files} action={self.action}{scope}"
 
 
 NO_QUOTA = Quota()
@@ -79,11 +102,19 @@ def parse_action(text: str) -> Action:
         raise InvalidArgument(f"bad action {text!r}: want kill, deny or notify") from None
 
 
-_PARSERS = {HEAP: parse_size, FILES: parse_count, "action": parse_action}
+def parse_scope(text: str) -> Scope:
+    try:
+        return Scope(text)
+    except ValueError:
+        raise InvalidArgument(f"bad scope {text!r}: want process or tree") from None
+
+
+_PARSERS = {HEAP: parse_size, FILES: parse_count, "action": parse_action, "scope": parse_scope}
 
 
 def parse_quota(text: str) -> Quota:
-    """Parse `heap=SIZE files=N action=A` (any subset, any order, at least one)."""
+    """Parse `heap=SIZE files=N action=A scope=S` (any subset, any order, at least one);
+    `scope=tree` with `action=deny` is EINVAL (TREE_CANNOT_DENY)."""
     tokens = _WORDS.findall(text)
     if not tokens:
         raise InvalidArgument("empty quota: want heap=SIZE files=N action=kill|deny|notify")

@@ -33,6 +33,12 @@ STAT_FIELDS = (
     "openfile_peak",
 )
 
+# What `PID/stat` adds while a tree quota (scope=tree) is set, after STAT_FIELDS:
+# the sums over the tree's members and how many they are (the root included).
+TREE_HEAPSIZE, TREE_OPENFILE_COUNT, MEMBERS = TREE_STAT_FIELDS = (
+    "tree_heapsize", "tree_openfile_count", "members",
+)  # fmt: skip
+
 # What `PID/fds` holds, in order: the open descriptors by kind, then their sum
 # (the size of that one listing): "kind count" lines.
 FD_FILE, FD_DIR, FD_SOCKET, FD_PIPE, FD_ANON, FD_OTHER = FD_KINDS = (

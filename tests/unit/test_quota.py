@@ -23,6 +23,7 @@ from tracker.quota import (
     Action,
     Quota,
     Reset,
+    Scope,
     parse_count,
     parse_quota,
     parse_reset,
@@ -579,3 +580,40 @@ def test_nofile_soft_limit_is_linear_in_open_fds_not_in_the_allowance():
 )
 def test_each_link_target_has_one_kind(target, file_type, kind):
     assert procfs.fd_kind(target, file_type) == kind
+
+
+# ----- scope=tree ----------------------------------------------------------------------
+
+
+def test_scope_defaults_to_process_and_a_process_quota_reads_as_before():
+    quota = parse_quota("heap=1M")
+    assert quota.scope is Scope.PROCESS
+    assert quota.format() == "heap=1048576 files=max action=kill"
+    assert parse_quota("heap=1M scope=process") == quota
+
+
+def test_scope_tree_is_parsed_and_formatted_last():
+    quota = parse_quota("scope=tree files=10 action=notify")
+    assert quota == Quota(files=10, action=Action.NOTIFY, scope=Scope.TREE)
+    assert quota.format() == "heap=max files=10 action=notify scope=tree"
+    assert parse_quota(quota.format()) == quota
+
+
+@pytest.mark.parametrize("text", ["scope=tree action=deny", "action=deny heap=1M scope=tree"])
+def test_a_tree_cannot_deny(text):
+    with pytest.raises(InvalidArgument, match="per-process rlimits cannot hold a sum") as info:
+        parse_quota(text)
+    assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("text", ["scope=", "scope=Tree", "scope=group", "scope=tree scope=tree"])
+def test_bad_scopes_are_einval(text):
+    assert_einval(parse_quota, text)
+
+
+def test_the_client_checks_a_scope_before_writing(tmp_path):
+    from restrackfs import client
+
+    with pytest.raises(OSError) as info:
+        client.set_quota(1, heap=1, scope="group", mount=tmp_path)
+    assert info.value.errno == errno.EINVAL

@@ -30,6 +30,14 @@ LINES_PER_WINDOW = 10
 WINDOW = 5.0  # seconds
 
 
+def kill(entry: Entry) -> None:
+    """SIGKILL through the pidfd: to the process, or to every member of its tree."""
+    if entry.tree is not None:
+        entry.tree.kill()
+    else:
+        entry.process.kill()
+
+
 class LineThrottle:
     """At most LINES_PER_WINDOW enforcement lines per entry and WINDOW: the kernel
     counts crossings as fast as a process makes them, the log must stay readable."""
@@ -91,7 +99,7 @@ class Enforcer:
                 assert used is not None and limit is not None
                 self._exceeded(entry, resource, used, limit, comm)
         if quota.action is Action.KILL:
-            entry.process.kill()
+            kill(entry)
             entry.killed = True
             self.count(entry, KILLED)
         self.announce(entry)
@@ -133,6 +141,8 @@ class Enforcer:
         entry.over = entry.over | {report.resource.name}
         self._exceeded(entry, report.resource, report.usage, report.limit, None, report.count)
         if report.kind is ReportKind.KILLED:
+            if entry.tree is not None:
+                entry.tree.kill()  # the kernel killed the crossing one: the others now
             entry.killed = True
             self.count(entry, KILLED)
         self.announce(entry)

@@ -36,6 +36,7 @@ from tracker.engine.policy import Policy
 from tracker.engine.reading import Reader, check_current
 from tracker.engine.registry import Registry
 from tracker.engine.resources import Counters
+from tracker.engine.tree import Tree
 from tracker.errors import (
     AccessDenied,
     AlreadyTracked,
@@ -79,7 +80,8 @@ class Engine:
         self.reader = Reader(self.registry, self.enforcer)
         self.policy = Policy(self.registry, self.enforcer, self.deny, self.reader, self.store)
         self.backend: Backend = choose(backend, self.policy, interval)
-        self.reader.use(self.backend.reader, self.backend.peaks)
+        backend = self.backend
+        self.reader.use(backend.reader, backend.peaks, backend.tree_members, backend.tree_usage)
         self.registry.on_removal(self._removed)
         self.registry.before_exit(self.backend.flush)
 
@@ -183,6 +185,8 @@ class Engine:
         setting = entry.setting = QuotaSetting(quota, caller_uid)
         changes: list[LimitChange] = []
         try:
+            if quota.is_tree:
+                entry.tree = Tree.start(entry.process, entry.baseline)
             if quota.action is Action.DENY:
                 changes = self.deny.apply(entry)
             self.store.put(entry)
@@ -225,6 +229,7 @@ class Engine:
         saved_soft = dict(entry.deny.saved_soft)
         entry.setting = None
         entry.over = frozenset()
+        end_tree(entry)
         self.deny.forget(entry)
         self.registry.quota_changed(entry)
         self.deny.restore(entry, saved_soft)
@@ -245,9 +250,12 @@ class Engine:
             self.reader.fold_exact_peaks(entry)  # the backend forgets them with the quota
         before = (entry.setting, entry.baseline, entry.high)
         saved_soft = dict(entry.deny.saved_soft)
+        tree_baseline = None if entry.tree is None else entry.tree.baseline
         if usage:
             now = self.reader.usage_now(entry)
             entry.baseline = entry.high = Counters.of_usage(now)  # the peaks restart too
+            if entry.tree is not None and not quota:  # the tree's usage restarts at 0
+                entry.tree.baseline = self.reader.read_counters(entry, entry.tree.sums)
         if quota:
             entry.setting = None
             entry.deny.saved_soft = {}
@@ -256,10 +264,13 @@ class Engine:
         except StateNotSaved:
             entry.setting, entry.baseline, entry.high = before
             entry.deny.saved_soft = saved_soft
+            if entry.tree is not None and tree_baseline is not None:
+                entry.tree.baseline = tree_baseline
             raise
         entry.over = frozenset()
         changes: list[LimitChange] = []
         if quota:
+            end_tree(entry)
             self.deny.forget(entry)
             changes = self.deny.restore(entry, saved_soft)
             self.registry.quota_changed(entry)
@@ -340,6 +351,14 @@ class Engine:
             with suppress(StateNotSaved):  # nobody to tell; the next start drops it anyway
                 self.store.drop(entry)
         self.backend.removed(entry)
+        end_tree(entry)
+
+
+def end_tree(entry: Entry) -> None:
+    """The entry's tree quota ends (reset, undone, or the entry left): unpin its members."""
+    if entry.tree is not None:
+        entry.tree.close()
+        entry.tree = None
 
 
 def new_entry(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from tracker.deny.state import DenyState
 from tracker.engine.resources import Counters
+from tracker.engine.tree import Tree
 from tracker.linux.process import Process
 from tracker.quota import NO_QUOTA, Quota
 from tracker.vocabulary import EVENTS
@@ -59,6 +60,7 @@ class Entry:
     killed: bool = False  # SIGKILL sent for a kill quota: answers as exited from then on
     events: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(EVENTS, 0)))
     ended: Ended | None = None  # once it left
+    tree: Tree | None = None  # the members of a tree quota (scope=tree); None for a process's
 
     @property
     def pid(self) -> int:
@@ -107,3 +109,13 @@ class Measurement:
     registered: float
     heap_peak: int
     openfile_peak: int
+    tree: TreeReading | None = None  # a tree quota's sums; None under a process quota
+
+
+@dataclass(frozen=True, slots=True)
+class TreeReading:
+    """One reading of a tree quota: the sums over its members, relative to its baseline."""
+
+    tree_heapsize: int
+    tree_openfile_count: int
+    members: int  # how many live members, the root included

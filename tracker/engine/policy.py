@@ -58,6 +58,9 @@ class Policy:
         if quota is None or entry.ended is not None:
             return
         try:
+            if entry.tree is not None:
+                self.reader.tree(entry)  # a tree's quota is on its sums (it cannot deny)
+                return
             deny = quota.action is Action.DENY
             wanted = [r for r in RESOURCES if deny or r.limit(quota) is not None]
             absolute = self.reader.read_counters(entry, sample, entry.process, wanted)

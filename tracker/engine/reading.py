@@ -19,7 +19,7 @@ import trio
 from tracker.backends.readers import ProcReader
 from tracker.engine import access
 from tracker.engine.enforce import Enforcer
-from tracker.engine.entry import Ended, Entry, Measurement
+from tracker.engine.entry import Ended, Entry, Measurement, TreeReading
 from tracker.engine.registry import Registry
 from tracker.engine.resources import FILES_RESOURCE, HEAP_RESOURCE, Counters, Resource
 from tracker.errors import Deregistered, NoSuchProcess
@@ -78,14 +78,44 @@ class Reader:
         self.enforcer = enforcer
         self.counters = ProcReader()  # the backend's, once it is chosen (`use`)
         self._exact_peaks: Callable[[Entry], Counters | None] = lambda entry: None
+        self._tree_members: Callable[[Entry], list[int] | None] = lambda entry: None
+        self._tree_usage: Callable[[Entry], tuple[int, int] | None] = lambda entry: None
         # root's, the other users' (made in the trio run); each user's turn
         self._fd_listings: tuple[trio.CapacityLimiter, trio.CapacityLimiter] | None = None
         self._listing_turns = UidTurns()
 
-    def use(self, counters: ProcReader, exact_peaks: Callable[[Entry], Counters | None]) -> None:
-        """Read through the backend's counter reader, with its exact peaks."""
+    def use(
+        self,
+        counters: ProcReader,
+        exact_peaks: Callable[[Entry], Counters | None],
+        tree_members: Callable[[Entry], list[int] | None] | None = None,
+        tree_usage: Callable[[Entry], tuple[int, int] | None] | None = None,
+    ) -> None:
+        """Read through the backend's counter reader, with its exact peaks and, where
+        it keeps trees itself, its members and sums (each returning None: /proc's)."""
         self.counters = counters
         self._exact_peaks = exact_peaks
+        if tree_members is not None and tree_usage is not None:
+            self._tree_members, self._tree_usage = tree_members, tree_usage
+
+    def tree(self, entry: Entry) -> TreeReading:
+        """Check a tree quota now: find its members, sum them, enforce the sums.
+
+        The members and sums are the backend's where it keeps them; else found in
+        /proc now (one scan) and summed over the members' pidfds. The root's exit
+        removes the entry, as any reading's."""
+        tree = entry.tree
+        assert tree is not None
+        pids = self._tree_members(entry)
+        if pids is None:
+            self.read_counters(entry, tree.find_members)
+        else:
+            tree.follow_kernel(pids)
+        kernel = self._tree_usage(entry)
+        absolute = self.read_counters(entry, tree.sums) if kernel is None else Counters(*kernel)
+        relative = absolute.since(tree.baseline)
+        self.enforcer.enforce(entry, relative)
+        return TreeReading(relative.heap or 0, relative.files or 0, len(tree.members))
 
     def measure(self, entry: Entry) -> Measurement:
         """Read the process now; enforce its quota if the reading breaks it."""
@@ -93,7 +123,10 @@ class Reader:
         absolute = Counters.of_usage(usage)
         raise_high(entry, absolute)
         relative = absolute.since(entry.baseline)
-        if entry.setting is not None:
+        tree = None
+        if entry.tree is not None:
+            tree = self.tree(entry)
+        elif entry.setting is not None:
             self.enforcer.enforce(entry, relative, usage.comm)
         peaks = self.peaks(entry)
         return Measurement(
@@ -107,6 +140,7 @@ class Reader:
             registered=entry.registered,
             heap_peak=peaks.heap or 0,
             openfile_peak=peaks.files or 0,
+            tree=tree,
         )
 
     def heapsize(self, entry: Entry) -> int:
@@ -123,7 +157,7 @@ class Reader:
         if now > (entry.high.of(resource) or 0):
             entry.high = entry.high.highest(resource.alone(now))
         used = max(0, now - (entry.baseline.of(resource) or 0))
-        if entry.setting is not None:
+        if entry.setting is not None and entry.tree is None:  # a tree's: on its sums
             self.enforcer.enforce(entry, resource.alone(used))
         return used
 
@@ -179,7 +213,7 @@ class Reader:
             entry.process.via = worker.via  # a zombie leader: the thread it went through
         total = sum(kinds.values())
         raise_high(entry, FILES_RESOURCE.alone(total))
-        if entry.setting is not None:
+        if entry.setting is not None and entry.tree is None:
             used = max(0, total - entry.files_base)
             self.enforcer.enforce(entry, FILES_RESOURCE.alone(used))
         return kinds

@@ -34,9 +34,10 @@ from typing import Any
 from tracker.deny.state import DenyState
 from tracker.engine.entry import Entry, QuotaSetting
 from tracker.engine.resources import Counters
+from tracker.engine.tree import Tree
 from tracker.errors import StateNotSaved
 from tracker.linux.process import Process
-from tracker.quota import Action, Quota
+from tracker.quota import Action, Quota, Scope
 
 log = logging.getLogger(__name__)
 engine_log = logging.getLogger("restrackfs.engine")
@@ -230,7 +231,9 @@ def record_of(entry: Entry) -> Record:
         "registered": entry.registered,
         "quota": None
         if quota is None
-        else {"heap": quota.heap, "files": quota.files, "action": str(quota.action)},
+        else {"heap": quota.heap, "files": quota.files, "action": str(quota.action)}
+        | ({"scope": str(quota.scope)} if quota.is_tree else {}),
+        "tree": None if entry.tree is None else tree_record(entry.tree),
         "quota_uid": entry.quota_uid,
         "saved_soft": {str(k): v for k, v in entry.deny.saved_soft.items()},
     }
@@ -261,16 +264,49 @@ def entry_of(record: Record, serial: int) -> Entry:
             setting=None
             if quota is None
             else QuotaSetting(
-                Quota(quota["heap"], quota["files"], Action(quota["action"])),
+                Quota(
+                    quota["heap"],
+                    quota["files"],
+                    Action(quota["action"]),
+                    Scope(quota.get("scope", Scope.PROCESS)),
+                ),
                 uid,  # type: ignore[arg-type]
             ),
             deny=DenyState(
                 saved_soft={int(k): int(v) for k, v in record.get("saved_soft", {}).items()}
             ),
+            tree=tree_of(record, process) if quota and quota.get("scope") == Scope.TREE else None,
         )
     except BaseException:
         process.close()
         raise
+
+
+def tree_record(tree: Tree) -> Record:
+    """A tree as the state file keeps it: its start, baseline, and members by identity."""
+    return {
+        "since": tree.since,
+        "heap_base": tree.baseline.heap,
+        "files_base": tree.baseline.files,
+        "excluded": sorted(tree.excluded),
+        "members": tree.identities(),
+    }
+
+
+def tree_of(entry_record: Record, root: Process) -> Tree:
+    """The tree an entry's record names, its members pinned again: each only if its
+    pid still names the process it was (start time checked: a recycled pid never
+    joins). Members found since and not saved (a crash) are found again by the next
+    scan while their parent is a member: the tree's start is kept."""
+    record = entry_record.get("tree")
+    if record is None:  # a tree quota saved without its tree: it starts anew
+        base = Counters(int(entry_record["heap_base"]), int(entry_record["files_base"]))
+        return Tree.start(root, base)
+    baseline = Counters(int(record["heap_base"]), int(record["files_base"]))
+    excluded = [(int(pid), int(start)) for pid, start in record.get("excluded", [])]
+    tree = Tree(root, int(record["since"]), baseline, excluded)
+    tree.follow((int(pid), int(start)) for pid, start in record["members"])
+    return tree
 
 
 def _optional_int(record: Record, key: str) -> int | None:

@@ -204,6 +204,14 @@ class Backend:
             PIN_ROOT.rmdir()
         log.info("bpf: detached and unpinned %s", self.kw.pin_dir)
 
+    # The kernel's tree accounting is J2's branch; until it is merged, bpf sums trees
+    # from /proc like procfs (None: the engine finds the members and sums them).
+    def tree_members(self, entry: Entry) -> list[int] | None:
+        return None
+
+    def tree_usage(self, entry: Entry) -> tuple[int, int] | None:
+        return None
+
     # ----- the map: one entry per process with a quota ---------------------
 
     def inherit(self, pid: int, start_time: int, quota: Quota) -> bool:

@@ -29,7 +29,7 @@ OBJECT = Path(__file__).with_name("restrack.bpf.o")
 BPFFS = Path("/sys/fs/bpf")
 TRACEFS = Path("/sys/kernel/tracing")
 NONE = (1 << 64) - 1  # restrack_shared.h's NONE: no limit
-MAPS = ("watched", "events", "raises", "by_mm", "by_files", "stats", "inherit")
+MAPS = ("watched", "events", "raises", "by_mm", "by_files", "stats", "inherit", "trees")
 WATCHED_MAX = 65536  # restrack_shared.h's: max_entries of `watched`
 
 # Syscalls whose exit is checked. Heap: every call that can grow mm->data_vm,
@@ -75,6 +75,10 @@ BIND_PROGRAM = "bind_process"  # SEC("syscall"): index a watched process's mm an
 TAKE_PROGRAM = "take_counts"  # SEC("syscall"): an entry's counts, taken once
 PEAKS_PROGRAM = "set_peaks"  # SEC("syscall"): restart an entry's watermarks
 NAMESPACE_PROGRAM = "learn_namespace"  # SEC("syscall"): run once after each load
+SET_TREE_PROGRAM = "set_tree"  # SEC("syscall"): make or update a tree, its root a member
+TAKE_TREE_PROGRAM = "take_tree"  # SEC("syscall"): a tree's counts, taken once
+DROP_MEMBER_PROGRAM = "drop_member"  # SEC("syscall"): a member with its own quota leaves
+REWATCH_PROGRAM = "rewatch"  # SEC("syscall"): a member's settings rewritten, its tree kept
 
 # The structs of restrack_shared.h, field by field in its order (struct codes;
 # "2Q" is a __u64[2]): tests/unit/test_bpf_layouts.py compares each with the object's BTF,
@@ -86,7 +90,25 @@ LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("action", "I"), ("flags", "I"), ("mm", "Q"), ("files", "Q"), ("host_tgid", "I"),
         ("pending", "I"), ("crossings", "2Q"), ("usage_at", "2Q"), ("denied", "2Q"),
         ("raised", "Q"), ("kills", "Q"), ("kill_failed", "Q"), ("heap_base_pages", "Q"),
-        ("execs", "Q"), ("fd_last", "Q"), ("shrunk", "Q"),
+        ("execs", "Q"), ("fd_last", "Q"), ("shrunk", "Q"), ("seen_heap_pages", "Q"),
+        ("seen_fds", "Q"), ("tree", "I"), ("pad", "I"),
+    ),
+    "tree": (
+        ("start_time", "Q"), ("heap_limit_pages", "Q"), ("fd_limit", "Q"),
+        ("heap_base_pages", "Q"), ("fd_base", "Q"), ("heap_pages", "Q"), ("fds", "Q"),
+        ("members", "I"), ("action", "I"), ("flags", "I"), ("pending", "I"), ("killer", "I"),
+        ("lost", "I"), ("crossings", "2Q"), ("usage_at", "2Q"), ("kills", "Q"),
+    ),
+    "tree_end_event": (
+        ("head", "4I3Q"), ("crossings", "2Q"), ("usage_at", "2Q"), ("kills", "Q"),
+        ("killer", "I"), ("lost", "I"),
+    ),
+    "tree_args": (
+        ("key", "I"), ("action", "I"), ("start_time", "Q"), ("heap_limit_pages", "Q"),
+        ("fd_limit", "Q"), ("heap_base_pages", "Q"), ("fd_base", "Q"),
+    ),
+    "tree_take": (
+        ("key", "I"), ("found", "I"), ("crossings", "2Q"), ("usage_at", "2Q"), ("kills", "Q"),
     ),
     "take": (
         ("key", "I"), ("found", "I"), ("crossings", "2Q"), ("usage_at", "2Q"),
@@ -99,7 +121,7 @@ LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("pad", "I"),
     ),
     "event": (
-        ("tgid", "I"), ("kind", "I"), ("which", "I"), ("pad", "I"), ("usage", "Q"),
+        ("tgid", "I"), ("kind", "I"), ("which", "I"), ("member", "I"), ("usage", "Q"),
         ("limit", "Q"), ("time_ns", "Q"),
     ),
     "exit_event": (
@@ -110,6 +132,10 @@ LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "bind_args": (("key", "I"),),
     "stats": (("dropped", "Q"),),
 }  # fmt: skip
+# struct rewatch holds a struct watch whole: one field of all its codes.
+LAYOUTS["rewatch"] = (
+    ("key", "I"), ("found", "I"), ("w", "".join(code for _, code in LAYOUTS["watch"])),
+)  # fmt: skip
 
 
 Fields = dict[str, "int | tuple[int, ...]"]
@@ -178,6 +204,10 @@ class Kind(IntEnum):
     EXEC = 8  # an exec lowered the heap baseline (take_counts says to what)
     SHRUNK = 9  # deny: the table got smaller; the soft RLIMIT_NOFILE is set anew
     FORKED = 10  # a child watched at birth (an inherit rule): usage, limit = its baseline
+    # Tree events: tgid is the root's key; `member` the member whose call crossed.
+    TREE_KILLED = 11  # a member crossed a kill limit, killed in its call: kill the rest
+    TREE_NOTIFIED = 12  # the sum crossed a notify limit (counted in take_tree)
+    TREE_ENDED = 13  # the last member exited: the kernel deleted the tree (final: TreeTaken)
 
 
 class Which(IntEnum):
@@ -186,7 +216,7 @@ class Which(IntEnum):
     FILES = 2
 
 
-FLAG_HEAP_OVER, FLAG_FILES_OVER, FLAG_KILLED, FLAG_KILL_FAILED = 1, 2, 4, 8
+FLAG_HEAP_OVER, FLAG_FILES_OVER, FLAG_KILLED, FLAG_KILL_FAILED, FLAG_LOST = 1, 2, 4, 8, 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +251,8 @@ class Event:
     usage: int  # heap: data_vm pages; files: descriptors; raised: the new soft limit
     limit: int
     time_ns: int  # CLOCK_MONOTONIC (time.monotonic_ns()) when the kernel saw it
-    final: Taken | None = None  # EXITED: the counts the entry held when it was deleted
+    final: Taken | TreeTaken | None = None  # EXITED, TREE_ENDED: what was left uncollected
+    member: int = 0  # tree events: the member whose call crossed
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +272,7 @@ class WatchState:
     files: int = 0
     host_tgid: int = 0
     heap_base_pages: int = 0  # data_vm at the baseline (an exec may lower it)
+    tree: int = 0  # the kernel's: the key of the root of the tree it is a member of
 
     @classmethod
     def unpack(cls, raw: bytes) -> WatchState:
@@ -249,7 +281,7 @@ class WatchState:
             f["start_time"], _opt(f["heap_limit_pages"]), _opt(f["fd_limit"]),
             f["heap_peak_pages"], f["fd_peak"], _opt(f["data_soft"]), _opt(f["nofile_soft"]),
             KernelAction(f["action"]), f["flags"], f["mm"], f["files"], f["host_tgid"],
-            f["heap_base_pages"],
+            f["heap_base_pages"], f["tree"],
         )  # fmt: skip
 
     def pack(self) -> bytes:
@@ -276,6 +308,55 @@ class WatchState:
             self.start_time, self.heap_limit_pages, self.fd_limit, self.action,
             self.data_soft, self.nofile_soft,
         )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class TreeTaken:
+    """What the kernel counted for one tree since the last take (take_tree)."""
+
+    crossings: tuple[int, int]  # heap, files: notify crossings of the sums
+    usage_at: tuple[int, int]  # the sums (heap pages, descriptors) at the last crossing or kill
+    killed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TreeState:
+    """One `trees` entry: a quota on the sum over a root and its descendants.
+
+    Limits are absolute (base + quota), None for none; the sums are over the
+    live members' usage as last seen (at fork, at each checked call), so tree
+    usage is `heap_pages - heap_base_pages` (floored at 0), the same for fds."""
+
+    start_time: int  # the root's
+    heap_limit_pages: int | None
+    fd_limit: int | None
+    heap_base_pages: int
+    fd_base: int
+    heap_pages: int
+    fds: int
+    members: int
+    action: KernelAction
+    flags: int  # FLAG_HEAP_OVER, FLAG_FILES_OVER, FLAG_KILLED; FLAG_LOST: a child not added
+    killer: int  # the member killed in its crossing call (0: none yet)
+    lost: int  # children that could not be made members (`watched` full)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> TreeState:
+        f = unpack("tree", raw)
+        return cls(
+            f["start_time"], _opt(f["heap_limit_pages"]), _opt(f["fd_limit"]),
+            f["heap_base_pages"], f["fd_base"], f["heap_pages"], f["fds"], f["members"],
+            KernelAction(f["action"]), f["flags"], f["killer"], f["lost"],
+        )  # fmt: skip
+
+    @property
+    def killed(self) -> bool:
+        return bool(self.flags & FLAG_KILLED)
+
+    @property
+    def usage(self) -> tuple[int, int]:
+        """Heap pages and descriptors over the root's baseline, floored at 0."""
+        return max(self.heap_pages - self.heap_base_pages, 0), max(self.fds - self.fd_base, 0)
 
 
 def _taken(f: Fields, **rest: int) -> Taken:
@@ -320,6 +401,7 @@ class KernelWatch:
         self.pin_dir = pin_dir
         self._maps = {name: lib.bpf_object__find_map_by_name(obj, name.encode()) for name in MAPS}
         self._watched = lib.bpf_map__fd(self._maps["watched"])
+        self._trees = lib.bpf_map__fd(self._maps["trees"])
         self._learn_namespace()
         self.links = Links(lib, obj, pin_dir / "links")
         self.ring = Ring(lib, lib.bpf_map__fd(self._maps["events"]))
@@ -424,10 +506,18 @@ class KernelWatch:
         usage is over a limit when it exceeds it. Raises ProcessLookupError, leaving no entry,
         if `tgid` is no longer the process that started at `state.start_time`: an
         entry inserted after its exit would otherwise never be removed."""
-        self._update(tgid, state, libbpf.BPF_ANY)
+        if not self._rewatch(tgid, state):
+            self._update(tgid, state, libbpf.BPF_ANY)
         if not _running(tgid, state.start_time) or not self._bind(tgid):
             self.unwatch(tgid)
             raise ProcessLookupError(tgid, f"process {tgid} (start {state.start_time}) is gone")
+
+    def _rewatch(self, tgid: int, state: WatchState) -> bool:
+        """Rewrite a tree member's entry in the kernel, its membership and share of
+        the sums kept (a write of the whole entry would lose them); False when
+        `tgid` is no tree member started at `state.start_time`."""
+        args = pack("rewatch", key=tgid, w=_WATCH.unpack(state.pack()))
+        return bool(unpack("rewatch", self._run(REWATCH_PROGRAM, args))["found"])
 
     def _bind(self, tgid: int) -> bool:
         """Index the process's address space and descriptor table in the kernel (for
@@ -454,8 +544,98 @@ class KernelWatch:
             errno_ = libbpf.errno_of(error)
             raise OSError(errno_, f"inherit[{tgid}]: {os.strerror(errno_)}")
 
+    # --- trees (scope=tree) ----------------------------------------------------
+
+    def watch_tree(
+        self, root_tgid: int, start_time: int, heap_limit_pages: int | None,
+        fd_limit: int | None, action: str, heap_base_pages: int, fd_base: int,
+    ) -> None:  # fmt: skip
+        """One quota on the sum over `root_tgid` and every process forked from a
+        member from now on (the kernel adds each child at fork, before it runs).
+
+        Limits are absolute (base + quota; over: sum > limit); the bases are the
+        root's usage at its baseline. On a tree already set, only its settings
+        change (a usage reset re-takes the bases): sums and members stay. The root
+        gets a `watched` entry (no limit of its own) unless it has one. Raises
+        ValueError for deny (a sum cannot be held by per-process rlimits),
+        ProcessLookupError if the root is gone or not the one started at
+        `start_time`, OSError EBUSY if it is a member of another tree (or its pid
+        names a tree of an earlier process that still has members), ENOSPC when a
+        map is full."""
+        kernel_action = KernelAction[action.upper()]
+        if kernel_action is KernelAction.DENY:
+            raise ValueError("scope=tree cannot deny: per-process rlimits cannot hold a sum")
+        created = self.entry(root_tgid) is None
+        if created:
+            state = WatchState(start_time, None, None, 0, 0, None, None, kernel_action, 0)
+            self.watch_state(root_tgid, state)
+        args = pack(
+            "tree_args", key=root_tgid, action=int(kernel_action), start_time=start_time,
+            heap_limit_pages=_raw(heap_limit_pages), fd_limit=_raw(fd_limit),
+            heap_base_pages=heap_base_pages, fd_base=fd_base,
+        )  # fmt: skip
+        try:
+            self._run(SET_TREE_PROGRAM, args)
+        except OSError as error:
+            if error.errno == errno.ESRCH:  # the tree is this root's: its exit may have run
+                self._remove_tree(root_tgid, keep_root=not created)
+            elif created:
+                self.unwatch(root_tgid)
+            if error.errno in (errno.ENOENT, errno.ESRCH):
+                raise ProcessLookupError(root_tgid, f"process {root_tgid} is gone") from None
+            raise
+
+    def unwatch_tree(self, root_tgid: int) -> None:
+        """End the tree quota of `root_tgid`: the tree deleted, then its members'
+        entries (those with a quota of their own stay watched, as non-members)."""
+        self._remove_tree(root_tgid, keep_root=False)
+
+    def _remove_tree(self, root_tgid: int, keep_root: bool) -> None:
+        """The tree deleted first, so no fork joins it any more (a fork under way
+        undoes its join when it finds the tree gone), then every member swept."""
+        self._lib.bpf_map_delete_elem(self._trees, _KEY.pack(root_tgid))
+        for tgid, state in self.entries().items():
+            if state.tree != root_tgid or (keep_root and tgid == root_tgid):
+                continue
+            own = (state.heap_limit_pages, state.fd_limit, state.data_soft, state.nofile_soft)
+            if any(limit is not None for limit in own):
+                with contextlib.suppress(OSError):  # exited meanwhile
+                    self._run(DROP_MEMBER_PROGRAM, pack("bind_args", key=tgid))
+            else:
+                self.unwatch(tgid)
+
+    def tree(self, root_tgid: int) -> TreeState | None:
+        """The tree of `root_tgid` as the kernel holds it; None when there is none
+        (never set, removed, or ended with its last member)."""
+        value = ctypes.create_string_buffer(layout("tree").size)
+        if self._lib.bpf_map_lookup_elem(self._trees, _KEY.pack(root_tgid), value):
+            return None
+        return TreeState.unpack(value.raw)
+
+    def tree_members(self, root_tgid: int) -> list[int]:
+        """The live members of the tree of `root_tgid` (the `watched` entries that
+        name it; an entry goes when its last thread exits), the root first."""
+        members = sorted(tgid for tgid, state in self.entries().items() if state.tree == root_tgid)
+        if root_tgid in members:
+            members.remove(root_tgid)
+            members.insert(0, root_tgid)
+        return members
+
+    def take_tree(self, root_tgid: int) -> TreeTaken | None:
+        """The tree's counts since the last take, zeroed in the kernel (run it for
+        each tree event); None when there is no such tree."""
+        f = unpack("tree_take", self._run(TAKE_TREE_PROGRAM, pack("tree_take", key=root_tgid)))
+        if not f["found"]:
+            return None
+        return TreeTaken(f["crossings"], f["usage_at"], f["kills"] > 0)  # type: ignore[arg-type]
+
     def unwatch(self, tgid: int) -> None:
+        """Watch `tgid` no more; a member of a tree stays one, with no quota of its own."""
         state = self.entry(tgid)
+        if state is not None and state.tree and self.tree(state.tree) is not None:
+            member = WatchState(state.start_time, None, None, 0, 0, None, None, state.action, 0)
+            if self._rewatch(tgid, member):
+                return
         self._lib.bpf_map_delete_elem(self._watched, _KEY.pack(tgid))
         if state is not None:  # its index entries, unless someone else's by now
             for name, pointer in (("by_mm", state.mm), ("by_files", state.files)):
@@ -664,12 +844,17 @@ class Ring:
 
     def _collect(self, _ctx: int | None, data: int, size: int) -> int:
         raw = ctypes.string_at(data, size)
-        tgid, kind, which, _pad, usage, limit, when = _EVENT.unpack_from(raw)
-        final = None
-        if size >= layout("exit_event").size:  # what a deleted entry held
+        tgid, kind, which, member, usage, limit, when = _EVENT.unpack_from(raw)
+        final: Taken | TreeTaken | None = None
+        if kind == Kind.TREE_ENDED:  # what a deleted tree held
+            f = unpack("tree_end_event", raw)
+            final = TreeTaken(f["crossings"], f["usage_at"], f["kills"] > 0)  # type: ignore[arg-type]
+            member = f["killer"]
+        elif size >= layout("exit_event").size:  # what a deleted entry held
             f = unpack("exit_event", raw)
             final = _taken(f, execs=f["execs"], heap_base_pages=f["heap_base_pages"])
-        self._events.append(Event(tgid, Kind(kind), Which(which), usage, limit, when, final))
+        event = Event(tgid, Kind(kind), Which(which), usage, limit, when, final, member)
+        self._events.append(event)
         return 0
 
 

@@ -99,6 +99,7 @@ __u32 ns_inum;
  * user space's layouts (the libbpf-bootstrap habit). */
 const struct event *unused_event __attribute__((unused));
 const struct exit_event *unused_exit_event __attribute__((unused));
+const struct tree_end_event *unused_tree_end_event __attribute__((unused));
 
 /* The address space and descriptor table of each watched process -> its key:
  * whoever shares them (CLONE_VM without CLONE_THREAD, vfork, CLONE_FILES) is
@@ -139,6 +140,15 @@ struct {
 	__type(key, __u32);
 	__type(value, struct watch);
 } watched SEC(".maps");
+
+/* Tree quotas (struct tree), by the key of their root; members are `watched`
+ * entries whose `tree` names it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, WATCHED_MAX);
+	__type(key, __u32);
+	__type(value, struct tree);
+} trees SEC(".maps");
 
 /* At most one event per entry is in the ring (pending), plus exits: 4 MiB holds
  * one for each of the 65,536 entries. */
@@ -182,7 +192,8 @@ static void count_dropped(void)
 		__sync_fetch_and_add(&st->dropped, 1);
 }
 
-static __always_inline int emit(__u32 tgid, __u32 kind, __u32 which, __u64 usage, __u64 limit)
+static __always_inline int emit_member(__u32 tgid, __u32 kind, __u32 which, __u32 member,
+				       __u64 usage, __u64 limit)
 {
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 
@@ -193,12 +204,17 @@ static __always_inline int emit(__u32 tgid, __u32 kind, __u32 which, __u64 usage
 	e->tgid = tgid;
 	e->kind = kind;
 	e->which = which;
-	e->pad = 0;
+	e->member = member;
 	e->usage = usage;
 	e->limit = limit;
 	e->time_ns = bpf_ktime_get_ns();
 	bpf_ringbuf_submit(e, 0);
 	return 1;
+}
+
+static __always_inline int emit(__u32 tgid, __u32 kind, __u32 which, __u64 usage, __u64 limit)
+{
+	return emit_member(tgid, kind, which, 0, usage, limit);
 }
 
 /* The entry is being deleted: hand over what it still holds. */
@@ -213,7 +229,7 @@ static void emit_exit(__u32 tgid, struct watch *w)
 	e->head.tgid = tgid;
 	e->head.kind = EV_EXITED;
 	e->head.which = W_NONE;
-	e->head.pad = 0;
+	e->head.member = 0;
 	e->head.usage = 0;
 	e->head.limit = 0;
 	e->head.time_ns = bpf_ktime_get_ns();
@@ -248,6 +264,64 @@ static __always_inline void note_usage(struct watch *w, __u32 which, __u64 usage
 		w->usage_at[0] = usage;
 	else if (which == W_FILES)
 		w->usage_at[1] = usage;
+}
+
+/* --- trees: one quota on the sum over a root and everything forked from it ---
+ * Each member's entry holds what it adds to the sums (seen_*), exchanged at
+ * each of its checks: the sums move by the difference, so they always equal
+ * the members' seen values added up, whichever CPUs check at once. */
+
+/* Move *sum by what changed since *seen, which becomes `now`; the new sum. */
+static __always_inline __u64 move_sum(__u64 *sum, __u64 *seen, __u64 now)
+{
+	__u64 delta = now - __sync_lock_test_and_set(seen, now);
+
+	return __sync_fetch_and_add(sum, delta) + delta;
+}
+
+/* The member's seen values out of its tree's sums (it exits, or a join is
+ * undone); the tree ends with its last member, deleted with a last event. */
+static void leave_tree(struct watch *w)
+{
+	__u32 root = w->tree;
+	struct tree *t = root ? bpf_map_lookup_elem(&trees, &root) : 0;
+	struct tree_end_event *e;
+
+	if (!t)
+		return;
+	move_sum(&t->heap_pages, &w->seen_heap_pages, 0);
+	move_sum(&t->fds, &w->seen_fds, 0);
+	if (__sync_fetch_and_add(&t->members, -1) != 1)
+		return;
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (e) {
+		e->head.tgid = root;
+		e->head.kind = EV_TREE_ENDED;
+		e->head.which = W_NONE;
+		e->head.member = 0;
+		e->head.usage = t->heap_pages;
+		e->head.limit = t->fds;
+		e->head.time_ns = bpf_ktime_get_ns();
+		e->crossings[0] = t->crossings[0];
+		e->crossings[1] = t->crossings[1];
+		e->usage_at[0] = t->usage_at[0];
+		e->usage_at[1] = t->usage_at[1];
+		e->kills = t->kills;
+		e->killer = t->killer;
+		e->lost = t->lost;
+		bpf_ringbuf_submit(e, 0);
+	} else {
+		count_dropped();
+	}
+	bpf_map_delete_elem(&trees, &root);
+}
+
+/* A tree-only member (no quota of its own, not the root): the daemon knows it
+ * only as a member, so its exit says nothing to the daemon but the tree's. */
+static __always_inline int only_member(struct watch *w, __u32 key)
+{
+	return w->tree && w->tree != key && w->heap_limit_pages == NONE && w->fd_limit == NONE &&
+	       w->data_soft == NONE && w->nofile_soft == NONE;
 }
 
 /* The key of task's thread group: its pid in the daemon's PID namespace, 0 if
@@ -297,6 +371,7 @@ static struct watch *current_watch(__u32 *tgid)
 	if (start != w->start_time) {
 		/* A recycled pid whose old owner's entry was never removed. */
 		forget_shared(w);
+		leave_tree(w);
 		emit_exit(*tgid, w);
 		bpf_map_delete_elem(&watched, tgid);
 		return 0;
@@ -400,6 +475,72 @@ static __always_inline void judge_shared(struct watch *w, __u32 tgid, __u32 whic
 	judge(w, tgid, which, over, usage, limit);
 }
 
+static __always_inline void signal_tree(struct tree *t, __u32 root, __u32 kind, __u32 which,
+					__u32 member, __u64 usage, __u64 limit)
+{
+	if (__sync_fetch_and_or(&t->pending, 1) & 1)
+		return;
+	if (!emit_member(root, kind, which, member, usage, limit))
+		t->pending = 0;
+}
+
+/* The tree's quota over its new sum, in the call of `member` (or of a sharer of
+ * its address space or table): over a kill limit, the caller is killed in that
+ * call and the tree flagged (the daemon kills the rest); a member of a killed
+ * tree dies at its next checked call. notify: once per crossing. */
+static __always_inline void judge_tree(struct tree *t, __u32 root, __u32 member, __u32 which,
+				       __u32 over, __u64 sum, __u64 limit, struct watch *w,
+				       int sharer)
+{
+	__u32 i = which == W_HEAP ? 0 : 1;
+
+	if (!(t->flags & F_KILLED)) {
+		if (sum <= limit) {
+			if (t->flags & over)
+				__sync_fetch_and_and(&t->flags, ~over);
+			return;
+		}
+		if (t->action != ACT_KILL) {
+			if (t->flags & over || (__sync_fetch_and_or(&t->flags, over) & over))
+				return;
+			t->usage_at[i] = sum;
+			__sync_fetch_and_add(&t->crossings[i], 1);
+			signal_tree(t, root, EV_TREE_NOTIFIED, which, member, sum, limit);
+			return;
+		}
+	}
+	bpf_send_signal(SIGKILL);
+	if (sharer)
+		kill_owner(w);
+	if (__sync_fetch_and_or(&t->flags, F_KILLED) & F_KILLED)
+		return;
+	t->killer = member;
+	t->usage_at[i] = sum;
+	t->kills = 1;
+	signal_tree(t, root, EV_TREE_KILLED, which, member, sum, limit);
+}
+
+/* A member's check: its usage `now` into its tree's sum, then the tree judged. */
+static __always_inline void check_tree(struct watch *w, __u32 key, __u32 which, __u64 now,
+				       int sharer)
+{
+	__u32 root = w->tree;
+	struct tree *t;
+
+	if (!root)
+		return;
+	t = bpf_map_lookup_elem(&trees, &root);
+	if (!t)
+		return;
+	if (which == W_HEAP)
+		judge_tree(t, root, key, W_HEAP, F_HEAP_OVER,
+			   move_sum(&t->heap_pages, &w->seen_heap_pages, now), t->heap_limit_pages, w,
+			   sharer);
+	else
+		judge_tree(t, root, key, W_FILES, F_FILES_OVER, move_sum(&t->fds, &w->seen_fds, now),
+			   t->fd_limit, w, sharer);
+}
+
 /* Raise a watermark; two CPUs racing never lose the higher value. */
 static __always_inline void raise_peak(__u64 *peak, __u64 value)
 {
@@ -447,6 +588,7 @@ int heap_exit(struct sys_exit *ctx)
 	pages = data_vm_pages();
 	raise_peak(&w->heap_peak_pages, pages);
 	judge_shared(w, tgid, W_HEAP, F_HEAP_OVER, pages, w->heap_limit_pages, sharer);
+	check_tree(w, tgid, W_HEAP, pages, sharer);
 	if (ctx->ret == -ENOMEM && w->data_soft != NONE)
 		count_denied(w, tgid, W_HEAP, pages, w->heap_limit_pages);
 	return 0;
@@ -497,6 +639,7 @@ static __always_inline void check_files(long ret)
 	fds = open_fds();
 	raise_peak(&w->fd_peak, fds);
 	judge_shared(w, tgid, W_FILES, F_FILES_OVER, fds, w->fd_limit, sharer);
+	check_tree(w, tgid, W_FILES, fds, sharer);
 	if (ret == -EMFILE && w->nofile_soft != NONE)
 		count_denied(w, tgid, W_FILES, fds, w->fd_limit);
 	if (w->action == ACT_DENY && w->nofile_soft != NONE && !sharer) {
@@ -526,6 +669,20 @@ int uring_files(void *ctx)
 	return 0;
 }
 
+/* The same for a member: the sum with this member at `pages`, over a kill limit. */
+static void stop_tree_populate(struct watch *w, __u32 key, __u64 pages)
+{
+	__u32 root = w->tree;
+	struct tree *t = bpf_map_lookup_elem(&trees, &root);
+	__u64 sum;
+
+	if (!t || t->action != ACT_KILL || t->heap_limit_pages == NONE)
+		return;
+	sum = t->heap_pages - w->seen_heap_pages + pages;
+	if (sum > t->heap_limit_pages)
+		judge_tree(t, root, key, W_HEAP, F_HEAP_OVER, sum, t->heap_limit_pages, w, 0);
+}
+
 /* Kill before a call that populates `grow` bytes of data mapping past the quota. */
 static void stop_populate(__u64 grow)
 {
@@ -534,11 +691,13 @@ static void stop_populate(__u64 grow)
 	__u64 pages;
 
 	w = current_watch(&tgid);
-	if (!w || w->action != ACT_KILL || w->heap_limit_pages == NONE)
+	if (!w)
 		return;
 	pages = data_vm_pages() + ((grow + (1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT);
-	if (pages > w->heap_limit_pages)
+	if (w->action == ACT_KILL && w->heap_limit_pages != NONE && pages > w->heap_limit_pages)
 		kill_group(w, tgid, W_HEAP, pages, w->heap_limit_pages);
+	if (w->tree)
+		stop_tree_populate(w, tgid, pages);
 }
 
 /* mlockall(MCL_FUTURE) without MCL_ONFAULT: every new mapping is populated. */
@@ -763,51 +922,231 @@ int BPF_PROG(group_exec, struct task_struct *task, int old_pid, void *bprm)
 	return 0;
 }
 
-/* A new thread group whose parent's group has an inherit rule: watched before
- * it runs (the tracepoint fires before wake_up_new_task), its baseline its
- * usage now (a copy of the parent's), the rule passed on. */
+/* A child of a tree member joins the tree before it runs: its usage now (a
+ * copy of its parent's) is added to the sums. A child forked into a killed
+ * tree is killed before its first instruction. The tree removed meanwhile
+ * (unwatch_tree deletes it, then sweeps its members): the join is undone. */
+static __always_inline void join_at_fork(struct task_struct *child, struct watch *in,
+					 struct tree *t, __u32 root, __u64 pages, __u64 fds)
+{
+	__sync_fetch_and_add(&t->members, 1);
+	__sync_fetch_and_add(&t->heap_pages, pages);
+	__sync_fetch_and_add(&t->fds, fds);
+	if (!bpf_map_lookup_elem(&trees, &root)) {
+		in->tree = 0;
+		return;
+	}
+	if (t->flags & F_KILLED)
+		bpf_send_signal_task(child, SIGKILL, PIDTYPE_TGID, 0);
+}
+
+/* A new thread group watched before it runs (the tracepoint fires before
+ * wake_up_new_task) when its parent's group has an inherit rule (its own
+ * quota over its usage now, a copy of the parent's, and the rule passed on)
+ * or is a tree member (a member too). */
 SEC("tp_btf/sched_process_fork")
 int BPF_PROG(group_fork, struct task_struct *parent, struct task_struct *child)
 {
-	__u32 parent_key = key_of(parent), key;
+	__u32 parent_key = key_of(parent), key, root = 0;
 	struct inherit *rule, passed;
-	struct watch w = {};
-	__u64 pages, fds;
+	struct watch w = {}, *parent_w, *in;
+	struct tree *t = 0;
+	__u64 pages, fds, parent_start;
 
 	if (!parent_key || BPF_CORE_READ(child, tgid) != BPF_CORE_READ(child, pid))
 		return 0;	/* a thread, not a new group */
 	rule = bpf_map_lookup_elem(&inherit, &parent_key);
-	if (!rule || rule->start_time !=
-			     BPF_CORE_READ(parent, group_leader, start_boottime) / CLOCK_TICK_NS)
+	parent_w = bpf_map_lookup_elem(&watched, &parent_key);
+	if (parent_w)
+		root = parent_w->tree;
+	if (!root && !rule)
+		return 0;
+	parent_start = BPF_CORE_READ(parent, group_leader, start_boottime) / CLOCK_TICK_NS;
+	if (rule && rule->start_time != parent_start)
+		rule = 0;
+	if (parent_w && root && parent_w->start_time == parent_start)
+		t = bpf_map_lookup_elem(&trees, &root);
+	if (!t)
+		root = 0;
+	if (!root && !rule)
 		return 0;
 	key = key_of(child);
 	if (!key)
 		return 0;
-	passed = *rule;
-	passed.start_time = BPF_CORE_READ(child, start_boottime) / CLOCK_TICK_NS;
-	bpf_map_update_elem(&inherit, &key, &passed, BPF_ANY);
 	pages = BPF_CORE_READ(child, mm, data_vm);
 	fds = open_fds_of(child);
-	w.start_time = passed.start_time;
+	w.start_time = BPF_CORE_READ(child, start_boottime) / CLOCK_TICK_NS;
 	w.heap_base_pages = pages;
-	w.heap_limit_pages = rule->heap_quota_pages == NONE ? NONE : pages + rule->heap_quota_pages;
-	w.fd_limit = rule->fd_quota == NONE ? NONE : fds + rule->fd_quota;
+	w.heap_limit_pages = NONE;
+	w.fd_limit = NONE;
 	w.heap_peak_pages = pages;
 	w.fd_peak = fds;
 	w.data_soft = NONE;
 	w.nofile_soft = NONE;
-	w.action = rule->action;
-	w.pending = 1;	/* the FORKED event below, which carries the baseline */
-	if (bpf_map_update_elem(&watched, &key, &w, BPF_NOEXIST))
-		return 0;	/* full, or already there */
-	struct watch *in = bpf_map_lookup_elem(&watched, &key);
-
-	if (in)
-		index_shared(child, in, key);
-	if (!emit(key, EV_FORKED, W_NONE, pages, fds)) {
-		if (in)
-			in->pending = 0;
+	if (rule) {
+		passed = *rule;
+		passed.start_time = w.start_time;
+		bpf_map_update_elem(&inherit, &key, &passed, BPF_ANY);
+		if (rule->heap_quota_pages != NONE)
+			w.heap_limit_pages = pages + rule->heap_quota_pages;
+		if (rule->fd_quota != NONE)
+			w.fd_limit = fds + rule->fd_quota;
+		w.action = rule->action;
+		w.pending = 1;	/* the FORKED event below, which carries the baseline */
+	} else {
+		w.action = t->action;
 	}
+	if (t) {
+		w.tree = root;
+		w.seen_heap_pages = pages;
+		w.seen_fds = fds;
+	}
+	if (bpf_map_update_elem(&watched, &key, &w, BPF_NOEXIST)) {
+		if (t) {	/* full (or already there): the tree misses this one */
+			__sync_fetch_and_add(&t->lost, 1);
+			__sync_fetch_and_or(&t->flags, F_LOST);
+		}
+		return 0;
+	}
+	in = bpf_map_lookup_elem(&watched, &key);
+	if (!in)
+		return 0;
+	index_shared(child, in, key);
+	if (t)
+		join_at_fork(child, in, t, root, pages, fds);
+	if (rule && !emit(key, EV_FORKED, W_NONE, pages, fds))
+		in->pending = 0;
+	return 0;
+}
+
+/* Run by the daemon to set a tree quota on the process `key` (watched already):
+ * the tree made, or its settings replaced (its sums and members kept), and the
+ * process made its first member with its usage now. -EBUSY: the process is a
+ * member of another tree, or its pid still names the tree of an earlier process
+ * with live members; -ENOENT/-ESRCH: not that process (any more). */
+SEC("syscall")
+int set_tree(struct tree_args *a)
+{
+	__u32 key = a->key;
+	struct watch *w = bpf_map_lookup_elem(&watched, &key);
+	struct tree *t, fresh = {};
+	struct task_struct *task;
+	int error = 0;
+
+	if (!w || w->start_time != a->start_time)
+		return -2;	/* ENOENT */
+	if (w->tree && w->tree != key)
+		return -16;	/* EBUSY */
+	t = bpf_map_lookup_elem(&trees, &key);
+	if (t && t->start_time != a->start_time)
+		return -16;
+	if (!t) {
+		fresh.start_time = a->start_time;
+		if (bpf_map_update_elem(&trees, &key, &fresh, BPF_NOEXIST))
+			return -28;	/* ENOSPC */
+		t = bpf_map_lookup_elem(&trees, &key);
+		if (!t)
+			return -28;
+	}
+	t->heap_limit_pages = a->heap_limit_pages;
+	t->fd_limit = a->fd_limit;
+	t->heap_base_pages = a->heap_base_pages;
+	t->fd_base = a->fd_base;
+	t->action = a->action;
+	task = bpf_task_from_vpid(key);
+	if (!task)
+		return -3;	/* ESRCH */
+	if (BPF_CORE_READ(task, group_leader, start_boottime) / CLOCK_TICK_NS != a->start_time) {
+		bpf_task_release(task);
+		return -3;
+	}
+	if (!w->tree) {
+		__sync_fetch_and_add(&t->members, 1);
+		w->tree = key;
+	}
+	move_sum(&t->heap_pages, &w->seen_heap_pages, BPF_CORE_READ(task, mm, data_vm));
+	move_sum(&t->fds, &w->seen_fds, open_fds_of(task));
+	if (BPF_CORE_READ(task, signal, live.counter) == 0) {
+		/* Exiting: its exit may have taken its values out already. */
+		move_sum(&t->heap_pages, &w->seen_heap_pages, 0);
+		move_sum(&t->fds, &w->seen_fds, 0);
+		error = -3;
+	}
+	bpf_task_release(task);
+	return error;
+}
+
+/* Run by the daemon for a tree's event: clear pending first, then take each
+ * count exactly once (as take_counts for an entry). */
+SEC("syscall")
+int take_tree(struct tree_take *a)
+{
+	__u32 key = a->key;
+	struct tree *t = bpf_map_lookup_elem(&trees, &key);
+
+	a->found = 0;
+	if (!t)
+		return 0;
+	__sync_lock_test_and_set(&t->pending, 0);
+	a->found = 1;
+	a->crossings[0] = __sync_lock_test_and_set(&t->crossings[0], 0);
+	a->crossings[1] = __sync_lock_test_and_set(&t->crossings[1], 0);
+	a->usage_at[0] = t->usage_at[0];
+	a->usage_at[1] = t->usage_at[1];
+	a->kills = __sync_lock_test_and_set(&t->kills, 0);
+	return 0;
+}
+
+/* Run by the daemon instead of writing a tree member's entry whole (a quota of
+ * its own set or reset): the settings replaced, the counts restarted, its
+ * membership and its share of the sums kept. found: 0 if not such a member. */
+SEC("syscall")
+int rewatch(struct rewatch *a)
+{
+	__u32 key = a->key;
+	struct watch *w = bpf_map_lookup_elem(&watched, &key);
+
+	a->found = 0;
+	if (!w || !w->tree || w->start_time != a->w.start_time)
+		return 0;
+	w->heap_limit_pages = a->w.heap_limit_pages;
+	w->fd_limit = a->w.fd_limit;
+	w->heap_peak_pages = a->w.heap_peak_pages;
+	w->fd_peak = a->w.fd_peak;
+	w->data_soft = a->w.data_soft;
+	w->nofile_soft = a->w.nofile_soft;
+	w->action = a->w.action;
+	w->flags = a->w.flags;
+	w->heap_base_pages = a->w.heap_base_pages;
+	w->pending = 0;
+	for (int i = 0; i < 2; i++) {
+		w->crossings[i] = 0;
+		w->usage_at[i] = 0;
+		w->denied[i] = 0;
+	}
+	w->raised = 0;
+	w->kills = 0;
+	w->kill_failed = 0;
+	w->execs = 0;
+	w->fd_last = 0;
+	w->shrunk = 0;
+	a->found = 1;
+	return 0;
+}
+
+/* Run by the daemon on each member of a tree it removed (unwatch_tree) that has
+ * a quota of its own: it stays watched, no longer a member. */
+SEC("syscall")
+int drop_member(struct bind_args *args)
+{
+	__u32 key = args->key;
+	struct watch *w = bpf_map_lookup_elem(&watched, &key);
+
+	if (!w)
+		return -2;	/* ENOENT */
+	w->tree = 0;
+	__sync_lock_test_and_set(&w->seen_heap_pages, 0);
+	__sync_lock_test_and_set(&w->seen_fds, 0);
 	return 0;
 }
 
@@ -894,7 +1233,9 @@ int BPF_PROG(group_exit, struct task_struct *task)
 	if (!w)
 		return 0;
 	forget_shared(w);
-	emit_exit(tgid, w);
+	if (!only_member(w, tgid))
+		emit_exit(tgid, w);
+	leave_tree(w);
 	bpf_map_delete_elem(&watched, &tgid);
 	return 0;
 }
@@ -947,6 +1288,8 @@ int BPF_PROG(compat_exit, struct pt_regs *regs, long ret)
 	raise_peak(&w->fd_peak, fds);
 	judge(w, key, W_HEAP, F_HEAP_OVER, pages, w->heap_limit_pages);
 	judge(w, key, W_FILES, F_FILES_OVER, fds, w->fd_limit);
+	check_tree(w, key, W_HEAP, pages, 0);
+	check_tree(w, key, W_FILES, fds, 0);
 	check_raised(task, key, w);
 	return 0;
 }

@@ -21,9 +21,10 @@ enum action { ACT_KILL = 0, ACT_DENY = 1, ACT_NOTIFY = 2 };
 enum kind {
 	EV_EXCEEDED = 1, EV_KILLED = 2, EV_NOTIFIED = 3, EV_RAISED = 4, EV_EXITED = 5,
 	EV_KILL_FAILED = 6, EV_DENIED = 7, EV_EXEC = 8, EV_SHRUNK = 9, EV_FORKED = 10,
+	EV_TREE_KILLED = 11, EV_TREE_NOTIFIED = 12, EV_TREE_ENDED = 13,
 };
 enum which { W_NONE = 0, W_HEAP = 1, W_FILES = 2 };
-enum flag { F_HEAP_OVER = 1, F_FILES_OVER = 2, F_KILLED = 4, F_KILL_FAILED = 8 };
+enum flag { F_HEAP_OVER = 1, F_FILES_OVER = 2, F_KILLED = 4, F_KILL_FAILED = 8, F_LOST = 16 };
 
 /* One watched thread group. Limits are absolute (baseline + quota), NONE if unset;
  * "over" means usage > limit. */
@@ -53,6 +54,34 @@ struct watch {
 	__u64 execs;		/* execs that lowered the heap baseline */
 	__u64 fd_last;		/* deny: the descriptor count at the last check */
 	__u64 shrunk;		/* deny: checks that found fewer descriptors than the last */
+	/* A tree member: what it adds to its tree's sums, exchanged at each check
+	 * (the sums move by the difference), taken back at its exit. */
+	__u64 seen_heap_pages;
+	__u64 seen_fds;
+	__u32 tree;		/* the key of its tree's root, 0: none */
+	__u32 pad;
+};
+
+/* A tree quota (scope=tree), by the key of its root: one quota on the sum over
+ * its live members (the root and every process forked from a member since).
+ * Limits are absolute (base + quota), NONE if unset; over means sum > limit. */
+struct tree {
+	__u64 start_time;	/* the root's, as in struct watch */
+	__u64 heap_limit_pages;
+	__u64 fd_limit;
+	__u64 heap_base_pages;	/* the root's usage at the baseline: usage = sum - base */
+	__u64 fd_base;
+	__u64 heap_pages;	/* the sums of the members' seen values, atomically moved */
+	__u64 fds;
+	__u32 members;		/* live members; the tree ends (is deleted) at 0 */
+	__u32 action;		/* kill or notify: a sum cannot be denied */
+	__u32 flags;		/* F_HEAP_OVER, F_FILES_OVER, F_KILLED; F_LOST: a member not added */
+	__u32 pending;		/* 1: an event for this tree is in the ring, not yet taken */
+	__u32 killer;		/* the member killed in its crossing call */
+	__u32 lost;		/* children not made members (`watched` full) */
+	__u64 crossings[2];	/* notify: crossings, heap and files */
+	__u64 usage_at[2];	/* the sums at the last crossing or the kill */
+	__u64 kills;		/* 1 once killed */
 };
 
 /* Counts kept in the kernel: ring events dropped (a full ring). */
@@ -62,7 +91,7 @@ struct event {
 	__u32 tgid;
 	__u32 kind;
 	__u32 which;
-	__u32 pad;
+	__u32 member;	/* tree events: the member whose call crossed (else 0) */
 	__u64 usage;
 	__u64 limit;
 	__u64 time_ns;	/* CLOCK_MONOTONIC when it happened */
@@ -80,6 +109,17 @@ struct exit_event {
 	__u64 usage_at[2];
 	__u64 execs;
 	__u64 heap_base_pages;
+};
+
+/* The tree's last word (EV_TREE_ENDED, tgid: the root's key): its last member
+ * exited and the kernel deleted it, with what no take_tree collected. */
+struct tree_end_event {
+	struct event head;	/* kind EV_TREE_ENDED */
+	__u64 crossings[2];
+	__u64 usage_at[2];
+	__u64 kills;
+	__u32 killer;
+	__u32 lost;
 };
 
 /* --track-children with a default quota: the processes whose new children are
@@ -106,6 +146,35 @@ struct take {
 	__u64 execs;
 	__u64 heap_base_pages;
 	__u64 shrunk;
+};
+
+/* In to set_tree: create or update the tree of `key` (its settings only: the
+ * sums and members stay) and make `key` its first member. */
+struct tree_args {
+	__u32 key;
+	__u32 action;
+	__u64 start_time;
+	__u64 heap_limit_pages;
+	__u64 fd_limit;
+	__u64 heap_base_pages;
+	__u64 fd_base;
+};
+
+/* In and out of take_tree: key in, what the tree held out (and zeroed in it). */
+struct tree_take {
+	__u32 key;
+	__u32 found;
+	__u64 crossings[2];
+	__u64 usage_at[2];
+	__u64 kills;
+};
+
+/* In and out of rewatch: a member's entry rewritten with w's settings (as a
+ * write of the whole entry would, counts restarted) but its tree kept. */
+struct rewatch {
+	__u32 key;
+	__u32 found;
+	struct watch w;
 };
 
 /* In and out of set_peaks: key and the new watermarks in, found out. */
