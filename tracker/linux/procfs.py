@@ -296,6 +296,11 @@ def read_comm(pid: int) -> str:
     return _read(pid, "comm").rstrip(b"\n").decode(errors="replace")
 
 
+def read_cgroup(pid: int) -> bytes:
+    """/proc/PID/cgroup as it is (parsed by `tracker.linux.cgroup`)."""
+    return _read(pid, "cgroup")
+
+
 def _kernel_counts_fds_in_st_size() -> bool:
     """Since Linux 6.2, stat() of /proc/PID/fd reports the number of open fds."""
     release = os.uname().release.split(".")
