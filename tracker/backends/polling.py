@@ -67,12 +67,8 @@ class Backend:
         """Nothing exact: the policy's own samples (each read and check) are the peaks."""
         return None
 
-    def tree_members(self, entry: Entry) -> list[int] | None:
+    def tree_members(self, entry: Entry) -> list[tuple[int, int]] | None:
         """Found in /proc by the engine at each check."""
-        return None
-
-    def tree_usage(self, entry: Entry) -> tuple[int, int] | None:
-        """Summed in /proc by the engine."""
         return None
 
     def inherit(self, pid: int, start_time: int, quota: Quota) -> bool:

@@ -86,14 +86,15 @@ class Tree:
             if pid not in self.members:
                 self._join(pid, start_time)
 
-    def follow_kernel(self, pids: Iterable[int]) -> None:
+    def follow_kernel(self, identities: Iterable[Identity]) -> None:
         """The members a backend keeps in the kernel (it added them at their fork):
-        pin those not pinned yet, unpin those it no longer lists."""
-        listed = set(pids)
+        pin those not pinned yet, each only if it is the process the kernel named
+        (its start time), and unpin those it no longer lists."""
+        listed = dict(identities)
         for pid in [pid for pid in self.members if pid not in listed and pid != self.root.pid]:
             self._leave(pid)
-        for pid in listed - self.members.keys():
-            self._join(pid, None)
+        for pid in listed.keys() - self.members.keys():
+            self._join(pid, listed[pid])
 
     def find_members(self) -> None:
         """Drop the members that exited, then take in every process started since
