@@ -182,3 +182,21 @@ async def test_a_restart_resumes_the_tree_and_a_recycled_pid_never_joins(
         assert after.members == before.members == 4
         assert abs(after.tree_heapsize - before.tree_heapsize) < MiB
         assert me not in entry.tree.pids()
+
+
+async def test_a_tree_outlives_its_root(shell_root, tmp_path, kind):
+    """The root starts a job and exits: its entry goes, its tree goes on to its last
+    member, and a crossing after the root's exit still kills the whole job."""
+    root = shell_root(FANOUT_PAUSE_MS="400")  # 2 steps in the root's 0.5 s: 16 MiB
+    async with engine_at(tmp_path, backend=kind) as engine:
+        entry = await registered(engine, root.pid, Quota(heap=32 * MiB, scope=Scope.TREE))
+        # procfs finds members at its checks: the root lives on long enough for one
+        root.run(f"{{fanout}} 4 mmap {STEP} 8 & sleep 0.5; exit 0")
+        job = int((await root.line("fanout"))[1])
+        children = await children_of(root, 4)
+        assert {job, *children} <= set(members(engine, entry))
+        await wait_for(lambda: not root.alive())
+        assert root.proc.returncode == 0
+        await wait_for(lambda: engine.get(root.pid) is None)
+        await wait_for(lambda: all(is_dead(pid) for pid in [job, *children]), timeout=10)
+        assert entry.events[KILLED] == 1 or kind == "bpf"  # bpf: an orphan's kill is logged
