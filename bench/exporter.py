@@ -194,7 +194,7 @@ def rows_of(size: int, targets: list[Target], reason: str) -> list[Row]:
                 f"{per_process_us:.1f} µs per process; {target.samples:,} samples,"
                 f" {target.body_bytes / 1024:,.0f} KiB"),
             Row(f"{target.label} wall per scrape p50, {label}", median(target.wall) * 1e3, "ms",
-                f"p90 {percentile(target.wall, 90) * 1e3:.1f} ms"),
+                f"p90 {percentile(target.wall, 90) * 1e3:,.1f} ms"),
         ]  # fmt: skip
     if not theirs:
         for variant, _ in EXPORTER_VARIANTS:
