@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from tracker.deny.state import DenyState
 from tracker.engine.resources import Counters
 from tracker.engine.tree import Tree
+from tracker.linux.cgroup import NO_WORKLOAD, Workload
 from tracker.linux.process import Process
 from tracker.quota import NO_QUOTA, Quota
 from tracker.vocabulary import EVENTS
@@ -61,6 +62,9 @@ class Entry:
     events: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(EVENTS, 0)))
     ended: Ended | None = None  # once it left
     tree: Tree | None = None  # the members of a tree quota (scope=tree); None for a process's
+    # the container and pod its cgroup named at registration (or at a restart's resume):
+    # read once, not at every scrape; a process moved to another cgroup keeps its labels
+    workload: Workload = NO_WORKLOAD
 
     @property
     def pid(self) -> int:
@@ -110,6 +114,7 @@ class Measurement:
     heap_peak: int
     openfile_peak: int
     tree: TreeReading | None = None  # a tree quota's sums; None under a process quota
+    workload: Workload = NO_WORKLOAD  # the entry's, for the metrics' labels
 
 
 @dataclass(frozen=True, slots=True)

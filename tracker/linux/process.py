@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from tracker.linux import procfs
+from tracker.linux.cgroup import NO_WORKLOAD, Workload, read_workload
 from tracker.linux.procfs import NoSuchProcess
 
 T = TypeVar("T")
@@ -247,6 +248,15 @@ class Process:
     def comm(self) -> str:
         """The name now (an exec changes it)."""
         return self._checked(lambda: procfs.read_comm(self.pid))
+
+    def workload(self) -> Workload:
+        """The container and pod its cgroup paths name (`NO_WORKLOAD` where /proc
+        hides the file from us): read once, at registration, by the engine."""
+        try:
+            return self._checked(lambda: read_workload(self.pid))
+        except procfs.AccessDenied:
+            self.check_alive()
+            return NO_WORKLOAD
 
     def ids(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(uids, gids) now: who owns it, as prlimit(2) judges."""
