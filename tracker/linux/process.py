@@ -7,8 +7,7 @@ import os
 import select
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from tracker.linux import procfs
 from tracker.linux.cgroup import NO_WORKLOAD, Workload, read_workload
@@ -17,9 +16,9 @@ from tracker.linux.procfs import NoSuchProcess
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """What the process holds right now, read from the kernel's counters."""
+class Usage(NamedTuple):
+    """What the process holds right now, read from the kernel's counters (a tuple:
+    one is made per process at every render of `metrics`)."""
 
     comm: str
     vm_data: int  # bytes
@@ -131,10 +130,10 @@ class Process:
         """VmData and open fds now; `NoSuchProcess` once it has exited."""
 
         def read() -> Usage:
-            status = procfs.parse_status(self.pid, self._status_text())
+            name, vm_data = procfs.name_and_vm_data_in(self.pid, self._status_text())
             open_fds = self._count_fds()
             self.check_alive()
-            return Usage(status.name, procfs.vm_data_of(status), open_fds)
+            return Usage(name, vm_data, open_fds)
 
         return self._through_a_live_thread(read)
 
