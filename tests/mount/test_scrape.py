@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from restrackfs import scrape
 from restrackfs.daemon import parse_args
 from restrackfs.health import Health, verdict
+from tests.support.bpf import BPF, needs_bpf
 from tests.support.daemon import Daemon
 from tests.support.procs import open_fds
 from tests.support.users import NOBODY
@@ -532,3 +533,16 @@ def test_one_peer_holding_its_bound_of_connections_leaves_room_for_another():
             assert server.active == per_peer
             answered[per_peer] = get_or_closed(port)
     assert answered == {4: 200, 8: None}
+
+
+@needs_bpf
+def test_healthz_under_bpf_with_its_programs_attached(bpf_factory, spawn):
+    daemon = bpf_factory(*BPF, "--metrics-listen", f"{LOCAL}:0")
+    port = endpoint_port(daemon)
+    w = spawn()
+    daemon.register(w.pid)
+    daemon.write("files=100 action=notify", w.pid, "quota")  # the programs attach for it
+    assert get(port, "/healthz")[0::2] == (200, "ok\n")
+    scraped = samples(get(port)[2])
+    assert scraped[("restrack_engine_info", (("engine", "bpf"),))] == 1
+    assert scraped[("restrack_kernel_events_dropped_total", ())] == 0
