@@ -5,6 +5,8 @@ this daemon's request loop), so it is made in a worker thread: the event loop
 must stay free to answer it. A probe that does not answer within
 `READ_TIMEOUT` is left to finish in its thread, and no second one starts
 while it hangs: a stuck mount costs one thread, however often it is probed.
+Probes take turns, so each waits for at most one read's deadline before it
+knows.
 """
 
 from __future__ import annotations
@@ -32,12 +34,19 @@ class Health:
         self.mountpoint = mountpoint
         self.engine = engine
         self._reading_since: float | None = None  # a probe's read still in its thread
+        self._one_at_a_time = trio.Lock()  # probes that come together wait for each other
 
     async def __call__(self) -> str | None:
         return verdict(await self.mount_problem(), self.engine.backend.unloaded)
 
     async def mount_problem(self) -> str | None:
-        """Why the mount does not answer as this daemon's, or None."""
+        """Why the mount does not answer as this daemon's, or None. Probes that
+        arrive together (a liveness and a readiness probe) take turns, so the
+        second does not take the first's read for a stuck one."""
+        async with self._one_at_a_time:
+            return await self._probe()
+
+    async def _probe(self) -> str | None:
         if self._reading_since is not None:
             stuck = time.monotonic() - self._reading_since
             return f"{self.mountpoint}: a read of `engine` has not been answered for {stuck:.0f} s"

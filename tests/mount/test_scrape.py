@@ -170,6 +170,30 @@ def test_healthz_answers_in_time_when_the_read_hangs():
     assert took < 2.0
 
 
+def test_probes_that_come_together_both_see_a_slow_but_answering_mount():
+    class Engine:
+        backend = type("B", (), {"name": "procfs", "unloaded": None})()
+
+    class Slow(Health):
+        def _read(self):
+            time.sleep(0.1)
+            self._reading_since = None
+            return None
+
+    async def main() -> list[str | None]:
+        check, verdicts = Slow(Path("/nowhere"), Engine()), []
+
+        async def probe() -> None:
+            verdicts.append(await check())
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(probe)
+        return verdicts
+
+    assert trio.run(main) == [None, None, None]
+
+
 @contextmanager
 def patch_read_timeout(seconds: float) -> Iterator[None]:
     from restrackfs import health
