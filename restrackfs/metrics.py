@@ -160,7 +160,9 @@ def daemon_lines(
         lines.append(f'restrack_engine_info{{engine="{_escape(engine)}"}} 1')
     lines += _family("restrack_build_info", "gauge", "The daemon's version; always 1.")
     lines.append(f'restrack_build_info{{version="{_escape(version())}"}} 1')
-    lines += _family("restrack_up", "gauge", "1 while the daemon serves (a scrape that fails: 0).")
+    lines += _family(
+        "restrack_up", "gauge", "Always 1: the daemon answered (Prometheus's own up is 0 if not)."
+    )
     lines.append("restrack_up 1")
     lines += _family(
         "restrack_kernel_events_dropped_total",
