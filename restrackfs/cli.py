@@ -27,6 +27,7 @@ from typing import TextIO
 
 from restrackfs import client
 from restrackfs.client import NotMountedError, Stat
+from restrackfs.version import version
 from tracker.linux.procfs import escape_unprintable
 from tracker.vocabulary import LIMIT_MAX, OPENFILE_TOTAL, TREE_STAT_FIELDS, UNLIMITED
 
@@ -368,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 2 invalid, 3 no such process, 4 already tracked, 5 not tracked, "
         "6 not permitted, 7 quota already set, 8 no daemon at the mount, 1 anything else",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument(
         "--mount", help="mount point (default: $RESTRACK_MOUNT, else /restrack)", default=None
     )

@@ -35,6 +35,7 @@ from restrackfs.files import (
     TREE_FILES,
     Caller,
     FileSpec,
+    count_refused_quota_write,
     files_of,
     is_tree_file,
     parse_pid_name,
@@ -564,6 +565,14 @@ class RestrackOperations(pyfuse3.Operations):
         handle = self.handles[fh]
         spec = handle.node.spec
         assert spec is not None and spec.write is not None
+        try:
+            return await self._write(handle, spec, buf)
+        except Exception:
+            if spec.name == "quota":  # for the metrics: quota writes answered with an errno
+                count_refused_quota_write()
+            raise
+
+    async def _write(self, handle: Handle, spec: FileSpec, buf: bytes) -> int:
         if len(buf) > MAX_WRITE:
             raise pyfuse3.FUSEError(errno.EINVAL)
         try:

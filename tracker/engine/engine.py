@@ -369,6 +369,7 @@ def new_entry(
         status = process.status()
         access.check_control(caller_uid, status.real_uid, process.pid)
         usage = process.usage()
+        workload = process.workload()
     except BaseException:
         process.close()
         raise
@@ -380,6 +381,7 @@ def new_entry(
         baseline=Counters.of_usage(usage) if baseline is None else baseline,
         registered=time.time(),
         comm=usage.comm,
+        workload=workload,
     )
 
 
