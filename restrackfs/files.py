@@ -69,6 +69,8 @@ class FileSpec:
     pollable: bool = False  # poll() reports a change since the reader last looked
     # a read that takes long (O(descriptors)): awaited, so other requests go on meanwhile
     read_async: AsyncTextOf | None = None
+    # what poll() compares for a pollable file, where the text is too long to compare
+    version: Callable[[Engine, Entry | None, Caller], object] | None = None
     readable: bool = field(init=False)  # derived once: every open asks
 
     def __post_init__(self) -> None:
@@ -160,7 +162,7 @@ def read_members(engine: Engine, entry: Entry | None, caller: Caller) -> str:
 
 def read_metrics(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     """The exposition in one go (the scrape endpoint's, which renders one at a time)."""
-    return _exposition(engine, _measured(engine, caller, list(engine.entries())))
+    return _exposition(engine, _measured(engine, caller, list(engine.entries())), caller)
 
 
 METRICS_BATCH = 32  # processes measured between two turns of the other requests
@@ -177,7 +179,7 @@ async def read_metrics_async(engine: Engine, entry: Entry | None, caller: Caller
             if start:
                 await trio.lowlevel.checkpoint()
             measurements += _measured(engine, caller, entries[start : start + METRICS_BATCH])
-        return _exposition(engine, measurements)
+        return _exposition(engine, measurements, caller)
 
 
 def _measured(engine: Engine, caller: Caller, entries: list[Entry]) -> list[Measurement]:
@@ -190,10 +192,12 @@ def _measured(engine: Engine, caller: Caller, entries: list[Entry]) -> list[Meas
     return measured
 
 
-def _exposition(engine: Engine, measurements: list[Measurement]) -> str:
+def _exposition(engine: Engine, measurements: list[Measurement], caller: Caller) -> str:
     # the bpf engine's count of events its ring dropped (None: not this engine)
     backend = engine.backend
-    return metrics.render(measurements, engine.enforcements, backend.name, backend.events_dropped)
+    text = metrics.render(measurements, engine.enforcements, backend.name, backend.events_dropped)
+    series = engine.enforcer.records.series(caller.uid, caller.hidepid)
+    return text + metrics.render_process_enforcements(series)
 
 
 async def write_register(
@@ -237,6 +241,16 @@ def read_events(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     return _events_text(entry.events)
 
 
+def read_enforcements(engine: Engine, entry: Entry | None, caller: Caller) -> str:
+    """The kept enforcement records the caller may see, oldest first, a JSON object a line."""
+    return engine.enforcer.records.text(caller.uid, caller.hidepid)
+
+
+def enforcements_version(engine: Engine, entry: Entry | None, caller: Caller) -> int:
+    """The newest record the caller may see: a poller wakes when it changes."""
+    return engine.enforcer.records.last_seen(caller.uid, caller.hidepid)
+
+
 def read_engine(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     """`bpf` or `procfs`: the engine in force."""
     return f"{engine.backend.name}\n"
@@ -254,6 +268,13 @@ TOP_FILES = (
     FileSpec("metrics", 0o444, read_async=read_metrics_async),
     FileSpec("events", 0o444, read=read_events, pollable=True),
     FileSpec("engine", 0o444, read=read_engine),
+    FileSpec(
+        "enforcements",
+        0o444,
+        read=read_enforcements,
+        pollable=True,
+        version=enforcements_version,
+    ),
 )
 
 PROCESS_FILES = (

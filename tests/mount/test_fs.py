@@ -45,7 +45,7 @@ def test_layout_and_modes(daemon, spawn):
     w = spawn()
     daemon.register(w.pid)
     assert sorted(os.listdir(daemon.mountpoint)) == sorted(
-        ["register", "deregister", "metrics", "events", "engine", str(w.pid)]
+        ["register", "deregister", "metrics", "events", "engine", "enforcements", str(w.pid)]
     )
     assert sorted(os.listdir(daemon.path(w.pid))) == sorted(PROCESS_FILES)
     modes = {
