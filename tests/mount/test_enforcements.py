@@ -110,10 +110,8 @@ def test_a_notify_makes_one_record_and_the_process_lives(engine_daemon, spawn):
     )  # fmt: skip
     assert record["fds"] == kinds and record["comm"] == "workload"
     assert w.alive()
-    metric = (
-        'restrack_process_enforcements_total{action="notify",quota="files",comm="workload",'
-        'container="",pod=""} 1'
-    )
+    metric = 'restrack_process_enforcements_total{action="notify",quota="files",comm="workload"} 1'
+
     assert metric in engine_daemon.read("metrics").splitlines()
 
 
@@ -167,9 +165,10 @@ def test_the_last_1000_records_are_kept(daemon, spawn):
         while chunk := os.read(fd, 4096):
             chunks.append(chunk)
     assert b"".join(chunks) == text
-    metric = 'restrack_process_enforcements_total{action="notify",quota="files",comm="workload"'
-    line = next(x for x in daemon.read("metrics").splitlines() if x.startswith(metric))
-    assert line.endswith(" 1001")  # the counter keeps what the file no longer shows
+    metric = 'restrack_process_enforcements_total{action="notify",quota="files",comm="workload"}'
+    assert (
+        f"{metric} 1001" in daemon.read("metrics").splitlines()
+    )  # the counter keeps what the file no longer shows
 
 
 def test_under_hidepid_a_user_sees_only_their_own_records(daemon_factory, spawn):
