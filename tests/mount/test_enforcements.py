@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import resource
 import select
 import time
 
@@ -18,6 +19,7 @@ from tests.support.mount import opened
 from tests.support.procs import errno_of
 from tests.support.users import NOBODY, sh
 from tests.support.waiting import wait_until
+from tracker.engine.records import FDS_IN_LOOP
 from tracker.linux.cgroup import read_workload
 from tracker.linux.procfs import read_fd_kinds
 from tracker.vocabulary import FD_OTHER
@@ -115,6 +117,21 @@ def test_a_notify_makes_one_record_and_the_process_lives(engine_daemon, spawn):
     assert metric in engine_daemon.read("metrics").splitlines()
 
 
+def test_a_record_of_many_descriptors_lists_them_in_a_worker(daemon, spawn):
+    """More than the daemon lists in its event loop: the record waits for a worker
+    thread's listing, and comes with every descriptor counted."""
+    many = 20 * FDS_IN_LOOP
+    w = spawn()
+    resource.prlimit(w.pid, resource.RLIMIT_NOFILE, (many + 64, many + 64))
+    daemon.register(w.pid)
+    daemon.write(f"files={many - 1} action=notify", w.pid, "quota")
+    w.do("open", many)
+    kinds = read_fd_kinds(w.pid)
+    record = one_record(daemon, w.pid)
+    assert (record["usage"], record["limit"], record["fds"]) == (many, many - 1, kinds)
+    assert sum(kinds.values()) > many
+
+
 def test_the_file_is_pollable(daemon, spawn):
     w = spawn()
     daemon.register(w.pid)
@@ -197,3 +214,29 @@ def test_the_file_is_read_only(daemon):
     assert errno_of(lambda: os.truncate(path, 0)) == errno.EPERM
     assert errno_of(lambda: os.chmod(path, 0o666)) == errno.EPERM
     assert daemon.read("enforcements") == ""
+
+
+def test_a_tree_quota_kill_is_the_trees_record(daemon, shell_root):
+    root = shell_root()
+    daemon.register(root.pid)
+    daemon.write("heap=16M scope=tree", root.pid, "quota")
+    root.run("{fanout} 2 mmap 2097152 5")  # two children of 10 MiB: 20 MiB in all
+    wait_until(lambda: not root.alive(), what="the tree killed")
+    record = one_record(daemon, root.pid)
+    assert list(record) == [*FIELDS, "scope"]
+    assert (record["quota"], record["limit"], record["action"], record["scope"]) == (
+        "heap", 16 << 20, "kill", "tree",
+    )  # fmt: skip
+    assert record["usage"] > 16 << 20 and record["peak"] == record["usage"]
+
+
+def test_a_deny_limit_raised_and_lowered_back_is_a_deny_record(engine_daemon, spawn):
+    w = spawn()
+    engine_daemon.register(w.pid)
+    engine_daemon.write("files=2 action=deny", w.pid, "quota")
+    w.do("setrlimit", "nofile", -1)
+    record = one_record(engine_daemon, w.pid)
+    assert (record["quota"], record["usage"], record["limit"], record["action"]) == (
+        "files", 0, 2, "deny",
+    )  # fmt: skip
+    assert w.alive()
