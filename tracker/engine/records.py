@@ -32,7 +32,7 @@ from tracker.linux.cgroup import NO_WORKLOAD, Workload, read_workload
 from tracker.linux.process import Process
 
 RECORDS_KEPT = 1000
-FDS_IN_LOOP = 256  # descriptors listed in the event loop (~8 µs each); more: a worker thread
+FDS_IN_LOOP = 128  # descriptors listed in the event loop (~8 µs each); more: a worker thread
 LISTINGS_WAITING = 16  # records waiting for a worker's listing; beyond, `fds` is null
 MAX_WORKLOADS = 4096  # entries whose container and pod are remembered
 MAX_SERIES = 10_000  # label sets of `counts`; beyond, counted without comm, container, pod
