@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from tracker.backends.base import Report, ReportKind
 from tracker.engine.entry import Ended, Entry
-from tracker.engine.records import Records
+from tracker.engine.records import Records, name_after_exit
 from tracker.engine.resources import RESOURCES, Counters, Resource
 from tracker.errors import AccessDenied, NoSuchProcess
 from tracker.linux.procfs import escape_comm
@@ -186,11 +186,12 @@ class Enforcer:
 
     @staticmethod
     def comm(entry: Entry) -> str:
-        """The name now (an exec changes it); the one at registration if it is gone."""
+        """The name now (an exec changes it); a zombie's, read by number; else the
+        one at registration."""
         try:
             return entry.process.comm()
         except (NoSuchProcess, AccessDenied):
-            return entry.comm
+            return name_after_exit(entry) or entry.comm
 
     def count(self, entry: Entry, event: str, times: int = 1) -> None:
         entry.events[event] += times

@@ -28,6 +28,7 @@ from tracker.engine.access import may_see
 from tracker.engine.entry import Entry
 from tracker.engine.resources import Resource
 from tracker.errors import AccessDenied, NoSuchProcess
+from tracker.linux import procfs
 from tracker.linux.cgroup import NO_WORKLOAD, Workload, read_workload
 from tracker.linux.process import Process
 
@@ -87,6 +88,23 @@ class Pending:
         if self.tree:
             fields["scope"] = SCOPE_TREE
         return json.dumps(fields, separators=(", ", ": ")) + "\n"
+
+
+def name_after_exit(entry: Entry) -> str | None:
+    """The name of an entry's process once its pidfd is closed (it exited and the
+    entry left before the kernel's report of its kill came), read by number while it
+    is a zombie: believed only if the pid's start time is the entry's before and
+    after the read (a recycled pid names another process); None otherwise."""
+    pid, started = entry.pid, entry.process.start_time
+    try:
+        if procfs.read_stat(pid).start_time != started:
+            return None
+        name = procfs.read_comm(pid)
+        if procfs.read_stat(pid).start_time != started:
+            return None
+    except (NoSuchProcess, AccessDenied):
+        return None
+    return name
 
 
 class Records:
