@@ -83,7 +83,6 @@ class Engine:
         backend = self.backend
         self.reader.use(backend.reader, backend.peaks, backend.tree_members, backend.tree_usage)
         self.registry.on_removal(self._removed)
-        self.registry.on_removal(self.enforcer.records.forget)
         self.registry.before_exit(self.backend.flush)
 
     # ----- queries -------------------------------------------------------

@@ -35,7 +35,9 @@ from tracker.linux.process import Process
 RECORDS_KEPT = 1000
 FDS_IN_LOOP = 128  # descriptors listed in the event loop (~8 µs each); more: a worker thread
 LISTINGS_WAITING = 16  # records waiting for a worker's listing; beyond, `fds` is null
-MAX_WORKLOADS = 4096  # entries whose container and pod are remembered
+# entries whose container and pod are remembered, the oldest forgotten first (not at
+# their removal: the kernel's report of a kill may come after the entry left)
+MAX_WORKLOADS = 4096
 MAX_SERIES = 10_000  # label sets of `counts`; beyond, counted without comm, container, pod
 SCOPE_TREE = "tree"
 
@@ -142,13 +144,10 @@ class Records:
             entry.process.check_alive()  # so the file read was this process's
         except (NoSuchProcess, AccessDenied):
             return NO_WORKLOAD
-        if len(self._workloads) >= MAX_WORKLOADS:
-            self._workloads.clear()
+        if len(self._workloads) >= MAX_WORKLOADS:  # the oldest: dicts keep insertion order
+            del self._workloads[next(iter(self._workloads))]
         self._workloads[entry.serial] = found
         return found
-
-    def forget(self, entry: Entry) -> None:
-        self._workloads.pop(entry.serial, None)
 
     def add(
         self, entry: Entry, resource: Resource, used: int, limit: int, action: str, comm: str
