@@ -20,6 +20,7 @@ from tests.support.cli import restrack_run
 from tests.support.daemon import Daemon
 from tests.support.paths import C_SOURCES
 from tests.support.procs import MiB
+from tests.support.users import NOBODY, as_user
 from tests.support.waiting import wait_until
 
 KILLED = 128 + signal.SIGKILL
@@ -120,3 +121,24 @@ def test_restrack_run_falls_back_to_its_own_words_without_a_record(daemon):
     assert result.returncode == KILLED
     assert "not counted by the daemon as its quota" in result.stderr
     assert "the daemon's record" not in result.stderr
+
+
+def test_under_hidepid_a_user_follows_only_their_own_records(daemon_factory, spawn):
+    hidden = daemon_factory("--hidepid")
+    argv = as_user(NOBODY, [*COMMAND, "--mount", hidden.mountpoint, "enforcements", "-f", "--json"])
+    follower = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/"
+    )
+    try:
+        roots = notify_crossing(hidden, spawn)
+        wait_until(lambda: client.enforcements(mount=hidden.mountpoint), what="root's record")
+        assert line_within(follower.stdout, 1.0) == ""  # not theirs: not shown
+        mine = spawn(uid=NOBODY)
+        hidden.register(mine.pid)
+        hidden.write("heap=1M action=notify", mine.pid, "quota")
+        mine.do("mmap", 2 * MiB)
+        record = json.loads(line_within(follower.stdout, 5.0))
+        assert (record["pid"], record["uid"]) == (mine.pid, NOBODY) and roots != mine.pid
+    finally:
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(10) == 0, follower.stderr.read() if follower.stderr else ""
