@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from restrackfs import client
-from tracker.quota import Action, parse_action, parse_count, parse_size
+from tracker.quota import TREE_CANNOT_DENY, Action, parse_action, parse_count, parse_size
 from tracker.vocabulary import KILLED, UNLIMITED
 
 READING_INTERVAL = 0.25  # seconds between the readings of PID/stat while the program runs
@@ -36,11 +36,12 @@ KILL_RECORD_WAIT = 1.0  # seconds the daemon may take to record it (bpf: from it
 
 @dataclass(frozen=True, slots=True)
 class StartQuota:
-    """`--heap SIZE --files N --action A` as the mount's grammar spells them."""
+    """`--heap SIZE --files N --action A [--tree]` as the mount's grammar spells them."""
 
     heap: str | None = None
     files: str | None = None
     action: str = Action.KILL
+    tree: bool = False  # one quota over the program and everything it starts
 
     def __post_init__(self) -> None:
         """Refuse what the daemon would refuse, before any program is started."""
@@ -55,10 +56,13 @@ class StartQuota:
                 parse(text)
             except OSError as error:
                 raise OSError(errno.EINVAL, f"run: {option}: {error.strerror}") from None
+        if self.tree and self.action == Action.DENY:
+            raise OSError(errno.EINVAL, f"run: --tree: {TREE_CANNOT_DENY}")
 
     def text(self) -> str:
         """`heap=64M files=max action=kill`, as written to `PID/quota`."""
-        return f"heap={self.heap or UNLIMITED} files={self.files or UNLIMITED} action={self.action}"
+        text = f"heap={self.heap or UNLIMITED} files={self.files or UNLIMITED} action={self.action}"
+        return text + (" scope=tree" if self.tree else "")
 
 
 @dataclass(slots=True)
@@ -89,6 +93,7 @@ class QuotaWatch:
             heap=self.quota.heap,
             files=self.quota.files,
             action=self.quota.action,
+            scope="tree" if self.quota.tree else None,
             mount=self.root,
         )
 
@@ -122,11 +127,18 @@ class QuotaWatch:
         )
         if self.last is not None:
             s, age = self.last.stat, died - self.last.at
+            if s.is_tree:  # the quota is on the tree's sums
+                usage = (
+                    f"tree_heapsize={s.tree_heapsize} "
+                    f"tree_openfile_count={s.tree_openfile_count} members={s.members}"
+                )
+            else:
+                usage = (
+                    f"heapsize={s.heapsize} heap_peak={s.heap_peak} "
+                    f"openfile_count={s.openfile_count} openfile_peak={s.openfile_peak}"
+                )
             print(
-                f"restrack run: last reading, {age:.2f} s before its end: "
-                f"heapsize={s.heapsize} heap_peak={s.heap_peak} "
-                f"openfile_count={s.openfile_count} openfile_peak={s.openfile_peak}",
-                file=sys.stderr,
+                f"restrack run: last reading, {age:.2f} s before its end: {usage}", file=sys.stderr
             )
 
     def _kill_record(self) -> client.Enforcement | None:

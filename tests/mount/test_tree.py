@@ -1,6 +1,7 @@
-"""Tree quotas through the real mount: the tree's files come and go with its quota,
-`stat`, `metrics`, the client and `restrack` show its sums and members, and a
-restart of the daemon resumes it."""
+"""Tree quotas through the real mount, under both engines: the tree's files come
+and go with its quota, `stat`, `metrics`, the client and `restrack` show its sums
+and members, a job over its quota dies whole, and a restart of the daemon
+resumes the tree."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import signal
 import pytest
 
 from restrackfs import cli, client
+from tests.support.bpf import BPF, needs_bpf
+from tests.support.daemon import Daemon
 from tests.support.procs import MiB
 from tests.support.tree import is_dead
 from tests.support.waiting import wait_until
@@ -20,6 +23,14 @@ from tracker.vocabulary import STAT_FIELDS, TREE_STAT_FIELDS
 
 TREE_FILES = {"tree_heapsize", "tree_openfile_count", "members"}
 STEP = 2 * MiB
+
+
+@pytest.fixture(params=["procfs", pytest.param("bpf", marks=needs_bpf)])
+def daemon(request: pytest.FixtureRequest) -> Daemon:
+    """A daemon of each engine (a bpf one's pins removed at the end)."""
+    if request.param == "procfs":
+        return request.getfixturevalue("daemon_factory")()
+    return request.getfixturevalue("bpf_factory")(*BPF)
 
 
 def restrack(mount: object, *args: object) -> str:
@@ -108,7 +119,7 @@ def test_a_job_over_its_tree_quota_is_killed_whole(daemon, shell_root):
     wait_until(lambda: not root.alive(), what="the root killed")
     assert root.proc.returncode == -signal.SIGKILL
     wait_until(lambda: is_dead(job), what="the job killed")
-    assert client.tracked(mount=m) == []
+    wait_until(lambda: client.tracked(mount=m) == [], what="the root's entry removed")
 
 
 def test_a_restart_of_the_daemon_resumes_the_tree(daemon, shell_root):
