@@ -69,6 +69,8 @@ class FileSpec:
     pollable: bool = False  # poll() reports a change since the reader last looked
     # a read that takes long (O(descriptors)): awaited, so other requests go on meanwhile
     read_async: AsyncTextOf | None = None
+    # what poll() compares for a pollable file, where the text is too long to compare
+    version: Callable[[Engine, Entry | None, Caller], object] | None = None
     readable: bool = field(init=False)  # derived once: every open asks
 
     def __post_init__(self) -> None:
@@ -166,7 +168,7 @@ def read_metrics(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     """The exposition in one go (the scrape endpoint's, which renders one at a time)."""
     started = time.perf_counter()
     measurements = _measured(engine, caller, list(engine.entries()))
-    return _exposition(engine, measurements, 0.0, started)
+    return _exposition(engine, measurements, caller, 0.0, started)
 
 
 METRICS_BATCH = 32  # processes measured between two turns of the other requests
@@ -186,7 +188,7 @@ async def read_metrics_async(engine: Engine, entry: Entry | None, caller: Caller
             began = time.perf_counter()
             measurements += _measured(engine, caller, entries[start : start + METRICS_BATCH])
             spent += time.perf_counter() - began
-        return _exposition(engine, measurements, spent, time.perf_counter())
+        return _exposition(engine, measurements, caller, spent, time.perf_counter())
 
 
 def _measured(engine: Engine, caller: Caller, entries: list[Entry]) -> list[Measurement]:
@@ -201,13 +203,17 @@ def _measured(engine: Engine, caller: Caller, entries: list[Entry]) -> list[Meas
     return measured
 
 
-def _exposition(engine: Engine, measurements: list[Measurement], spent: float, since: float) -> str:
+def _exposition(
+    engine: Engine, measurements: list[Measurement], caller: Caller, spent: float, since: float
+) -> str:
     """The text, with the previous exposition's time; then this one's (`spent`
     measuring, and the render from `since`) is kept for the next."""
     backend = engine.backend
     text = metrics.render(
         measurements, engine.enforcements, backend.name, backend.events_dropped, STATS
     )
+    series = engine.enforcer.records.series(caller.uid, caller.hidepid)
+    text += metrics.render_process_enforcements(series)
     STATS.render_seconds = spent + time.perf_counter() - since
     return text
 
@@ -258,6 +264,16 @@ def read_events(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     return _events_text(entry.events)
 
 
+def read_enforcements(engine: Engine, entry: Entry | None, caller: Caller) -> str:
+    """The kept enforcement records the caller may see, oldest first, a JSON object a line."""
+    return engine.enforcer.records.text(caller.uid, caller.hidepid)
+
+
+def enforcements_version(engine: Engine, entry: Entry | None, caller: Caller) -> int:
+    """The newest record the caller may see: a poller wakes when it changes."""
+    return engine.enforcer.records.last_seen(caller.uid, caller.hidepid)
+
+
 def read_engine(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     """`bpf` or `procfs`: the engine in force."""
     return f"{engine.backend.name}\n"
@@ -275,6 +291,13 @@ TOP_FILES = (
     FileSpec("metrics", 0o444, read_async=read_metrics_async),
     FileSpec("events", 0o444, read=read_events, pollable=True),
     FileSpec("engine", 0o444, read=read_engine),
+    FileSpec(
+        "enforcements",
+        0o444,
+        read=read_enforcements,
+        pollable=True,
+        version=enforcements_version,
+    ),
 )
 
 PROCESS_FILES = (

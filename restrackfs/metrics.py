@@ -199,3 +199,20 @@ def render(
     lines += enforcement_lines(enforcements)
     lines += daemon_lines(len(rows), engine, events_dropped, stats or DaemonStats())
     return "\n".join(lines) + "\n"
+
+
+def render_process_enforcements(series: Mapping[tuple[str, str, str, str, str], int]) -> str:
+    """`restrack_process_enforcements_total`: enforcement records by (action, quota,
+    comm, container, pod), no pid, so a series outlives its process (for alerts);
+    the container and pod labels only where they were found (empty: none)."""
+    lines = [
+        "# HELP restrack_process_enforcements_total Enforcement actions recorded, by action,"
+        " quota, process name, container and pod (no pid: outlives the process).",
+        "# TYPE restrack_process_enforcements_total counter",
+    ]
+    for (action, quota, comm, container, pod), count in sorted(series.items()):
+        labels = f'action="{_escape(action)}",quota="{_escape(quota)}",comm="{_comm_label(comm)}"'
+        labels += f',container="{_escape(container)}"' if container else ""
+        labels += f',pod="{_escape(pod)}"' if pod else ""
+        lines.append(f"restrack_process_enforcements_total{{{labels}}} {count}")
+    return "\n".join(lines) + "\n"

@@ -223,6 +223,7 @@ class Engine:
             log.error("quota pid=%d %s by uid=%d refused: %s", entry.pid, quota, uid, refused)
             raise
         log.info("quota pid=%d %s by uid=%d", entry.pid, quota, uid)
+        self.enforcer.records.workload(entry)  # read while it lives: a kill may take it
         self.policy.check(entry)
 
     def _undo_quota(self, entry: Entry) -> None:
@@ -288,6 +289,7 @@ class Engine:
         """Run in `nursery`: resume the state file, then the backend's task."""
         self.registry.start(nursery)
         self.deny.start(nursery)
+        self.enforcer.records.start(nursery)
         with self.deny.helpers.batch():  # nothing is served yet: helpers run synchronously
             restored = self._restore_entries()
             try:
