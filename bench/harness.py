@@ -69,6 +69,9 @@ class Config:
     register_box_seconds: float = 300.0  # per size
     idle_window_seconds: float = 10.0
     ls_runs: int = 3
+    # 8. top
+    top_processes: int = 1000
+    top_seconds: float = 20.0
 
     @classmethod
     def quick_config(cls, work: Path) -> Config:
@@ -96,6 +99,8 @@ class Config:
             register_box_seconds=20.0,
             idle_window_seconds=1.0,
             ls_runs=1,
+            top_processes=50,
+            top_seconds=1.0,
         )
 
 

@@ -12,6 +12,7 @@ import pytest
 from tests.commands.test_cli import environment, ok, restrack
 from tests.support.procs import MiB
 from tests.support.terminal import Terminal
+from tests.support.users import NOBODY, as_user
 
 VENV_BIN = Path(sys.executable).parent
 ROW = re.compile(r"^[ !*] +(\d+) ")
@@ -23,17 +24,31 @@ def m(daemon) -> Path:
 
 
 @pytest.fixture
-def terminal(m) -> Iterator:
+def terminal_of() -> Iterator:
+    """`restrack top` on a mount, in a terminal of the given size, as `uid` if given."""
     started: list[Terminal] = []
 
-    def start(columns: int = 80, lines: int = 24, *options: str) -> Terminal:
-        argv = [str(VENV_BIN / "python"), "-m", "restrackfs.cli", "--mount", str(m), "top"]
-        started.append(Terminal([*argv, *options], columns, lines, environment()))
+    def start(
+        mount: Path, columns: int, lines: int, *options: str, uid: int | None = None
+    ) -> Terminal:
+        argv = [str(VENV_BIN / "python"), "-m", "restrackfs.cli", "--mount", str(mount), "top"]
+        argv += options
+        if uid is not None:
+            argv = as_user(uid, argv)
+        started.append(Terminal(argv, columns, lines, environment()))
         return started[-1]
 
     yield start
     for term in started:
         term.close()
+
+
+@pytest.fixture
+def terminal(m, terminal_of):
+    def start(columns: int = 80, lines: int = 24, *options: str) -> Terminal:
+        return terminal_of(m, columns, lines, *options)
+
+    return start
 
 
 def pids_shown(term: Terminal) -> list[int]:
@@ -135,3 +150,16 @@ def test_a_process_killed_by_its_quota_shows_in_the_bottom_line(m, daemon, spawn
         victim.do("mmap", 4 * MiB)
     term.wait_for(lambda t: f"kill {victim.pid} workload heap" in t.lines[-1])
     assert term.lines[-1].startswith("last: ")
+
+
+def test_a_user_sees_their_own_processes_under_hidepid(daemon_factory, spawn, terminal_of):
+    daemon = daemon_factory("--hidepid")
+    mine, theirs = spawn(uid=NOBODY), spawn()
+    ok(restrack(daemon.mountpoint, "register", mine.pid, theirs.pid))
+    mine.do("mmap", 3 * MiB)
+    mine.do("open", 2)
+    term = terminal_of(daemon.mountpoint, 100, 24, uid=NOBODY)
+    term.wait_for(lambda t: pids_shown(t) == [mine.pid])
+    assert "1 tracked" in term.lines[0]
+    cells = row_of(term, mine.pid).split()
+    assert cells[1:5] == ["nobody", "workload", "3M", cells[4]] and cells[5] == "2"
