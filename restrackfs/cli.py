@@ -25,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
-from restrackfs import client
+from restrackfs import client, topscreen
 from restrackfs.client import NotMountedError, Stat
 from restrackfs.top import SortKey, human_size
 from tracker.linux.procfs import escape_unprintable
@@ -250,9 +250,7 @@ def _by_use(s: Stat) -> tuple[bool, float, int]:
 
 def cmd_top(args: argparse.Namespace, out: TextIO) -> int:
     """The full screen on a terminal; plain tables, one after another, elsewhere."""
-    if _is_terminal(out):
-        from restrackfs import topscreen
-
+    if _is_terminal(out) and topscreen.can_draw():
         sort = SortKey(args.sort or SortKey.HEAP.value)
         return topscreen.run(
             args.mount, args.delay, args.iterations, sort, lambda: client.engine(mount=args.mount)

@@ -206,14 +206,35 @@ def _loop(
         if iterations is not None and frames >= iterations:
             return 0
         deadline = time.monotonic() + delay
-        while (remaining := deadline - time.monotonic()) > 0:
-            window.timeout(max(1, int(remaining * 1000)))
-            key = window.getch()
+        while (key := _next_key(window, deadline)) is not None:
             if key in (ord("q"), ord("Q")):
                 return 0
             if key == curses.KEY_RESIZE:
                 curses.update_lines_cols()
                 screen.draw(top, sort, engine)
-            elif key >= 0 and chr(key) in SORT_KEYS:
+            elif 0 <= key < 256 and chr(key) in SORT_KEYS:
                 sort = SORT_KEYS[chr(key)]
                 screen.draw(top, sort, engine)
+
+
+def _next_key(window: curses.window, deadline: float) -> int | None:
+    """The next key pressed before `deadline`, or None once it passed; keys already
+    typed are taken even at `--delay 0`."""
+    while True:
+        remaining = deadline - time.monotonic()
+        window.timeout(max(0, int(remaining * 1000)))
+        key = window.getch()
+        if key >= 0:
+            return key
+        if remaining <= 0 or time.monotonic() >= deadline:
+            return None
+
+
+def can_draw() -> bool:
+    """Whether the terminal $TERM names can be drawn on: known to terminfo, with cursor
+    addressing (`dumb` has none). Elsewhere `restrack top` prints plain tables."""
+    try:
+        curses.setupterm()
+    except curses.error:
+        return False
+    return curses.tigetstr("cup") is not None

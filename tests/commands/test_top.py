@@ -75,13 +75,27 @@ def test_hundred_processes_show_the_header_and_the_twenty_busiest(m, spawn, term
     assert all(len(line) == 80 for line in lines)
 
 
-def test_q_quits_with_status_0(m, spawn, terminal):
+@pytest.mark.parametrize("delay", ["1", "0"])
+def test_q_quits_with_status_0(m, spawn, terminal, delay):
     w = spawn()
     ok(restrack(m, "register", w.pid))
-    term = terminal(80, 24)
+    term = terminal(80, 24, "--delay", delay)
     term.wait_for(lambda t: pids_shown(t) == [w.pid])
     term.send("q")
     assert term.wait_exit() == 0
+
+
+def test_a_terminal_without_cursor_addressing_gets_plain_tables(m, spawn):
+    w = spawn()
+    ok(restrack(m, "register", w.pid))
+    argv = [str(VENV_BIN / "python"), "-m", "restrackfs.cli", "--mount", str(m), "top", "-n", "2"]
+    term = Terminal(argv, 80, 24, environment(), term="dumb")
+    try:
+        assert term.wait_exit() == 0
+        assert term.text().count("restrack top - ") == 2
+        assert [line.split()[0] for line in term.lines if line.startswith("PID")] == ["PID"] * 2
+    finally:
+        term.close()
 
 
 def test_a_resize_redraws_to_the_new_size_without_wrapping(m, spawn, terminal):

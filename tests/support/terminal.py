@@ -29,7 +29,14 @@ def _take_terminal() -> None:
 class Terminal:
     """`argv` running in a `columns` x `lines` terminal; `screen` is what it shows."""
 
-    def __init__(self, argv: Sequence[str], columns: int, lines: int, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        columns: int,
+        lines: int,
+        env: dict[str, str],
+        term: str = "xterm-256color",
+    ) -> None:
         self.primary, secondary = os.openpty()
         self._set_size(secondary, columns, lines)
         self.screen = pyte.Screen(columns, lines)
@@ -40,7 +47,7 @@ class Terminal:
                 stdin=secondary,
                 stdout=secondary,
                 stderr=secondary,
-                env={**env, "TERM": "xterm-256color", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"},
+                env={**env, "TERM": term, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"},
                 start_new_session=True,
                 preexec_fn=_take_terminal,
                 close_fds=True,
