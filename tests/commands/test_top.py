@@ -177,3 +177,19 @@ def test_a_user_sees_their_own_processes_under_hidepid(daemon_factory, spawn, te
     assert "1 tracked" in term.lines[0]
     cells = row_of(term, mine.pid).split()
     assert cells[1:5] == ["nobody", "workload", "3M", cells[4]] and cells[5] == "2"
+
+
+def test_a_row_over_its_warning_level_is_marked(m, daemon, spawn, terminal):
+    warned, calm = spawn(), spawn()
+    ok(restrack(m, "register", warned.pid, calm.pid))
+    try:
+        daemon.write("files=10 action=notify warn=50%\n", warned.pid, "quota")
+    except OSError:
+        pytest.skip("needs warn=N%")
+    daemon.write("files=10 action=notify warn=50%\n", calm.pid, "quota")
+    warned.do("open", 6)
+    calm.do("open", 4)
+    term = terminal(80, 24, "--sort", "use")
+    term.wait_for(lambda t: pids_shown(t) == [warned.pid, calm.pid])
+    assert row_of(term, warned.pid).startswith("*") and "60%" in row_of(term, warned.pid)
+    assert row_of(term, calm.pid).startswith(" ")
