@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from collections.abc import Iterator
@@ -160,7 +161,7 @@ def test_a_process_killed_by_its_quota_shows_in_the_bottom_line(m, daemon, spawn
     ok(restrack(m, "cap", victim.pid, "--heap", "1M"))
     term = terminal(80, 24)
     term.wait_for(lambda t: pids_shown(t) == [victim.pid])
-    with pytest.raises(ProcessLookupError):
+    with contextlib.suppress(ProcessLookupError):  # killed in the call (bpf), or after
         victim.do("mmap", 4 * MiB)
     term.wait_for(lambda t: f"kill {victim.pid} workload heap" in t.lines[-1])
     assert term.lines[-1].startswith("last: ")
