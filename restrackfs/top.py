@@ -12,8 +12,8 @@ Where the figures come from, chosen by what they cost the daemon (measured in
   the baseline the last read implied (total minus growth);
 - the top-level `events` counters at every refresh (one small read), and the
   `enforcements` records only when those moved;
-- `PID/quota` (the action and `warn=N%`) and `PID/members` only for the rows on
-  screen that have a quota or a tree, at each sync.
+- `PID/quota` (the action and `warn=N%`) once per sync for each row on screen
+  that has a quota, and `PID/members` once per sync for each tree's root.
 
 A process /proc hides from the caller (another user's, under /proc's own
 hidepid, or its `fd` directory, which only its owner and root may list) keeps
@@ -403,6 +403,7 @@ class Top:
         if t is None or (t.heap_quota is None and t.file_quota is None):
             return
         if row.pid not in self.quota_texts:
+            self.quota_texts[row.pid] = ""  # not tried again before the next sync
             with contextlib.suppress(FileNotFoundError, ProcessLookupError, PermissionError):
                 self.quota_texts[row.pid] = _read_quota(self.mount, row.pid)
         text = self.quota_texts.get(row.pid, "")
