@@ -8,7 +8,18 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bench import enforcement, engines, latency, overhead, scale, throughput, top, writes
+from bench import (
+    enforcement,
+    engines,
+    exporter,
+    latency,
+    overhead,
+    scale,
+    throughput,
+    top,
+    trees,
+    writes,
+)
 
 GROUPS: dict[str, ModuleType] = {
     module.NAME: module
@@ -20,6 +31,8 @@ GROUPS: dict[str, ModuleType] = {
         scale,
         engines,
         writes,
+        exporter,
+        trees,
         top,
     )
 }

@@ -69,7 +69,10 @@ class Config:
     register_box_seconds: float = 300.0  # per size
     idle_window_seconds: float = 10.0
     ls_runs: int = 3
-    # 8. top
+    # 8. scrape cost against process-exporter
+    exporter_sizes: tuple[int, ...] = (1000, 5000)
+    exporter_scrapes: int = 10  # per endpoint and size
+    # 10. top
     top_processes: int = 1000
     top_seconds: float = 20.0
 
@@ -99,6 +102,8 @@ class Config:
             register_box_seconds=20.0,
             idle_window_seconds=1.0,
             ls_runs=1,
+            exporter_sizes=(20, 100),
+            exporter_scrapes=2,
             top_processes=50,
             top_seconds=1.0,
         )

@@ -1,4 +1,4 @@
-"""8. top: what `restrack top` refreshing every second costs the daemon, by data source."""
+"""10. top: what `restrack top` refreshing every second costs the daemon, by data source."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from bench.report import Goal, GroupResult, Row
 from restrackfs.top import Top
 
 NAME = "top"
-TITLE = "8. top"
+TITLE = "10. top"
 
 GOAL_PERCENT = 5.0
 
