@@ -16,6 +16,7 @@ from bench import (
     overhead,
     scale,
     throughput,
+    top,
     trees,
     writes,
 )
@@ -32,5 +33,6 @@ GROUPS: dict[str, ModuleType] = {
         writes,
         exporter,
         trees,
+        top,
     )
 }

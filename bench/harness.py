@@ -72,6 +72,9 @@ class Config:
     # 8. scrape cost against process-exporter
     exporter_sizes: tuple[int, ...] = (1000, 5000)
     exporter_scrapes: int = 10  # per endpoint and size
+    # 10. top
+    top_processes: int = 1000
+    top_seconds: float = 20.0
 
     @classmethod
     def quick_config(cls, work: Path) -> Config:
@@ -101,6 +104,8 @@ class Config:
             ls_runs=1,
             exporter_sizes=(20, 100),
             exporter_scrapes=2,
+            top_processes=50,
+            top_seconds=1.0,
         )
 
 

@@ -25,8 +25,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
-from restrackfs import client
+from restrackfs import client, topscreen
 from restrackfs.client import NotMountedError, Stat
+from restrackfs.top import SortKey, human_size
 from restrackfs.version import version
 from tracker.linux.procfs import escape_unprintable
 from tracker.vocabulary import LIMIT_MAX, OPENFILE_TOTAL, TREE_STAT_FIELDS, UNLIMITED
@@ -52,20 +53,6 @@ class LocalError(Exception):
 
 
 # ----- formatting -------------------------------------------------------------
-
-
-def human_size(size: int | None) -> str:
-    """1536 -> 1.5K, 31457285 -> 30M: binary units, at most one decimal, never a
-    trailing .0 (so a quota and a usage of about the same size read alike)."""
-    if size is None:
-        return "-"
-    value = float(size)
-    for unit in ("", "K", "M", "G", "T"):
-        shown = round(value, 1) if value < 100 else float(round(value))
-        if shown < 1024 or unit == "T":
-            return f"{shown:.1f}".removesuffix(".0") + unit
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def judged(s: Stat) -> tuple[int, int]:
@@ -262,19 +249,37 @@ def _by_use(s: Stat) -> tuple[bool, float, int]:
     return (over_quota(s), -1.0 if use is None else use, -s.pid)
 
 
-CLEAR_SCREEN = "\x1b[H\x1b[2J"
-
-
 def cmd_top(args: argparse.Namespace, out: TextIO) -> int:
+    """The full screen on a terminal; plain tables, one after another, elsewhere."""
+    if _is_terminal(out) and topscreen.can_draw():
+        sort = SortKey(args.sort or SortKey.HEAP.value)
+        return topscreen.run(
+            args.mount, args.delay, args.iterations, sort, lambda: client.engine(mount=args.mount)
+        )
+    return plain_top(args, out)
+
+
+def _is_terminal(out: TextIO) -> bool:
+    """curses draws on the process's own terminal: stdout and stdin both one."""
+    return out is sys.stdout and out.isatty() and sys.stdin.isatty()
+
+
+_PLAIN_ORDER = {
+    SortKey.HEAP: lambda s: (judged(s)[0], -s.pid),
+    SortKey.FILES: lambda s: (judged(s)[1], -s.pid),
+}
+
+
+def plain_top(args: argparse.Namespace, out: TextIO) -> int:
+    """The status table again and again, highest quota use first (or `--sort`'s)."""
     shown = 0
+    order = _PLAIN_ORDER.get(SortKey(args.sort), _by_use) if args.sort else _by_use
     while args.iterations is None or shown < args.iterations:
         if shown:
             time.sleep(args.delay)
-        stats = sorted(collect(args.mount), key=_by_use, reverse=True)
+        stats = sorted(collect(args.mount), key=order, reverse=True)
         header = f"restrack top - {time.strftime('%H:%M:%S')} - {len(stats)} tracked"
-        # a terminal is redrawn in place; a pipe or file gets plain tables, one after another
-        clear = CLEAR_SCREEN if out.isatty() else "\n" if shown else ""
-        out.write(clear + header + "\n\n" + table(stats) + "\n")
+        out.write(("\n" if shown else "") + header + "\n\n" + table(stats) + "\n")
         out.flush()
         shown += 1
     return 0
@@ -432,9 +437,20 @@ def build_parser() -> argparse.ArgumentParser:
         sub = add(name, cmd_status, "one row per tracked process")
         sub.add_argument("--json", action="store_true", help="a JSON list, sizes in bytes")
 
-    sub = add("top", cmd_top, "the status table, refreshed until Ctrl-C, highest use first")
+    sub = add(
+        "top",
+        cmd_top,
+        "a full-screen view refreshed until q (plain tables, highest use first, "
+        "when stdout is not a terminal)",
+    )
     sub.add_argument("--delay", type=_seconds, default=1.0, help="seconds between refreshes")
     sub.add_argument("--iterations", "-n", type=int, help="stop after N refreshes")
+    sub.add_argument(
+        "--sort",
+        choices=[key.value for key in SortKey],
+        help="order: heap growth (the screen's default), files growth, growth rate "
+        "(the screen only), or quota use (the tables' default)",
+    )
 
     sub = add(
         "enforcements",

@@ -91,6 +91,9 @@ def test_every_group_has_its_rows(
         "9. Tree quotas (a fan-out job, fork cost)",
         "| procfs, N=8: usage at the kill (max) |",
         "| procfs: fork+exit+wait, a tree's root (median) |",
+        "10. top",
+        "| daemon CPU, one metrics read, procfs |",
+        "| daemon CPU, restrack top's collection (metrics every 5 s, /proc by the client), bpf |",
         "How it is measured:",
     ):
         assert text in report, text
@@ -101,8 +104,9 @@ def test_every_group_has_its_rows(
     # latency p50 (vs lxcfs, vs the minimal pyfuse3 file) and p99, 4-reader throughput,
     # kill at 2 intervals, overhead, idle CPU, RSS, deny's quota + reset vs kill's, and
     # the scrape's CPU against process-exporter's at 2 sizes and per process, a bpf
-    # tree's usage at the kill and its root's fork cost
-    assert len(goals) == 15, goals
+    # tree's usage at the kill and its root's fork cost, the daemon's CPU under a top
+    # (procfs, bpf)
+    assert len(goals) == 17, goals
     assert "| pyfuse3 |" in report
     assert "Goals:" in done.stdout and "PID/heapsize p50" in done.stdout
 

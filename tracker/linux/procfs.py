@@ -254,6 +254,16 @@ def name_and_vm_data_in(pid: int, raw: bytes) -> tuple[str, int]:
     return name, vm_data_in(pid, raw)
 
 
+def vm_rss_in(pid: int, raw: bytes) -> int:
+    """VmRSS of a status text, in bytes (0 where there is no address space)."""
+    if b"\nVmRSS:" not in raw:
+        return 0
+    try:
+        return int(_field(raw, b"VmRSS").split()[0]) * 1024
+    except (ValueError, IndexError):
+        raise NoSuchProcess(pid) from None
+
+
 def vm_data_of(status: Status) -> int:
     """VmData in bytes: the kernel's data_vm counter (what RLIMIT_DATA limits)."""
     if status.vm_data is None:
