@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from restrackfs import client
-from tracker.quota import Action, parse_action, parse_count, parse_size
+from tracker.quota import Action, parse_action, parse_count, parse_quota, parse_size, parse_warn
 from tracker.vocabulary import KILLED, UNLIMITED
 
 READING_INTERVAL = 0.25  # seconds between the readings of PID/stat while the program runs
@@ -31,11 +31,12 @@ KILL_COUNT_WAIT = 1.0  # seconds the daemon may take to count a kill after the e
 
 @dataclass(frozen=True, slots=True)
 class StartQuota:
-    """`--heap SIZE --files N --action A` as the mount's grammar spells them."""
+    """`--heap SIZE --files N --action A --warn N%` as the mount's grammar spells them."""
 
     heap: str | None = None
     files: str | None = None
     action: str = Action.KILL
+    warn: str | None = None  # "80%"
 
     def __post_init__(self) -> None:
         """Refuse what the daemon would refuse, before any program is started."""
@@ -43,17 +44,21 @@ class StartQuota:
             ("--heap", parse_size, self.heap),
             ("--files", parse_count, self.files),
             ("--action", parse_action, self.action),
+            ("--warn", parse_warn, self.warn),
+            ("", parse_quota, self.text()),  # what only the whole says
         ):
             if text is None:
                 continue
             try:
                 parse(text)
             except OSError as error:
-                raise OSError(errno.EINVAL, f"run: {option}: {error.strerror}") from None
+                raise OSError(errno.EINVAL, f"run: {option or 'quota'}: {error.strerror}") from None
 
     def text(self) -> str:
-        """`heap=64M files=max action=kill`, as written to `PID/quota`."""
-        return f"heap={self.heap or UNLIMITED} files={self.files or UNLIMITED} action={self.action}"
+        """`heap=64M files=max action=kill [warn=80%]`, as written to `PID/quota`."""
+        heap, files = self.heap or UNLIMITED, self.files or UNLIMITED
+        warn = "" if self.warn is None else f" warn={self.warn}"
+        return f"heap={heap} files={files} action={self.action}{warn}"
 
 
 @dataclass(slots=True)
@@ -82,6 +87,7 @@ class QuotaWatch:
             heap=self.quota.heap,
             files=self.quota.files,
             action=self.quota.action,
+            warn=self.quota.warn,
             mount=self.root,
         )
 

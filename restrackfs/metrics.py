@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterable, Mapping
 
 from tracker.engine.entry import Measurement
 from tracker.linux.procfs import escape_unprintable
-from tracker.quota import Action
 
 # Each gauge: its name, its help, and its value in a measurement (None: not shown).
 _GAUGES: tuple[tuple[str, str, Callable[[Measurement], int | None]], ...] = (
@@ -73,7 +72,7 @@ def _comm_label(comm: str) -> str:
 
 def render(
     measurements: Iterable[Measurement],
-    enforcements: Mapping[Action, int],
+    enforcements: Mapping[str, int],
     engine: str | None = None,
     events_dropped: int | None = None,
 ) -> str:
@@ -86,10 +85,11 @@ def render(
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
         lines += [f"{name}{{{labels}}} {value(m)}" for labels, m in rows if value(m) is not None]
     lines += [
-        "# HELP restrack_enforcements_total Quota enforcement actions taken, by action.",
+        "# HELP restrack_enforcements_total Quota enforcement actions taken (and warnings"
+        " given), by action.",
         "# TYPE restrack_enforcements_total counter",
     ]
-    lines += [f'restrack_enforcements_total{{action="{a}"}} {enforcements[a]}' for a in Action]
+    lines += [f'restrack_enforcements_total{{action="{a}"}} {n}' for a, n in enforcements.items()]
     lines += [
         "# HELP restrack_tracked_processes Processes currently tracked.",
         "# TYPE restrack_tracked_processes gauge",
