@@ -202,7 +202,9 @@ def cmd_cap(args: argparse.Namespace, out: TextIO) -> int:
 
 def percent(text: str | None) -> str | None:
     """`--warn 80%` or `--warn 80`: the mount's grammar wants the sign."""
-    return None if text is None or text.endswith("%") else f"{text}%"
+    if text is None or text.endswith("%"):
+        return text
+    return f"{text}%"
 
 
 # A size as `status` prints it: a decimal with a K/M/G/T suffix (`1.5G`). The mount's
@@ -343,8 +345,10 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     quota = None
     if args.heap is not None or args.files is not None:
         quota = StartQuota(args.heap, args.files, args.action or "kill", percent(args.warn))
-    elif args.action is not None or args.warn is not None:
-        raise OSError(errno.EINVAL, "run: --action and --warn need --heap or --files")
+    else:
+        for option, given in (("--action", args.action), ("--warn", args.warn)):
+            if given is not None:
+                raise OSError(errno.EINVAL, f"run: {option} needs --heap or --files")
     try:
         return run(program, mount=args.mount, quota=quota)
     except EmulationUnavailable as error:

@@ -926,6 +926,8 @@ static void rebase_heap(struct task_struct *task, struct watch *w, __u32 key)
 	if (w->heap_limit_pages == NONE || now >= base)
 		return;
 	w->heap_limit_pages = now + (w->heap_limit_pages - base);
+	if (w->heap_warn_pages != NONE)
+		w->heap_warn_pages = now + (w->heap_warn_pages - base);
 	w->heap_base_pages = now;
 	__sync_lock_test_and_set(&w->heap_peak_pages, now);
 	__sync_fetch_and_add(&w->execs, 1);
