@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bench import enforcement, engines, latency, overhead, scale, throughput, writes
+from bench import enforcement, engines, exporter, latency, overhead, scale, throughput, writes
 
 GROUPS: dict[str, ModuleType] = {
     module.NAME: module
@@ -20,5 +20,6 @@ GROUPS: dict[str, ModuleType] = {
         scale,
         engines,
         writes,
+        exporter,
     )
 }

@@ -344,10 +344,13 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
         raise OSError(errno.EINVAL, "run: give a program to run: restrack run -- PROGRAM ARGS")
     quota = None
     if args.heap is not None or args.files is not None:
-        quota = StartQuota(args.heap, args.files, args.action or "kill", percent(args.warn))
+        quota = StartQuota(
+            args.heap, args.files, args.action or "kill", args.tree, percent(args.warn)
+        )
     else:
-        for option, given in (("--action", args.action), ("--warn", args.warn)):
-            if given is not None:
+        given = (("--action", args.action), ("--tree", args.tree or None), ("--warn", args.warn))
+        for option, value in given:
+            if value is not None:
                 raise OSError(errno.EINVAL, f"run: {option} needs --heap or --files")
     try:
         return run(program, mount=args.mount, quota=quota)
@@ -428,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--files", metavar="N", help="open file quota: a count, or max")
     sub.add_argument(
         "--action", choices=["kill", "deny", "notify"], help="on a breach (default: kill)"
+    )
+    sub.add_argument(
+        "--tree",
+        action="store_true",
+        help="one quota over the program and every process it starts (not with deny)",
     )
     sub.add_argument("--warn", metavar="N%", help=WARN_HELP)
     sub.add_argument("program", nargs=argparse.REMAINDER)

@@ -22,7 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from restrackfs import client
-from tracker.quota import Action, parse_action, parse_count, parse_quota, parse_size, parse_warn
+from tracker.quota import (
+    TREE_CANNOT_DENY,
+    Action,
+    parse_action,
+    parse_count,
+    parse_quota,
+    parse_size,
+    parse_warn,
+)
 from tracker.vocabulary import KILLED, UNLIMITED
 
 READING_INTERVAL = 0.25  # seconds between the readings of PID/stat while the program runs
@@ -31,15 +39,18 @@ KILL_COUNT_WAIT = 1.0  # seconds the daemon may take to count a kill after the e
 
 @dataclass(frozen=True, slots=True)
 class StartQuota:
-    """`--heap SIZE --files N --action A --warn N%` as the mount's grammar spells them."""
+    """`--heap SIZE --files N --action A [--tree] [--warn N%]` in the mount's grammar."""
 
     heap: str | None = None
     files: str | None = None
     action: str = Action.KILL
+    tree: bool = False  # one quota over the program and everything it starts
     warn: str | None = None  # "80%"
 
     def __post_init__(self) -> None:
         """Refuse what the daemon would refuse, before any program is started."""
+        if self.tree and self.action == Action.DENY:
+            raise OSError(errno.EINVAL, f"run: --tree: {TREE_CANNOT_DENY}")
         for option, parse, text in (
             ("--heap", parse_size, self.heap),
             ("--files", parse_count, self.files),
@@ -55,10 +66,11 @@ class StartQuota:
                 raise OSError(errno.EINVAL, f"run: {option or 'quota'}: {error.strerror}") from None
 
     def text(self) -> str:
-        """`heap=64M files=max action=kill [warn=80%]`, as written to `PID/quota`."""
+        """`heap=64M files=max action=kill [warn=80%] [scope=tree]`, as written to `PID/quota`."""
         heap, files = self.heap or UNLIMITED, self.files or UNLIMITED
         warn = "" if self.warn is None else f" warn={self.warn}"
-        return f"heap={heap} files={files} action={self.action}{warn}"
+        scope = " scope=tree" if self.tree else ""
+        return f"heap={heap} files={files} action={self.action}{warn}{scope}"
 
 
 @dataclass(slots=True)
@@ -88,6 +100,7 @@ class QuotaWatch:
             files=self.quota.files,
             action=self.quota.action,
             warn=self.quota.warn,
+            scope="tree" if self.quota.tree else None,
             mount=self.root,
         )
 
@@ -113,11 +126,18 @@ class QuotaWatch:
         )
         if self.last is not None:
             s, age = self.last.stat, died - self.last.at
+            if s.is_tree:  # the quota is on the tree's sums
+                usage = (
+                    f"tree_heapsize={s.tree_heapsize} "
+                    f"tree_openfile_count={s.tree_openfile_count} members={s.members}"
+                )
+            else:
+                usage = (
+                    f"heapsize={s.heapsize} heap_peak={s.heap_peak} "
+                    f"openfile_count={s.openfile_count} openfile_peak={s.openfile_peak}"
+                )
             print(
-                f"restrack run: last reading, {age:.2f} s before its end: "
-                f"heapsize={s.heapsize} heap_peak={s.heap_peak} "
-                f"openfile_count={s.openfile_count} openfile_peak={s.openfile_peak}",
-                file=sys.stderr,
+                f"restrack run: last reading, {age:.2f} s before its end: {usage}", file=sys.stderr
             )
 
     def _kills(self) -> int:

@@ -76,10 +76,7 @@ class Backend:
     def warns_in_kernel(self, entry: Entry) -> bool:
         return False
 
-    def tree_members(self, entry: Entry) -> list[int] | None:
-        return None
-
-    def tree_usage(self, entry: Entry) -> tuple[int, int] | None:
+    def tree_members(self, entry: Entry) -> list[tuple[int, int]] | None:
         return None
 
     def inherit(self, pid: int, start_time: int, quota: Quota) -> bool:
