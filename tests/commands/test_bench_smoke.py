@@ -88,6 +88,9 @@ def test_every_group_has_its_rows(
         "| restrackfs (procfs) CPU per scrape, 100 processes |",
         "| restrackfs (procfs) wall per scrape p50, 20 processes |",
         "| process-exporter CPU per scrape, 100 processes |",
+        "9. Tree quotas (a fan-out job, fork cost)",
+        "| procfs, N=8: usage at the kill (max) |",
+        "| procfs: fork+exit+wait, a tree's root (median) |",
         "How it is measured:",
     ):
         assert text in report, text
@@ -97,8 +100,9 @@ def test_every_group_has_its_rows(
     goals = [line for line in report.splitlines() if line.startswith(("PASS", "MISS", "N/A"))]
     # latency p50 (vs lxcfs, vs the minimal pyfuse3 file) and p99, 4-reader throughput,
     # kill at 2 intervals, overhead, idle CPU, RSS, deny's quota + reset vs kill's, and
-    # the scrape's CPU against process-exporter's at 2 sizes and per process
-    assert len(goals) == 13, goals
+    # the scrape's CPU against process-exporter's at 2 sizes and per process, a bpf
+    # tree's usage at the kill and its root's fork cost
+    assert len(goals) == 15, goals
     assert "| pyfuse3 |" in report
     assert "Goals:" in done.stdout and "PID/heapsize p50" in done.stdout
 
