@@ -278,3 +278,21 @@ def test_bpf_a_crossing_while_no_daemon_runs_is_counted_on_adoption(
     daemon.start(*BPF)
     assert events_of(daemon, w.pid)["warned"] == 1
     assert f"while no daemon ran: pid={w.pid} warned files" in daemon.log_text()
+
+
+def test_a_tree_is_warned_of_on_its_sum(engine_daemon: Daemon, spawn) -> None:
+    """The threshold of a tree quota is on its sum, sampled by the engine (at each
+    check under procfs, at each read of a tree file under bpf)."""
+    daemon = engine_daemon
+    w = registered(daemon, spawn(), "heap=20M action=notify warn=50% scope=tree")
+    assert (
+        daemon.read(w.pid, "quota") == "heap=20971520 files=max action=notify warn=50% scope=tree\n"
+    )
+    w.do("mmap", 8 * MiB)
+    daemon.read(w.pid, "tree_heapsize")
+    assert events_of(daemon, w.pid)["warned"] == 0
+    w.do("mmap", 3 * MiB)  # 11 MiB > 10 MiB
+    wait_until(lambda: int(daemon.read(w.pid, "tree_heapsize")) > 10 * MiB, 2, "the tree's sum")
+    wait_until(lambda: events_of(daemon, w.pid)["warned"] == 1, 2, "the tree's warning")
+    daemon.read(w.pid, "tree_heapsize")
+    assert events_of(daemon, w.pid) == QUIET | {"warned": 1}
