@@ -95,7 +95,7 @@ def test_metrics_parse_with_prometheus_client(daemon, spawn):
     assert quota == {str(b.pid): 1}
     assert families.get("restrack_heap_quota_bytes", []) == []
     enforcements = {s.labels["action"]: s.value for s in families["restrack_enforcements"]}
-    assert enforcements == {"kill": 0, "deny": 0, "notify": 1}
+    assert enforcements == {"kill": 0, "deny": 0, "notify": 1, "warn": 0}
     (tracked,) = families["restrack_tracked_processes"]
     assert tracked.value == 2
 
