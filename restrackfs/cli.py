@@ -177,9 +177,22 @@ def cmd_cap(args: argparse.Namespace, out: TextIO) -> int:
     heap = None if args.heap is None else whole_bytes(args.pid, args.heap)
     scope = "tree" if args.tree else None
     client.set_quota(
-        args.pid, heap=heap, files=args.files, action=args.action, scope=scope, mount=args.mount
+        args.pid,
+        heap=heap,
+        files=args.files,
+        action=args.action,
+        scope=scope,
+        warn=percent(args.warn),
+        mount=args.mount,
     )
     return 0
+
+
+def percent(text: str | None) -> str | None:
+    """`--warn 80%` or `--warn 80`: the mount's grammar wants the sign."""
+    if text is None or text.endswith("%"):
+        return text
+    return f"{text}%"
 
 
 # A size as `status` prints it: a decimal with a K/M/G/T suffix (`1.5G`). The mount's
@@ -372,10 +385,14 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
         raise OSError(errno.EINVAL, "run: give a program to run: restrack run -- PROGRAM ARGS")
     quota = None
     if args.heap is not None or args.files is not None:
-        quota = StartQuota(args.heap, args.files, args.action or "kill", args.tree)
-    elif args.action is not None or args.tree:
-        option = "--action" if args.action is not None else "--tree"
-        raise OSError(errno.EINVAL, f"run: {option} needs --heap or --files")
+        quota = StartQuota(
+            args.heap, args.files, args.action or "kill", args.tree, percent(args.warn)
+        )
+    else:
+        given = (("--action", args.action), ("--tree", args.tree or None), ("--warn", args.warn))
+        for option, value in given:
+            if value is not None:
+                raise OSError(errno.EINVAL, f"run: {option} needs --heap or --files")
     try:
         return run(program, mount=args.mount, quota=quota)
     except EmulationUnavailable as error:
@@ -487,9 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one quota over the program and every process it starts (not with deny)",
     )
+    sub.add_argument("--warn", metavar="N%", help=WARN_HELP)
     sub.add_argument("program", nargs=argparse.REMAINDER)
     add("cflags", cmd_cflags, "compiler flags for restrack.h: cc $(restrack cflags) prog.c")
     return parser
+
+
+WARN_HELP = "warn (counted in events, logged) when usage passes N%% (1-99) of a limit"
 
 
 def _add_quota_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
@@ -503,6 +524,7 @@ def _add_quota_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     )
     sub.add_argument("--files", metavar="N", help="open file count, or max")
     sub.add_argument("--action", choices=["kill", "deny", "notify"])
+    sub.add_argument("--warn", metavar="N%", help=WARN_HELP)
     sub.add_argument(
         "--tree", action="store_true", help="one quota for PID and every process it starts"
     )

@@ -33,7 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from tracker.quota import parse_action, parse_count, parse_reset, parse_scope, parse_size
+from tracker.quota import (
+    parse_action,
+    parse_count,
+    parse_quota,
+    parse_reset,
+    parse_scope,
+    parse_size,
+    parse_warn,
+)
 from tracker.vocabulary import (
     ACTION,
     COMM,
@@ -332,10 +340,11 @@ def resource_cap(
     file_quota: int | None,
     *,
     action: str | None = None,
+    warn: int | str | None = None,
     mount: str | os.PathLike[str] | None = None,
 ) -> None:
     """Set the heap quota (bytes) and file quota; None or -1 is no limit."""
-    set_quota(pid, heap=heap_quota, files=file_quota, action=action, mount=mount)
+    set_quota(pid, heap=heap_quota, files=file_quota, action=action, warn=warn, mount=mount)
 
 
 def resource_reset(pid: int, *, mount: str | os.PathLike[str] | None = None) -> None:
@@ -358,19 +367,27 @@ def set_quota(
     files: int | str | None = None,
     action: str | None = None,
     scope: str | None = None,
+    warn: int | str | None = None,
     mount: str | os.PathLike[str] | None = None,
 ) -> None:
     """Write a quota; sizes may be bytes or strings the daemon parses (`40M`);
-    `scope="tree"` makes it cover the process and everything it starts."""
+    `scope="tree"` makes it cover the process and everything it starts; `warn`
+    (a percentage, 80 or "80%") warns once usage passes that share of a limit."""
     _check_pid(pid)
     tokens = [_quota_token(pid, HEAP, heap), _quota_token(pid, FILES, files)]
     if action is not None:
         _checked(pid, parse_action, action)
         tokens.append(f"action={action}")
+    if warn is not None:
+        percent = f"{warn}%" if isinstance(warn, int) and not isinstance(warn, bool) else str(warn)
+        _checked(pid, parse_warn, percent)
+        tokens.append(f"warn={percent}")
     if scope is not None:
         _checked(pid, parse_scope, scope)
         tokens.append(f"scope={scope}")
-    _write(mount_point(mount), f"{_check_pid(pid)}/quota", " ".join(tokens) + "\n", str(pid))
+    text = " ".join(tokens)
+    _checked(pid, parse_quota, text)  # what only the whole says (warn without a limit)
+    _write(mount_point(mount), f"{_check_pid(pid)}/quota", text + "\n", str(pid))
 
 
 def reset(pid: int, what: str = "all", *, mount: str | os.PathLike[str] | None = None) -> None:

@@ -26,7 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from restrackfs import client
-from tracker.quota import TREE_CANNOT_DENY, Action, parse_action, parse_count, parse_size
+from tracker.quota import (
+    TREE_CANNOT_DENY,
+    Action,
+    parse_action,
+    parse_count,
+    parse_quota,
+    parse_size,
+    parse_warn,
+)
 from tracker.vocabulary import KILLED, UNLIMITED
 
 READING_INTERVAL = 0.25  # seconds between the readings of PID/stat while the program runs
@@ -36,33 +44,38 @@ KILL_RECORD_WAIT = 1.0  # seconds the daemon may take to record it (bpf: from it
 
 @dataclass(frozen=True, slots=True)
 class StartQuota:
-    """`--heap SIZE --files N --action A [--tree]` as the mount's grammar spells them."""
+    """`--heap SIZE --files N --action A [--tree] [--warn N%]` in the mount's grammar."""
 
     heap: str | None = None
     files: str | None = None
     action: str = Action.KILL
     tree: bool = False  # one quota over the program and everything it starts
+    warn: str | None = None  # "80%"
 
     def __post_init__(self) -> None:
         """Refuse what the daemon would refuse, before any program is started."""
+        if self.tree and self.action == Action.DENY:
+            raise OSError(errno.EINVAL, f"run: --tree: {TREE_CANNOT_DENY}")
         for option, parse, text in (
             ("--heap", parse_size, self.heap),
             ("--files", parse_count, self.files),
             ("--action", parse_action, self.action),
+            ("--warn", parse_warn, self.warn),
+            ("", parse_quota, self.text()),  # what only the whole says
         ):
             if text is None:
                 continue
             try:
                 parse(text)
             except OSError as error:
-                raise OSError(errno.EINVAL, f"run: {option}: {error.strerror}") from None
-        if self.tree and self.action == Action.DENY:
-            raise OSError(errno.EINVAL, f"run: --tree: {TREE_CANNOT_DENY}")
+                raise OSError(errno.EINVAL, f"run: {option or 'quota'}: {error.strerror}") from None
 
     def text(self) -> str:
-        """`heap=64M files=max action=kill`, as written to `PID/quota`."""
-        text = f"heap={self.heap or UNLIMITED} files={self.files or UNLIMITED} action={self.action}"
-        return text + (" scope=tree" if self.tree else "")
+        """`heap=64M files=max action=kill [warn=80%] [scope=tree]`, as written to `PID/quota`."""
+        heap, files = self.heap or UNLIMITED, self.files or UNLIMITED
+        warn = "" if self.warn is None else f" warn={self.warn}"
+        scope = " scope=tree" if self.tree else ""
+        return f"heap={heap} files={files} action={self.action}{warn}{scope}"
 
 
 @dataclass(slots=True)
@@ -93,6 +106,7 @@ class QuotaWatch:
             heap=self.quota.heap,
             files=self.quota.files,
             action=self.quota.action,
+            warn=self.quota.warn,
             scope="tree" if self.quota.tree else None,
             mount=self.root,
         )

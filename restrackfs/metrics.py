@@ -15,7 +15,6 @@ from operator import attrgetter
 from restrackfs.version import version
 from tracker.engine.entry import Measurement
 from tracker.linux.procfs import escape_unprintable
-from tracker.quota import Action
 
 
 def _tree(field: str) -> Callable[[Measurement], int | None]:
@@ -136,13 +135,16 @@ def process_lines(rows: list[tuple[str, Measurement]]) -> list[str]:
     return lines
 
 
-def enforcement_lines(enforcements: Mapping[Action, int]) -> list[str]:
+def enforcement_lines(enforcements: Mapping[str, int]) -> list[str]:
     lines = _family(
         "restrack_enforcements_total",
         "counter",
-        "Quota enforcement actions taken since the daemon started, by action.",
+        "Quota enforcement actions taken (and warnings given) since the daemon started, by action.",
     )
-    lines += [f'restrack_enforcements_total{{action="{a}"}} {enforcements[a]}' for a in Action]
+    lines += [
+        f'restrack_enforcements_total{{action="{_escape(action)}"}} {count}'
+        for action, count in enforcements.items()
+    ]
     return lines
 
 
@@ -188,7 +190,7 @@ def daemon_lines(
 
 def render(
     measurements: Iterable[Measurement],
-    enforcements: Mapping[Action, int],
+    enforcements: Mapping[str, int],
     engine: str | None = None,
     events_dropped: int | None = None,
     stats: DaemonStats | None = None,

@@ -45,6 +45,10 @@ class Scope(enum.StrEnum):
 
 # Why a tree cannot deny: each member's rlimit holds its own usage, never the sum.
 TREE_CANNOT_DENY = "scope=tree cannot deny: per-process rlimits cannot hold a sum"
+# Why a warning needs a limit: it is a share of one.
+WARN_NEEDS_LIMIT = "warn needs a heap or files limit: it is a share of one"
+WARN_MIN, WARN_MAX = 1, 99  # percent
+_PERCENT = re.compile(r"([0-9]{1,2})%", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,21 +57,35 @@ class Quota:
     files: int | None = None
     action: Action = Action.KILL
     scope: Scope = Scope.PROCESS
+    warn: int | None = None  # percent of each limit; None: no warning
 
     def __post_init__(self) -> None:
         if self.scope is Scope.TREE and self.action is Action.DENY:
             raise InvalidArgument(TREE_CANNOT_DENY)
+        if self.warn is not None:
+            if not WARN_MIN <= self.warn <= WARN_MAX:
+                raise InvalidArgument(f"warn={self.warn}%: want {WARN_MIN}-{WARN_MAX}%")
+            if self.heap is None and self.files is None:
+                raise InvalidArgument(WARN_NEEDS_LIMIT)
 
     @property
     def is_tree(self) -> bool:
         return self.scope is Scope.TREE
 
+    def warn_threshold(self, limit: int | None) -> int | None:
+        """The usage over which a resource with this `limit` is warned of:
+        limit * warn // 100 (usage > it warns); None without a warning or a limit."""
+        if self.warn is None or limit is None:
+            return None
+        return limit * self.warn // 100
+
     def format(self) -> str:
-        """The `quota` file's text; ` scope=tree` only for a tree, so a process
-        quota reads exactly as before trees existed."""
+        """The `quota` file's text; ` warn=N%` and ` scope=tree` only when set, so a
+        quota without them reads exactly as before they existed."""
         heap, files = format_limit(self.heap), format_limit(self.files)
+        warn = "" if self.warn is None else f" warn={self.warn}%"
         scope = " scope=tree" if self.is_tree else ""
-        return f"{HEAP}={heap} {FILES}={files} action={self.action}{scope}"
+        return f"{HEAP}={heap} {FILES}={files} action={self.action}{warn}{scope}"
 
 
 NO_QUOTA = Quota()
@@ -109,12 +127,27 @@ def parse_scope(text: str) -> Scope:
         raise InvalidArgument(f"bad scope {text!r}: want process or tree") from None
 
 
-_PARSERS = {HEAP: parse_size, FILES: parse_count, "action": parse_action, "scope": parse_scope}
+def parse_warn(text: str) -> int:
+    """`N%`, N an integer 1-99: the share of each limit past which usage is warned of."""
+    match = _PERCENT.fullmatch(text)
+    if not match or not WARN_MIN <= int(match[1]) <= WARN_MAX:
+        raise InvalidArgument(f"bad warn {text!r}: want a percentage {WARN_MIN}-{WARN_MAX}, as 80%")
+    return int(match[1])
+
+
+_PARSERS = {
+    HEAP: parse_size,
+    FILES: parse_count,
+    "action": parse_action,
+    "scope": parse_scope,
+    "warn": parse_warn,
+}
 
 
 def parse_quota(text: str) -> Quota:
-    """Parse `heap=SIZE files=N action=A scope=S` (any subset, any order, at least one);
-    `scope=tree` with `action=deny` is EINVAL (TREE_CANNOT_DENY)."""
+    """Parse `heap=SIZE files=N action=A warn=N% scope=S` (any subset, any order, at
+    least one); `scope=tree` with `action=deny` is EINVAL (TREE_CANNOT_DENY), and so
+    is `warn` without a heap or files limit (WARN_NEEDS_LIMIT)."""
     tokens = _WORDS.findall(text)
     if not tokens:
         raise InvalidArgument("empty quota: want heap=SIZE files=N action=kill|deny|notify")

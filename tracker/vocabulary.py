@@ -70,8 +70,12 @@ HEAP = "heap"
 FILES = "files"
 
 # Event counters in the manner of cgroup v2's memory.events: a quota crossed
-# (from under to over), and what was done about it.
-EXCEEDED, KILLED, DENIED, NOTIFIED = EVENTS = ("exceeded", "killed", "denied", "notified")
+# (from under to over), what was done about it, and a warning's share crossed.
+EXCEEDED, KILLED, DENIED, NOTIFIED, WARNED = EVENTS = (
+    "exceeded", "killed", "denied", "notified", "warned",
+)  # fmt: skip
+# The action word of a warning (the log's `action=`, the metrics' `action` label).
+WARN = "warn"
 
 # The kernel patch's syscalls (x86_64), answered by `restrack run` for unmodified binaries.
 SYS_SANITY, SYS_REGISTER, SYS_FETCH, SYS_DEREGISTER, SYS_CAP, SYS_RESET = SYSCALLS = tuple(

@@ -286,6 +286,22 @@ def errno_of_write(daemon, quota: str, spawn) -> int:
     return 0
 
 
+def test_cap_with_a_warning(m, daemon, spawn):
+    w = spawn()
+    ok(restrack(m, "register", w.pid))
+    ok(restrack(m, "cap", w.pid, "--files", "10", "--warn", "80%", "--action", "notify"))
+    assert daemon.read(w.pid, "quota") == "heap=max files=10 action=notify warn=80%\n"
+    v = spawn()
+    ok(restrack(m, "register", v.pid))
+    refused = fails(restrack(m, "cap", v.pid, "--files", "10", "--warn", "100"), 2)
+    assert refused.startswith(f"restrack: {v.pid}: bad warn '100%'")
+    refused = fails(restrack(m, "cap", v.pid, "--action", "notify", "--warn", "50"), 2)
+    assert refused.startswith(f"restrack: {v.pid}: warn needs a heap or files limit")
+    assert daemon.read(v.pid, "quota") == NO_QUOTA
+    ok(restrack(m, "cap", v.pid, "--heap", "40M", "--warn", "50"))  # the sign is optional here
+    assert daemon.read(v.pid, "quota") == "heap=41943040 files=max action=kill warn=50%\n"
+
+
 @pytest.mark.parametrize("size", ["1.5", "1.5KB", ".5K", "1.K", "1,5K", "1.5e3K"])
 def test_cap_refuses_other_decimals(m, daemon, spawn, size):
     w = spawn()

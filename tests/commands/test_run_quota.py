@@ -15,6 +15,7 @@ from tests.support.bpf import needs_bpf
 from tests.support.build import compile_c
 from tests.support.cli import restrack_run
 from tests.support.daemon import Daemon
+from tests.support.mount import events_of
 from tests.support.paths import C_SOURCES
 from tests.support.tree import is_dead
 from tests.support.users import NOBODY
@@ -94,6 +95,9 @@ def test_the_exit_status_passes_through(daemon):
         (["--heap", "nonsense"], 2, "restrack: run: --heap: bad size 'nonsense'"),
         (["--files", "-1"], 2, "restrack: run: --files: bad count '-1'"),
         (["--action", "deny"], 2, "restrack: run: --action needs --heap or --files"),
+        (["--warn", "50%"], 2, "restrack: run: --warn needs --heap or --files"),
+        (["--heap", "1M", "--warn", "150%"], 2, "restrack: run: --warn: bad warn '150%'"),
+        (["--heap", "max", "--warn", "50"], 2, "restrack: run: quota: warn needs a heap"),
     ],
 )
 def test_a_refused_quota_never_runs_the_program(daemon, tmp_path, options, code, message):
@@ -157,6 +161,30 @@ def test_the_record_says_when_the_daemon_did_not_kill_it(daemon):
     result = restrack_run(daemon, "sh", "-c", "kill -KILL $$", options=["--heap", "1G"])
     assert result.returncode == KILLED
     assert "not counted by the daemon as its quota" in result.stderr
+
+
+def test_warn_is_set_with_the_quota(engine_daemon):
+    """The program reads its own quota back: the warning is in it from the start."""
+    quota = f"{engine_daemon.mountpoint}/$$/quota"
+    options = ["--heap", "16M", "--warn", "50"]
+    result = restrack_run(engine_daemon, "sh", "-c", f"cat {quota}", options=options)
+    assert (result.returncode, result.stdout) == (
+        0,
+        "heap=16777216 files=max action=kill warn=50%\n",
+    )
+
+
+@needs_bpf
+def test_a_program_past_its_warning_is_warned_of_and_runs_on(bpf_daemon, runquota):
+    """12 MiB of 16 over the program's own start (bpf rebases the baseline, and the
+    warning with it, at the exec; procfs keeps restrack run's larger one): warned,
+    not killed."""
+    before = events_of(bpf_daemon)
+    options = ["--heap", "16M", "--warn", "50%"]
+    result = restrack_run(bpf_daemon, runquota, "heap", 12, options=options)
+    assert (result.returncode, result.stdout) == (0, "mapped 12\n")
+    wait_until(lambda: events_of(bpf_daemon)["warned"] == before["warned"] + 1, 2, "warned")
+    assert events_of(bpf_daemon)["killed"] == before["killed"]
 
 
 def _children(stdout: str) -> set[int]:

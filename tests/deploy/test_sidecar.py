@@ -95,7 +95,7 @@ def test_metrics_parse_with_prometheus_client(daemon, spawn):
     assert quota == {str(b.pid): 1}
     assert families.get("restrack_heap_quota_bytes", []) == []
     enforcements = {s.labels["action"]: s.value for s in families["restrack_enforcements"]}
-    assert enforcements == {"kill": 0, "deny": 0, "notify": 1}
+    assert enforcements == {"kill": 0, "deny": 0, "notify": 1, "warn": 0}
     (tracked,) = families["restrack_tracked_processes"]
     assert tracked.value == 2
 
@@ -142,7 +142,13 @@ def test_poll_on_events_wakes_when_a_quota_is_crossed(daemon, spawn, action):
     own = os.open(daemon.path(w.pid, "events"), os.O_RDONLY)
     top = os.open(daemon.path("events"), os.O_RDONLY)
     try:
-        assert events_from_fd(own) == {"exceeded": 0, "killed": 0, "denied": 0, "notified": 0}
+        assert events_from_fd(own) == {
+            "exceeded": 0,
+            "killed": 0,
+            "denied": 0,
+            "notified": 0,
+            "warned": 0,
+        }
         poller = select.poll()
         poller.register(own, select.POLLPRI | select.POLLIN)
         poller.register(top, select.POLLPRI)
@@ -153,7 +159,13 @@ def test_poll_on_events_wakes_when_a_quota_is_crossed(daemon, spawn, action):
         assert top in ready and ready[top] & select.POLLPRI
         if action == "notify":
             assert ready[own] & select.POLLPRI
-            assert events_from_fd(own) == {"exceeded": 1, "killed": 0, "denied": 0, "notified": 1}
+            assert events_from_fd(own) == {
+                "exceeded": 1,
+                "killed": 0,
+                "denied": 0,
+                "notified": 1,
+                "warned": 0,
+            }
             assert own not in dict(poller.poll(50))  # read: quiet again
         assert events_from_fd(top)["exceeded"] == 1
         assert events_from_fd(top)["killed" if action == "kill" else "notified"] == 1

@@ -74,6 +74,9 @@ class Backend:
         """What the kernel's map says (None: not watched)."""
         return self.exact.get(entry.pid)
 
+    def warns_in_kernel(self, entry: Entry) -> bool:
+        return False
+
     def tree_members(self, entry: Entry) -> list[tuple[int, int]] | None:
         return None
 

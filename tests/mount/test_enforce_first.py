@@ -105,7 +105,7 @@ def test_notify_is_counted_once_by_the_command_and_the_periodic_check(daemon_fac
     with pytest.raises(OSError) as busy:
         d.write("heap=1M\n", w.pid, "quota")  # a command: samples first, counts the breach
     assert busy.value.errno == errno.EBUSY
-    once = "exceeded 1\nkilled 0\ndenied 0\nnotified 1\n"
+    once = "exceeded 1\nkilled 0\ndenied 0\nnotified 1\nwarned 0\n"
     assert d.read(w.pid, "events") == once
     # A sentinel registered after it, over a kill quota only the periodic check sees:
     # when it dies, a whole pass of the check has looked at the notify process too.

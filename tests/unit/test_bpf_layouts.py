@@ -101,7 +101,8 @@ def test_user_space_enums_match_the_header() -> None:
         "which": {m.name: m.value for m in loader.Which},
         "flag": {"HEAP_OVER": loader.FLAG_HEAP_OVER, "FILES_OVER": loader.FLAG_FILES_OVER,
                  "KILLED": loader.FLAG_KILLED, "KILL_FAILED": loader.FLAG_KILL_FAILED,
-                 "LOST": loader.FLAG_LOST},
+                 "LOST": loader.FLAG_LOST, "HEAP_WARNED": loader.FLAG_HEAP_WARNED,
+                 "FILES_WARNED": loader.FLAG_FILES_WARNED},
     }  # fmt: skip
     for enum, prefix in prefixes.items():
         theirs = {k.removeprefix(prefix): v for k, v in _header_enum(header, enum).items()}

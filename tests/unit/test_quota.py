@@ -617,3 +617,71 @@ def test_the_client_checks_a_scope_before_writing(tmp_path):
     with pytest.raises(OSError) as info:
         client.set_quota(1, heap=1, scope="group", mount=tmp_path)
     assert info.value.errno == errno.EINVAL
+
+
+# ----- warn=N% ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "percent"),
+    [("heap=1M warn=80%", 80), ("warn=1% files=10", 1), ("files=10 warn=99%", 99)],
+)
+def test_warn_is_parsed(text, percent):
+    assert parse_quota(text).warn == percent
+
+
+def test_warn_reads_back_after_action_and_before_scope():
+    quota = parse_quota("scope=tree warn=75% files=10 action=notify")
+    assert quota.format() == "heap=max files=10 action=notify warn=75% scope=tree"
+    assert parse_quota(quota.format()) == quota
+    assert parse_quota("heap=1M").warn is None  # not set: not read back
+    assert parse_quota("heap=1M").format() == "heap=1048576 files=max action=kill"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "heap=1M warn=0%",
+        "heap=1M warn=100%",
+        "heap=1M warn=80",  # the percent sign is part of the value
+        "heap=1M warn=80.5%",
+        "heap=1M warn=-5%",
+        "heap=1M warn=%",
+        "heap=1M warn=",
+        "heap=1M warn=80%%",
+        "heap=1M warn=８０%",  # not ASCII digits
+        "heap=1M warn=80% warn=90%",  # twice
+    ],
+)
+def test_bad_warns_are_einval(text):
+    assert_einval(parse_quota, text)
+
+
+@pytest.mark.parametrize(
+    "text", ["warn=80%", "heap=max files=max warn=80%", "warn=50% action=kill"]
+)
+def test_warn_needs_a_limit(text):
+    with pytest.raises(InvalidArgument, match="warn needs a heap or files limit"):
+        parse_quota(text)
+
+
+@pytest.mark.parametrize("action", ["kill", "deny", "notify"])
+def test_warn_goes_with_every_action(action):
+    assert parse_quota(f"heap=1M action={action} warn=50%").action == action
+
+
+@pytest.mark.parametrize(
+    ("limit", "percent", "threshold"),
+    [(100, 80, 80), (10, 80, 8), (3, 50, 1), (1, 99, 0), (0, 50, 0), (None, 80, None)],
+)
+def test_the_warn_threshold_is_the_limit_share_rounded_down(limit, percent, threshold):
+    assert Quota(heap=1, warn=percent).warn_threshold(limit) == threshold
+    assert Quota(heap=1).warn_threshold(limit) is None
+
+
+def test_the_client_checks_a_warn_before_writing(tmp_path):
+    from restrackfs import client
+
+    with pytest.raises(OSError) as info:
+        client.set_quota(1, heap=1, warn=100, mount=tmp_path)
+    assert info.value.errno == errno.EINVAL

@@ -85,6 +85,7 @@ class ReportKind(enum.Enum):
     RAISED = enum.auto()  # deny: the process raised its soft limit above the one set
     PEAK = enum.auto()  # a new high-water mark
     REFUSED = enum.auto()  # deny: the kernel refused calls for the limit (counted as denied)
+    WARNED = enum.auto()  # usage crossed the warn share of a limit (warn=N%); limit: the quota
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +149,10 @@ class Backend(Protocol):
         (Counters fields None where unknown); None where it does not (the policy's
         own samples are the peaks then). Cheap and synchronous: called on the
         event loop at each read of a peak."""
+
+    def warns_in_kernel(self, entry: Entry) -> bool:
+        """The backend counts `entry`'s warnings (warn=N%) where they happen and
+        reports them (`ReportKind.WARNED`); False: the engine's samples warn."""
 
     def tree_members(self, entry: Entry) -> list[tuple[int, int]] | None:
         """The live members of `entry`'s tree quota (`entry.tree`) as (pid, start

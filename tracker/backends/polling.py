@@ -106,6 +106,10 @@ class Backend:
         """Nothing exact: the policy's own samples (each read and check) are the peaks."""
         return None
 
+    def warns_in_kernel(self, entry: Entry) -> bool:
+        """Never: the engine's checks and reads warn."""
+        return False
+
     def tree_members(self, entry: Entry) -> list[tuple[int, int]] | None:
         """Found in /proc by the engine at each check."""
         return None

@@ -20,7 +20,7 @@ from tracker.engine.resources import RESOURCES, Counters, Resource
 from tracker.errors import AccessDenied, NoSuchProcess
 from tracker.linux.procfs import escape_comm
 from tracker.quota import Action
-from tracker.vocabulary import DENIED, EVENTS, EXCEEDED, KILLED, NOTIFIED
+from tracker.vocabulary import DENIED, EVENTS, EXCEEDED, KILLED, NOTIFIED, WARN, WARNED
 
 enforcement_log = logging.getLogger("restrackfs.enforce")
 
@@ -67,11 +67,13 @@ class Enforcer:
         self._throttle = LineThrottle()
         self._listeners: list[Callable[[Entry], None]] = []
         self.records = Records()  # the `enforcements` file's, and the per-process counter
+        self._kernel_warns: Callable[[Entry], bool] = lambda entry: False
 
     @property
-    def enforcements(self) -> dict[Action, int]:
-        """Enforcement actions taken since the start, by action."""
-        return {action: self.events[event] for action, event in EVENT_OF_ACTION.items()}
+    def enforcements(self) -> dict[str, int]:
+        """Enforcement actions taken since the start, by action word; warnings as `warn`."""
+        taken = {str(action): self.events[event] for action, event in EVENT_OF_ACTION.items()}
+        return taken | {WARN: self.events[WARNED]}
 
     def on_event(self, listener: Callable[[Entry], None]) -> None:
         """Call `listener(entry)` whenever one of the entry's event counters moves."""
@@ -82,6 +84,7 @@ class Enforcer:
         setting = entry.setting
         if setting is None:
             return
+        warned = self.warn_check(entry, usage, comm)  # a warning comes before the action
         quota = setting.quota
         over = set(entry.over)
         for resource, used in zip(RESOURCES, usage, strict=True):
@@ -93,6 +96,8 @@ class Enforcer:
         newly_over = over - entry.over
         entry.over = frozenset(over)
         if not newly_over:
+            if warned:
+                self.announce(entry)
             return
         comm = self.comm(entry) if comm is None else comm
         for resource in RESOURCES:
@@ -141,6 +146,9 @@ class Enforcer:
         entry = report.entry
         if entry.quota is None or entry.ended not in (None, Ended.EXITED):
             return
+        if report.kind is ReportKind.WARNED:
+            self.warn_reported(report)
+            return
         entry.over = entry.over | {report.resource.name}
         self._exceeded(entry, report.resource, report.usage, report.limit, None, report.count)
         if report.kind is ReportKind.KILLED:
@@ -169,6 +177,73 @@ class Enforcer:
             self.record(entry, report.resource, report.usage, report.limit, Action.DENY)
         self.count(entry, DENIED, report.count)
         self.announce(entry)
+
+    # ----- warnings (warn=N%): a share of a limit crossed upwards ----------------
+
+    def kernel_warns(self, decides: Callable[[Entry], bool]) -> None:
+        """`decides(entry)`: the backend's kernel warns of that entry in the crossing
+        call and reports it (`warn_reported`); the samples then leave it alone, so
+        one crossing is never counted by both."""
+        self._kernel_warns = decides
+
+    def warn_check(self, entry: Entry, usage: Counters, comm: str | None = None) -> bool:
+        """Count each resource whose usage went over its warn threshold (limit * N // 100)
+        since the last look; one that is back at or under it is re-armed. A resource not
+        sampled (None) keeps its state. True when a warning was counted (to announce)."""
+        quota = entry.quota
+        if quota is None or quota.warn is None or self._kernel_warns(entry):
+            return False
+        warned = set(entry.warned)
+        crossed: list[tuple[Resource, int, int]] = []
+        for resource, used in zip(RESOURCES, usage, strict=True):
+            limit = resource.limit(quota)
+            threshold = quota.warn_threshold(limit)
+            if used is None or limit is None or threshold is None:
+                continue
+            if used <= threshold:
+                warned.discard(resource.name)
+            elif resource.name not in warned:
+                warned.add(resource.name)
+                crossed.append((resource, used, limit))
+        entry.warned = frozenset(warned)
+        for resource, used, limit in crossed:
+            self._warned(entry, resource, used, limit, comm)
+        return bool(crossed)
+
+    def warn_reported(self, report: Report) -> None:
+        """The kernel's warnings of an entry (counted in the crossing call): counted,
+        logged, announced; the resource is warned of until a sample or the kernel
+        sees it back under its threshold."""
+        entry = report.entry
+        entry.warned = entry.warned | {report.resource.name}
+        self._warned(entry, report.resource, report.usage, report.limit, None, report.count)
+        self.announce(entry)
+
+    def _warned(
+        self,
+        entry: Entry,
+        resource: Resource,
+        used: int,
+        limit: int,
+        comm: str | None,
+        times: int = 1,
+    ) -> None:
+        """One line as an enforcement's (action=warn, throttled with them), counted."""
+        unlogged = self._throttle.admit(entry, times)
+        if unlogged is not None:
+            enforcement_log.warning(
+                "pid=%d comm=%s quota=%s usage=%d limit=%d action=%s warn=%d%%%s",
+                entry.pid,
+                escape_comm(self.comm(entry) if comm is None else comm),
+                resource.name,
+                used,
+                limit,
+                WARN,
+                entry.effective_quota.warn or 0,
+                f" crossings={unlogged}" if unlogged > 1 else "",
+            )
+            self.record(entry, resource, used, limit, WARN, comm)
+        self.count(entry, WARNED, times)
 
     def record(
         self,

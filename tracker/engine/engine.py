@@ -82,6 +82,7 @@ class Engine:
         self.backend: Backend = choose(backend, self.policy, interval)
         backend = self.backend
         self.reader.use(backend.reader, backend.peaks, backend.tree_members)
+        self.enforcer.kernel_warns(backend.warns_in_kernel)
         self.registry.on_removal(self._removed)
         self.registry.before_exit(self.backend.flush)
 
@@ -100,7 +101,7 @@ class Engine:
         return self.enforcer.events
 
     @property
-    def enforcements(self) -> dict[Action, int]:
+    def enforcements(self) -> dict[str, int]:
         """Enforcement actions taken since the start, by action."""
         return self.enforcer.enforcements
 
@@ -229,7 +230,7 @@ class Engine:
     def _undo_quota(self, entry: Entry) -> None:
         saved_soft = dict(entry.deny.saved_soft)
         entry.setting = None
-        entry.over = frozenset()
+        entry.over = entry.warned = frozenset()
         end_tree(entry)
         self.deny.forget(entry)
         self.registry.quota_changed(entry)
@@ -268,7 +269,7 @@ class Engine:
             if entry.tree is not None and tree_baseline is not None:
                 entry.tree.baseline = tree_baseline
             raise
-        entry.over = frozenset()
+        entry.over = entry.warned = frozenset()  # re-armed: the next crossing counts afresh
         changes: list[LimitChange] = []
         if quota:
             end_tree(entry)

@@ -59,6 +59,7 @@ class Entry:
     setting: QuotaSetting | None = None
     deny: DenyState = field(default_factory=DenyState)
     over: frozenset[str] = frozenset()  # resources over their quota at the last check
+    warned: frozenset[str] = frozenset()  # resources over their warn share at the last check
     killed: bool = False  # SIGKILL sent for a kill quota: answers as exited from then on
     events: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(EVENTS, 0)))
     ended: Ended | None = None  # once it left

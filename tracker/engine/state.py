@@ -35,7 +35,7 @@ from tracker.deny.state import DenyState
 from tracker.engine.entry import Entry, QuotaSetting
 from tracker.engine.resources import Counters
 from tracker.engine.tree import Tree
-from tracker.errors import StateNotSaved
+from tracker.errors import InvalidArgument, StateNotSaved
 from tracker.linux.process import Process
 from tracker.quota import Action, Quota, Scope
 
@@ -232,7 +232,8 @@ def record_of(entry: Entry) -> Record:
         "quota": None
         if quota is None
         else {"heap": quota.heap, "files": quota.files, "action": str(quota.action)}
-        | ({"scope": str(quota.scope)} if quota.is_tree else {}),
+        | ({"scope": str(quota.scope)} if quota.is_tree else {})
+        | ({"warn": quota.warn} if quota.warn is not None else {}),
         "tree": None if entry.tree is None else tree_record(entry.tree),
         "quota_uid": entry.quota_uid,
         "saved_soft": {str(k): v for k, v in entry.deny.saved_soft.items()},
@@ -261,17 +262,7 @@ def entry_of(record: Record, serial: int) -> Entry:
             high=Counters(_optional_int(record, "heap_high"), _optional_int(record, "files_high")),
             registered=float(record["registered"]),
             comm=status.name,
-            setting=None
-            if quota is None
-            else QuotaSetting(
-                Quota(
-                    quota["heap"],
-                    quota["files"],
-                    Action(quota["action"]),
-                    Scope(quota.get("scope", Scope.PROCESS)),
-                ),
-                uid,  # type: ignore[arg-type]
-            ),
+            setting=None if quota is None else QuotaSetting(quota_of(quota), uid),  # type: ignore[arg-type]
             deny=DenyState(
                 saved_soft={int(k): int(v) for k, v in record.get("saved_soft", {}).items()}
             ),
@@ -281,6 +272,21 @@ def entry_of(record: Record, serial: int) -> Entry:
     except BaseException:
         process.close()
         raise
+
+
+def quota_of(saved: dict[str, object]) -> Quota:
+    """The quota a record saved; ValueError for one the grammar refuses."""
+    warn = saved.get("warn")
+    try:
+        return Quota(
+            saved["heap"],  # type: ignore[arg-type]
+            saved["files"],  # type: ignore[arg-type]
+            Action(saved["action"]),
+            Scope(saved.get("scope", Scope.PROCESS)),
+            None if warn is None else int(warn),  # type: ignore[call-overload]
+        )
+    except InvalidArgument as refused:
+        raise ValueError(f"saved quota {saved!r}: {refused.strerror}") from None
 
 
 def tree_record(tree: Tree) -> Record:

@@ -35,6 +35,7 @@ meanwhile counted). `release_pins` (restrackfs --release) removes them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -45,10 +46,12 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
-from tracker.backends.base import BackendUnavailable
+from tracker.backends.base import BackendUnavailable, Report, ReportKind
 from tracker.backends.bpf.attachment import Attachment
 from tracker.backends.bpf.counters import CounterReader
 from tracker.backends.bpf.loader import (
+    FLAG_FILES_WARNED,
+    FLAG_HEAP_WARNED,
     BpfUnavailable,
     Event,
     KernelAction,
@@ -62,7 +65,7 @@ from tracker.backends.bpf.reports import Reporter
 from tracker.backends.readers import KernelReader, ProcReader
 from tracker.deny import limits
 from tracker.engine.entry import Ended, Entry
-from tracker.engine.resources import Counters
+from tracker.engine.resources import FILES_RESOURCE, HEAP_RESOURCE, RESOURCES, Counters
 from tracker.errors import AccessDenied, NoSuchProcess, QuotaNotKept
 from tracker.linux.process import Process
 from tracker.quota import Action, Quota
@@ -79,6 +82,7 @@ RETRY_PERIOD = 1.0  # seconds between looks for deny limit sets due a retry, and
 BATCH = 64  # events handled between two looks at the FUSE requests
 RECHECK_GAP = 0.05  # seconds between two rounds of deny limits set anew after a close
 EXITED_KEPT = 4096  # exited entries whose exit event (with its last counts) may still come
+WARNED_FLAG = {HEAP_RESOURCE.name: FLAG_HEAP_WARNED, FILES_RESOURCE.name: FLAG_FILES_WARNED}
 
 
 def pin_name(state_path: Path) -> str:
@@ -141,9 +145,9 @@ class Backend:
             if entry.tree is not None:
                 self._adopt_tree(entry)
             elif old is not None and old.setting == watch_state_of(entry).setting:
-                self._watched[pid] = entry
+                self._watched[pid] = entry  # its warned flags too: a crossing counts once
             else:
-                self._watch(entry)
+                self._report_warned(entry, self._watch(entry))
         self._orphans = {root for root in self._tree_roots_held() if root not in self._trees}
         if held:
             log.info("bpf: adopted %d pinned entries in %s", len(held), self.kw.pin_dir)
@@ -158,22 +162,31 @@ class Backend:
     def quota_set(self, entry: Entry) -> None:
         """QuotaNotKept when the kernel cannot take the entry (its map is full) or
         its programs cannot attach: a quota is never accepted unenforced."""
+        warned = []
         if entry.tree is not None:
             self._watch_tree(entry)
         else:
-            self._watch(entry, refuse=True)
+            warned = self._watch(entry, refuse=True)
         why = self._attachment.sync()
         if why is not None:
             self._unwatch(entry)
             raise QuotaNotKept(f"{entry.pid}: the kernel programs did not attach: {why}")
+        self._report_warned(entry, warned)
 
     def baseline_reset(self, entry: Entry) -> None:
+        warned = []
         if entry.tree is not None:
             with contextlib.suppress(QuotaNotKept):  # gone meanwhile: its exit removes it
                 self._watch_tree(entry)  # the bases re-taken; sums and members stay
         else:
-            self._watch(entry)  # flags cleared: the next crossing counts afresh, as in procfs
+            warned = self._watch(entry)  # flags cleared: the next crossing counts afresh
         self._attachment.sync()
+        self._report_warned(entry, warned)
+
+    def warns_in_kernel(self, entry: Entry) -> bool:
+        """The kernel warns of a watched process in its crossing call; a tree's
+        warnings are on its sums, which the engine takes from /proc."""
+        return not self._closed and entry.tree is None and self._watched.get(entry.pid) is entry
 
     def quota_cleared(self, entry: Entry) -> None:
         self._unwatch(entry)
@@ -255,7 +268,9 @@ class Backend:
         self._attachment.sync()
         return True
 
-    def _watch(self, entry: Entry, refuse: bool = False) -> None:
+    def _watch(self, entry: Entry, refuse: bool = False) -> list[Report]:
+        """Write the entry's `watched` value; the warnings its usage is already past
+        (their flags set in it), for the caller to report once the quota holds."""
         if self._watched.get(entry.pid) is entry:
             self._reporter.take(entry)  # the counts of the setting being replaced
         state = watch_state_of(entry)
@@ -264,21 +279,47 @@ class Backend:
             self._watched[entry.pid] = entry  # made by the kernel at fork: kept as it is
             self._reporter.watching(entry)
             self._reporter.take(entry)
-            return
+            return []
+        warned = self._past_warning(entry, state)
+        flags = sum(WARNED_FLAG[report.resource.name] for report in warned)
         try:
-            self.kw.watch_state(entry.pid, state)
+            self.kw.watch_state(entry.pid, dataclasses.replace(state, flags=flags))
         except ProcessLookupError:
             self._watched.pop(entry.pid, None)  # exited: its exit watcher removes it
-            return
+            return []
         except OSError as error:  # the map is full (65,536): a quota the kernel cannot keep
             log.error("bpf: cannot watch pid=%d: %s", entry.pid, error)
             if refuse:
                 raise QuotaNotKept(
                     f"{entry.pid}: the kernel's map is full ({error.strerror})"
                 ) from None
-            return
+            return []
         self._watched[entry.pid] = entry
         self._reporter.watching(entry)
+        return warned
+
+    def _past_warning(self, entry: Entry, state: WatchState) -> list[Report]:
+        """The resources whose usage is over its warn threshold now (a quota set over
+        it): the kernel, which sees crossings only, starts with them warned of."""
+        quota = entry.quota
+        if quota is None or state.heap_warn_pages is None and state.fd_warn is None:
+            return []
+        try:
+            usage = Counters.of_usage(self.reader.usage(entry.process)).since(entry.baseline)
+        except (NoSuchProcess, AccessDenied):
+            return []  # gone: nothing to warn of; its exit watcher removes it
+        past = []
+        for resource, used in zip(RESOURCES, usage, strict=True):
+            limit = resource.limit(quota)
+            threshold = quota.warn_threshold(limit)
+            over = used is not None and threshold is not None and used > threshold
+            if over and limit is not None:
+                past.append(Report(entry, ReportKind.WARNED, resource, used, limit))  # type: ignore[arg-type]
+        return past
+
+    def _report_warned(self, entry: Entry, warned: list[Report]) -> None:
+        for report in warned:
+            self.policy.reported(report)
 
     def _unwatch(self, entry: Entry) -> None:
         if self._trees.get(entry.pid) is entry:
@@ -544,14 +585,24 @@ def _open_counters() -> CounterReader | None:
 
 def watch_state_of(entry: Entry) -> WatchState:
     """The `watched` entry for `entry`'s quota: absolute limits (baseline + quota;
-    heap in pages, rounded down), deny's soft limits in force, peaks from 0."""
+    heap in pages, rounded down), deny's soft limits in force, peaks from 0, and
+    the warn thresholds (baseline + limit * N // 100, as the engine's; none for a
+    tree, whose warnings are on its sums)."""
     quota = entry.quota
     assert quota is not None
     heap = None if quota.heap is None else (entry.heap_base + quota.heap) // PAGE
     files = None if quota.files is None else entry.files_base + quota.files
     soft = entry.deny.applied_soft if quota.action is Action.DENY else {}
+    heap_warn = fd_warn = None
+    if entry.tree is None:
+        heap_share, files_share = (
+            quota.warn_threshold(quota.heap),
+            quota.warn_threshold(quota.files),
+        )
+        heap_warn = None if heap_share is None else (entry.heap_base + heap_share) // PAGE
+        fd_warn = None if files_share is None else entry.files_base + files_share
     return WatchState(
         entry.process.start_time, heap, files, 0, 0, soft.get(limits.DATA),
         soft.get(limits.NOFILE), KernelAction[quota.action.name], 0,
-        heap_base_pages=entry.heap_base // PAGE,
+        heap_base_pages=entry.heap_base // PAGE, heap_warn_pages=heap_warn, fd_warn=fd_warn,
     )  # fmt: skip

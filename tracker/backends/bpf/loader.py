@@ -91,7 +91,8 @@ LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("pending", "I"), ("crossings", "2Q"), ("usage_at", "2Q"), ("denied", "2Q"),
         ("raised", "Q"), ("kills", "Q"), ("kill_failed", "Q"), ("heap_base_pages", "Q"),
         ("execs", "Q"), ("fd_last", "Q"), ("shrunk", "Q"), ("seen_heap_pages", "Q"),
-        ("seen_fds", "Q"), ("tree", "I"), ("pad", "I"),
+        ("seen_fds", "Q"), ("tree", "I"), ("pad", "I"), ("heap_warn_pages", "Q"),
+        ("fd_warn", "Q"), ("warnings", "2Q"), ("warned_at", "2Q"),
     ),
     "tree": (
         ("start_time", "Q"), ("heap_limit_pages", "Q"), ("fd_limit", "Q"),
@@ -113,7 +114,8 @@ LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "take": (
         ("key", "I"), ("found", "I"), ("crossings", "2Q"), ("usage_at", "2Q"),
         ("denied", "2Q"), ("raised", "Q"), ("kills", "Q"), ("kill_failed", "Q"),
-        ("execs", "Q"), ("heap_base_pages", "Q"), ("shrunk", "Q"),
+        ("execs", "Q"), ("heap_base_pages", "Q"), ("shrunk", "Q"), ("warnings", "2Q"),
+        ("warned_at", "2Q"),
     ),
     "peaks_args": (("key", "I"), ("found", "I"), ("heap_pages", "Q"), ("fds", "Q")),
     "inherit": (
@@ -127,7 +129,7 @@ LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "exit_event": (
         ("head", "4I3Q"), ("crossings", "2Q"), ("denied", "2Q"), ("raised", "Q"),
         ("kills", "Q"), ("kill_failed", "Q"), ("usage_at", "2Q"), ("execs", "Q"),
-        ("heap_base_pages", "Q"),
+        ("heap_base_pages", "Q"), ("warnings", "2Q"), ("warned_at", "2Q"),
     ),
     "bind_args": (("key", "I"),),
     "stats": (("dropped", "Q"),),
@@ -208,6 +210,7 @@ class Kind(IntEnum):
     TREE_KILLED = 11  # a member crossed a kill limit, killed in its call: kill the rest
     TREE_NOTIFIED = 12  # the sum crossed a notify limit (counted in take_tree)
     TREE_ENDED = 13  # the last member exited: the kernel deleted the tree (final: TreeTaken)
+    WARNED = 14  # usage crossed a warn threshold (warn=N%; counted in take_counts)
 
 
 class Which(IntEnum):
@@ -217,6 +220,7 @@ class Which(IntEnum):
 
 
 FLAG_HEAP_OVER, FLAG_FILES_OVER, FLAG_KILLED, FLAG_KILL_FAILED, FLAG_LOST = 1, 2, 4, 8, 16
+FLAG_HEAP_WARNED, FLAG_FILES_WARNED = 32, 64  # usage over the warn threshold (warn=N%)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,11 +239,13 @@ class Taken:
     execs: int = 0  # execs that lowered the heap baseline, now heap_base_pages
     heap_base_pages: int = 0
     shrunk: int = 0  # deny: checks that found the descriptor table smaller than before
+    warnings: tuple[int, int] = (0, 0)  # heap, files: upward crossings of a warn threshold
+    warned_at: tuple[int, int] = (0, 0)  # heap pages, descriptors at the last one
 
     @property
     def empty(self) -> bool:
         nothing = not (self.raised or self.killed or self.kill_failed or self.execs)
-        nothing = nothing and not self.shrunk
+        nothing = nothing and not self.shrunk and not any(self.warnings)
         return nothing and not any(self.crossings) and not any(self.denied)
 
 
@@ -273,6 +279,9 @@ class WatchState:
     host_tgid: int = 0
     heap_base_pages: int = 0  # data_vm at the baseline (an exec may lower it)
     tree: int = 0  # the kernel's: the key of the root of the tree it is a member of
+    # warn=N%: absolute thresholds (usage over them is warned of), None for none
+    heap_warn_pages: int | None = None
+    fd_warn: int | None = None
 
     @classmethod
     def unpack(cls, raw: bytes) -> WatchState:
@@ -281,7 +290,7 @@ class WatchState:
             f["start_time"], _opt(f["heap_limit_pages"]), _opt(f["fd_limit"]),
             f["heap_peak_pages"], f["fd_peak"], _opt(f["data_soft"]), _opt(f["nofile_soft"]),
             KernelAction(f["action"]), f["flags"], f["mm"], f["files"], f["host_tgid"],
-            f["heap_base_pages"], f["tree"],
+            f["heap_base_pages"], f["tree"], _opt(f["heap_warn_pages"]), _opt(f["fd_warn"]),
         )  # fmt: skip
 
     def pack(self) -> bytes:
@@ -293,7 +302,8 @@ class WatchState:
             fd_peak=self.fd_peak, data_soft=_raw(self.data_soft),
             nofile_soft=_raw(self.nofile_soft), action=int(self.action), flags=self.flags,
             mm=self.mm, files=self.files, host_tgid=self.host_tgid,
-            heap_base_pages=self.heap_base_pages,
+            heap_base_pages=self.heap_base_pages, heap_warn_pages=_raw(self.heap_warn_pages),
+            fd_warn=_raw(self.fd_warn),
         )  # fmt: skip
 
     @property
@@ -306,7 +316,7 @@ class WatchState:
         states with the same setting enforce the same quota on the same process."""
         return (
             self.start_time, self.heap_limit_pages, self.fd_limit, self.action,
-            self.data_soft, self.nofile_soft,
+            self.data_soft, self.nofile_soft, self.heap_warn_pages, self.fd_warn,
         )  # fmt: skip
 
 
@@ -363,7 +373,7 @@ def _taken(f: Fields, **rest: int) -> Taken:
     """Taken from the fields take_counts or an exit event hand over."""
     return Taken(
         f["crossings"], f["usage_at"], f["denied"], f["raised"], f["kills"] > 0,
-        f["kill_failed"] > 0, **rest,
+        f["kill_failed"] > 0, warnings=f["warnings"], warned_at=f["warned_at"], **rest,
     )  # type: ignore[arg-type]  # fmt: skip
 
 

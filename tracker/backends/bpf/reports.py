@@ -87,7 +87,7 @@ class Reporter:
     def _reports(self, entry: Entry, taken: Taken) -> list[Report]:
         notify = entry.effective_quota.action is Action.NOTIFY
         crossing = ReportKind.NOTIFIED if notify else ReportKind.EXCEEDED
-        reports = []
+        reports = _warnings(entry, taken)  # first: a warning comes before the action
         for index, (resource, usage, limit) in enumerate(_scaled(entry, taken)):
             if taken.crossings[index]:
                 reports.append(
@@ -122,6 +122,22 @@ def _scaled(entry: Entry, taken: Taken) -> list[tuple[Resource, int, int]]:
     heap = max(0, taken.usage_at[0] * PAGE - entry.heap_base)
     files = max(0, taken.usage_at[1] - entry.files_base)
     return [(HEAP_RESOURCE, heap, quota.heap or 0), (FILES_RESOURCE, files, quota.files or 0)]
+
+
+def _warnings(entry: Entry, taken: Taken) -> list[Report]:
+    """The kernel's warnings (warn=N%), each resource's with its count, its usage at
+    the last one relative to the baseline, and its quota as the limit."""
+    quota = entry.effective_quota
+    heap = max(0, taken.warned_at[0] * PAGE - entry.heap_base)
+    files = max(0, taken.warned_at[1] - entry.files_base)
+    return [
+        Report(entry, ReportKind.WARNED, resource, usage, limit or 0, count)
+        for resource, usage, limit, count in (
+            (HEAP_RESOURCE, heap, quota.heap, taken.warnings[0]),
+            (FILES_RESOURCE, files, quota.files, taken.warnings[1]),
+        )
+        if count
+    ]
 
 
 def _tree_reports(entry: Entry, taken: TreeTaken) -> list[Report]:

@@ -244,6 +244,10 @@ static void emit_exit(__u32 tgid, struct watch *w)
 	e->usage_at[1] = w->usage_at[1];
 	e->execs = w->execs;
 	e->heap_base_pages = w->heap_base_pages;
+	e->warnings[0] = w->warnings[0];
+	e->warnings[1] = w->warnings[1];
+	e->warned_at[0] = w->warned_at[0];
+	e->warned_at[1] = w->warned_at[1];
 	bpf_ringbuf_submit(e, 0);
 }
 
@@ -464,6 +468,25 @@ static __always_inline void judge(struct watch *w, __u32 tgid, __u32 which, __u3
 		      limit);
 }
 
+/* warn=N%: usage over the threshold, once per crossing (counted, one event); back
+ * at or under it, re-armed. Judged before the limit: the warning comes first. */
+static __always_inline void judge_warn(struct watch *w, __u32 tgid, __u32 which, __u32 bit,
+				       __u64 usage, __u64 threshold)
+{
+	__u32 i = which == W_HEAP ? 0 : 1;
+
+	if (usage <= threshold) {	/* NONE: never over */
+		if (w->flags & bit)
+			__sync_fetch_and_and(&w->flags, ~bit);
+		return;
+	}
+	if (w->flags & bit || (__sync_fetch_and_or(&w->flags, bit) & bit))
+		return;
+	w->warned_at[i] = usage;
+	__sync_fetch_and_add(&w->warnings[i], 1);
+	signal_change(w, tgid, EV_WARNED, which, usage, threshold);
+}
+
 /* judge(), for a check made in a call of a sharer (another thread group with
  * the watched address space or table): it is killed in its call, and the
  * watched process with it. */
@@ -587,6 +610,7 @@ int heap_exit(struct sys_exit *ctx)
 		return 0;
 	pages = data_vm_pages();
 	raise_peak(&w->heap_peak_pages, pages);
+	judge_warn(w, tgid, W_HEAP, F_HEAP_WARNED, pages, w->heap_warn_pages);
 	judge_shared(w, tgid, W_HEAP, F_HEAP_OVER, pages, w->heap_limit_pages, sharer);
 	check_tree(w, tgid, W_HEAP, pages, sharer);
 	if (ctx->ret == -ENOMEM && w->data_soft != NONE)
@@ -638,6 +662,7 @@ static __always_inline void check_files(long ret)
 		return;
 	fds = open_fds();
 	raise_peak(&w->fd_peak, fds);
+	judge_warn(w, tgid, W_FILES, F_FILES_WARNED, fds, w->fd_warn);
 	judge_shared(w, tgid, W_FILES, F_FILES_OVER, fds, w->fd_limit, sharer);
 	check_tree(w, tgid, W_FILES, fds, sharer);
 	if (ret == -EMFILE && w->nofile_soft != NONE)
@@ -901,6 +926,8 @@ static void rebase_heap(struct task_struct *task, struct watch *w, __u32 key)
 	if (w->heap_limit_pages == NONE || now >= base)
 		return;
 	w->heap_limit_pages = now + (w->heap_limit_pages - base);
+	if (w->heap_warn_pages != NONE)
+		w->heap_warn_pages = now + (w->heap_warn_pages - base);
 	w->heap_base_pages = now;
 	__sync_lock_test_and_set(&w->heap_peak_pages, now);
 	__sync_fetch_and_add(&w->execs, 1);
@@ -983,6 +1010,8 @@ int BPF_PROG(group_fork, struct task_struct *parent, struct task_struct *child)
 	w.fd_peak = fds;
 	w.data_soft = NONE;
 	w.nofile_soft = NONE;
+	w.heap_warn_pages = NONE;	/* the daemon sets a warning when it registers it */
+	w.fd_warn = NONE;
 	if (rule) {
 		passed = *rule;
 		passed.start_time = w.start_time;
@@ -1118,11 +1147,15 @@ int rewatch(struct rewatch *a)
 	w->action = a->w.action;
 	w->flags = a->w.flags;
 	w->heap_base_pages = a->w.heap_base_pages;
+	w->heap_warn_pages = a->w.heap_warn_pages;
+	w->fd_warn = a->w.fd_warn;
 	w->pending = 0;
 	for (int i = 0; i < 2; i++) {
 		w->crossings[i] = 0;
 		w->usage_at[i] = 0;
 		w->denied[i] = 0;
+		w->warnings[i] = 0;
+		w->warned_at[i] = 0;
 	}
 	w->raised = 0;
 	w->kills = 0;
@@ -1175,6 +1208,10 @@ int take_counts(struct take *t)
 	t->execs = __sync_lock_test_and_set(&w->execs, 0);
 	t->heap_base_pages = w->heap_base_pages;
 	t->shrunk = __sync_lock_test_and_set(&w->shrunk, 0);
+	t->warnings[0] = __sync_lock_test_and_set(&w->warnings[0], 0);
+	t->warnings[1] = __sync_lock_test_and_set(&w->warnings[1], 0);
+	t->warned_at[0] = w->warned_at[0];
+	t->warned_at[1] = w->warned_at[1];
 	return 0;
 }
 
@@ -1286,6 +1323,8 @@ int BPF_PROG(compat_exit, struct pt_regs *regs, long ret)
 
 	raise_peak(&w->heap_peak_pages, pages);
 	raise_peak(&w->fd_peak, fds);
+	judge_warn(w, key, W_HEAP, F_HEAP_WARNED, pages, w->heap_warn_pages);
+	judge_warn(w, key, W_FILES, F_FILES_WARNED, fds, w->fd_warn);
 	judge(w, key, W_HEAP, F_HEAP_OVER, pages, w->heap_limit_pages);
 	judge(w, key, W_FILES, F_FILES_OVER, fds, w->fd_limit);
 	check_tree(w, key, W_HEAP, pages, 0);

@@ -21,10 +21,13 @@ enum action { ACT_KILL = 0, ACT_DENY = 1, ACT_NOTIFY = 2 };
 enum kind {
 	EV_EXCEEDED = 1, EV_KILLED = 2, EV_NOTIFIED = 3, EV_RAISED = 4, EV_EXITED = 5,
 	EV_KILL_FAILED = 6, EV_DENIED = 7, EV_EXEC = 8, EV_SHRUNK = 9, EV_FORKED = 10,
-	EV_TREE_KILLED = 11, EV_TREE_NOTIFIED = 12, EV_TREE_ENDED = 13,
+	EV_TREE_KILLED = 11, EV_TREE_NOTIFIED = 12, EV_TREE_ENDED = 13, EV_WARNED = 14,
 };
 enum which { W_NONE = 0, W_HEAP = 1, W_FILES = 2 };
-enum flag { F_HEAP_OVER = 1, F_FILES_OVER = 2, F_KILLED = 4, F_KILL_FAILED = 8, F_LOST = 16 };
+enum flag {
+	F_HEAP_OVER = 1, F_FILES_OVER = 2, F_KILLED = 4, F_KILL_FAILED = 8, F_LOST = 16,
+	F_HEAP_WARNED = 32, F_FILES_WARNED = 64,	/* usage > the warn threshold */
+};
 
 /* One watched thread group. Limits are absolute (baseline + quota), NONE if unset;
  * "over" means usage > limit. */
@@ -60,6 +63,12 @@ struct watch {
 	__u64 seen_fds;
 	__u32 tree;		/* the key of its tree's root, 0: none */
 	__u32 pad;
+	/* warn=N%: absolute thresholds (baseline + limit * N / 100), NONE if unset;
+	 * usage > threshold is warned of once (F_*_WARNED) until it falls back. */
+	__u64 heap_warn_pages;
+	__u64 fd_warn;
+	__u64 warnings[2];	/* [which - 1]: upward crossings of a threshold */
+	__u64 warned_at[2];	/* [which - 1]: the usage at the last one */
 };
 
 /* A tree quota (scope=tree), by the key of its root: one quota on the sum over
@@ -109,6 +118,8 @@ struct exit_event {
 	__u64 usage_at[2];
 	__u64 execs;
 	__u64 heap_base_pages;
+	__u64 warnings[2];
+	__u64 warned_at[2];
 };
 
 /* The tree's last word (EV_TREE_ENDED, tgid: the root's key): its last member
@@ -146,6 +157,8 @@ struct take {
 	__u64 execs;
 	__u64 heap_base_pages;
 	__u64 shrunk;
+	__u64 warnings[2];
+	__u64 warned_at[2];
 };
 
 /* In to set_tree: create or update the tree of `key` (its settings only: the
