@@ -4,6 +4,7 @@ the rules' file word for word."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -100,20 +101,15 @@ def quota_actions(daemon, spawn) -> str:
     killed = spawn()
     daemon.register(killed.pid)
     daemon.write("heap=1G files=1 action=kill", killed.pid, "quota")
-    try:
+    with contextlib.suppress(ProcessLookupError):  # killed before it could answer
         killed.ask("open", 3)
-    except ProcessLookupError:
-        pass  # killed before it could answer
     assert killed.wait(5) == -9
     capped = spawn()
     daemon.register(capped.pid)
     daemon.write("heap=1G files=100", capped.pid, "quota")
     for action in ("notify", "kill"):
-        wait_until(
-            lambda: f'restrack_enforcements_total{{action="{action}"}} 1' in daemon.read("metrics"),
-            5,
-            f"the {action} to be counted",
-        )
+        line = f'restrack_enforcements_total{{action="{action}"}} 1'
+        wait_until(lambda line=line: line in daemon.read("metrics"), 5, f"the {action} counted")
     return daemon.read("metrics")
 
 

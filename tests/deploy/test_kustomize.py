@@ -49,7 +49,7 @@ def test_each_overlay_is_the_base_plus_its_workload(overlay):
     base = render(DEPLOY / "base")
     kinds = sorted(obj["kind"] for obj in objects)
     assert kinds == sorted([*(obj["kind"] for obj in base), WORKLOADS[name]])
-    keys = [(obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"]) for obj in objects]
+    keys = [(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in objects]
     assert len(set(keys)) == len(keys), keys
 
 
@@ -91,7 +91,7 @@ def test_every_image_is_pinned_and_the_daemons_by_digest(overlay):
     image = restrackfs_container(objects)["image"]
     assert DIGEST.search(image), image
     assert image.split("@")[0].endswith(":0.1.0")  # the package's version, as the image is tagged
-    assert "version = \"0.1.0\"" in (CHECKOUT / "pyproject.toml").read_text()
+    assert 'version = "0.1.0"' in (CHECKOUT / "pyproject.toml").read_text()
 
 
 def entrypoint() -> list[str]:
