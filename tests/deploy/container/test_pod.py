@@ -21,6 +21,7 @@ or this machine differs from a Kubernetes node (docs/testing.md lists them):
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import urllib.error
@@ -34,7 +35,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from restrackfs.daemon import default_state_path, fuse_mounted
-from tests.support.bpf import scrub
+from tests.support.bpf import needs_bpf, scrub
 from tests.support.kustomize import OVERLAYS, needs_kustomize, render, workload
 from tests.support.podman import (
     Podman,
@@ -95,7 +96,10 @@ class Pod:
         return [int(pid) for pid, name in rows if name == comm]
 
     def logs(self, container: str) -> str:
-        result = self.podman("logs", f"{self.name}-{container}", check=False)
+        return self.logs_of_container(f"{self.name}-{container}")
+
+    def logs_of_container(self, name: str | None = None) -> str:
+        result = self.podman("logs", name or self.name, check=False)
         return result.stdout + result.stderr
 
 
@@ -332,6 +336,19 @@ def test_the_node_daemon_tracks_host_processes_by_comm_with_host_pids(node_daemo
             process.kill()
             process.wait()
     wait_until(lambda: not (mount / str(host_process.pid)).exists(), 5, "the exit to be seen")
+
+
+@needs_bpf
+def test_the_node_daemon_pins_its_programs_in_the_nodes_bpffs(node_daemon):
+    """The /sys/fs/bpf volume: under the bpf engine the pins are the node's, so quotas
+    stay enforced while the pod restarts."""
+    pod, _, _ = node_daemon
+    engines = {s.labels["engine"] for s in scrape(pod.port)["restrack_engine_info"]}
+    if engines == {"procfs"}:  # the image cannot load bpf: its reason, from the log
+        reason = re.search(r"bpf unavailable: (.*)\)", pod.logs_of_container())
+        pytest.skip(f"the image runs procfs: {reason and reason.group(1)}")
+    assert engines == {"bpf"}
+    assert bpf_backend.pin_dir_of(default_state_path(Path("/restrack"))).is_dir()
 
 
 def test_stopping_the_node_daemon_unmounts_on_the_node(node_daemon, podman):
