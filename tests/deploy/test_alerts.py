@@ -199,7 +199,7 @@ def test_every_rule_has_a_case_that_fires():
 def prometheus_configs() -> list[str]:
     """The prometheus.yml snippets of docs/deploy.md's "Without the Operator"."""
     text = (DEPLOY.parent / "docs" / "deploy.md").read_text()
-    section = text.split("\n### Without the Operator\n", 1)[1].split("\n## ", 1)[0]
+    section = text.split("\n## Without the Operator\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
     return [textwrap.dedent(block) for block in blocks]
 
@@ -216,13 +216,22 @@ def test_the_docs_scrape_configs_pass_promtool(tmp_path):
         assert [job["job_name"] for job in parsed["scrape_configs"]] == ["restrackfs"]
     (job,) = yaml.safe_load(kubernetes)["scrape_configs"]
     assert job["kubernetes_sd_configs"] == [{"role": "pod"}]
-    keep, address, node, agent_pod = job["relabel_configs"]
-    assert keep["source_labels"] == ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"]
-    pattern = re.compile(address["regex"])
-    assert pattern.fullmatch("10.1.2.3:8080;9464").expand("\\1:\\2") == "10.1.2.3:9464"
-    assert pattern.fullmatch("10.1.2.3;9464").expand("\\1:\\2") == "10.1.2.3:9464"
-    assert node == {"source_labels": ["__meta_kubernetes_pod_node_name"], "target_label": "node"}
-    assert agent_pod["target_label"] == "agent_pod"
+    keep_pod, keep_port, node, agent_pod = job["relabel_configs"]
+    # the pods and the port the PodMonitor of deploy/base scrapes
+    monitor = yaml.safe_load((DEPLOY / "base" / "podmonitor.yaml").read_text())["spec"]
+    (selected,) = monitor["selector"]["matchExpressions"]
+    assert keep_pod["action"] == keep_port["action"] == "keep"
+    assert keep_pod["source_labels"] == [f"__meta_kubernetes_pod_label_{selected['key']}"]
+    assert keep_pod["regex"] == "|".join(selected["values"])
+    assert keep_port["source_labels"] == ["__meta_kubernetes_pod_container_port_name"]
+    (endpoint,) = monitor["podMetricsEndpoints"]
+    assert keep_port["regex"] == endpoint["port"]
+    for relabel, source in ((node, "node_name"), (agent_pod, "name")):
+        (podmonitor_relabel,) = [
+            r for r in endpoint["relabelings"] if r.get("targetLabel") == relabel["target_label"]
+        ]
+        assert relabel["source_labels"] == [f"__meta_kubernetes_pod_{source}"]
+        assert podmonitor_relabel["sourceLabels"] == relabel["source_labels"]
     shutil.copy(DEPLOY / "alerts.yaml", tmp_path / "restrackfs-alerts.yaml")
     (tmp_path / "prometheus.yml").write_text(static)
     result = subprocess.run(

@@ -193,8 +193,8 @@ def test_the_podmonitor_scrapes_the_workloads_named_port(overlay):
     assert relabel["agent_pod"]["sourceLabels"] == ["__meta_kubernetes_pod_name"]
     # the exposition's pod and container labels are the tracked process's, not the target's
     assert relabel[None] == {"action": "labeldrop", "regex": "pod|container"}
-    annotations = template["metadata"]["annotations"]  # for a Prometheus without the Operator
-    assert annotations["prometheus.io/port"] == str(ports[0]["containerPort"])
+    # scraped once: not also by a generic job that reads prometheus.io annotations
+    assert "annotations" not in template["metadata"]
 
 
 def test_the_prometheusrule_carries_deploy_alerts_yaml(overlay):
