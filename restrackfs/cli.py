@@ -331,9 +331,10 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
         raise OSError(errno.EINVAL, "run: give a program to run: restrack run -- PROGRAM ARGS")
     quota = None
     if args.heap is not None or args.files is not None:
-        quota = StartQuota(args.heap, args.files, args.action or "kill")
-    elif args.action is not None:
-        raise OSError(errno.EINVAL, "run: --action needs --heap or --files")
+        quota = StartQuota(args.heap, args.files, args.action or "kill", args.tree)
+    elif args.action is not None or args.tree:
+        option = "--action" if args.action is not None else "--tree"
+        raise OSError(errno.EINVAL, f"run: {option} needs --heap or --files")
     try:
         return run(program, mount=args.mount, quota=quota)
     except EmulationUnavailable as error:
@@ -413,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--files", metavar="N", help="open file quota: a count, or max")
     sub.add_argument(
         "--action", choices=["kill", "deny", "notify"], help="on a breach (default: kill)"
+    )
+    sub.add_argument(
+        "--tree",
+        action="store_true",
+        help="one quota over the program and every process it starts (not with deny)",
     )
     sub.add_argument("program", nargs=argparse.REMAINDER)
     add("cflags", cmd_cflags, "compiler flags for restrack.h: cc $(restrack cflags) prog.c")

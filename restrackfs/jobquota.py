@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from restrackfs import client
-from tracker.quota import Action, parse_action, parse_count, parse_size
+from tracker.quota import TREE_CANNOT_DENY, Action, parse_action, parse_count, parse_size
 from tracker.vocabulary import KILLED, UNLIMITED
 
 READING_INTERVAL = 0.25  # seconds between the readings of PID/stat while the program runs
@@ -31,11 +31,12 @@ KILL_COUNT_WAIT = 1.0  # seconds the daemon may take to count a kill after the e
 
 @dataclass(frozen=True, slots=True)
 class StartQuota:
-    """`--heap SIZE --files N --action A` as the mount's grammar spells them."""
+    """`--heap SIZE --files N --action A [--tree]` as the mount's grammar spells them."""
 
     heap: str | None = None
     files: str | None = None
     action: str = Action.KILL
+    tree: bool = False  # one quota over the program and everything it starts
 
     def __post_init__(self) -> None:
         """Refuse what the daemon would refuse, before any program is started."""
@@ -50,10 +51,13 @@ class StartQuota:
                 parse(text)
             except OSError as error:
                 raise OSError(errno.EINVAL, f"run: {option}: {error.strerror}") from None
+        if self.tree and self.action == Action.DENY:
+            raise OSError(errno.EINVAL, f"run: --tree: {TREE_CANNOT_DENY}")
 
     def text(self) -> str:
         """`heap=64M files=max action=kill`, as written to `PID/quota`."""
-        return f"heap={self.heap or UNLIMITED} files={self.files or UNLIMITED} action={self.action}"
+        text = f"heap={self.heap or UNLIMITED} files={self.files or UNLIMITED} action={self.action}"
+        return text + (" scope=tree" if self.tree else "")
 
 
 @dataclass(slots=True)
@@ -82,6 +86,7 @@ class QuotaWatch:
             heap=self.quota.heap,
             files=self.quota.files,
             action=self.quota.action,
+            scope="tree" if self.quota.tree else None,
             mount=self.root,
         )
 

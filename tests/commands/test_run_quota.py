@@ -16,6 +16,7 @@ from tests.support.build import compile_c
 from tests.support.cli import restrack_run
 from tests.support.daemon import Daemon
 from tests.support.paths import C_SOURCES
+from tests.support.tree import is_dead
 from tests.support.users import NOBODY
 from tests.support.waiting import wait_until
 
@@ -156,3 +157,43 @@ def test_the_record_says_when_the_daemon_did_not_kill_it(daemon):
     result = restrack_run(daemon, "sh", "-c", "kill -KILL $$", options=["--heap", "1G"])
     assert result.returncode == KILLED
     assert "not counted by the daemon as its quota" in result.stderr
+
+
+def _children(stdout: str) -> set[int]:
+    return {int(line.split()[1]) for line in stdout.splitlines() if line.startswith("child ")}
+
+
+def test_run_tree_kills_the_whole_job_of_sh_children(engine_daemon, fanout_binary):
+    """`sh -c` starts the job: four children of 2 MiB steps, none near 24 MiB alone.
+    Their sum crosses; the job dies whole, and restrack run says so."""
+    job = f"{fanout_binary} 4 mmap {2 * 1024 * 1024} 8"
+    options = ["--heap", "24M", "--tree"]
+    result = restrack_run(engine_daemon, "sh", "-c", job, options=options)
+    assert result.returncode == KILLED
+    assert "was killed by its quota: heap=24M files=max action=kill scope=tree" in result.stderr
+    children = _children(result.stdout)
+    assert len(children) == 4
+    wait_until(lambda: all(is_dead(pid) for pid in children), what="every member killed")
+
+
+def test_run_tree_as_an_unprivileged_user(daemon, fanout_binary):
+    job = f"{fanout_binary} 2 open 4 8"  # 2 x 32 descriptors: each under 40, not the sum
+    options = ["--files", "40", "--tree"]
+    result = restrack_run(daemon, "sh", "-c", job, uid=NOBODY, options=options, cwd="/")
+    assert result.returncode == KILLED, result.stderr
+    assert "scope=tree" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--heap", "1G", "--tree", "--action", "deny"], "restrack: run: --tree: scope=tree"),
+        (["--tree"], "restrack: run: --tree needs --heap or --files"),
+    ],
+)
+def test_run_tree_refusals_never_run_the_program(daemon, tmp_path, options, message):
+    mark = tmp_path / "ran"
+    result = restrack_run(daemon, "touch", mark, options=options)
+    assert result.returncode == 2
+    assert result.stderr.startswith(message)
+    assert not mark.exists()

@@ -73,10 +73,7 @@ class Backend:
         """What the kernel's map says (None: not watched)."""
         return self.exact.get(entry.pid)
 
-    def tree_members(self, entry: Entry) -> list[int] | None:
-        return None
-
-    def tree_usage(self, entry: Entry) -> tuple[int, int] | None:
+    def tree_members(self, entry: Entry) -> list[tuple[int, int]] | None:
         return None
 
     def inherit(self, pid: int, start_time: int, quota: Quota) -> bool:

@@ -218,3 +218,19 @@ async def test_engine_survives_register_rolled_back_by_state_save(spawn, tmp_pat
         (state_dir / "s.json").rmdir()
         entry = await registered(engine, w.pid)
         assert engine.reader.measure(entry).openfile_count == 0
+
+
+async def test_a_compaction_keeps_the_change_that_made_it(spawn, tmp_path, monkeypatch):
+    """A registration is journaled before the registry holds it, a deregistration
+    before the registry lets go: a compaction made by either must write the entries
+    as they are after it (not lose the new one, not keep the removed one)."""
+    monkeypatch.setattr(state.Journal, "wants_compaction", lambda journal, live: True)
+    first, second = spawn(), spawn()
+    async with engine_at(tmp_path) as engine:
+        engine.register(first.pid, ROOT)
+        engine.register(second.pid, ROOT)
+        assert sorted(r["pid"] for r in saved_records(tmp_path / "s.json")) == sorted(
+            [first.pid, second.pid]
+        )
+        await engine.deregister(first.pid, ROOT)
+        assert [r["pid"] for r in saved_records(tmp_path / "s.json")] == [second.pid]

@@ -108,7 +108,7 @@ def test_a_job_over_its_tree_quota_is_killed_whole(daemon, shell_root):
     wait_until(lambda: not root.alive(), what="the root killed")
     assert root.proc.returncode == -signal.SIGKILL
     wait_until(lambda: is_dead(job), what="the job killed")
-    assert client.tracked(mount=m) == []
+    wait_until(lambda: client.tracked(mount=m) == [], what="the root's entry removed")
 
 
 def test_a_restart_of_the_daemon_resumes_the_tree(daemon, shell_root):

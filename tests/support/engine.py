@@ -67,8 +67,10 @@ async def wait_dead(workload) -> int:
     return workload.wait()
 
 
-def engine_at(tmp_path: Path, name: str = "s.json", interval: float = INTERVAL):
-    return open_engine(state_path=tmp_path / name, interval=interval)
+def engine_at(
+    tmp_path: Path, name: str = "s.json", interval: float = INTERVAL, backend: str = "procfs"
+):
+    return open_engine(state_path=tmp_path / name, interval=interval, backend=backend)
 
 
 def saved_records(path: Path) -> list[dict]:

@@ -143,15 +143,11 @@ class Backend(Protocol):
         own samples are the peaks then). Cheap and synchronous: called on the
         event loop at each read of a peak."""
 
-    def tree_members(self, entry: Entry) -> list[int] | None:
-        """The live members of `entry`'s tree quota (`entry.tree`), where the backend
-        keeps them (the kernel adds a child at its fork); None: the engine finds them
-        in /proc at each check and at each read of a tree file."""
-
-    def tree_usage(self, entry: Entry) -> tuple[int, int] | None:
-        """The sums of `entry`'s tree (VmData bytes, descriptors: absolute, as a sample
-        counts them), where the backend keeps them; None: the engine sums the members
-        in /proc."""
+    def tree_members(self, entry: Entry) -> list[tuple[int, int]] | None:
+        """The live members of `entry`'s tree quota (`entry.tree`) as (pid, start
+        time), where the backend keeps them (the kernel adds a child at its fork);
+        None: the engine finds them in /proc at each check and at each read of a
+        tree file."""
 
     def inherit(self, pid: int, start_time: int, quota: Quota) -> bool:
         """Watch the children `pid` forks from now on, from their fork, with `quota`

@@ -2,7 +2,9 @@
 
 Its whole job is time: every period it asks the policy to `check` each entry
 with a quota (one sample through the entry's pidfd, enforcement, deny limits
-kept). It needs no notification: the registry is read afresh each period.
+kept). It needs no notification: the registry is read afresh each period; but
+a tree quota outlives its root, so a root's exit hands its tree over, checked
+every period until its last member exits.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from typing import TYPE_CHECKING
 import trio
 
 from tracker.backends.readers import ProcReader
-from tracker.engine.entry import Entry
+from tracker.engine.entry import Ended, Entry
 from tracker.engine.resources import Counters
+from tracker.engine.tree import Tree
 from tracker.quota import Quota
 
 if TYPE_CHECKING:
@@ -32,6 +35,7 @@ class Backend:
         self.policy = policy
         self.interval = interval
         self.reader = ProcReader()
+        self._orphans: dict[int, tuple[Entry, Tree]] = {}  # the exited root's pid -> its tree
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -42,6 +46,23 @@ class Backend:
                     self.policy.check(entry)
                 except Exception:  # a bug must not stop the checks of all the others
                     log.exception("check of pid=%d failed", entry.pid)
+            for root, (entry, tree) in list(self._orphans.items()):
+                try:
+                    self._check_orphan(root, entry, tree)
+                except Exception:
+                    log.exception("check of the tree of pid=%d failed", root)
+
+    def _check_orphan(self, root: int, entry: Entry, tree: Tree) -> None:
+        """A tree whose root exited: its members found and summed, its quota enforced
+        (on the exited root's entry, as its log lines and counts were)."""
+        tree.find_members()
+        entry.tree = tree  # what a kill kills
+        if tree.members:
+            self.policy.enforcer.enforce(entry, tree.sums().since(tree.baseline))
+        if not tree.members or entry.killed:
+            del self._orphans[root]
+            entry.tree = None
+            tree.close()
 
     # Polling needs to be told nothing: each period reads the registry.
 
@@ -58,7 +79,13 @@ class Backend:
         pass
 
     def removed(self, entry: Entry) -> None:
-        pass
+        """An exited root's tree goes on, to its last member."""
+        if entry.tree is None or entry.ended is not Ended.EXITED or entry.killed:
+            return
+        orphan = entry.tree.orphaned()
+        if orphan is not None:
+            self._orphans[entry.pid] = (entry, orphan)
+            log.info("the tree of pid=%d outlives its root, to its last member", entry.pid)
 
     def flush(self) -> None:
         pass
@@ -67,12 +94,8 @@ class Backend:
         """Nothing exact: the policy's own samples (each read and check) are the peaks."""
         return None
 
-    def tree_members(self, entry: Entry) -> list[int] | None:
+    def tree_members(self, entry: Entry) -> list[tuple[int, int]] | None:
         """Found in /proc by the engine at each check."""
-        return None
-
-    def tree_usage(self, entry: Entry) -> tuple[int, int] | None:
-        """Summed in /proc by the engine."""
         return None
 
     def inherit(self, pid: int, start_time: int, quota: Quota) -> bool:
@@ -80,4 +103,6 @@ class Backend:
         return False
 
     def close(self) -> None:
-        pass
+        for _, tree in self._orphans.values():
+            tree.close()
+        self._orphans.clear()

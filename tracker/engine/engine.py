@@ -81,7 +81,7 @@ class Engine:
         self.policy = Policy(self.registry, self.enforcer, self.deny, self.reader, self.store)
         self.backend: Backend = choose(backend, self.policy, interval)
         backend = self.backend
-        self.reader.use(backend.reader, backend.peaks, backend.tree_members, backend.tree_usage)
+        self.reader.use(backend.reader, backend.peaks, backend.tree_members)
         self.registry.on_removal(self._removed)
         self.registry.before_exit(self.backend.flush)
 
@@ -255,7 +255,7 @@ class Engine:
             now = self.reader.usage_now(entry)
             entry.baseline = entry.high = Counters.of_usage(now)  # the peaks restart too
             if entry.tree is not None and not quota:  # the tree's usage restarts at 0
-                entry.tree.baseline = self.reader.read_counters(entry, entry.tree.sums)
+                entry.tree.baseline = self.reader.tree_sums(entry)
         if quota:
             entry.setting = None
             entry.deny.saved_soft = {}

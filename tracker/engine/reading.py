@@ -78,8 +78,7 @@ class Reader:
         self.enforcer = enforcer
         self.counters = ProcReader()  # the backend's, once it is chosen (`use`)
         self._exact_peaks: Callable[[Entry], Counters | None] = lambda entry: None
-        self._tree_members: Callable[[Entry], list[int] | None] = lambda entry: None
-        self._tree_usage: Callable[[Entry], tuple[int, int] | None] = lambda entry: None
+        self._tree_members: Callable[[Entry], list[tuple[int, int]] | None] = lambda entry: None
         # root's, the other users' (made in the trio run); each user's turn
         self._fd_listings: tuple[trio.CapacityLimiter, trio.CapacityLimiter] | None = None
         self._listing_turns = UidTurns()
@@ -88,15 +87,13 @@ class Reader:
         self,
         counters: ProcReader,
         exact_peaks: Callable[[Entry], Counters | None],
-        tree_members: Callable[[Entry], list[int] | None] | None = None,
-        tree_usage: Callable[[Entry], tuple[int, int] | None] | None = None,
+        tree_members: Callable[[Entry], list[tuple[int, int]] | None],
     ) -> None:
         """Read through the backend's counter reader, with its exact peaks and, where
-        it keeps trees itself, its members and sums (each returning None: /proc's)."""
+        it keeps trees itself, their members (each returning None: /proc's)."""
         self.counters = counters
         self._exact_peaks = exact_peaks
-        if tree_members is not None and tree_usage is not None:
-            self._tree_members, self._tree_usage = tree_members, tree_usage
+        self._tree_members = tree_members
 
     def tree(self, entry: Entry) -> TreeReading:
         """Check a tree quota now: find its members, sum them, enforce the sums.
@@ -106,16 +103,24 @@ class Reader:
         removes the entry, as any reading's."""
         tree = entry.tree
         assert tree is not None
-        pids = self._tree_members(entry)
-        if pids is None:
-            self.read_counters(entry, tree.find_members)
-        else:
-            tree.follow_kernel(pids)
-        kernel = self._tree_usage(entry)
-        absolute = self.read_counters(entry, tree.sums) if kernel is None else Counters(*kernel)
+        absolute = self.tree_sums(entry)
         relative = absolute.since(tree.baseline)
         self.enforcer.enforce(entry, relative)
         return TreeReading(relative.heap or 0, relative.files or 0, len(tree.members))
+
+    def tree_sums(self, entry: Entry) -> Counters:
+        """The tree's members brought up to date (the backend's where it keeps them,
+        else found in /proc now) and their sums, read now (absolute). The kernel's
+        own sums are not read back: a member's share there is refreshed at its next
+        checked call, so after a free it is higher than the process is now."""
+        tree = entry.tree
+        assert tree is not None
+        identities = self._tree_members(entry)
+        if identities is None:
+            self.read_counters(entry, tree.find_members)
+        else:
+            tree.follow_kernel(identities)
+        return self.read_counters(entry, tree.sums)
 
     def measure(self, entry: Entry) -> Measurement:
         """Read the process now; enforce its quota if the reading breaks it."""

@@ -328,12 +328,21 @@ class Store:
 
     def put(self, entry: Entry) -> None:
         """Journal the entry as it is now; StateNotSaved (nothing saved) if impossible."""
-        self._change(lambda journal: journal.put(record_of(entry)))
+        self._change(lambda journal: journal.put(record_of(entry)), put=entry)
 
     def drop(self, entry: Entry) -> None:
-        self._change(lambda journal: journal.drop(entry.pid))
+        self._change(lambda journal: journal.drop(entry.pid), dropped=entry.pid)
 
-    def _change(self, change: Callable[[Journal], None]) -> None:
+    def _change(
+        self,
+        change: Callable[[Journal], None],
+        put: Entry | None = None,
+        dropped: int | None = None,
+    ) -> None:
+        """Append `change`; compact when the journal has grown. The snapshot is of the
+        entries *with this change made*: the engine journals a registration before the
+        registry holds it and a removal before the registry lets go, so the live
+        entries alone would lose the one and resurrect the other."""
         journal = self._journal
         if journal is None:
             return
@@ -348,11 +357,18 @@ class Store:
         except OSError as error:
             engine_log.error("state file %s not saved: %s", journal.path, error)
             raise StateNotSaved(error) from error
-        if journal.wants_compaction(len(self._live())):
+        live = self._after(put, dropped)
+        if journal.wants_compaction(len(live)):
             try:
-                self.compact()
+                journal.rewrite([record_of(entry) for entry in live])
             except OSError as error:
                 engine_log.error("state file %s not compacted: %s", journal.path, error)
+
+    def _after(self, put: Entry | None, dropped: int | None) -> list[Entry]:
+        """The live entries as the journal now has them."""
+        changed = {dropped, None if put is None else put.pid}
+        live = [entry for entry in self._live() if entry.pid not in changed]
+        return live if put is None else [*live, put]
 
     def compact(self) -> None:
         """Write a fresh snapshot of the live entries (OSError if impossible)."""

@@ -54,15 +54,19 @@ class Tree:
     """The members of one tree quota (the root first), its start and its baseline."""
 
     def __init__(
-        self, root: Process, since: int, baseline: Counters, excluded: Iterable[Identity] = ()
+        self,
+        root: Process | None,
+        since: int,
+        baseline: Counters,
+        excluded: Iterable[Identity] = (),
     ) -> None:
-        self.root = root  # the entry's own process: not closed here
+        self.root = root  # the entry's own process, not closed here; None: it exited
         self.since = since  # the quota's start, in clock ticks since boot
         # the sums (absolute) that count as 0: the root's usage at its baseline,
         # or the sums at the last usage reset
         self.baseline = baseline
         self.excluded = frozenset(excluded)  # already running when the quota was set
-        self.members: dict[int, Process] = {root.pid: root}
+        self.members: dict[int, Process] = {} if root is None else {root.pid: root}
 
     @classmethod
     def start(cls, root: Process, baseline: Counters) -> Tree:
@@ -86,14 +90,17 @@ class Tree:
             if pid not in self.members:
                 self._join(pid, start_time)
 
-    def follow_kernel(self, pids: Iterable[int]) -> None:
+    def follow_kernel(self, identities: Iterable[Identity]) -> None:
         """The members a backend keeps in the kernel (it added them at their fork):
-        pin those not pinned yet, unpin those it no longer lists."""
-        listed = set(pids)
-        for pid in [pid for pid in self.members if pid not in listed and pid != self.root.pid]:
+        pin those not pinned yet, each only if it is the process the kernel named
+        (its start time), and unpin those it no longer lists."""
+        listed = dict(identities)
+        for pid in [
+            pid for pid, p in self.members.items() if pid not in listed and p is not self.root
+        ]:
             self._leave(pid)
-        for pid in listed - self.members.keys():
-            self._join(pid, None)
+        for pid in listed.keys() - self.members.keys():
+            self._join(pid, listed[pid])
 
     def find_members(self) -> None:
         """Drop the members that exited, then take in every process started since
@@ -141,6 +148,20 @@ class Tree:
             heap += vm_data
             files += open_fds
         return Counters(heap, files)
+
+    def orphaned(self) -> Tree | None:
+        """The root exited: the members that outlive it as a tree of their own (their
+        pidfds move to it; this one keeps the root alone), which goes on until its
+        last member exits. None when no member is left."""
+        if self.root is None:
+            return None
+        self.members.pop(self.root.pid, None)
+        rest, self.members = self.members, {self.root.pid: self.root}
+        if not rest:
+            return None
+        orphan = Tree(None, self.since, self.baseline, self.excluded)
+        orphan.members = rest
+        return orphan
 
     def kill(self) -> None:
         """SIGKILL to every member, each through its pidfd: a job over its quota is over."""

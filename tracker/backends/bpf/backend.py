@@ -54,6 +54,7 @@ from tracker.backends.bpf.loader import (
     KernelAction,
     KernelWatch,
     Kind,
+    TreeTaken,
     WatchState,
     remove_tree,
 )
@@ -62,7 +63,8 @@ from tracker.backends.readers import KernelReader, ProcReader
 from tracker.deny import limits
 from tracker.engine.entry import Ended, Entry
 from tracker.engine.resources import Counters
-from tracker.errors import QuotaNotKept
+from tracker.errors import AccessDenied, NoSuchProcess, QuotaNotKept
+from tracker.linux.process import Process
 from tracker.quota import Action, Quota
 
 if TYPE_CHECKING:
@@ -115,6 +117,9 @@ class Backend:
         self._dropped = 0  # the kernel's count of events it could not queue, when last seen
         self._exited: dict[int, Entry] = {}  # pid -> an entry the engine removed at its exit
         self._inheriting = False  # an inherit rule set for a process not tracked
+        self._trees: dict[int, Entry] = {}  # root pid -> the entry of its tree quota
+        # roots whose tree the kernel keeps after the root's exit, to its last member
+        self._orphans: set[int] = set()
         self._rechecks: dict[int, Entry] = {}  # deny entries whose table shrank
         self._recheck_due = trio.Event()
 
@@ -127,33 +132,47 @@ class Backend:
         restored = {entry.pid: entry for entry in entries if entry.quota is not None}
         held = self.kw.entries()
         for pid in held.keys() - restored.keys():
+            if held[pid].tree and self.kw.tree(held[pid].tree) is not None:
+                continue  # a member of a tree: the tree's, whoever its root is
             self.kw.unwatch(pid)
             log.info("bpf: unwatched pid=%d (not in the state file)", pid)
         for pid, entry in restored.items():
             old = held.get(pid)
-            if old is not None and old.setting == watch_state_of(entry).setting:
+            if entry.tree is not None:
+                self._adopt_tree(entry)
+            elif old is not None and old.setting == watch_state_of(entry).setting:
                 self._watched[pid] = entry
             else:
                 self._watch(entry)
+        self._orphans = {root for root in self._tree_roots_held() if root not in self._trees}
         if held:
             log.info("bpf: adopted %d pinned entries in %s", len(held), self.kw.pin_dir)
         self._handle_all(self.kw.drain(), meanwhile=True)
         for entry in list(self._watched.values()):  # counts whose events the ring dropped
             self._reporter.take(entry)
+        for entry in list(self._trees.values()):
+            self._take_tree(entry.pid)
         self._dropped = self.kw.dropped()
         self._attachment.sync()
 
     def quota_set(self, entry: Entry) -> None:
         """QuotaNotKept when the kernel cannot take the entry (its map is full) or
         its programs cannot attach: a quota is never accepted unenforced."""
-        self._watch(entry, refuse=True)
+        if entry.tree is not None:
+            self._watch_tree(entry)
+        else:
+            self._watch(entry, refuse=True)
         why = self._attachment.sync()
         if why is not None:
             self._unwatch(entry)
             raise QuotaNotKept(f"{entry.pid}: the kernel programs did not attach: {why}")
 
     def baseline_reset(self, entry: Entry) -> None:
-        self._watch(entry)  # flags cleared: the next crossing counts afresh, as in procfs
+        if entry.tree is not None:
+            with contextlib.suppress(QuotaNotKept):  # gone meanwhile: its exit removes it
+                self._watch_tree(entry)  # the bases re-taken; sums and members stay
+        else:
+            self._watch(entry)  # flags cleared: the next crossing counts afresh, as in procfs
         self._attachment.sync()
 
     def quota_cleared(self, entry: Entry) -> None:
@@ -197,20 +216,19 @@ class Backend:
         self._attachment.close(unpin=not keep)
         if keep:
             log.info(
-                "bpf: %d quotas stay enforced, pinned in %s", len(self._watched), self.kw.pin_dir
-            )
+                "bpf: %d quotas and %d trees stay enforced, pinned in %s",
+                len(self._watched), len(self._trees) + len(self._orphans), self.kw.pin_dir,
+            )  # fmt: skip
             return
         with contextlib.suppress(OSError):  # others' directories still there: keep it
             PIN_ROOT.rmdir()
         log.info("bpf: detached and unpinned %s", self.kw.pin_dir)
 
-    # The kernel's tree accounting is J2's branch; until it is merged, bpf sums trees
-    # from /proc like procfs (None: the engine finds the members and sums them).
-    def tree_members(self, entry: Entry) -> list[int] | None:
-        return None
-
-    def tree_usage(self, entry: Entry) -> tuple[int, int] | None:
-        return None
+    def tree_members(self, entry: Entry) -> list[tuple[int, int]] | None:
+        """The kernel's members (added at their fork, removed at their exit)."""
+        if self._closed or self._trees.get(entry.pid) is not entry:
+            return None
+        return self.kw.tree_identities(entry.pid)
 
     # ----- the map: one entry per process with a quota ---------------------
 
@@ -253,6 +271,9 @@ class Backend:
         self._reporter.watching(entry)
 
     def _unwatch(self, entry: Entry) -> None:
+        if self._trees.get(entry.pid) is entry:
+            self._unwatch_tree(entry)
+            return
         if self._watched.get(entry.pid) is entry:
             if entry.ended is Ended.EXITED and not self._closed:
                 self._reporter.take(entry)  # the kernel's entry if its exit hook has not run yet
@@ -269,7 +290,88 @@ class Backend:
     def _needed(self) -> bool:
         """The programs must be attached: a quota is watched, or children are to be
         watched at fork (--track-children)."""
-        return bool(self._watched) or self._inheriting
+        return bool(self._watched or self._trees or self._orphans) or self._inheriting
+
+    # ----- trees: one quota on the sum over a root and what it starts ---------
+
+    def _watch_tree(self, entry: Entry) -> None:
+        """The tree in the kernel with absolute limits (the tree's baseline + quota);
+        from now on each child a member forks is a member before it runs."""
+        quota, tree = entry.quota, entry.tree
+        assert quota is not None and tree is not None
+        base = tree.baseline
+        heap = None if quota.heap is None else (base.heap + quota.heap) // PAGE
+        files = None if quota.files is None else base.files + quota.files
+        if self._trees.get(entry.pid) is entry:
+            self._take_tree(entry.pid)  # the counts of the setting being replaced
+        try:
+            self.kw.watch_tree(
+                entry.pid, entry.process.start_time, heap, files,
+                quota.action.name.lower(), base.heap // PAGE, base.files,
+            )  # fmt: skip
+        except ProcessLookupError:
+            self._trees.pop(entry.pid, None)  # exited: its exit watcher removes it
+            return
+        except OSError as error:  # a map full, or the pid a member of another tree
+            log.error("bpf: cannot watch the tree of pid=%d: %s", entry.pid, error)
+            raise QuotaNotKept(f"{entry.pid}: the kernel cannot keep this tree: "
+                               f"{error.strerror}") from None  # fmt: skip
+        self._trees[entry.pid] = entry
+
+    def _adopt_tree(self, entry: Entry) -> None:
+        """A restored tree quota: the kernel's tree kept when it is this quota's (its
+        members added while no daemon ran stay members), else set anew."""
+        held = self.kw.tree(entry.pid)
+        if held is not None and held.start_time == entry.process.start_time:
+            self._trees[entry.pid] = entry
+            self._watch_tree(entry)  # the same settings: sums and members stay
+            return
+        with contextlib.suppress(QuotaNotKept):
+            self._watch_tree(entry)
+
+    def _unwatch_tree(self, entry: Entry) -> None:
+        """The tree's entry leaves the engine. A quota reset or a deregistration ends
+        the tree; the root's exit does not: the kernel keeps the tree, and its
+        quota, until its last member exits (an orphan: killed whole if it crosses)."""
+        del self._trees[entry.pid]
+        if self._closed:
+            return
+        self._take_tree(entry.pid, entry)
+        if entry.ended is Ended.EXITED and self.kw.tree(entry.pid) is not None:
+            self._orphans.add(entry.pid)
+            log.info("bpf: the tree of pid=%d outlives its root, to its last member", entry.pid)
+        else:
+            self.kw.unwatch_tree(entry.pid)
+        self._attachment.sync()
+
+    def _take_tree(self, root: int, entry: Entry | None = None) -> None:
+        """Hand what the kernel counted for the tree of `root` to its entry, or act
+        for an orphan (kill the rest of a tree whose member was killed)."""
+        entry = entry or self._trees.get(root)
+        taken = self.kw.take_tree(root)
+        if taken is None:
+            return
+        if entry is not None:
+            self._reporter.apply_tree(entry, taken)
+        elif taken.killed:
+            self._kill_orphan(root)
+
+    def _kill_orphan(self, root: int) -> None:
+        """A tree whose root has exited crossed its kill quota: the kernel killed the
+        crossing member in its call; the rest now, each checked to be the member."""
+        members = self.kw.tree_identities(root)
+        for pid, start_time in members:
+            with contextlib.suppress(NoSuchProcess, AccessDenied):
+                process = Process.open(pid, start_time)
+                try:
+                    process.kill()
+                finally:
+                    process.close()
+        log.warning("bpf: the tree of pid=%d (its root exited) crossed its kill quota:"
+                    " killed its %d members", root, len(members))  # fmt: skip
+
+    def _tree_roots_held(self) -> set[int]:
+        return {state.tree for state in self.kw.entries().values() if state.tree}
 
     # ----- events -----------------------------------------------------------
 
@@ -299,6 +401,12 @@ class Backend:
 
     def _handle(self, event: Event, meanwhile: bool) -> None:
         entry = self._watched.get(event.tgid)
+        if event.kind in (Kind.TREE_KILLED, Kind.TREE_NOTIFIED):
+            self._take_tree(event.tgid)
+            return
+        if event.kind is Kind.TREE_ENDED:
+            self._tree_ended(event)
+            return
         if event.kind is Kind.EXITED:
             gone = entry or self._exited.pop(event.tgid, None)  # the engine saw it first
             if gone is not None and event.final is not None:  # counted, not taken yet
@@ -325,6 +433,15 @@ class Backend:
             return  # an entry gone meanwhile (reaped, deregistered)
         self._reporter.take(entry)
 
+    def _tree_ended(self, event: Event) -> None:
+        """The tree's last member exited and the kernel deleted the tree, with what no
+        take collected."""
+        self._orphans.discard(event.tgid)
+        entry = self._trees.get(event.tgid)
+        if entry is not None and isinstance(event.final, TreeTaken):
+            self._reporter.apply_tree(entry, event.final)
+        self._attachment.changed()
+
     def _removed_in_kernel(self, pid: int) -> None:
         """The kernel deleted the process's entry (it exited): no longer watched."""
         del self._watched[pid]
@@ -350,6 +467,9 @@ class Backend:
                 self._removed_in_kernel(pid)
             else:
                 self._reporter.take(entry)
+        for root in [*self._trees, *self._orphans]:
+            self._take_tree(root)
+        self._orphans = {root for root in self._orphans if self.kw.tree(root) is not None}
 
     async def _recheck_shrunk(self) -> None:
         """A deny quota's soft RLIMIT_NOFILE counts fd numbers: when its table shrank,

@@ -615,10 +615,18 @@ class KernelWatch:
     def tree_members(self, root_tgid: int) -> list[int]:
         """The live members of the tree of `root_tgid` (the `watched` entries that
         name it; an entry goes when its last thread exits), the root first."""
-        members = sorted(tgid for tgid, state in self.entries().items() if state.tree == root_tgid)
-        if root_tgid in members:
-            members.remove(root_tgid)
-            members.insert(0, root_tgid)
+        return [pid for pid, _ in self.tree_identities(root_tgid)]
+
+    def tree_identities(self, root_tgid: int) -> list[tuple[int, int]]:
+        """The live members as (pid, start time in clock ticks), the root first: what
+        a pidfd opened on a member is checked against, so a pid recycled since the
+        kernel listed it is never taken for a member."""
+        members = sorted(
+            (tgid, state.start_time)
+            for tgid, state in self.entries().items()
+            if state.tree == root_tgid
+        )
+        members.sort(key=lambda member: member[0] != root_tgid)
         return members
 
     def take_tree(self, root_tgid: int) -> TreeTaken | None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tracker.backends.base import Report, ReportKind
-from tracker.backends.bpf.loader import KernelWatch, Taken
+from tracker.backends.bpf.loader import KernelWatch, Taken, TreeTaken
 from tracker.engine.entry import Entry
 from tracker.engine.resources import FILES_RESOURCE, HEAP_RESOURCE, Resource
 from tracker.quota import Action
@@ -60,7 +60,21 @@ class Reporter:
         if taken.kill_failed:
             log.warning("bpf: the kernel could not signal pid=%d; killing it", entry.pid)
             self.policy.check(entry)  # a sample over the quota kills through the pidfd
-        for report in self._reports(entry, taken):
+        self._hand(entry, self._reports(entry, taken))
+
+    def apply_tree(self, entry: Entry, taken: TreeTaken) -> None:
+        """What the kernel counted for `entry`'s tree: crossings of its sums and its
+        kill. Before the kill is handed on (which kills every member the engine
+        knows), the engine's members are brought up to the kernel's."""
+        tree = entry.tree
+        if tree is None or (not any(taken.crossings) and not taken.killed):
+            return
+        if taken.killed:
+            tree.follow_kernel(self.kw.tree_identities(entry.pid))
+        self._hand(entry, _tree_reports(entry, taken))
+
+    def _hand(self, entry: Entry, reports: list[Report]) -> None:
+        for report in reports:
             if report.kind in (ReportKind.NOTIFIED, ReportKind.EXCEEDED) and self._counted_already(
                 entry, report
             ):
@@ -108,6 +122,27 @@ def _scaled(entry: Entry, taken: Taken) -> list[tuple[Resource, int, int]]:
     heap = max(0, taken.usage_at[0] * PAGE - entry.heap_base)
     files = max(0, taken.usage_at[1] - entry.files_base)
     return [(HEAP_RESOURCE, heap, quota.heap or 0), (FILES_RESOURCE, files, quota.files or 0)]
+
+
+def _tree_reports(entry: Entry, taken: TreeTaken) -> list[Report]:
+    """The tree's crossings (notify) and its kill, relative to the tree's baseline."""
+    tree, quota = entry.tree, entry.effective_quota
+    assert tree is not None
+    heap = max(0, taken.usage_at[0] * PAGE - tree.baseline.heap)
+    files = max(0, taken.usage_at[1] - tree.baseline.files)
+    scaled = [(HEAP_RESOURCE, heap, quota.heap or 0), (FILES_RESOURCE, files, quota.files or 0)]
+    crossing = ReportKind.NOTIFIED if quota.action is Action.NOTIFY else ReportKind.EXCEEDED
+    reports = [
+        Report(entry, crossing, resource, usage, limit, count)
+        for (resource, usage, limit), count in zip(scaled, taken.crossings, strict=True)
+        if count
+    ]
+    if taken.killed and not entry.killed:
+        heap_over = quota.heap is not None and heap > quota.heap
+        files_over = quota.files is not None and files > quota.files
+        over = scaled[1] if files_over and not heap_over else scaled[0]
+        reports.append(Report(entry, ReportKind.KILLED, *over))
+    return reports
 
 
 def _kill_report(entry: Entry, taken: Taken) -> Report:
