@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bench import enforcement, engines, latency, overhead, scale, throughput, writes
+from bench import (
+    enforcement,
+    engines,
+    exporter,
+    latency,
+    overhead,
+    scale,
+    throughput,
+    trees,
+    writes,
+)
 
 GROUPS: dict[str, ModuleType] = {
     module.NAME: module
@@ -20,5 +30,7 @@ GROUPS: dict[str, ModuleType] = {
         scale,
         engines,
         writes,
+        exporter,
+        trees,
     )
 }

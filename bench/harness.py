@@ -69,6 +69,9 @@ class Config:
     register_box_seconds: float = 300.0  # per size
     idle_window_seconds: float = 10.0
     ls_runs: int = 3
+    # 8. scrape cost against process-exporter
+    exporter_sizes: tuple[int, ...] = (1000, 5000)
+    exporter_scrapes: int = 10  # per endpoint and size
 
     @classmethod
     def quick_config(cls, work: Path) -> Config:
@@ -96,6 +99,8 @@ class Config:
             register_box_seconds=20.0,
             idle_window_seconds=1.0,
             ls_runs=1,
+            exporter_sizes=(20, 100),
+            exporter_scrapes=2,
         )
 
 

@@ -112,11 +112,18 @@ class QuotaWatch:
         )
         if self.last is not None:
             s, age = self.last.stat, died - self.last.at
+            if s.is_tree:  # the quota is on the tree's sums
+                usage = (
+                    f"tree_heapsize={s.tree_heapsize} "
+                    f"tree_openfile_count={s.tree_openfile_count} members={s.members}"
+                )
+            else:
+                usage = (
+                    f"heapsize={s.heapsize} heap_peak={s.heap_peak} "
+                    f"openfile_count={s.openfile_count} openfile_peak={s.openfile_peak}"
+                )
             print(
-                f"restrack run: last reading, {age:.2f} s before its end: "
-                f"heapsize={s.heapsize} heap_peak={s.heap_peak} "
-                f"openfile_count={s.openfile_count} openfile_peak={s.openfile_peak}",
-                file=sys.stderr,
+                f"restrack run: last reading, {age:.2f} s before its end: {usage}", file=sys.stderr
             )
 
     def _kills(self) -> int:

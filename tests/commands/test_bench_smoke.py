@@ -84,6 +84,13 @@ def test_every_group_has_its_rows(
         "7. Command write latency (quota and reset)",
         "| deny, root: quota + reset p50 |",
         "| deny, uid 65534: quota p99 |",
+        "8. Scrape cost side by side: restrackfs and process-exporter",
+        "| restrackfs (procfs) CPU per scrape, 100 processes |",
+        "| restrackfs (procfs) wall per scrape p50, 20 processes |",
+        "| process-exporter CPU per scrape, 100 processes |",
+        "9. Tree quotas (a fan-out job, fork cost)",
+        "| procfs, N=8: usage at the kill (max) |",
+        "| procfs: fork+exit+wait, a tree's root (median) |",
         "How it is measured:",
     ):
         assert text in report, text
@@ -92,8 +99,10 @@ def test_every_group_has_its_rows(
         assert machine in report
     goals = [line for line in report.splitlines() if line.startswith(("PASS", "MISS", "N/A"))]
     # latency p50 (vs lxcfs, vs the minimal pyfuse3 file) and p99, 4-reader throughput,
-    # kill at 2 intervals, overhead, idle CPU, RSS, deny's quota + reset vs kill's
-    assert len(goals) == 10, goals
+    # kill at 2 intervals, overhead, idle CPU, RSS, deny's quota + reset vs kill's, and
+    # the scrape's CPU against process-exporter's at 2 sizes and per process, a bpf
+    # tree's usage at the kill and its root's fork cost
+    assert len(goals) == 15, goals
     assert "| pyfuse3 |" in report
     assert "Goals:" in done.stdout and "PID/heapsize p50" in done.stdout
 

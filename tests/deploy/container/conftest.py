@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -47,20 +48,13 @@ def image(podman: Podman) -> str:
     tarball = setup.stdout.strip().splitlines()[-1]
     podman("import", tarball, BASE)
     wheels = podman.workdir / "wheels"
-    subprocess.run(
-        [
-            str(REPO / ".venv/bin/pip"),
-            "wheel",
-            "-q",
-            "-w",
-            str(wheels),
-            str(REPO),
-            "setuptools>=68",
-        ],
-        capture_output=True,
-        check=True,
-        timeout=600,
+    # the versions the Dockerfile pins: the image's pip refuses any other from these wheels
+    constrained = {**os.environ, "PIP_CONSTRAINT": str(REPO / "deploy/constraints.txt")}
+    pip_wheel = [str(REPO / ".venv/bin/pip"), "wheel", "-q", "-w", str(wheels), str(REPO)]
+    built = subprocess.run(
+        [*pip_wheel, "setuptools"], capture_output=True, text=True, env=constrained, timeout=600
     )
+    assert built.returncode == 0, built.stderr
     podman(
         "build", "-q", "-f", str(REPO / "deploy/Dockerfile"), "-t", IMAGE, "--network", "none",
         "-v", f"{wheels}:/wheels:ro", "--build-arg", f"BASE={BASE}",
