@@ -85,8 +85,9 @@ class Job:
         try:
             while time.monotonic() < deadline:
                 live = {fd: pid for pid, fd in list(pidfds.items()) if pid not in self.deaths}
-                if not live and len(pidfds) > self.children:
-                    return
+                if not live and self.proc.pid in self.deaths:
+                    return  # the root and every child that reported a step (one killed
+                    # at its first call never does)
                 ready, _, _ = select.select(list(live), [], [], 0.05)
                 for fd in ready:
                     self.deaths[live[fd]] = time.monotonic()

@@ -1,6 +1,7 @@
-"""Tree quotas through the real mount: the tree's files come and go with its quota,
-`stat`, `metrics`, the client and `restrack` show its sums and members, and a
-restart of the daemon resumes it."""
+"""Tree quotas through the real mount, under both engines: the tree's files come
+and go with its quota, `stat`, `metrics`, the client and `restrack` show its sums
+and members, a job over its quota dies whole, and a restart of the daemon
+resumes the tree."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import signal
 import pytest
 
 from restrackfs import cli, client
+from tests.support.bpf import BPF, needs_bpf
+from tests.support.daemon import Daemon
 from tests.support.procs import MiB
 from tests.support.tree import is_dead
 from tests.support.waiting import wait_until
@@ -20,6 +23,14 @@ from tracker.vocabulary import STAT_FIELDS, TREE_STAT_FIELDS
 
 TREE_FILES = {"tree_heapsize", "tree_openfile_count", "members"}
 STEP = 2 * MiB
+
+
+@pytest.fixture(params=["procfs", pytest.param("bpf", marks=needs_bpf)])
+def daemon(request: pytest.FixtureRequest) -> Daemon:
+    """A daemon of each engine (a bpf one's pins removed at the end)."""
+    if request.param == "procfs":
+        return request.getfixturevalue("daemon_factory")()
+    return request.getfixturevalue("bpf_factory")(*BPF)
 
 
 def restrack(mount: object, *args: object) -> str:

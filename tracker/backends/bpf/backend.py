@@ -207,6 +207,8 @@ class Backend:
         and enforcing for the next daemon (`release_pins` lifts them); with none,
         everything is detached and unpinned (waits for a detach under way)."""
         self._closed = True
+        with contextlib.suppress(RuntimeError):  # outside trio: no task waits on it
+            trio.lowlevel.notify_closing(self.kw.ring_fd())  # run() returns, not EBADF
         if self._counters is not None:
             if isinstance(self.reader, KernelReader):
                 self.reader.stop()
@@ -386,7 +388,10 @@ class Backend:
             task_status.started()
             fd = self.kw.ring_fd()
             while True:
-                await trio.lowlevel.wait_readable(fd)
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                except trio.ClosedResourceError:
+                    return  # closed (the engine stops): cancelled right after
                 events = self.kw.drain()  # at most one per entry, plus exits (coalesced)
                 for start in range(0, len(events), BATCH):
                     self._handle_all(events[start : start + BATCH])
