@@ -27,6 +27,7 @@ from typing import TextIO
 
 from restrackfs import client
 from restrackfs.client import NotMountedError, Stat
+from restrackfs.version import version
 from tracker.linux.procfs import escape_unprintable
 from tracker.vocabulary import LIMIT_MAX, OPENFILE_TOTAL, TREE_STAT_FIELDS, UNLIMITED
 
@@ -279,6 +280,41 @@ def cmd_top(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+CONTAINER_ID_SHOWN = 12  # characters of a container id, as `docker ps` shows it
+
+
+def enforcement_text(record: client.Enforcement) -> str:
+    """One record on one line: when, what, on whom, how far over, where it ran."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.time))
+    size = human_size if record.quota == "heap" else str
+    words = [
+        when,
+        f"{record.action:<6}",
+        f"pid {record.pid} ({escape_unprintable(record.comm)})",
+        f"{record.quota} {size(record.usage)}/{size(record.limit)}",
+        f"peak {size(record.peak)}",
+    ]
+    if record.scope != "process":
+        words.append(f"scope {record.scope}")
+    if record.container is not None:
+        words.append(f"container {record.container[:CONTAINER_ID_SHOWN]}")
+    if record.pod is not None:
+        words.append(f"pod {record.pod}")
+    return "  ".join(words)
+
+
+def cmd_enforcements(args: argparse.Namespace, out: TextIO) -> int:
+    """The kept records, then (with --follow) each new one as it is made."""
+    if args.follow or args.new:
+        records = client.follow_enforcements(mount=args.mount, new_only=args.new)
+    else:
+        records = iter(client.enforcements(mount=args.mount))
+    for record in records:
+        out.write((record.line if args.json else enforcement_text(record)) + "\n")
+        out.flush()
+    return 0
+
+
 def cmd_metrics(args: argparse.Namespace, out: TextIO) -> int:
     text = client.metrics(mount=args.mount)
     if args.textfile is None:
@@ -368,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 2 invalid, 3 no such process, 4 already tracked, 5 not tracked, "
         "6 not permitted, 7 quota already set, 8 no daemon at the mount, 1 anything else",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument(
         "--mount", help="mount point (default: $RESTRACK_MOUNT, else /restrack)", default=None
     )
@@ -398,6 +435,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("top", cmd_top, "the status table, refreshed until Ctrl-C, highest use first")
     sub.add_argument("--delay", type=_seconds, default=1.0, help="seconds between refreshes")
     sub.add_argument("--iterations", "-n", type=int, help="stop after N refreshes")
+
+    sub = add(
+        "enforcements",
+        cmd_enforcements,
+        "the daemon's last enforcement actions, one a line; --follow prints new ones as"
+        " they happen",
+    )
+    sub.add_argument(
+        "--follow", "-f", action="store_true", help="keep printing new records, as tail -f"
+    )
+    sub.add_argument(
+        "--new", action="store_true", help="follow, printing only records made from now on"
+    )
+    sub.add_argument("--json", action="store_true", help="each record as the daemon wrote it")
 
     sub = add("metrics", cmd_metrics, "the Prometheus metrics, or write them for node_exporter")
     sub.add_argument(
@@ -472,7 +523,7 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
         print(f"restrack: {error}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED if args.command != "top" else 0
+        return EXIT_INTERRUPTED if args.command not in ("top", "enforcements") else 0
 
 
 if __name__ == "__main__":

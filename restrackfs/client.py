@@ -24,8 +24,11 @@ daemon still decides. The words both sides use (the stat fields, "max") are
 from __future__ import annotations
 
 import errno
+import json
 import os
-from collections.abc import Callable
+import select
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -104,6 +107,52 @@ class Stat:
     def resource(self) -> Resource:
         return Resource(
             self.pid, self.heapsize, self.openfile_count, self.heap_quota, self.file_quota
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Enforcement:
+    """One record of the `enforcements` file: an action the daemon took, and on what.
+
+    `usage`, `limit` and `peak` are bytes for the `heap` quota, descriptors for
+    `files`; `fds` the descriptors by kind at that moment (None where they could no
+    longer be read); `container` and `pod` None where none was found; `scope` is
+    "tree" for a tree quota's record. `line` is the record as the daemon wrote it."""
+
+    time: float
+    pid: int
+    comm: str
+    uid: int
+    quota: str
+    usage: int
+    limit: int
+    peak: int
+    action: str
+    fds: dict[str, int] | None
+    container: str | None
+    pod: str | None
+    scope: str
+    line: str
+
+    @classmethod
+    def parse(cls, line: str) -> Enforcement:
+        """A record from its JSON line; keys this client does not know are left out."""
+        fields = json.loads(line)
+        return cls(
+            time=float(fields["time"]),
+            pid=int(fields["pid"]),
+            comm=str(fields["comm"]),
+            uid=int(fields["uid"]),
+            quota=str(fields["quota"]),
+            usage=int(fields["usage"]),
+            limit=int(fields["limit"]),
+            peak=int(fields["peak"]),
+            action=str(fields["action"]),
+            fds=fields["fds"],
+            container=fields["container"],
+            pod=fields["pod"],
+            scope=str(fields.get("scope", "process")),
+            line=line.rstrip("\n"),
         )
 
 
@@ -437,3 +486,77 @@ def metrics(*, mount: str | os.PathLike[str] | None = None) -> str:
     """The Prometheus exposition text of `metrics`."""
     root = mount_point(mount)
     return _read(root, "metrics", str(root))
+
+
+ENFORCEMENTS = "enforcements"
+_READ_SIZE = 1 << 20
+
+
+def enforcements(*, mount: str | os.PathLike[str] | None = None) -> list[Enforcement]:
+    """The records the daemon keeps (its last 1,000 enforcement actions), oldest first;
+    under --hidepid only those of the caller's own processes."""
+    root = mount_point(mount)
+    text = _read(root, ENFORCEMENTS, str(root))
+    return [Enforcement.parse(line) for line in text.splitlines()]
+
+
+def follow_enforcements(
+    *,
+    mount: str | os.PathLike[str] | None = None,
+    new_only: bool = False,
+    timeout: float | None = None,
+) -> Iterator[Enforcement]:
+    """The records as they are made, like `tail -f`: the kept ones first (unless
+    `new_only`), then each new one once poll() says the file changed (no sleeping);
+    with `timeout`, it ends that many seconds after it began.
+
+    Each wake reads the file again from its start and yields the lines after the
+    last one yielded; if more than the whole file's worth came meanwhile, all of
+    them (the ones between were dropped by the daemon)."""
+    root = mount_point(mount)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        fd = os.open(_served(root) / ENFORCEMENTS, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        _raise(error, root, str(root))
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+        lines = _read_whole(fd, root).splitlines()
+        fresh = [] if new_only else lines
+        last = None
+        while True:
+            for line in fresh:
+                yield Enforcement.parse(line)
+            last = lines[-1] if lines else last
+            wait_ms = None
+            if deadline is not None:
+                wait_ms = max(0, int((deadline - time.monotonic()) * 1000) + 1)
+            if not poller.poll(wait_ms):
+                return  # the time given passed with nothing new
+            lines = _read_whole(fd, root).splitlines()
+            fresh = _after(lines, last)
+    finally:
+        os.close(fd)
+
+
+def _read_whole(fd: int, root: Path) -> str:
+    """The file's text from one rendering: a read at offset 0 renders it, the reads
+    after continue that text."""
+    chunks = []
+    try:
+        while chunk := os.pread(fd, _READ_SIZE, sum(map(len, chunks))):
+            chunks.append(chunk)
+    except OSError as error:
+        _raise(error, root, str(root))
+    return b"".join(chunks).decode()
+
+
+def _after(lines: list[str], last: str | None) -> list[str]:
+    """The lines after `last` (all of them when it is gone or None)."""
+    if last is None:
+        return lines
+    for index in range(len(lines) - 1, -1, -1):
+        if lines[index] == last:
+            return lines[index + 1 :]
+    return lines

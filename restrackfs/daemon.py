@@ -19,9 +19,11 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from restrackfs import logguard, scrape
+from restrackfs import logformat, logguard, scrape
 from restrackfs.files import Caller, read_metrics
 from restrackfs.fs import RestrackOperations
+from restrackfs.health import Health
+from restrackfs.version import version
 from tracker.backends.base import BackendUnavailable
 from tracker.backends.bpf import backend as bpf_backend
 from tracker.engine import state
@@ -57,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "mountpoint", type=Path, nargs="?", help="directory to mount on, e.g. /restrack"
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument(
         "--release",
         action="store_true",
@@ -94,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
         default="info",
         choices=["debug", "info", "warning", "error"],
         help="log verbosity (default info)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=logformat.FORMATS,
+        help="text lines (default), or one JSON object a line with the same fields "
+        "(and an enforcement line's pid, comm, quota, usage, limit, action as fields)",
     )
     parser.add_argument(
         "--log-file",
@@ -359,9 +369,11 @@ async def serve(args: argparse.Namespace, on_ready: Callable[[], None]) -> None:
                     nursery.start_soon(AutoTracker(engine, args.selection).run)
                 if listeners:
                     render = functools.partial(read_metrics, engine, None, Caller(0, False))
-                    nursery.start_soon(scrape.MetricsServer(listeners, render).serve)
+                    health = Health(args.mountpoint, engine)
+                    server = scrape.MetricsServer(listeners, render, health=health)
+                    nursery.start_soon(server.serve)
                     for address in map(scrape.listener_address, listeners):
-                        log.info("metrics endpoint on http://%s/metrics", address)
+                        log.info("metrics endpoint on http://%s/metrics and /healthz", address)
                     if args.hidepid:
                         log.warning("--hidepid: the endpoint shows every process to its clients")
                 log.info("mounted on %s (state %s)", args.mountpoint, args.state)
@@ -429,11 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.log_file is not None:
         args.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        filename=args.log_file,
-    )
+    logformat.configure(args.log_level, args.log_file, args.log_format)
     if args.release:
         sys.exit(release(args.state))
     report: Callable[[int], None] = lambda code: None  # noqa: E731

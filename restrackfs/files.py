@@ -7,8 +7,8 @@ decoded) and raise the engine's errors, which carry the errno to answer.
 
 from __future__ import annotations
 
-import contextlib
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -69,6 +69,8 @@ class FileSpec:
     pollable: bool = False  # poll() reports a change since the reader last looked
     # a read that takes long (O(descriptors)): awaited, so other requests go on meanwhile
     read_async: AsyncTextOf | None = None
+    # what poll() compares for a pollable file, where the text is too long to compare
+    version: Callable[[Engine, Entry | None, Caller], object] | None = None
     readable: bool = field(init=False)  # derived once: every open asks
 
     def __post_init__(self) -> None:
@@ -158,9 +160,15 @@ def read_members(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     return "".join(f"{pid}\n" for pid in entry.tree.pids())
 
 
+# The daemon's own counts for its metrics: one daemon a process, one set.
+STATS = metrics.DaemonStats()
+
+
 def read_metrics(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     """The exposition in one go (the scrape endpoint's, which renders one at a time)."""
-    return _exposition(engine, _measured(engine, caller, list(engine.entries())))
+    started = time.perf_counter()
+    measurements = _measured(engine, caller, list(engine.entries()))
+    return _exposition(engine, measurements, caller, 0.0, started)
 
 
 METRICS_BATCH = 32  # processes measured between two turns of the other requests
@@ -170,30 +178,49 @@ _metrics_turns = UidTurns()
 async def read_metrics_async(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     """The exposition, measured in batches with the loop free between them, and one
     render at a time per uid but root: however many renders a user starts (16
-    threads over 3,000 processes), another user's read waits for one batch."""
+    threads over 3,000 processes), another user's read waits for one batch.
+    Its render time counts the batches, not the turns of others between them."""
     async with _metrics_turns.of(caller.uid):
-        entries, measurements = list(engine.entries()), []
+        entries, measurements, spent = list(engine.entries()), [], 0.0
         for start in range(0, len(entries), METRICS_BATCH):
             if start:
                 await trio.lowlevel.checkpoint()
+            began = time.perf_counter()
             measurements += _measured(engine, caller, entries[start : start + METRICS_BATCH])
-        return _exposition(engine, measurements)
+            spent += time.perf_counter() - began
+        return _exposition(engine, measurements, caller, spent, time.perf_counter())
 
 
 def _measured(engine: Engine, caller: Caller, entries: list[Entry]) -> list[Measurement]:
     """The measurements of the entries `caller` sees and that are still tracked."""
-    measured = []
+    measured, measure = [], engine.reader.measure
     for tracked in entries:
-        if caller.sees(tracked) and tracked.ended is None:
-            with contextlib.suppress(NoSuchProcess):  # exited while we read the others
-                measured.append(engine.reader.measure(tracked))
+        if tracked.ended is None and caller.sees(tracked):
+            try:  # noqa: SIM105 (a `suppress` per process costs more than its read's parse)
+                measured.append(measure(tracked))
+            except NoSuchProcess:  # exited while we read the others
+                pass
     return measured
 
 
-def _exposition(engine: Engine, measurements: list[Measurement]) -> str:
-    # the bpf engine's count of events its ring dropped (None: not this engine)
+def _exposition(
+    engine: Engine, measurements: list[Measurement], caller: Caller, spent: float, since: float
+) -> str:
+    """The text, with the previous exposition's time; then this one's (`spent`
+    measuring, and the render from `since`) is kept for the next."""
     backend = engine.backend
-    return metrics.render(measurements, engine.enforcements, backend.name, backend.events_dropped)
+    text = metrics.render(
+        measurements, engine.enforcements, backend.name, backend.events_dropped, STATS
+    )
+    series = engine.enforcer.records.series(caller.uid, caller.hidepid)
+    text += metrics.render_process_enforcements(series)
+    STATS.render_seconds = spent + time.perf_counter() - since
+    return text
+
+
+def count_refused_quota_write() -> None:
+    """A write to a `quota` file was answered with an errno (the filesystem calls this)."""
+    STATS.quota_writes_refused += 1
 
 
 async def write_register(
@@ -237,6 +264,16 @@ def read_events(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     return _events_text(entry.events)
 
 
+def read_enforcements(engine: Engine, entry: Entry | None, caller: Caller) -> str:
+    """The kept enforcement records the caller may see, oldest first, a JSON object a line."""
+    return engine.enforcer.records.text(caller.uid, caller.hidepid)
+
+
+def enforcements_version(engine: Engine, entry: Entry | None, caller: Caller) -> int:
+    """The newest record the caller may see: a poller wakes when it changes."""
+    return engine.enforcer.records.last_seen(caller.uid, caller.hidepid)
+
+
 def read_engine(engine: Engine, entry: Entry | None, caller: Caller) -> str:
     """`bpf` or `procfs`: the engine in force."""
     return f"{engine.backend.name}\n"
@@ -254,6 +291,13 @@ TOP_FILES = (
     FileSpec("metrics", 0o444, read_async=read_metrics_async),
     FileSpec("events", 0o444, read=read_events, pollable=True),
     FileSpec("engine", 0o444, read=read_engine),
+    FileSpec(
+        "enforcements",
+        0o444,
+        read=read_enforcements,
+        pollable=True,
+        version=enforcements_version,
+    ),
 )
 
 PROCESS_FILES = (

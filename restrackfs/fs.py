@@ -35,6 +35,7 @@ from restrackfs.files import (
     TREE_FILES,
     Caller,
     FileSpec,
+    count_refused_quota_write,
     files_of,
     is_tree_file,
     parse_pid_name,
@@ -62,6 +63,8 @@ assert len(ALL_PROCESS_FILES) < STRIDE
 # process directory is invalidated explicitly when it goes away.
 STABLE_TIMEOUT = 300.0
 MAX_CALLERS = 4096  # distinct uids whose Caller is kept for their next open
+# Pollers of the pollable top files, by name (a process's `events`: its serial, >= 1)
+TOP_POLL_KEYS = {"events": 0, "enforcements": -1}
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -130,7 +133,8 @@ class Handle:
     node: Node
     caller: Caller
     kept: Kept = field(default_factory=Kept)  # between reads, bounded (restrackfs.handles)
-    seen: bytes | None = None  # a pollable file's text at the last read (or the open)
+    # a pollable file's text (or version) at the last read (or the open)
+    seen: object = None
 
 
 @dataclass
@@ -231,11 +235,17 @@ class KernelNotices:
             self._invalidations.send_nowait(name)
 
     def events_moved(self, entry: Entry) -> None:
-        for serial in (entry.serial, 0):
+        for serial in (entry.serial, TOP_POLL_KEYS["events"]):
             pollers = self.pollers.pop(serial, {}).values()
             if self._attached:
                 for poll_handle in pollers:
                     poll_handle.notify()
+
+    def records_added(self) -> None:
+        pollers = self.pollers.pop(TOP_POLL_KEYS["enforcements"], {}).values()
+        if self._attached:
+            for poll_handle in pollers:
+                poll_handle.notify()
 
     async def run_invalidations(self) -> None:
         """Make the kernel forget removed process directories, one at a time.
@@ -313,8 +323,12 @@ def attributes_of(node: Node, mounted_at: int, dir_timeout: float) -> pyfuse3.En
 
 
 def _poll_key(handle: Handle) -> int:
-    """Pollers of `events` by entry serial; 0 for the top file's."""
-    return 0 if handle.node.entry is None else handle.node.entry.serial
+    """Pollers of a process's `events` by entry serial; a top file's by its name."""
+    node = handle.node
+    if node.entry is not None:
+        return node.entry.serial
+    assert node.spec is not None
+    return TOP_POLL_KEYS[node.spec.name]
 
 
 class RestrackOperations(pyfuse3.Operations):
@@ -336,6 +350,7 @@ class RestrackOperations(pyfuse3.Operations):
         self._dir_timeout = 0.0 if hidepid else STABLE_TIMEOUT
         engine.on_removal(self._entry_removed)
         engine.on_event(self.notices.events_moved)
+        engine.enforcer.records.on_added(self.notices.records_added)
 
     def _entry_removed(self, entry: Entry) -> None:
         self.inodes.forget(entry)
@@ -508,7 +523,7 @@ class RestrackOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EACCES)
         handle = Handle(node, self._caller(ctx.uid))
         if spec.pollable:
-            handle.seen = self._render(handle)  # poll() wakes on changes from here on
+            handle.seen = self._seen(handle)  # poll() wakes on changes from here on
         fh = self._new_handle(handle)
         # direct_io: every read() reaches us, so values are never a stale page cache.
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
@@ -517,6 +532,14 @@ class RestrackOperations(pyfuse3.Operations):
         spec = handle.node.spec
         assert spec is not None and spec.read is not None
         return spec.read(self.engine, handle.node.entry, handle.caller).encode()
+
+    def _seen(self, handle: Handle) -> object:
+        """What poll() compares of a pollable file: its version, else its text."""
+        spec = handle.node.spec
+        assert spec is not None
+        if spec.version is not None:
+            return spec.version(self.engine, handle.node.entry, handle.caller)
+        return self._render(handle)
 
     async def _render_async(self, handle: Handle) -> bytes:
         """A slow file's text: awaited, so the loop serves other requests meanwhile."""
@@ -544,8 +567,9 @@ class RestrackOperations(pyfuse3.Operations):
             return self._read_slow(fh, handle, off, size)
         else:
             content = self._render(handle)
-            if handle.node.spec is not None and handle.node.spec.pollable:
-                handle.seen = content
+            spec = handle.node.spec
+            if spec is not None and spec.pollable:
+                handle.seen = content if spec.version is None else self._seen(handle)
             if not off and size >= len(content):
                 self.handles.keep_end(fh, len(content))  # all of it goes now
             else:
@@ -564,6 +588,14 @@ class RestrackOperations(pyfuse3.Operations):
         handle = self.handles[fh]
         spec = handle.node.spec
         assert spec is not None and spec.write is not None
+        try:
+            return await self._write(handle, spec, buf)
+        except Exception:
+            if spec.name == "quota":  # for the metrics: quota writes answered with an errno
+                count_refused_quota_write()
+            raise
+
+    async def _write(self, handle: Handle, spec: FileSpec, buf: bytes) -> int:
         if len(buf) > MAX_WRITE:
             raise pyfuse3.FUSEError(errno.EINVAL)
         try:
@@ -591,14 +623,15 @@ class RestrackOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> int:
         """Plain files are always ready; `events` is ready once its text changed
-        since this reader's last read (or its open), as cgroup's memory.events."""
+        since this reader's last read (or its open), as cgroup's memory.events;
+        `enforcements` once a record it may see was added since then."""
         handle = self.handles[fh]
         spec = handle.node.spec
         assert spec is not None
         if not spec.pollable:
             return (select.POLLIN if spec.readable else 0) | (select.POLLOUT if spec.write else 0)
         try:
-            changed = self._render(handle) != handle.seen
+            changed = self._seen(handle) != handle.seen
         except (TrackerError, NoSuchProcess):
             return select.POLLIN | select.POLLERR  # gone: the next read says why
         if changed:

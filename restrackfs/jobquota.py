@@ -5,10 +5,14 @@ The program's process is registered and capped while it waits between fork and
 exec (its pid stays the same across the exec), so the quota is in force from
 the program's first instruction. When it dies of SIGKILL, the daemon has
 already ended its entry (an exit ends it at once): `PID/stat` and `PID/events`
-are gone. So the record is what `restrack run` knows for certain (the quota it
-wrote, the signal), whether the daemon's kill count rose meanwhile (the
-top-level `events`: the daemon's own word, though not per process), and the
-last reading of `PID/stat` it took while the program ran, with its age.
+are gone, but the daemon's `enforcements` file keeps its record of the kill:
+the record `restrack run` prints is that one (its pid, made after the program
+started, action kill), waited for up to KILL_RECORD_WAIT. Where there is none
+(a daemon without the file, a kill that was not the quota's, a record already
+pushed out by 1,000 newer ones, or one `--hidepid` hides), it falls back to what
+it knows for certain: the quota it wrote, the signal, whether the daemon's kill
+count rose meanwhile (the top-level `events`: the daemon's own word, though not
+per process), and the last reading of `PID/stat` it took while the program ran.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from tracker.vocabulary import KILLED, UNLIMITED
 
 READING_INTERVAL = 0.25  # seconds between the readings of PID/stat while the program runs
 KILL_COUNT_WAIT = 1.0  # seconds the daemon may take to count a kill after the exit
+KILL_RECORD_WAIT = 1.0  # seconds the daemon may take to record it (bpf: from its ring)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +79,14 @@ class QuotaWatch:
         self.quota = quota
         self.root = root
         self.kills_before = 0
+        self.started = 0.0  # time.time() before the quota was written
         self.last: Reading | None = None
         self._next_reading = 0.0
 
     def put_in_place(self) -> None:
         """Register the waiting child and write its quota; an OSError leaves it unstarted."""
         self.kills_before = self._kills()
+        self.started = time.time()
         client.register(self.pid, mount=self.root)
         client.set_quota(
             self.pid,
@@ -104,6 +111,14 @@ class QuotaWatch:
         """On stderr: the record of a program that died of SIGKILL (the caller holds
         it unreaped, so its pid names no other process meanwhile)."""
         died = time.monotonic()
+        record = self._kill_record()
+        if record is not None:
+            print(
+                f"restrack run: {program} (pid {self.pid}) was killed by its quota:"
+                f" {self.quota.text()}\nrestrack run: the daemon's record: {record.line}",
+                file=sys.stderr,
+            )
+            return
         counted = self._kill_counted()
         cause = "by its quota" if counted else "(SIGKILL, not counted by the daemon as its quota)"
         print(
@@ -125,6 +140,19 @@ class QuotaWatch:
             print(
                 f"restrack run: last reading, {age:.2f} s before its end: {usage}", file=sys.stderr
             )
+
+    def _kill_record(self) -> client.Enforcement | None:
+        """The daemon's record of this program's kill, once it is in the file."""
+        records = client.follow_enforcements(mount=self.root, timeout=KILL_RECORD_WAIT)
+        with (
+            contextlib.suppress(OSError, ValueError, KeyError, TypeError),
+            contextlib.closing(records),
+        ):
+            for record in records:
+                ours = record.pid == self.pid and record.time >= self.started
+                if ours and record.action == Action.KILL:
+                    return record
+        return None
 
     def _kills(self) -> int:
         return client.events(mount=self.root).get(KILLED, 0)

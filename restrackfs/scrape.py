@@ -1,4 +1,8 @@
-"""`--metrics-listen`: the `metrics` exposition over HTTP for Prometheus.
+"""`--metrics-listen`: the `metrics` exposition over HTTP for Prometheus, and
+`/healthz` for a liveness or readiness probe.
+
+`GET` or `HEAD` of `/metrics` (the exposition) and of `/healthz` (200 `ok`, or 503
+with the reason); anything else is 404, with a body naming the two paths.
 
 The server runs in the daemon's trio loop, beside the FUSE request loop, so
 nothing here may block or hold it: every socket operation is trio's
@@ -34,7 +38,7 @@ import http
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import h11
@@ -45,7 +49,10 @@ log = logging.getLogger("restrackfs.scrape")
 # prometheus_client.exposition.CONTENT_TYPE_PLAIN_0_0_4; its CONTENT_TYPE_LATEST
 # is 1.0.0 now, and the `metrics` file serves 0.0.4.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_PLAIN = "text/plain; charset=utf-8"
 METRICS_PATH = b"/metrics"
+HEALTH_PATH = b"/healthz"
+NOT_FOUND = b"not found: this endpoint serves GET /metrics and GET /healthz\n"
 # accept() failures that mean "out of descriptors or memory now": back off, carry on.
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _RECV_SIZE = 4096
@@ -127,17 +134,20 @@ def listener_address(listener: trio.SocketListener) -> str:
 
 
 class MetricsServer:
-    """Answers `GET /metrics` with `render()`, 404 to anything else."""
+    """Answers `/metrics` with `render()` and `/healthz` with `health()`, 404 to
+    anything else; `HEAD` as `GET`, without the body."""
 
     def __init__(
         self,
         listeners: list[trio.SocketListener],
         render: Callable[[], str],
         limits: Limits | None = None,
+        health: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
         self.listeners = listeners
         self.render = render
         self.limits = limits or Limits()
+        self.health = health  # None when healthy, else why not; no health: always "ok"
         self._clients: dict[_Client, None] = {}  # oldest first
         self._render_lock = trio.Lock()
 
@@ -216,16 +226,29 @@ class MetricsServer:
         if request is None:
             return  # closed (or out of time) before a whole request
         path = request.target.split(b"?", 1)[0]
-        if request.method == b"GET" and path == METRICS_PATH:
+        head, content_type = request.method == b"HEAD", _PLAIN
+        if request.method not in (b"GET", b"HEAD"):
+            status, body = 404, NOT_FOUND
+        elif path == METRICS_PATH:
             try:
-                body = await self._render()
+                status, body = 200, await self._render()
+                content_type = CONTENT_TYPE
             except Exception:
                 log.exception("metrics endpoint: render failed")
-                await self._respond(conn, stream, 500, b"internal error\n")
-                return
-            await self._respond(conn, stream, 200, body)
+                status, body = 500, b"internal error\n"
+        elif path == HEALTH_PATH:
+            status, body = await self._health()
         else:
-            await self._respond(conn, stream, 404, b"not found: only GET /metrics\n")
+            status, body = 404, NOT_FOUND
+        await self._respond(conn, stream, status, body, head, content_type)
+
+    async def _health(self) -> tuple[int, bytes]:
+        try:
+            why = None if self.health is None else await self.health()
+        except Exception:
+            log.exception("metrics endpoint: health check failed")
+            why = "the health check itself failed (see the daemon's log)"
+        return health_answer(why)
 
     @staticmethod
     async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:
@@ -246,12 +269,18 @@ class MetricsServer:
 
     @staticmethod
     async def _respond(
-        conn: h11.Connection, stream: trio.SocketStream, status: int, body: bytes
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        status: int,
+        body: bytes,
+        head: bool = False,
+        content_type: str = _PLAIN,
     ) -> None:
+        """The answer; to a HEAD, its status and headers (the length of the body a
+        GET would get) and no body."""
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         reason = http.HTTPStatus(status).phrase
-        content_type = CONTENT_TYPE if status == 200 else "text/plain; charset=utf-8"
         headers = [
             ("Content-Type", content_type),
             ("Content-Length", str(len(body))),
@@ -260,5 +289,13 @@ class MetricsServer:
         await stream.send_all(
             conn.send(h11.Response(status_code=status, headers=headers, reason=reason))
         )
-        await stream.send_all(conn.send(h11.Data(data=body)))
+        if not head:
+            await stream.send_all(conn.send(h11.Data(data=body)))
         await stream.send_all(conn.send(h11.EndOfMessage()))
+
+
+def health_answer(why: str | None) -> tuple[int, bytes]:
+    """`/healthz`'s status and body: 200 `ok`, or 503 and the reason."""
+    if why is None:
+        return 200, b"ok\n"
+    return 503, f"unhealthy: {why}\n".encode(errors="replace")

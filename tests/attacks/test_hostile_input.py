@@ -176,6 +176,9 @@ def readable(path: Path) -> bool:
     return bool(os.stat(path).st_mode & 0o444)
 
 
+DAEMON_SELF_SERIES = ("restrack_exposition_render_seconds ", "restrack_quota_writes_refused_total ")
+
+
 def snapshot(world: World, identity: bool = True) -> dict[str, object]:
     """Everything a rejected write must leave as it was."""
     d = world.daemon
@@ -188,6 +191,12 @@ def snapshot(world: World, identity: bool = True) -> dict[str, object]:
                     snap[f"{name}/{child}"] = (path / child).read_text()
         elif readable(path):
             snap[name] = path.read_text()
+    if "metrics" in snap:  # the daemon's account of itself moves: refusals counted, render time
+        snap["metrics"] = "".join(
+            line
+            for line in str(snap["metrics"]).splitlines(keepends=True)
+            if not line.startswith(DAEMON_SELF_SERIES)
+        )
     if identity:  # not a byte of the state file moved
         info = os.stat(d.state)
         snap["state"] = (d.state.read_bytes(), info.st_ino, info.st_mtime_ns)

@@ -40,6 +40,7 @@ class Backend:
 
     name = "pushed"
     events_dropped = None
+    unloaded = None
 
     def __init__(self, policy: Policy, interval: float) -> None:
         self.policy = policy

@@ -45,7 +45,7 @@ def test_layout_and_modes(daemon, spawn):
     w = spawn()
     daemon.register(w.pid)
     assert sorted(os.listdir(daemon.mountpoint)) == sorted(
-        ["register", "deregister", "metrics", "events", "engine", str(w.pid)]
+        ["register", "deregister", "metrics", "events", "engine", "enforcements", str(w.pid)]
     )
     assert sorted(os.listdir(daemon.path(w.pid))) == sorted(PROCESS_FILES)
     modes = {
@@ -591,7 +591,7 @@ def test_listing_of_many_spans_readdir_calls_without_loss_or_repeat(daemon):
         for proc in sleepers[200:]:
             daemon.register(proc.pid)
         names = os.listdir(daemon.mountpoint)  # several readdir calls at this size
-        assert len(names) == len(set(names)) == 400 + 5  # the top files and 400 pids
+        assert len(names) == len(set(names)) == 400 + 6  # the top files and 400 pids
         assert {int(n) for n in names if n.isdigit()} == {p.pid for p in sleepers}
         dotted = [name for _, name in ls_a(daemon.mountpoint)]  # `.` and `..` too
         assert sorted(dotted) == sorted([".", "..", *names]), "a name lost or repeated"

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
+from pathlib import Path
 
 import pytest
 import trio
@@ -26,6 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from restrackfs import scrape
 from restrackfs.daemon import parse_args
+from restrackfs.health import Health, verdict
+from tests.support.bpf import BPF, needs_bpf
 from tests.support.daemon import Daemon
 from tests.support.procs import open_fds
 from tests.support.users import NOBODY
@@ -77,7 +80,11 @@ def test_serves_the_same_exposition_as_roots_read(served, spawn):
     status, content_type, body = get(port)
     assert status == 200
     assert content_type == CONTENT_TYPE_PLAIN_0_0_4 == scrape.CONTENT_TYPE
-    assert samples(body) == samples(daemon.read("metrics"))
+    render_time = ("restrack_exposition_render_seconds", ())  # its own at each render
+    assert samples(body).keys() == samples(daemon.read("metrics")).keys()
+    assert {k: v for k, v in samples(body).items() if k != render_time} == {
+        k: v for k, v in samples(daemon.read("metrics")).items() if k != render_time
+    }
     scraped = samples(body)
     assert scraped[("restrack_tracked_processes", ())] == 2
     assert scraped[("restrack_heap_quota_bytes", (("comm", "workload"), ("pid", str(capped.pid))))]
@@ -86,12 +93,125 @@ def test_serves_the_same_exposition_as_roots_read(served, spawn):
     )
 
 
-def test_anything_but_get_metrics_is_404(served):
+def test_anything_but_metrics_and_healthz_is_404_naming_them(served):
     _, port = served
     for method, path in [("GET", "/"), ("GET", "/metricsx"), ("POST", "/metrics")]:
-        status, _, _ = get(port, path, method)
+        status, _, body = get(port, path, method)
         assert status == 404, (method, path)
+        assert "/metrics" in body and "/healthz" in body, body
     assert get(port, "/metrics?name[]=x")[0] == 200  # Prometheus may add a query
+
+
+def test_head_answers_as_get_without_a_body(served):
+    _, port = served
+    for path, status in [("/metrics", 200), ("/healthz", 200), ("/", 404)]:
+        conn = http.client.HTTPConnection(LOCAL, port, timeout=10)
+        try:
+            conn.request("HEAD", path)
+            response = conn.getresponse()
+            assert response.status == status, path
+            length = int(response.getheader("Content-Length"))
+            assert response.read() == b""
+        finally:
+            conn.close()
+        got_status, _, body = get(port, path)
+        assert got_status == status
+        if path != "/metrics":  # the exposition's length moves with its render time
+            assert length == len(body.encode()), path
+        else:
+            assert length > 0
+
+
+def test_healthz_is_ok_while_the_mount_answers_and_503_with_why_when_it_does_not(served):
+    """A tmpfs mounted over the mount point hides the mount from its users: the
+    probe's read finds no `engine` there, and says so; unmounted, ok again."""
+    daemon, port = served
+    assert get(port, "/healthz")[0::2] == (200, "ok\n")
+    subprocess.run(["mount", "-t", "tmpfs", "hider", str(daemon.mountpoint)], check=True)
+    try:
+        status, _, body = get(port, "/healthz")
+    finally:
+        subprocess.run(["umount", str(daemon.mountpoint)], check=True)
+    assert status == 503
+    assert body.startswith("unhealthy: ") and f"{daemon.mountpoint}/engine" in body, body
+    assert get(port, "/healthz")[0::2] == (200, "ok\n")
+    assert get(port)[0] == 200  # the metrics were served all along
+
+
+def test_healthz_answers_in_time_when_the_read_hangs():
+    """The verdict of a probe whose read does not come back: 503 within the read's
+    deadline, and one stuck read at most, however often it is probed."""
+
+    class Stuck:
+        backend = type("B", (), {"name": "procfs", "unloaded": None})()
+
+    release = threading.Event()
+    started: list[float] = []
+
+    class Hanging(Health):
+        def _read(self):  # the mount's read, never answered until released
+            started.append(time.monotonic())
+            release.wait(30)
+            self._reading_since = None
+            return None
+
+    async def main() -> list[str | None]:
+        check = Hanging(Path("/nowhere"), Stuck())
+        return [await check() for _ in range(3)]
+
+    with patch_read_timeout(0.2):
+        begin = time.monotonic()
+        verdicts = trio.run(main)
+        took = time.monotonic() - begin
+    release.set()
+    assert len(started) == 1, "a second read started while the first hung"
+    assert "was not answered in" in (verdicts[0] or "")
+    assert all("has not been answered for" in (v or "") for v in verdicts[1:]), verdicts
+    assert took < 2.0
+
+
+def test_probes_that_come_together_both_see_a_slow_but_answering_mount():
+    class Engine:
+        backend = type("B", (), {"name": "procfs", "unloaded": None})()
+
+    class Slow(Health):
+        def _read(self):
+            time.sleep(0.1)
+            self._reading_since = None
+            return None
+
+    async def main() -> list[str | None]:
+        check, verdicts = Slow(Path("/nowhere"), Engine()), []
+
+        async def probe() -> None:
+            verdicts.append(await check())
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(probe)
+        return verdicts
+
+    assert trio.run(main) == [None, None, None]
+
+
+@contextmanager
+def patch_read_timeout(seconds: float) -> Iterator[None]:
+    from restrackfs import health
+
+    kept, health.READ_TIMEOUT = health.READ_TIMEOUT, seconds
+    try:
+        yield
+    finally:
+        health.READ_TIMEOUT = kept
+
+
+def test_the_health_verdict_names_each_part_that_fails():
+    assert verdict(None, None) is None
+    assert verdict("mount gone", None) == "mount gone"
+    assert verdict(None, "bpf: programs not attached") == "bpf: programs not attached"
+    assert verdict("a", "b") == "a; b"
+    assert scrape.health_answer(None) == (200, b"ok\n")
+    assert scrape.health_answer("bpf: closed") == (503, b"unhealthy: bpf: closed\n")
 
 
 def test_under_hidepid_the_endpoint_shows_roots_view(daemon_factory, spawn):
@@ -413,3 +533,40 @@ def _answered(sock: socket.socket) -> bool:
         return sock.recv(1, socket.MSG_PEEK) != b""
     except BlockingIOError:
         return False
+
+
+def test_one_peer_holding_its_bound_of_connections_leaves_room_for_another():
+    """127.0.0.2 holds connections that asked for a big exposition and never read
+    it (not idle: they keep their places until the deadline); 127.0.0.1 still
+    scrapes. With the per-peer bound as large as the global one, it could not."""
+    big = "x " + "1" * (16 * 2**20) + "\n"
+    answered = {}
+    for per_peer in (4, 8):
+        limits = scrape.Limits(max_connections=8, max_per_peer=per_peer, timeout=8)
+        with server_thread(lambda: big, limits) as (port, server), ExitStack() as held:
+            for _ in range(per_peer + 2):
+                sock = held.enter_context(
+                    socket.create_connection((LOCAL, port), source_address=("127.0.0.2", 0))
+                )
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                with suppress(OSError):  # past the bound: closed unanswered
+                    sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            taken = lambda server=server, bound=per_peer: server.active == bound  # noqa: E731
+            wait_until(taken, 5, "the holder's connections taken")
+            time.sleep(0.2)  # a connection past the bound would have been taken by now
+            assert server.active == per_peer
+            answered[per_peer] = get_or_closed(port)
+    assert answered == {4: 200, 8: None}
+
+
+@needs_bpf
+def test_healthz_under_bpf_with_its_programs_attached(bpf_factory, spawn):
+    daemon = bpf_factory(*BPF, "--metrics-listen", f"{LOCAL}:0")
+    port = endpoint_port(daemon)
+    w = spawn()
+    daemon.register(w.pid)
+    daemon.write("files=100 action=notify", w.pid, "quota")  # the programs attach for it
+    assert get(port, "/healthz")[0::2] == (200, "ok\n")
+    scraped = samples(get(port)[2])
+    assert scraped[("restrack_engine_info", (("engine", "bpf"),))] == 1
+    assert scraped[("restrack_kernel_events_dropped_total", ())] == 0

@@ -115,6 +115,12 @@ class Backend(Protocol):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The backend's trio task, for as long as the engine runs."""
 
+    @property
+    def unloaded(self) -> str | None:
+        """Why this backend is not in force now (its task not running, its kernel
+        programs not attached while quotas need them); None while it is. Cheap: a
+        health check asks it at every probe."""
+
     def adopt(self, entries: Iterable[Entry]) -> None:
         """At start: the entries restored from the state file."""
 

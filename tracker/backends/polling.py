@@ -36,9 +36,21 @@ class Backend:
         self.interval = interval
         self.reader = ProcReader()
         self._orphans: dict[int, tuple[Entry, Tree]] = {}  # the exited root's pid -> its tree
+        self._running = False
+
+    @property
+    def unloaded(self) -> str | None:
+        return None if self._running else "procfs: the polling task is not running"
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        self._running = True
+        try:
+            await self._poll()
+        finally:
+            self._running = False
+
+    async def _poll(self) -> None:
         while True:
             await trio.sleep(self.interval)
             for entry in list(self.policy.watched()):

@@ -183,6 +183,9 @@ class DenyKeeper:
 
     def _raised(self, entry: Entry, which: int, wanted: int, soft: int, absolute: Counters) -> None:
         resource = BY_RLIMIT[which]
+        used = absolute.since(entry.baseline).of(resource) or 0
+        limit = resource.limit(entry.effective_quota) or 0
+        self.enforcer.record(entry, resource, used, limit, entry.effective_quota.action)
         self.enforcer.count(entry, DENIED)
         self.enforcer.announce(entry)
         self._defeated(

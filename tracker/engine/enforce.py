@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from tracker.backends.base import Report, ReportKind
 from tracker.engine.entry import Ended, Entry
+from tracker.engine.records import Records, name_after_exit
 from tracker.engine.resources import RESOURCES, Counters, Resource
 from tracker.errors import AccessDenied, NoSuchProcess
 from tracker.linux.procfs import escape_comm
@@ -65,6 +66,7 @@ class Enforcer:
         self.events: Counter[str] = Counter(dict.fromkeys(EVENTS, 0))  # since the start
         self._throttle = LineThrottle()
         self._listeners: list[Callable[[Entry], None]] = []
+        self.records = Records()  # the `enforcements` file's, and the per-process counter
 
     @property
     def enforcements(self) -> dict[Action, int]:
@@ -129,6 +131,7 @@ class Enforcer:
                 action,
                 f" crossings={unlogged}" if unlogged > 1 else "",
             )
+            self.record(entry, resource, used, limit, action, comm)
         self.count(entry, EXCEEDED, times)
         if action is not Action.KILL:
             self.count(entry, EVENT_OF_ACTION[action], times)
@@ -163,16 +166,32 @@ class Enforcer:
                 report.usage,
                 report.limit,
             )
+            self.record(entry, report.resource, report.usage, report.limit, Action.DENY)
         self.count(entry, DENIED, report.count)
         self.announce(entry)
 
+    def record(
+        self,
+        entry: Entry,
+        resource: Resource,
+        used: int,
+        limit: int,
+        action: str,
+        comm: str | None = None,
+    ) -> None:
+        """The `enforcements` record of an action just logged (`action`: its word)."""
+        self.records.add(
+            entry, resource, used, limit, action, self.comm(entry) if comm is None else comm
+        )
+
     @staticmethod
     def comm(entry: Entry) -> str:
-        """The name now (an exec changes it); the one at registration if it is gone."""
+        """The name now (an exec changes it); a zombie's, read by number; else the
+        one at registration."""
         try:
             return entry.process.comm()
         except (NoSuchProcess, AccessDenied):
-            return entry.comm
+            return name_after_exit(entry) or entry.comm
 
     def count(self, entry: Entry, event: str, times: int = 1) -> None:
         entry.events[event] += times

@@ -223,6 +223,7 @@ class Engine:
             log.error("quota pid=%d %s by uid=%d refused: %s", entry.pid, quota, uid, refused)
             raise
         log.info("quota pid=%d %s by uid=%d", entry.pid, quota, uid)
+        self.enforcer.records.workload(entry)  # read while it lives: a kill may take it
         self.policy.check(entry)
 
     def _undo_quota(self, entry: Entry) -> None:
@@ -288,6 +289,7 @@ class Engine:
         """Run in `nursery`: resume the state file, then the backend's task."""
         self.registry.start(nursery)
         self.deny.start(nursery)
+        self.enforcer.records.start(nursery)
         with self.deny.helpers.batch():  # nothing is served yet: helpers run synchronously
             restored = self._restore_entries()
             try:
@@ -369,6 +371,7 @@ def new_entry(
         status = process.status()
         access.check_control(caller_uid, status.real_uid, process.pid)
         usage = process.usage()
+        workload = process.workload()
     except BaseException:
         process.close()
         raise
@@ -380,6 +383,7 @@ def new_entry(
         baseline=Counters.of_usage(usage) if baseline is None else baseline,
         registered=time.time(),
         comm=usage.comm,
+        workload=workload,
     )
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from tracker.deny.state import DenyState
 from tracker.engine.resources import Counters
 from tracker.engine.tree import Tree
+from tracker.linux.cgroup import NO_WORKLOAD, Workload
 from tracker.linux.process import Process
 from tracker.quota import NO_QUOTA, Quota
 from tracker.vocabulary import EVENTS
@@ -61,6 +63,9 @@ class Entry:
     events: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(EVENTS, 0)))
     ended: Ended | None = None  # once it left
     tree: Tree | None = None  # the members of a tree quota (scope=tree); None for a process's
+    # the container and pod its cgroup named at registration (or at a restart's resume):
+    # read once, not at every scrape; a process moved to another cgroup keeps its labels
+    workload: Workload = NO_WORKLOAD
 
     @property
     def pid(self) -> int:
@@ -95,9 +100,11 @@ class Entry:
         return self.baseline.files or 0
 
 
-@dataclass(frozen=True, slots=True)
-class Measurement:
-    """One fresh reading of a tracked process, relative to its baselines."""
+class Measurement(NamedTuple):
+    """One fresh reading of a tracked process, relative to its baselines.
+
+    A tuple: one is made per tracked process at every render of `metrics`, and a
+    frozen dataclass's `__init__` costs 5x more."""
 
     pid: int
     comm: str
@@ -110,6 +117,7 @@ class Measurement:
     heap_peak: int
     openfile_peak: int
     tree: TreeReading | None = None  # a tree quota's sums; None under a process quota
+    workload: Workload = NO_WORKLOAD  # the entry's, for the metrics' labels
 
 
 @dataclass(frozen=True, slots=True)

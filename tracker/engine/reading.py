@@ -146,6 +146,7 @@ class Reader:
             heap_peak=peaks.heap or 0,
             openfile_peak=peaks.files or 0,
             tree=tree,
+            workload=entry.workload,
         )
 
     def heapsize(self, entry: Entry) -> int:

@@ -276,6 +276,7 @@ def entry_of(record: Record, serial: int) -> Entry:
                 saved_soft={int(k): int(v) for k, v in record.get("saved_soft", {}).items()}
             ),
             tree=tree_of(record, process) if quota and quota.get("scope") == Scope.TREE else None,
+            workload=process.workload(),
         )
     except BaseException:
         process.close()

@@ -7,18 +7,18 @@ import os
 import select
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from tracker.linux import procfs
+from tracker.linux.cgroup import NO_WORKLOAD, Workload, read_workload
 from tracker.linux.procfs import NoSuchProcess
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """What the process holds right now, read from the kernel's counters."""
+class Usage(NamedTuple):
+    """What the process holds right now, read from the kernel's counters (a tuple:
+    one is made per process at every render of `metrics`)."""
 
     comm: str
     vm_data: int  # bytes
@@ -130,10 +130,10 @@ class Process:
         """VmData and open fds now; `NoSuchProcess` once it has exited."""
 
         def read() -> Usage:
-            status = procfs.parse_status(self.pid, self._status_text())
+            name, vm_data = procfs.name_and_vm_data_in(self.pid, self._status_text())
             open_fds = self._count_fds()
             self.check_alive()
-            return Usage(status.name, procfs.vm_data_of(status), open_fds)
+            return Usage(name, vm_data, open_fds)
 
         return self._through_a_live_thread(read)
 
@@ -247,6 +247,15 @@ class Process:
     def comm(self) -> str:
         """The name now (an exec changes it)."""
         return self._checked(lambda: procfs.read_comm(self.pid))
+
+    def workload(self) -> Workload:
+        """The container and pod its cgroup paths name (`NO_WORKLOAD` where /proc
+        hides the file from us): read once, at registration, by the engine."""
+        try:
+            return self._checked(lambda: read_workload(self.pid))
+        except procfs.AccessDenied:
+            self.check_alive()
+            return NO_WORKLOAD
 
     def ids(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(uids, gids) now: who owns it, as prlimit(2) judges."""

@@ -194,6 +194,14 @@ class Backend:
         return Counters(heap=state.heap_peak_pages * PAGE, files=state.fd_peak)
 
     @property
+    def unloaded(self) -> str | None:
+        if self._closed:
+            return "bpf: the engine is closed"
+        if self._needed and not self.kw.attached:
+            return f"bpf: programs not attached while {len(self._watched)} quotas are watched"
+        return None
+
+    @property
     def events_dropped(self) -> int:
         """Events the kernel's ring could not take since the maps were made."""
         return self._dropped if self._closed else self.kw.dropped()
