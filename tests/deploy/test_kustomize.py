@@ -150,6 +150,8 @@ def test_the_daemon_gets_fuse_privileges_and_a_propagating_mount(overlay):
         state, _ = by_path["/run/restrackfs"]
         assert state["hostPath"]["path"] == "/run/restrackfs"
         assert "--track-all" not in container["args"]  # every host process: never on a node
+        probe = container["livenessProbe"]["httpGet"]
+        assert probe == {"path": "/healthz", "port": "restrack"}
         assert spec["serviceAccountName"] == of_kind(objects, "ServiceAccount")["metadata"]["name"]
         assert spec["automountServiceAccountToken"] is False
     else:

@@ -338,6 +338,12 @@ def test_the_node_daemon_tracks_host_processes_by_comm_with_host_pids(node_daemo
     wait_until(lambda: not (mount / str(host_process.pid)).exists(), 5, "the exit to be seen")
 
 
+def test_the_node_daemons_liveness_probe_answers(node_daemon):
+    pod, _, _ = node_daemon
+    with urllib.request.urlopen(f"http://127.0.0.1:{pod.port}/healthz", timeout=5) as response:
+        assert response.status == 200
+
+
 @needs_bpf
 def test_the_node_daemon_pins_its_programs_in_the_nodes_bpffs(node_daemon):
     """The /sys/fs/bpf volume: under the bpf engine the pins are the node's, so quotas
