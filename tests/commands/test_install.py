@@ -80,13 +80,13 @@ SETUP_COMMAND = re.compile(r"(?:^|&&|#)\s*(?:[A-Z_]+=\S+\s+)*scripts/setup\b")
 
 
 def test_the_systemd_steps_install_from_the_system_python():
-    """The README's systemd steps and the unit's comment ran plain `scripts/setup`: with a
+    """deploy.md's systemd steps and the unit's comment ran plain `scripts/setup`: with a
     Python under /root, the node's users could not run `restrack`."""
     wanted = "RESTRACK_PYTHON=/usr/bin/python3 scripts/setup --link"
     unit = (CHECKOUT / "scripts" / "restrackfs.service").read_text()
     readme = (CHECKOUT / "docs" / "deploy.md").read_text()
-    fleet = readme.split("\n## Fleet\n", 1)[1].split("\n## ", 1)[0]
-    for name, text in (("the unit", unit), ("the README's Fleet", fleet)):
+    host = readme.split("\n## On a host\n", 1)[1].split("\n## ", 1)[0]
+    for name, text in (("the unit", unit), ("deploy.md's On a host", host)):
         setups = [line for line in text.splitlines() if SETUP_COMMAND.search(line)]
         assert setups and all(wanted in line for line in setups), (name, setups)
 

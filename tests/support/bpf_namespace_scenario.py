@@ -1,4 +1,4 @@
-"""Runs inside `unshare --pid --fork --mount-proc`: the sidecar of deploy/pod.yaml
+"""Runs inside `unshare --pid --fork --mount-proc`: the sidecar of deploy/overlays/sidecar
 in small, under the bpf engine.
 
     bpf_namespace_scenario.py GROW_BINARY MODE STEP COUNT QUOTA

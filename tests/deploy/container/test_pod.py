@@ -1,22 +1,27 @@
-"""deploy/pod.yaml and deploy/daemonset.yaml run by a real container runtime (podman).
+"""deploy/'s overlays, rendered (`kubectl kustomize`), run by a real container runtime
+(podman): the sidecar overlay's pod and the node-agent overlay's DaemonSet pod.
 
 `podman kube play` runs the manifests with these changes, each because podman
-or this machine differs from a Kubernetes node (README "Fleet" lists them):
+or this machine differs from a Kubernetes node (docs/testing.md lists them):
 
+- the Deployment's pod template runs as a Pod (what a ReplicaSet would make of it);
 - emptyDir -> hostPath on a shared bind mount this test makes: podman backs an
   emptyDir with a named volume, which it always mounts private, so the FUSE
   mount would not propagate (Kubernetes's Bidirectional does propagate it);
 - hostNetwork, the endpoint on 127.0.0.1:PORT, no `ports`: podman refuses
   `ports` with host networking, and nothing here may reach a pod network's
-  private addresses (Kubernetes: the pod IP, scraped through the annotations);
-- local images; the app container is the restrackfs image running `sleep`;
+  private addresses (Kubernetes: the pod IP, scraped through the PodMonitor);
+- local images (the pinned digest names an image no registry here serves); the app
+  container is the restrackfs image running `sleep`;
 - the DaemonSet: podman has no DaemonSet, so its pod template runs as a Pod,
-  with its host paths under the test's temp dir, `$(NODE_IP)` (a fieldRef
-  podman does not fill) -> 127.0.0.1, and no hostPort or livenessProbe.
+  with its host paths under the test's temp dir (but /dev/fuse and the node's
+  bpffs, /sys/fs/bpf, which are the node's), `$(NODE_IP)` (a fieldRef podman does
+  not fill) -> 127.0.0.1, and no hostPort, livenessProbe or resources.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import urllib.error
@@ -29,18 +34,20 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from restrackfs.daemon import fuse_mounted
+from restrackfs.daemon import default_state_path, fuse_mounted
+from tests.support.bpf import needs_bpf, scrub
+from tests.support.kustomize import OVERLAYS, needs_kustomize, render, workload
 from tests.support.podman import (
-    REPO,
     Podman,
     free_port,
     needs_container_flag,
     shared_mount,
 )
 from tests.support.waiting import wait_until
+from tracker.backends.bpf import backend as bpf_backend
 from tracker.quota import parse_quota
 
-pytestmark = needs_container_flag
+pytestmark = [needs_container_flag, needs_kustomize]
 
 
 def scrape(port: int) -> dict[str, list]:
@@ -89,7 +96,10 @@ class Pod:
         return [int(pid) for pid, name in rows if name == comm]
 
     def logs(self, container: str) -> str:
-        result = self.podman("logs", f"{self.name}-{container}", check=False)
+        return self.logs_of_container(f"{self.name}-{container}")
+
+    def logs_of_container(self, name: str | None = None) -> str:
+        result = self.podman("logs", name or self.name, check=False)
         return result.stdout + result.stderr
 
 
@@ -117,9 +127,16 @@ def read_quota(default_quota: str) -> str:
 
 @pytest.fixture(scope="module")
 def sidecar(podman: Podman, image: str) -> Iterator[Pod]:
-    """deploy/pod.yaml with the changes the module docstring lists."""
-    pod = yaml.safe_load((REPO / "deploy/pod.yaml").read_text())
-    spec = pod["spec"]
+    """The sidecar overlay's pod, with the changes the module docstring lists."""
+    deployment = workload(render(OVERLAYS["sidecar"]))
+    template = deployment["spec"]["template"]
+    spec = template["spec"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": deployment["metadata"]["name"], **template["metadata"]},
+        "spec": spec,
+    }
     spec["hostNetwork"] = True
     side, app = spec["containers"]
     side["image"] = app["image"] = image
@@ -266,8 +283,8 @@ def podman_run_argv(spec: dict, name: str, host_paths: dict[str, Path]) -> list[
 
 @pytest.fixture(scope="module")
 def node_daemon(podman: Podman, image: str) -> Iterator[tuple[Pod, Path, str]]:
-    """deploy/daemonset.yaml's pod template (hostPID), run as the module docstring says."""
-    template = yaml.safe_load((REPO / "deploy/daemonset.yaml").read_text())["spec"]["template"]
+    """The node-agent overlay's pod template (hostPID), run as the module docstring says."""
+    template = workload(render(OVERLAYS["node-agent"]))["spec"]["template"]
     spec = template["spec"]
     assert spec["hostPID"] is True and spec["hostNetwork"] is True
     (container,) = spec["containers"]
@@ -288,6 +305,8 @@ def node_daemon(podman: Podman, image: str) -> Iterator[tuple[Pod, Path, str]]:
         yield pod, mount, comm
     finally:
         podman("rm", "--force", "--time", "10", name, check=False)
+        # its pins are in the node's bpffs: a stop past the grace period leaves them
+        scrub(bpf_backend.pin_dir_of(default_state_path(Path("/restrack"))))
 
 
 def test_the_node_daemon_tracks_host_processes_by_comm_with_host_pids(node_daemon, podman):
@@ -317,6 +336,25 @@ def test_the_node_daemon_tracks_host_processes_by_comm_with_host_pids(node_daemo
             process.kill()
             process.wait()
     wait_until(lambda: not (mount / str(host_process.pid)).exists(), 5, "the exit to be seen")
+
+
+def test_the_node_daemons_liveness_probe_answers(node_daemon):
+    pod, _, _ = node_daemon
+    with urllib.request.urlopen(f"http://127.0.0.1:{pod.port}/healthz", timeout=5) as response:
+        assert response.status == 200
+
+
+@needs_bpf
+def test_the_node_daemon_pins_its_programs_in_the_nodes_bpffs(node_daemon):
+    """The /sys/fs/bpf volume: under the bpf engine the pins are the node's, so quotas
+    stay enforced while the pod restarts."""
+    pod, _, _ = node_daemon
+    engines = {s.labels["engine"] for s in scrape(pod.port)["restrack_engine_info"]}
+    if engines == {"procfs"}:  # the image cannot load bpf: its reason, from the log
+        reason = re.search(r"bpf unavailable: (.*)\)", pod.logs_of_container())
+        pytest.skip(f"the image runs procfs: {reason and reason.group(1)}")
+    assert engines == {"bpf"}
+    assert bpf_backend.pin_dir_of(default_state_path(Path("/restrack"))).is_dir()
 
 
 def test_stopping_the_node_daemon_unmounts_on_the_node(node_daemon, podman):
