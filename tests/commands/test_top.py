@@ -176,6 +176,11 @@ def test_a_user_sees_their_own_processes_under_hidepid(daemon_factory, spawn, te
     term = terminal_of(daemon.mountpoint, 100, 24, uid=NOBODY)
     term.wait_for(lambda t: pids_shown(t) == [mine.pid])
     assert "1 tracked" in term.lines[0]
+
+    def complete(t: Terminal) -> bool:  # a frame may be caught half drawn
+        return len(row_of(t, mine.pid).split()) >= 6
+
+    term.wait_for(complete)
     cells = row_of(term, mine.pid).split()
     assert cells[1:5] == ["nobody", "workload", "3M", cells[4]] and cells[5] == "2"
 
