@@ -109,3 +109,19 @@ def test_a_tree_stays_enforced_while_no_daemon_runs(bpf_factory: DaemonFactory, 
     wait_until(lambda: not root.alive(), what="the root killed by the next daemon")
     assert root.proc.returncode == -signal.SIGKILL
     wait_until(lambda: is_dead(job), what="the job gone")
+
+
+def test_a_trees_warning_comes_in_the_crossing_call(bpf_daemon: Daemon, shell_root):
+    """Nothing reads the tree: only the kernel can see its sum cross 25 % of 64 MiB."""
+    m = bpf_daemon.mountpoint
+    root = shell_root(FANOUT_HOLD_MS="-1")
+    client.register(root.pid, mount=m)
+    before = client.events(mount=m)["warned"]
+    (m / str(root.pid) / "quota").write_text("heap=64M action=notify warn=25% scope=tree\n")
+    root.run(f"{{fanout}} 2 mmap {STEP} 6 &")  # 24 MiB together: over 16, under 64
+    children(root, 2)
+    wait_until(lambda: client.events(mount=m)["warned"] == before + 1, what="the warning")
+    assert re.search(rf"pid={root.pid} .*action=warn warn=25%", bpf_daemon.log_text())
+    assert client.events(root.pid, mount=m)["warned"] == 1
+    assert client.events(root.pid, mount=m)["notified"] == 0
+    client.reset(root.pid, "all", mount=m)

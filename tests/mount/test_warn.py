@@ -281,8 +281,8 @@ def test_bpf_a_crossing_while_no_daemon_runs_is_counted_on_adoption(
 
 
 def test_a_tree_is_warned_of_on_its_sum(engine_daemon: Daemon, spawn) -> None:
-    """The threshold of a tree quota is on its sum, sampled by the engine (at each
-    check under procfs, at each read of a tree file under bpf)."""
+    """The threshold of a tree quota is on its sum: sampled by the engine at each
+    check under procfs, judged by the kernel in the crossing call under bpf."""
     daemon = engine_daemon
     w = registered(daemon, spawn(), "heap=20M action=notify warn=50% scope=tree")
     assert (

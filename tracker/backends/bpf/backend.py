@@ -184,9 +184,13 @@ class Backend:
         self._report_warned(entry, warned)
 
     def warns_in_kernel(self, entry: Entry) -> bool:
-        """The kernel warns of a watched process in its crossing call; a tree's
-        warnings are on its sums, which the engine takes from /proc."""
-        return not self._closed and entry.tree is None and self._watched.get(entry.pid) is entry
+        """The kernel warns in the crossing call of a watched process, and of a tree's
+        sums in the call of the member that moved them."""
+        if self._closed:
+            return False
+        if entry.tree is not None:
+            return self._trees.get(entry.pid) is entry
+        return self._watched.get(entry.pid) is entry
 
     def quota_cleared(self, entry: Entry) -> None:
         self._unwatch(entry)
@@ -353,12 +357,15 @@ class Backend:
         base = tree.baseline
         heap = None if quota.heap is None else (base.heap + quota.heap) // PAGE
         files = None if quota.files is None else base.files + quota.files
+        heap_share, files_share = quota.warn_threshold(quota.heap), quota.warn_threshold(quota.files)
+        heap_warn = None if heap_share is None else (base.heap + heap_share) // PAGE
+        fd_warn = None if files_share is None else base.files + files_share
         if self._trees.get(entry.pid) is entry:
             self._take_tree(entry.pid)  # the counts of the setting being replaced
         try:
             self.kw.watch_tree(
                 entry.pid, entry.process.start_time, heap, files,
-                quota.action.name.lower(), base.heap // PAGE, base.files,
+                quota.action.name.lower(), base.heap // PAGE, base.files, heap_warn, fd_warn,
             )  # fmt: skip
         except ProcessLookupError:
             self._trees.pop(entry.pid, None)  # exited: its exit watcher removes it
@@ -455,7 +462,7 @@ class Backend:
 
     def _handle(self, event: Event, meanwhile: bool) -> None:
         entry = self._watched.get(event.tgid)
-        if event.kind in (Kind.TREE_KILLED, Kind.TREE_NOTIFIED):
+        if event.kind in (Kind.TREE_KILLED, Kind.TREE_NOTIFIED, Kind.TREE_WARNED):
             self._take_tree(event.tgid)
             return
         if event.kind is Kind.TREE_ENDED:

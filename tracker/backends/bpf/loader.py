@@ -99,17 +99,20 @@ LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("heap_base_pages", "Q"), ("fd_base", "Q"), ("heap_pages", "Q"), ("fds", "Q"),
         ("members", "I"), ("action", "I"), ("flags", "I"), ("pending", "I"), ("killer", "I"),
         ("lost", "I"), ("crossings", "2Q"), ("usage_at", "2Q"), ("kills", "Q"),
+        ("heap_warn_pages", "Q"), ("fd_warn", "Q"), ("warnings", "2Q"), ("warned_at", "2Q"),
     ),
     "tree_end_event": (
         ("head", "4I3Q"), ("crossings", "2Q"), ("usage_at", "2Q"), ("kills", "Q"),
-        ("killer", "I"), ("lost", "I"),
+        ("killer", "I"), ("lost", "I"), ("warnings", "2Q"), ("warned_at", "2Q"),
     ),
     "tree_args": (
         ("key", "I"), ("action", "I"), ("start_time", "Q"), ("heap_limit_pages", "Q"),
         ("fd_limit", "Q"), ("heap_base_pages", "Q"), ("fd_base", "Q"),
+        ("heap_warn_pages", "Q"), ("fd_warn", "Q"),
     ),
     "tree_take": (
         ("key", "I"), ("found", "I"), ("crossings", "2Q"), ("usage_at", "2Q"), ("kills", "Q"),
+        ("warnings", "2Q"), ("warned_at", "2Q"),
     ),
     "take": (
         ("key", "I"), ("found", "I"), ("crossings", "2Q"), ("usage_at", "2Q"),
@@ -211,6 +214,7 @@ class Kind(IntEnum):
     TREE_NOTIFIED = 12  # the sum crossed a notify limit (counted in take_tree)
     TREE_ENDED = 13  # the last member exited: the kernel deleted the tree (final: TreeTaken)
     WARNED = 14  # usage crossed a warn threshold (warn=N%; counted in take_counts)
+    TREE_WARNED = 15  # a tree's sum crossed its warn threshold (counted in take_tree)
 
 
 class Which(IntEnum):
@@ -327,6 +331,8 @@ class TreeTaken:
     crossings: tuple[int, int]  # heap, files: notify crossings of the sums
     usage_at: tuple[int, int]  # the sums (heap pages, descriptors) at the last crossing or kill
     killed: bool
+    warnings: tuple[int, int] = (0, 0)  # heap, files: crossings of the warn thresholds
+    warned_at: tuple[int, int] = (0, 0)  # the sums at the last of them
 
 
 @dataclass(frozen=True, slots=True)
@@ -559,6 +565,7 @@ class KernelWatch:
     def watch_tree(
         self, root_tgid: int, start_time: int, heap_limit_pages: int | None,
         fd_limit: int | None, action: str, heap_base_pages: int, fd_base: int,
+        heap_warn_pages: int | None = None, fd_warn: int | None = None,
     ) -> None:  # fmt: skip
         """One quota on the sum over `root_tgid` and every process forked from a
         member from now on (the kernel adds each child at fork, before it runs).
@@ -583,6 +590,7 @@ class KernelWatch:
             "tree_args", key=root_tgid, action=int(kernel_action), start_time=start_time,
             heap_limit_pages=_raw(heap_limit_pages), fd_limit=_raw(fd_limit),
             heap_base_pages=heap_base_pages, fd_base=fd_base,
+            heap_warn_pages=_raw(heap_warn_pages), fd_warn=_raw(fd_warn),
         )  # fmt: skip
         try:
             self._run(SET_TREE_PROGRAM, args)
@@ -645,7 +653,7 @@ class KernelWatch:
         f = unpack("tree_take", self._run(TAKE_TREE_PROGRAM, pack("tree_take", key=root_tgid)))
         if not f["found"]:
             return None
-        return TreeTaken(f["crossings"], f["usage_at"], f["kills"] > 0)  # type: ignore[arg-type]
+        return _tree_taken(f)
 
     def unwatch(self, tgid: int) -> None:
         """Watch `tgid` no more; a member of a tree stays one, with no quota of its own."""
@@ -866,7 +874,7 @@ class Ring:
         final: Taken | TreeTaken | None = None
         if kind == Kind.TREE_ENDED:  # what a deleted tree held
             f = unpack("tree_end_event", raw)
-            final = TreeTaken(f["crossings"], f["usage_at"], f["kills"] > 0)  # type: ignore[arg-type]
+            final = _tree_taken(f)
             member = f["killer"]
         elif size >= layout("exit_event").size:  # what a deleted entry held
             f = unpack("exit_event", raw)
@@ -874,6 +882,14 @@ class Ring:
         event = Event(tgid, Kind(kind), Which(which), usage, limit, when, final, member)
         self._events.append(event)
         return 0
+
+
+def _tree_taken(f: dict[str, object]) -> TreeTaken:
+    """What take_tree or a tree's end event carried."""
+    return TreeTaken(
+        f["crossings"], f["usage_at"], f["kills"] > 0,  # type: ignore[operator]
+        f["warnings"], f["warned_at"],
+    )  # type: ignore[arg-type]  # fmt: skip
 
 
 def _pin_name(program: str, tracepoint: str) -> str:

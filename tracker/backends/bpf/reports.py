@@ -67,7 +67,7 @@ class Reporter:
         kill. Before the kill is handed on (which kills every member the engine
         knows), the engine's members are brought up to the kernel's."""
         tree = entry.tree
-        if tree is None or (not any(taken.crossings) and not taken.killed):
+        if tree is None or not (any(taken.crossings) or any(taken.warnings) or taken.killed):
             return
         if taken.killed:
             tree.follow_kernel(self.kw.tree_identities(entry.pid))
@@ -148,7 +148,11 @@ def _tree_reports(entry: Entry, taken: TreeTaken) -> list[Report]:
     files = max(0, taken.usage_at[1] - tree.baseline.files)
     scaled = [(HEAP_RESOURCE, heap, quota.heap or 0), (FILES_RESOURCE, files, quota.files or 0)]
     crossing = ReportKind.NOTIFIED if quota.action is Action.NOTIFY else ReportKind.EXCEEDED
-    reports = [
+    warned = [  # the warning comes first, as the kernel judged it
+        Report(entry, ReportKind.WARNED, resource, usage, limit, count)
+        for resource, usage, limit, count in _tree_warnings(entry, taken)
+    ]
+    reports = warned + [
         Report(entry, crossing, resource, usage, limit, count)
         for (resource, usage, limit), count in zip(scaled, taken.crossings, strict=True)
         if count
@@ -159,6 +163,22 @@ def _tree_reports(entry: Entry, taken: TreeTaken) -> list[Report]:
         over = scaled[1] if files_over and not heap_over else scaled[0]
         reports.append(Report(entry, ReportKind.KILLED, *over))
     return reports
+
+
+def _tree_warnings(entry: Entry, taken: TreeTaken) -> list[tuple[Resource, int, int, int]]:
+    """(resource, the sum at the last warning over the baseline, its quota, warnings)."""
+    tree, quota = entry.tree, entry.effective_quota
+    assert tree is not None
+    heap = max(0, taken.warned_at[0] * PAGE - tree.baseline.heap)
+    files = max(0, taken.warned_at[1] - tree.baseline.files)
+    return [
+        (resource, usage, limit or 0, count)
+        for resource, usage, limit, count in (
+            (HEAP_RESOURCE, heap, quota.heap, taken.warnings[0]),
+            (FILES_RESOURCE, files, quota.files, taken.warnings[1]),
+        )
+        if count
+    ]
 
 
 def _kill_report(entry: Entry, taken: Taken) -> Report:

@@ -313,6 +313,10 @@ static void leave_tree(struct watch *w)
 		e->kills = t->kills;
 		e->killer = t->killer;
 		e->lost = t->lost;
+		e->warnings[0] = t->warnings[0];
+		e->warnings[1] = t->warnings[1];
+		e->warned_at[0] = t->warned_at[0];
+		e->warned_at[1] = t->warned_at[1];
 		bpf_ringbuf_submit(e, 0);
 	} else {
 		count_dropped();
@@ -507,6 +511,25 @@ static __always_inline void signal_tree(struct tree *t, __u32 root, __u32 kind, 
 		t->pending = 0;
 }
 
+/* warn=N% of a tree: its sum over the threshold, once per crossing (counted, one
+ * event); back at or under it, re-armed. Judged before the limit, as a process's. */
+static __always_inline void judge_tree_warn(struct tree *t, __u32 root, __u32 member,
+					    __u32 which, __u32 bit, __u64 sum, __u64 threshold)
+{
+	__u32 i = which == W_HEAP ? 0 : 1;
+
+	if (sum <= threshold) {	/* NONE: never over */
+		if (t->flags & bit)
+			__sync_fetch_and_and(&t->flags, ~bit);
+		return;
+	}
+	if (t->flags & bit || (__sync_fetch_and_or(&t->flags, bit) & bit))
+		return;
+	t->warned_at[i] = sum;
+	__sync_fetch_and_add(&t->warnings[i], 1);
+	signal_tree(t, root, EV_TREE_WARNED, which, member, sum, threshold);
+}
+
 /* The tree's quota over its new sum, in the call of `member` (or of a sharer of
  * its address space or table): over a kill limit, the caller is killed in that
  * call and the tree flagged (the daemon kills the rest); a member of a killed
@@ -555,13 +578,17 @@ static __always_inline void check_tree(struct watch *w, __u32 key, __u32 which, 
 	t = bpf_map_lookup_elem(&trees, &root);
 	if (!t)
 		return;
-	if (which == W_HEAP)
-		judge_tree(t, root, key, W_HEAP, F_HEAP_OVER,
-			   move_sum(&t->heap_pages, &w->seen_heap_pages, now), t->heap_limit_pages, w,
-			   sharer);
-	else
-		judge_tree(t, root, key, W_FILES, F_FILES_OVER, move_sum(&t->fds, &w->seen_fds, now),
-			   t->fd_limit, w, sharer);
+	if (which == W_HEAP) {
+		__u64 sum = move_sum(&t->heap_pages, &w->seen_heap_pages, now);
+
+		judge_tree_warn(t, root, key, W_HEAP, F_HEAP_WARNED, sum, t->heap_warn_pages);
+		judge_tree(t, root, key, W_HEAP, F_HEAP_OVER, sum, t->heap_limit_pages, w, sharer);
+	} else {
+		__u64 sum = move_sum(&t->fds, &w->seen_fds, now);
+
+		judge_tree_warn(t, root, key, W_FILES, F_FILES_WARNED, sum, t->fd_warn);
+		judge_tree(t, root, key, W_FILES, F_FILES_OVER, sum, t->fd_limit, w, sharer);
+	}
 }
 
 /* Raise a watermark; two CPUs racing never lose the higher value. */
@@ -1081,6 +1108,8 @@ int set_tree(struct tree_args *a)
 	t->fd_limit = a->fd_limit;
 	t->heap_base_pages = a->heap_base_pages;
 	t->fd_base = a->fd_base;
+	t->heap_warn_pages = a->heap_warn_pages;
+	t->fd_warn = a->fd_warn;
 	t->action = a->action;
 	task = bpf_task_from_vpid(key);
 	if (!task)
@@ -1123,6 +1152,10 @@ int take_tree(struct tree_take *a)
 	a->usage_at[0] = t->usage_at[0];
 	a->usage_at[1] = t->usage_at[1];
 	a->kills = __sync_lock_test_and_set(&t->kills, 0);
+	a->warnings[0] = __sync_lock_test_and_set(&t->warnings[0], 0);
+	a->warnings[1] = __sync_lock_test_and_set(&t->warnings[1], 0);
+	a->warned_at[0] = t->warned_at[0];
+	a->warned_at[1] = t->warned_at[1];
 	return 0;
 }
 

@@ -22,6 +22,7 @@ enum kind {
 	EV_EXCEEDED = 1, EV_KILLED = 2, EV_NOTIFIED = 3, EV_RAISED = 4, EV_EXITED = 5,
 	EV_KILL_FAILED = 6, EV_DENIED = 7, EV_EXEC = 8, EV_SHRUNK = 9, EV_FORKED = 10,
 	EV_TREE_KILLED = 11, EV_TREE_NOTIFIED = 12, EV_TREE_ENDED = 13, EV_WARNED = 14,
+	EV_TREE_WARNED = 15,
 };
 enum which { W_NONE = 0, W_HEAP = 1, W_FILES = 2 };
 enum flag {
@@ -91,6 +92,12 @@ struct tree {
 	__u64 crossings[2];	/* notify: crossings, heap and files */
 	__u64 usage_at[2];	/* the sums at the last crossing or the kill */
 	__u64 kills;		/* 1 once killed */
+	/* warn=N%: absolute thresholds of the sums (base + quota * N / 100), NONE if
+	 * unset; a sum over one is warned of once (F_*_WARNED) until it falls back. */
+	__u64 heap_warn_pages;
+	__u64 fd_warn;
+	__u64 warnings[2];
+	__u64 warned_at[2];
 };
 
 /* Counts kept in the kernel: ring events dropped (a full ring). */
@@ -131,6 +138,8 @@ struct tree_end_event {
 	__u64 kills;
 	__u32 killer;
 	__u32 lost;
+	__u64 warnings[2];
+	__u64 warned_at[2];
 };
 
 /* --track-children with a default quota: the processes whose new children are
@@ -171,6 +180,8 @@ struct tree_args {
 	__u64 fd_limit;
 	__u64 heap_base_pages;
 	__u64 fd_base;
+	__u64 heap_warn_pages;
+	__u64 fd_warn;
 };
 
 /* In and out of take_tree: key in, what the tree held out (and zeroed in it). */
@@ -180,6 +191,8 @@ struct tree_take {
 	__u64 crossings[2];
 	__u64 usage_at[2];
 	__u64 kills;
+	__u64 warnings[2];
+	__u64 warned_at[2];
 };
 
 /* In and out of rewatch: a member's entry rewritten with w's settings (as a
