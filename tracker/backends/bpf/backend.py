@@ -357,7 +357,8 @@ class Backend:
         base = tree.baseline
         heap = None if quota.heap is None else (base.heap + quota.heap) // PAGE
         files = None if quota.files is None else base.files + quota.files
-        heap_share, files_share = quota.warn_threshold(quota.heap), quota.warn_threshold(quota.files)
+        heap_share = quota.warn_threshold(quota.heap)
+        files_share = quota.warn_threshold(quota.files)
         heap_warn = None if heap_share is None else (base.heap + heap_share) // PAGE
         fd_warn = None if files_share is None else base.files + files_share
         if self._trees.get(entry.pid) is entry:
