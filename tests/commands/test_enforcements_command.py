@@ -9,32 +9,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-import pytest
 
 from restrackfs import client
-from tests.support.bpf import needs_bpf
-from tests.support.build import compile_c
 from tests.support.cli import restrack_run
 from tests.support.daemon import Daemon
-from tests.support.paths import C_SOURCES
 from tests.support.procs import MiB
 from tests.support.users import NOBODY, as_user
 from tests.support.waiting import wait_until
 
 KILLED = 128 + signal.SIGKILL
 COMMAND = [sys.executable, "-m", "restrackfs.cli"]
-
-
-@pytest.fixture(scope="session")
-def runquota(bin_dir: Path) -> Path:
-    return compile_c(C_SOURCES / "runquota.c", bin_dir / "runquota")
-
-
-@pytest.fixture(params=["procfs", pytest.param("bpf", marks=needs_bpf)])
-def engine_daemon(request: pytest.FixtureRequest) -> Daemon:
-    return request.getfixturevalue("daemon" if request.param == "procfs" else "bpf_daemon")
 
 
 def line_within(stream, seconds: float) -> str:

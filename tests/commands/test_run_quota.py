@@ -7,32 +7,18 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.support.bpf import needs_bpf
-from tests.support.build import compile_c
 from tests.support.cli import restrack_run
 from tests.support.daemon import Daemon
 from tests.support.mount import events_of
-from tests.support.paths import C_SOURCES
 from tests.support.tree import is_dead
 from tests.support.users import NOBODY
 from tests.support.waiting import wait_until
 
 KILLED = 128 + signal.SIGKILL
-
-
-@pytest.fixture(scope="session")
-def runquota(bin_dir: Path) -> Path:
-    return compile_c(C_SOURCES / "runquota.c", bin_dir / "runquota")
-
-
-@pytest.fixture(params=["procfs", pytest.param("bpf", marks=needs_bpf)])
-def engine_daemon(request: pytest.FixtureRequest) -> Daemon:
-    """A procfs daemon of its own, or the module's bpf daemon."""
-    return request.getfixturevalue("daemon" if request.param == "procfs" else "bpf_daemon")
 
 
 def test_over_its_heap_quota_the_program_is_killed_with_a_record(engine_daemon, runquota):

@@ -124,19 +124,7 @@ class Enforcer:
         process that crosses over and over gets LINES_PER_WINDOW lines a window, the
         next one saying how many crossings went unlogged. Counting is never limited."""
         action = entry.effective_quota.action
-        unlogged = self._throttle.admit(entry, times)
-        if unlogged is not None:
-            enforcement_log.warning(
-                "pid=%d comm=%s quota=%s usage=%d limit=%d action=%s%s",
-                entry.pid,
-                escape_comm(self.comm(entry) if comm is None else comm),  # only when logged
-                resource.name,
-                used,
-                limit,
-                action,
-                f" crossings={unlogged}" if unlogged > 1 else "",
-            )
-            self.record(entry, resource, used, limit, action, comm)
+        self._line(entry, resource, used, limit, action, comm, times)
         self.count(entry, EXCEEDED, times)
         if action is not Action.KILL:
             self.count(entry, EVENT_OF_ACTION[action], times)
@@ -229,21 +217,38 @@ class Enforcer:
         times: int = 1,
     ) -> None:
         """One line as an enforcement's (action=warn, throttled with them), counted."""
+        self._line(entry, resource, used, limit, WARN, comm, times)
+        self.count(entry, WARNED, times)
+
+    def _line(
+        self,
+        entry: Entry,
+        resource: Resource,
+        used: int,
+        limit: int,
+        action: str,
+        comm: str | None,
+        times: int,
+    ) -> None:
+        """The log line and the record of an action (or warning), throttled together:
+        LINES_PER_WINDOW a window per entry, the next saying how many went unlogged."""
         unlogged = self._throttle.admit(entry, times)
-        if unlogged is not None:
+        if unlogged is None:
+            return
+        name = escape_comm(self.comm(entry) if comm is None else comm)  # only when logged
+        crossings = f" crossings={unlogged}" if unlogged > 1 else ""
+        if action == WARN:
             enforcement_log.warning(
                 "pid=%d comm=%s quota=%s usage=%d limit=%d action=%s warn=%d%%%s",
-                entry.pid,
-                escape_comm(self.comm(entry) if comm is None else comm),
-                resource.name,
-                used,
-                limit,
-                WARN,
-                entry.effective_quota.warn or 0,
-                f" crossings={unlogged}" if unlogged > 1 else "",
-            )
-            self.record(entry, resource, used, limit, WARN, comm)
-        self.count(entry, WARNED, times)
+                entry.pid, name, resource.name, used, limit, action,
+                entry.effective_quota.warn or 0, crossings,
+            )  # fmt: skip
+        else:
+            enforcement_log.warning(
+                "pid=%d comm=%s quota=%s usage=%d limit=%d action=%s%s",
+                entry.pid, name, resource.name, used, limit, action, crossings,
+            )  # fmt: skip
+        self.record(entry, resource, used, limit, action, comm)
 
     def record(
         self,
